@@ -1,0 +1,1 @@
+"""The ``livesnap`` command line."""

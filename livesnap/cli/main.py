@@ -1,0 +1,89 @@
+"""``livesnap``: parse, configure logging, run one command, map errors to exit codes."""
+import argparse
+import logging
+import os
+import sys
+
+import livesnap
+from livesnap.errors import Error
+
+log = logging.getLogger("livesnap")
+
+EPILOG = """examples:
+  livesnap snapshot-create vm1 before-upgrade --description "kernel 6.1"
+  livesnap snapshot-list vm1 --tree --all
+  livesnap snapshot-delete vm1 before-upgrade --output json
+  livesnap snapshot-revert vm1 before-upgrade --keep-current broken
+  livesnap recover vm1
+"""
+
+
+def common_options():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--connect", metavar="URI",
+                        help="libvirt URI (default: libvirt's default URI)")
+    common.add_argument("--output", choices=("text", "json"), default="text",
+                        help="output format (default: %(default)s)")
+    common.add_argument("--json", dest="output", action="store_const", const="json",
+                        help="same as --output json")
+    common.add_argument("--state-dir", default=os.environ.get("LIVESNAP_STATE_DIR"),
+                        help="catalog directory (default: $LIVESNAP_STATE_DIR or /var/lib/livesnap)")
+    common.add_argument("--storage-dir", action="append", metavar="DIR",
+                        help="refuse images outside these directories (repeatable)")
+    common.add_argument("--max-depth", type=int, default=30,
+                        help="longest backing chain allowed (default: %(default)s)")
+    common.add_argument("-d", "--debug", action="store_true", help="log everything to stderr")
+    common.add_argument("-q", "--quiet", action="store_true", help="log only errors")
+    return common
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="livesnap", description="Online snapshots of VM disks, deleted child-aware.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="livesnap " + livesnap.__version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = common_options()
+    from livesnap.cli import snapshot
+    snapshot.register(sub, common)
+    for modname in ("livesnap.vhd.cli", "livesnap.cli.install"):
+        try:
+            module = __import__(modname, fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(sub) if modname.endswith("vhd.cli") else module.register(sub, common)
+    return parser
+
+
+def setup_logging(args):
+    level = logging.WARNING
+    if getattr(args, "debug", False):
+        level = logging.DEBUG
+    elif getattr(args, "quiet", False):
+        level = logging.ERROR
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.debug("livesnap %s argv=%s", livesnap.__version__, sys.argv)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    setup_logging(args)
+    try:
+        return args.func(args)
+    except Error as e:
+        if getattr(args, "debug", False):
+            log.exception("command failed")
+        sys.stderr.write("error: %s\n" % e)
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""How results are shown: one JSON document on stdout, or text for people."""
+import json
+import sys
+
+
+def emit(args, result, text_fn):
+    if getattr(args, "output", "text") == "json":
+        json.dump(result, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        for line in text_fn(result):
+            print(line)
+
+
+def _pause(result):
+    p = result.get("pause_ms")
+    return "" if p is None else ", guest IO paused %.1f ms" % p
+
+
+def text_create(r):
+    if r.get("dry_run"):
+        return ["would create snapshot %s:" % r["snapshot"]] + ["  " + l for l in r["plan"]]
+    lines = ["snapshot %s created%s" % (r["snapshot"], _pause(r))]
+    lines += ["  %s: %s" % (d["target"], d["image"]) for d in r.get("disks", [])]
+    return lines
+
+
+def text_delete(r):
+    if r.get("dry_run"):
+        return ["would delete snapshot %s (%s):" % (r["snapshot"], r["action"])] + \
+               ["  " + l for l in r["plan"]]
+    verb = {"deleted": "deleted", "merged": "deleted, its image merged with its only child",
+            "hidden": "deleted logically (hidden: its image is kept for its children and "
+                      "reclaimed when one child is left)"}[r["action"]]
+    lines = ["snapshot %s %s%s" % (r["snapshot"], verb, _pause(r))]
+    if r.get("reclaimed"):
+        lines.append("reclaimed: " + ", ".join(r["reclaimed"]))
+    return lines
+
+
+def text_revert(r):
+    if r.get("dry_run"):
+        return ["would revert to %s:" % r["snapshot"]] + ["  " + l for l in r["plan"]]
+    lines = ["reverted to snapshot %s" % r["snapshot"]]
+    if r.get("kept"):
+        lines.append("the previous state is kept as snapshot %s" % r["kept"])
+    if r.get("reclaimed"):
+        lines.append("reclaimed: " + ", ".join(r["reclaimed"]))
+    return lines
+
+
+def text_list(r, tree=False):
+    snaps = r["snapshots"]
+    if tree:
+        return _tree_lines(r)
+    if not snaps:
+        return ["no snapshots"]
+    rows = [("Name", "Creation Time", "State", "Parent", "Disks")]
+    for s in snaps:
+        name = s["name"] + (" *" if s["name"] == r.get("current") else "")
+        rows.append((name, s["created"][:19].replace("T", " "), s["state"], s["parent"] or "-",
+                     ",".join(d["target"] for d in s["disks"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            lines.append("-" * len(lines[0]))
+    return lines
+
+
+def _tree_lines(r):
+    snaps = {s["name"]: s for s in r["snapshots"]}
+    kids = {}
+    for s in r["snapshots"]:
+        parent = s["parent"] if s["parent"] in snaps else None
+        kids.setdefault(parent, []).append(s["name"])
+    lines = []
+
+    def label(name):
+        s = snaps[name]
+        tags = []
+        if s["state"] == "hidden":
+            tags.append("hidden")
+        if name == r.get("current"):
+            tags.append("current")
+        return name + (" (%s)" % ", ".join(tags) if tags else "")
+
+    def walk(name, prefix, last):
+        lines.append(prefix + ("└── " if last else "├── ") + label(name))
+        children = kids.get(name, [])
+        for i, c in enumerate(children):
+            walk(c, prefix + ("    " if last else "│   "), i == len(children) - 1)
+
+    roots = kids.get(None, [])
+    for root in roots:
+        lines.append(label(root))
+        children = kids.get(root, [])
+        for i, c in enumerate(children):
+            walk(c, "", i == len(children) - 1)
+    return lines or ["no snapshots"]
+
+
+def text_recover(r):
+    if r["recovered"] is None:
+        return ["nothing to recover for %s" % r["domain"]]
+    return ["finished operation #%d (%s): steps %d..%d carried out"
+            % (r["recovered"], r["op"], r["steps_done_before"] + 1, r["steps"])]
+
+
+def text_check(r):
+    if r["ok"]:
+        return ["%s: catalog and images agree" % r["domain"]]
+    return ["%s: %d problem(s)" % (r["domain"], len(r["problems"]))] + \
+           ["  " + p for p in r["problems"]]

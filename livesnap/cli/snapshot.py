@@ -1,0 +1,104 @@
+"""The snapshot commands, in virsh's words."""
+from livesnap.cli import output
+
+
+def _engine(args):
+    from livesnap.engine.engine import Engine
+    return Engine(connect=args.connect, state_dir=args.state_dir, max_depth=args.max_depth,
+                  storage_dirs=args.storage_dir)
+
+
+def create(args):
+    r = _engine(args).create(args.domain, args.name, args.description or "", args.disk,
+                             args.dry_run)
+    output.emit(args, r, output.text_create)
+    return 0
+
+
+def delete(args):
+    r = _engine(args).delete(args.domain, args.name, args.dry_run)
+    output.emit(args, r, output.text_delete)
+    return 0
+
+
+def revert(args):
+    r = _engine(args).revert(args.domain, args.name, args.keep_current, args.dry_run)
+    output.emit(args, r, output.text_revert)
+    return 0
+
+
+def list_(args):
+    r = _engine(args).snapshot_list(args.domain, include_hidden=args.all)
+    output.emit(args, r, lambda res: output.text_list(res, tree=args.tree))
+    return 0
+
+
+def recover(args):
+    r = _engine(args).recover(args.domain)
+    output.emit(args, r, output.text_recover)
+    return 0
+
+
+def reclaim(args):
+    r = _engine(args).reclaim(args.domain, args.dry_run)
+    output.emit(args, r, lambda res: ["reclaimed: " + (", ".join(res["reclaimed"]) or "nothing")])
+    return 0
+
+
+def check(args):
+    r = _engine(args).check(args.domain)
+    output.emit(args, r, output.text_check)
+    return 0 if r["ok"] else 1
+
+
+def register(subparsers, common):
+    p = subparsers.add_parser("snapshot-create", parents=[common],
+                              help="take a snapshot of a domain's disks")
+    p.add_argument("domain", help="domain name, UUID or id")
+    p.add_argument("name", help="snapshot name")
+    p.add_argument("--description", help="free text kept with the snapshot")
+    p.add_argument("--disk", action="append", metavar="TARGET",
+                   help="only this disk (repeatable; default: every qcow2 disk)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.set_defaults(func=create)
+
+    p = subparsers.add_parser(
+        "snapshot-delete", parents=[common],
+        help="delete a snapshot: removed if it has no child, merged with its only child, "
+             "or hidden (deleted logically) while it has several")
+    p.add_argument("domain")
+    p.add_argument("name")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.set_defaults(func=delete)
+
+    p = subparsers.add_parser("snapshot-revert", parents=[common],
+                              help="make a snapshot the domain's current state (domain shut off)")
+    p.add_argument("domain")
+    p.add_argument("name")
+    p.add_argument("--keep-current", metavar="NEWNAME",
+                   help="keep the state being left as snapshot NEWNAME (default: discard it)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.set_defaults(func=revert)
+
+    p = subparsers.add_parser("snapshot-list", parents=[common], help="list a domain's snapshots")
+    p.add_argument("domain")
+    p.add_argument("--tree", action="store_true", help="show the snapshots as a tree")
+    p.add_argument("--all", action="store_true",
+                   help="also show hidden (logically deleted) snapshots")
+    p.set_defaults(func=list_)
+
+    p = subparsers.add_parser("recover", parents=[common],
+                              help="finish an interrupted operation on a domain")
+    p.add_argument("domain")
+    p.set_defaults(func=recover)
+
+    p = subparsers.add_parser("reclaim", parents=[common],
+                              help="reclaim hidden snapshots that are down to one child")
+    p.add_argument("domain")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.set_defaults(func=reclaim)
+
+    p = subparsers.add_parser("check", parents=[common],
+                              help="compare the catalog with the images (exit 1 on a mismatch)")
+    p.add_argument("domain")
+    p.set_defaults(func=check)

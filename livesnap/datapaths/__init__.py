@@ -1,0 +1,66 @@
+"""Datapaths: what has a domain's images open and how steps are carried out on them.
+
+A datapath executes one plan step per call (``run(step)``), idempotently: a step re-run
+after a crash anywhere inside it finishes the step without harming what was done.
+Steps that only change the catalog (``hide``, ``snapshot_state``, ``keep_leaf``) need
+nothing from a datapath.
+"""
+import errno
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+CATALOG_ONLY = ("hide", "snapshot_state", "keep_leaf")
+
+
+class Datapath(object):
+    name = "abstract"
+    # Does this datapath pause guest IO (so pause times are reported)?
+    pauses = False
+
+    def run(self, step):
+        op = step["op"]
+        if op in CATALOG_ONLY:
+            return None
+        return getattr(self, "do_" + op)(step)
+
+    def abandon(self, step):
+        """Undo a step that failed before it took effect (only steps that create files)."""
+        return None
+
+    def close(self):
+        return None
+
+
+def unlink(path):
+    """Remove an image file; a file already gone is fine (steps are re-run after crashes)."""
+    try:
+        os.unlink(path)
+        log.info("removed %s", path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+
+
+class LibvirtNamer(object):
+    """libvirt's naming convention: the frozen image keeps its name, the new active image
+    is ``<dir>/<domain>-<disk>.<snapshot>.qcow2`` beside it (``-N`` added when taken)."""
+
+    def __init__(self, domain_name):
+        self.domain_name = domain_name
+        self.handed_out = set()
+
+    def __call__(self, tree, disk, purpose, name):
+        leaf = tree.nodes[tree.active[disk]]
+        directory = os.path.dirname(leaf.path)
+        token = name if purpose == "snapshot" else "revert-" + name
+        known = {n.path for n in tree.nodes.values()} | self.handed_out
+        base = os.path.join(directory, "%s-%s.%s" % (self.domain_name, disk, token))
+        path = base + ".qcow2"
+        n = 1
+        while path in known or os.path.exists(path):
+            n += 1
+            path = "%s-%d.qcow2" % (base, n)
+        self.handed_out.add(path)
+        return {"frozen": leaf.path, "leaf": path}

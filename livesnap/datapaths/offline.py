@@ -1,0 +1,75 @@
+"""The offline datapath: a shut-off libvirt domain whose disks are qcow2 files.
+
+Images are changed with qemu-img; the domain's persistent definition is rewritten through
+libvirt when a disk's active image changes. Every step checks what is already done, so a
+re-run after a crash finishes it.
+"""
+import logging
+import os
+
+from livesnap.datapaths import Datapath, unlink
+from livesnap.tools import qemu_img
+
+log = logging.getLogger(__name__)
+
+
+class OfflineDatapath(Datapath):
+    name = "offline"
+
+    def __init__(self, domain):
+        self.domain = domain
+
+    def _sources(self):
+        return {d.target: d.path for d in self.domain.disks(inactive=True)}
+
+    def _backing(self, path):
+        return qemu_img.backing_path(qemu_img.info(path), path)
+
+    def _new_overlay(self, path, backing, backing_fmt, in_use):
+        """Create (or re-create) an empty overlay unless the domain already uses it."""
+        if path in in_use and os.path.exists(path):
+            return
+        if os.path.exists(path):
+            os.unlink(path)          # a leftover of a crashed attempt: nothing uses it yet
+        qemu_img.create(path, "qcow2", backing=backing, backing_fmt=backing_fmt)
+
+    def do_snapshot(self, step):
+        in_use = set(self._sources().values())
+        for it in step["items"]:
+            self._new_overlay(it["leaf_path"], it["frozen_path"], it["frozen_fmt"], in_use)
+        self.domain.set_disk_sources({it["disk"]: (it["leaf_path"], it["fmt"])
+                                      for it in step["items"]})
+
+    def do_new_leaf(self, step):
+        in_use = set(self._sources().values())
+        self._new_overlay(step["leaf_path"], step["parent_path"], step["parent_fmt"], in_use)
+        self.domain.set_disk_sources({step["disk"]: (step["leaf_path"], step["fmt"])})
+
+    def abandon(self, step):
+        in_use = set(self._sources().values())
+        paths = [it["leaf_path"] for it in step.get("items", [])]
+        if step["op"] == "new_leaf":
+            paths.append(step["leaf_path"])
+        for p in paths:
+            if p not in in_use:
+                unlink(p)
+
+    def do_remove(self, step):
+        unlink(step["path"])
+
+    def do_commit(self, step):
+        node, child = step["path"], step["child_path"]
+        if os.path.exists(child) and self._backing(child) == node:
+            qemu_img.commit(child, node)
+        for g in step["grandchildren"]:
+            if self._backing(g["path"]) != node:
+                qemu_img.rebase(g["path"], node, step["fmt"], unsafe=True)
+        if step["child_active"]:
+            self.domain.set_disk_sources({step["disk"]: (node, step["fmt"])})
+        unlink(child)
+
+    def do_pull(self, step):
+        child = step["child_path"]
+        if self._backing(child) != step["parent_path"]:
+            qemu_img.rebase(child, step["parent_path"], step["parent_fmt"])
+        unlink(step["path"])

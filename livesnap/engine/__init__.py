@@ -1,0 +1,1 @@
+"""The engine: preflight, plan, journal, execute, recover."""

@@ -1,0 +1,414 @@
+"""The engine: everything a front end asks of livesnap, for one domain at a time.
+
+Each mutating command runs under the domain's lock and goes through the same pipeline:
+load (adopt on first use) and validate the tree against the images, preflight, plan,
+journal the plan, execute step by step (each step's effect on the tree written in the same
+transaction that marks it done), finish. ``recover`` continues an interrupted operation
+from its last done step to "after"; an operation whose first step failed without effect is
+rolled back to "before".
+"""
+import datetime
+import logging
+import os
+import signal
+
+from livesnap.catalog import Catalog
+from livesnap.datapaths import LibvirtNamer
+from livesnap.datapaths.offline import OfflineDatapath
+from livesnap.engine import faults
+from livesnap.engine.names import check_snapshot_name
+from livesnap.errors import (BadImage, ChainTooDeep, Error, InterruptedOperation, NoSpace,
+                             PathOutsideStorage, WrongState)
+from livesnap.lock import DomainLock
+from livesnap.model import planner as P
+from livesnap.model.tree import ACTIVE, BASE, HIDDEN, Node, Tree
+from livesnap.platforms import domain_xml
+from livesnap.tools import qemu_img
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = "/var/lib/livesnap"
+SPACE_MARGIN = 1 << 20
+
+
+def now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+class Session(object):
+    """One command's hold on one domain: the domain, its catalog, its tree, a datapath."""
+
+    def __init__(self, engine, domain, catalog):
+        self.engine = engine
+        self.domain = domain
+        self.catalog = catalog
+        self.tree = None
+
+
+class Interrupted(Error):
+    fields = ("signo", "domain")
+    msg = ("interrupted by signal {self.signo}; the operation on '{self.domain}' stopped between "
+           "two steps: run 'livesnap recover {self.domain}' to finish it")
+
+
+class Engine(object):
+    def __init__(self, connect=None, state_dir=None, max_depth=P.DEFAULT_MAX_DEPTH,
+                 storage_dirs=None):
+        self.uri = connect
+        self.state_dir = state_dir or os.environ.get("LIVESNAP_STATE_DIR") or DEFAULT_STATE_DIR
+        self.max_depth = max_depth
+        self.storage_dirs = [os.path.realpath(d) for d in (storage_dirs or [])]
+        self._conn = None
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def connection(self):
+        if self._conn is None:
+            from livesnap.platforms import libvirt_domain
+            self._conn = libvirt_domain.open_connection(self.uri)
+        return self._conn
+
+    def lookup(self, ident):
+        from livesnap.platforms import libvirt_domain
+        return libvirt_domain.Domain.lookup(self.connection(), ident)
+
+    def _session(self, ident, lock=True):
+        return _SessionContext(self, ident, lock)
+
+    def datapath_for(self, domain):
+        if domain.is_running():
+            raise WrongState(domain.name, "running",
+                             "livesnap's offline datapath needs it shut off "
+                             "(virsh shutdown %s)" % domain.name)
+        return OfflineDatapath(domain)
+
+    def _check_storage(self, path):
+        if self.storage_dirs:
+            real = os.path.realpath(path)
+            if not any(real == d or real.startswith(d + os.sep) for d in self.storage_dirs):
+                raise PathOutsideStorage(path, ":".join(self.storage_dirs))
+
+    # -- loading and validating the tree ---------------------------------------------------
+
+    def _adopt(self, domain):
+        """The tree of a domain livesnap has not seen: each snapshottable disk's image is the
+        active node, its backing chain the base nodes."""
+        nodes, active = [], {}
+        for disk in domain.disks():
+            if not domain_xml.snapshottable(disk):
+                log.info("disk %s (%s, %s) is not a qcow2 file: left alone", disk.target,
+                         disk.path, disk.fmt)
+                continue
+            chain = qemu_img.info(disk.path, backing_chain=True, force_share=True)
+            if len(chain) > self.max_depth:
+                raise ChainTooDeep(disk.path, len(chain), self.max_depth)
+            ids = ["%s-%s" % (disk.target, P.new_node_id()[:12]) for _ in chain]
+            for i, entry in enumerate(chain):
+                path = os.path.abspath(entry["filename"])
+                self._check_storage(path)
+                nodes.append(Node(ids[i], disk.target, ids[i + 1] if i + 1 < len(chain) else None,
+                                  ACTIVE if i == 0 else BASE, path, entry["format"],
+                                  alloc=entry.get("actual-size", 0)))
+            active[disk.target] = ids[0]
+        return Tree(nodes, [], active)
+
+    def load(self, session, validate=True):
+        cat, domain = session.catalog, session.domain
+        if cat.is_empty():
+            tree = self._adopt(domain)
+            cat.save_tree(tree)
+        tree = cat.load_tree()
+        if validate:
+            self._validate(domain, tree)
+        session.tree = tree
+        return tree
+
+    def _validate(self, domain, tree):
+        """Every node's image opens, is of the recorded format and has the recorded parent;
+        the domain's disks use the active nodes. Refreshes allocation sizes."""
+        sources = {d.target: d.path for d in domain.disks()}
+        for disk, nid in tree.active.items():
+            path = tree.nodes[nid].path
+            if sources.get(disk) != path:
+                raise BadImage(sources.get(disk) or disk,
+                               "disk %s of '%s' uses %s but livesnap's catalog has %s; it was "
+                               "changed outside livesnap (see 'livesnap check %s')"
+                               % (disk, domain.name, sources.get(disk), path, domain.name))
+        for n in tree.nodes.values():
+            self._check_storage(n.path)
+            if not os.path.exists(n.path):
+                raise BadImage(n.path, "image of node %s (%s) is missing" % (n.id, n.state))
+            entry = qemu_img.info(n.path, force_share=True)
+            if entry["format"] != n.fmt:
+                raise BadImage(n.path, "format is %s, catalog says %s" % (entry["format"], n.fmt))
+            want = tree.nodes[n.parent].path if n.parent else None
+            got = qemu_img.backing_path(entry, n.path)
+            if got != want:
+                raise BadImage(n.path, "backing file is %s, expected %s" % (got, want))
+            n.alloc = entry.get("actual-size", 0)
+        for problem in tree.validate():
+            raise BadImage(self.state_dir, "catalog is inconsistent: %s" % problem)
+
+    # -- preflight ---------------------------------------------------------------------------
+
+    def _preflight_space(self, plan):
+        need = {}
+        for step in plan.steps:
+            op = step["op"]
+            if op == "commit":
+                where, amount = step["path"], step["bytes"]
+            elif op == "pull":
+                where, amount = step["child_path"], step["bytes"]
+            elif op == "snapshot":
+                for it in step["items"]:
+                    key = os.path.dirname(it["leaf_path"])
+                    need[key] = need.get(key, 0) + SPACE_MARGIN
+                continue
+            elif op == "new_leaf":
+                where, amount = step["leaf_path"], 0
+            else:
+                continue
+            key = os.path.dirname(where)
+            need[key] = need.get(key, 0) + amount + SPACE_MARGIN
+        by_dev = {}
+        for directory, amount in need.items():
+            st = os.statvfs(directory)
+            dev = os.stat(directory).st_dev
+            entry = by_dev.setdefault(dev, [directory, 0, st.f_bavail * st.f_frsize])
+            entry[1] += amount
+        for directory, amount, available in by_dev.values():
+            if amount > available:
+                raise NoSpace(directory, amount, available)
+
+    def _planner(self, session):
+        return P.Planner(session.domain.name, LibvirtNamer(session.domain.name),
+                         max_depth=self.max_depth)
+
+    def _no_interrupted(self, session):
+        op = session.catalog.unfinished()
+        if op is not None:
+            raise InterruptedOperation(session.domain.name, op.id, op.op)
+
+    # -- executing ---------------------------------------------------------------------------
+
+    def _execute(self, session, datapath, plan, op_id, start=0):
+        """Carry out steps ``start``.. of a journaled plan; returns the pause times seen."""
+        tree = session.catalog.load_tree()
+        pauses = []
+        stop = _SignalCatcher()
+        with stop:
+            for i in range(start, len(plan.steps)):
+                step = plan.steps[i]
+                faults.point(plan.op, "before", i)
+                try:
+                    facts = datapath.run(step) or {}
+                except Exception as e:
+                    if i == 0 and step["op"] in ("snapshot", "new_leaf"):
+                        datapath.abandon(step)
+                        session.catalog.finish(op_id, "rolled-back", str(e))
+                    else:
+                        session.catalog.finish(op_id, "failed", str(e))
+                        log.error("operation #%d stopped at step %d (%s); 'livesnap recover %s' "
+                                  "continues it", op_id, i, step["op"], session.domain.name)
+                    raise
+                if facts.get("pause_ms") is not None:
+                    pauses.append(facts["pause_ms"])
+                faults.point(plan.op, "after", i)
+                P.apply(tree, step)
+                session.catalog.step_done(op_id, i, tree)
+                if stop.signo is not None and i + 1 < len(plan.steps):
+                    raise Interrupted(stop.signo, session.domain.name)
+        session.catalog.finish(op_id)
+        session.tree = tree
+        return pauses
+
+    def _run(self, session, plan, dry_run):
+        result = dict(plan.result)
+        if dry_run:
+            result["dry_run"] = True
+            result["plan"] = P.plan_summary(plan)
+            result["steps"] = plan.steps
+            return result
+        datapath = self.datapath_for(session.domain)
+        self._preflight_space(plan)
+        op_id = session.catalog.begin(plan)
+        pauses = self._execute(session, datapath, plan, op_id)
+        result["pause_ms"] = max(pauses) if pauses else None
+        result["datapath"] = datapath.name
+        return result
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def create(self, domain, name, description="", disks=None, dry_run=False):
+        check_snapshot_name(name)
+        with self._session(domain) as s:
+            self._no_interrupted(s)
+            self.datapath_for(s.domain)
+            tree = self.load(s)
+            plan = self._planner(s).create(tree, name, now_iso(), description, disks)
+            result = self._run(s, plan, dry_run)
+            if not dry_run:
+                result["disks"] = self._snapshot_disks(s.tree, name)
+            return result
+
+    def delete(self, domain, name, dry_run=False):
+        with self._session(domain) as s:
+            self._no_interrupted(s)
+            self.datapath_for(s.domain)
+            tree = self.load(s)
+            plan = self._planner(s).delete(tree, name)
+            return self._run(s, plan, dry_run)
+
+    def revert(self, domain, name, keep_current=None, dry_run=False):
+        if keep_current is not None:
+            check_snapshot_name(keep_current)
+        with self._session(domain) as s:
+            self._no_interrupted(s)
+            if s.domain.is_running():
+                raise WrongState(s.domain.name, "running",
+                                 "revert needs the domain shut off: virsh shutdown %s (or "
+                                 "virsh destroy %s), then revert again" % (s.domain.name,
+                                                                           s.domain.name))
+            tree = self.load(s)
+            plan = self._planner(s).revert(tree, name, now_iso(), keep_current)
+            return self._run(s, plan, dry_run)
+
+    def reclaim(self, domain, dry_run=False):
+        """Reclaim hidden nodes that are down to one child (what hooks start after a stop)."""
+        with self._session(domain) as s:
+            self._no_interrupted(s)
+            tree = self.load(s)
+            plan = self._planner(s).reclaim(tree)
+            if not plan.steps:
+                return dict(plan.result, pause_ms=None)
+            return self._run(s, plan, dry_run)
+
+    def recover(self, domain):
+        with self._session(domain) as s:
+            op = s.catalog.unfinished()
+            if op is None:
+                return {"domain": s.domain.name, "recovered": None}
+            plan = P.Plan.from_dict(op.plan)
+            datapath = self.datapath_for(s.domain)
+            log.info("recovering operation #%d (%s) from step %d of %d", op.id, op.op,
+                     op.steps_done, len(plan.steps))
+            self._execute(s, datapath, plan, op.id, start=op.steps_done)
+            return {"domain": s.domain.name, "recovered": op.id, "op": op.op,
+                    "steps_done_before": op.steps_done, "steps": len(plan.steps),
+                    "result": plan.result}
+
+    def snapshot_list(self, domain, include_hidden=False):
+        with self._session(domain, lock=False) as s:
+            tree = self.load(s, validate=False)
+            snaps = sorted(tree.snapshots.values(), key=lambda x: (x.created, x.name))
+            out = []
+            for snap in snaps:
+                if snap.state == HIDDEN and not include_hidden:
+                    continue
+                out.append({"name": snap.name, "state": snap.state,
+                            "parent": tree.snapshot_parent(snap.name),
+                            "created": snap.created, "description": snap.description,
+                            "disks": self._snapshot_disks(tree, snap.name)})
+            return {"domain": s.domain.name, "current": tree.current_snapshot(),
+                    "snapshots": out}
+
+    def _snapshot_disks(self, tree, name):
+        nodes = tree.snapshot_nodes(name)
+        return [{"target": d, "image": tree.nodes[nodes[d]].path, "format": tree.nodes[nodes[d]].fmt}
+                for d in sorted(nodes)]
+
+    def check(self, domain):
+        """Compare the catalog with the images on disk; a list of problems (empty when sound)."""
+        with self._session(domain) as s:
+            problems = []
+            op = s.catalog.unfinished()
+            if op is not None:
+                problems.append("operation #%d (%s) is unfinished: run 'livesnap recover %s'"
+                                % (op.id, op.op, s.domain.name))
+            tree = self.load(s, validate=False)
+            problems += tree.validate()
+            sources = {d.target: d.path for d in s.domain.disks()}
+            for disk, nid in sorted(tree.active.items()):
+                if sources.get(disk) != tree.nodes[nid].path:
+                    problems.append("disk %s uses %s, catalog has %s"
+                                    % (disk, sources.get(disk), tree.nodes[nid].path))
+            for n in sorted(tree.nodes.values(), key=lambda n: n.path):
+                if not os.path.exists(n.path):
+                    problems.append("image %s of node %s is missing" % (n.path, n.id))
+                    continue
+                try:
+                    entry = qemu_img.info(n.path, force_share=True)
+                except BadImage as e:
+                    problems.append(str(e))
+                    continue
+                want = tree.nodes[n.parent].path if n.parent else None
+                got = qemu_img.backing_path(entry, n.path)
+                if got != want:
+                    problems.append("image %s is backed by %s, catalog says %s"
+                                    % (n.path, got, want))
+            known = {n.path for n in tree.nodes.values()}
+            prefix = s.domain.name + "-"
+            for directory in sorted({os.path.dirname(n.path) for n in tree.nodes.values()}):
+                for entry in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+                    path = os.path.join(directory, entry)
+                    if entry.startswith(prefix) and entry.endswith(".qcow2") and path not in known:
+                        problems.append("image %s looks like livesnap's but the catalog does not "
+                                        "know it" % path)
+            return {"domain": s.domain.name, "ok": not problems, "problems": problems}
+
+
+class _SessionContext(object):
+    def __init__(self, engine, ident, lock):
+        self.engine = engine
+        self.ident = ident
+        self.take_lock = lock
+        self.lock = None
+        self.session = None
+
+    def __enter__(self):
+        domain = self.engine.lookup(self.ident)
+        state_dir = self.engine.state_dir
+        if not os.path.isdir(state_dir):
+            os.makedirs(state_dir, 0o700)
+        if self.take_lock:
+            self.lock = DomainLock(os.path.join(state_dir, domain.uuid + ".lock"), domain.name)
+            self.lock.__enter__()
+        try:
+            catalog = Catalog.for_domain(state_dir, domain.uuid, domain.name)
+        except Exception:
+            if self.lock:
+                self.lock.__exit__(None, None, None)
+            raise
+        self.session = Session(self.engine, domain, catalog)
+        return self.session
+
+    def __exit__(self, *exc):
+        self.session.catalog.close()
+        if self.lock:
+            self.lock.__exit__(*exc)
+        return False
+
+
+class _SignalCatcher(object):
+    """SIGINT/SIGTERM during execution only record the signal: the running step finishes,
+    its effect is journaled, then the engine stops cleanly (or finishes, on the last step)."""
+
+    def __init__(self):
+        self.signo = None
+        self.old = {}
+
+    def _handler(self, signo, frame):
+        self.signo = signo
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self.old = {}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+        return False

@@ -1,0 +1,135 @@
+"""The errors livesnap raises.
+
+Every error carries its facts as attributes; ``msg`` is a template rendered from them.
+Library code raises; only the CLI chooses how a message is shown and which exit code it gets.
+
+Tree::
+
+    Error
+     +-- CommandFailed            an external command exited non-zero
+     +-- InvalidOutput            an external command printed something we cannot use
+     +-- UsageError               arguments that cannot name anything (bad name, bad UUID)
+     +-- NotFound
+     |    +-- DomainNotFound
+     |    +-- SnapshotNotFound
+     +-- Conflict
+     |    +-- DuplicateName
+     |    +-- Busy                another livesnap command holds the domain
+     |    +-- WrongState          domain running/stopped where the datapath needs the other
+     |    +-- InterruptedOperation  an unfinished operation needs ``livesnap recover``
+     +-- BadImage                 corrupt header, missing backing file, cycle, wrong parent
+     |    +-- ChainTooDeep
+     |    +-- PathOutsideStorage
+     +-- NoSpace
+     +-- DatapathError            pausing, block jobs, retargeting
+     +-- CatalogError             the SQLite catalog is unusable or from a newer livesnap
+"""
+
+
+class Error(Exception):
+    msg = "{self.reason}"
+    reason = "livesnap error"
+
+    def __init__(self, *args, **kwargs):
+        # Subclasses name their facts as keyword arguments; positional arguments fill
+        # ``fields`` in order.
+        for name, value in zip(getattr(self, "fields", ()), args):
+            setattr(self, name, value)
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+        super(Error, self).__init__(*args)
+
+    def __str__(self):
+        return self.msg.format(self=self)
+
+
+class CommandFailed(Error):
+    fields = ("cmd", "rc", "out", "err")
+    msg = "Command {self.cmd_str} failed with rc={self.rc}: {self.err_line}"
+
+    @property
+    def cmd_str(self):
+        return " ".join(str(a) for a in self.cmd)
+
+    @property
+    def err_line(self):
+        text = (self.err or self.out or "").strip()
+        return " ".join(text.splitlines()[-3:]) if text else "(no output)"
+
+
+class InvalidOutput(Error):
+    fields = ("cmd", "out", "reason")
+    msg = "Command {self.cmd} printed unusable output: {self.reason}"
+
+
+class UsageError(Error):
+    fields = ("reason",)
+
+
+class NotFound(Error):
+    pass
+
+
+class DomainNotFound(NotFound):
+    fields = ("domain",)
+    msg = "domain '{self.domain}' not found"
+
+
+class SnapshotNotFound(NotFound):
+    fields = ("domain", "snapshot")
+    msg = "domain '{self.domain}' has no snapshot named '{self.snapshot}'"
+
+
+class Conflict(Error):
+    pass
+
+
+class DuplicateName(Conflict):
+    fields = ("domain", "snapshot")
+    msg = "domain '{self.domain}' already has a snapshot named '{self.snapshot}'"
+
+
+class Busy(Conflict):
+    fields = ("domain", "lock_path")
+    msg = "another livesnap command is working on domain '{self.domain}' (lock {self.lock_path})"
+
+
+class WrongState(Conflict):
+    fields = ("domain", "state", "reason")
+    msg = "domain '{self.domain}' is {self.state}: {self.reason}"
+
+
+class InterruptedOperation(Conflict):
+    fields = ("domain", "op_id", "op")
+    msg = ("domain '{self.domain}' has an interrupted operation #{self.op_id} ({self.op}); "
+           "run 'livesnap recover {self.domain}' first")
+
+
+class BadImage(Error):
+    fields = ("path", "reason")
+    msg = "bad image {self.path}: {self.reason}"
+
+
+class ChainTooDeep(BadImage):
+    fields = ("path", "depth", "limit")
+    msg = "backing chain of {self.path} would be {self.depth} deep (limit {self.limit})"
+
+
+class PathOutsideStorage(BadImage):
+    fields = ("path", "storage")
+    msg = "{self.path} is outside the storage directory {self.storage}"
+
+
+class NoSpace(Error):
+    fields = ("path", "needed", "available")
+    msg = ("not enough space for {self.path}: {self.needed} bytes needed, "
+           "{self.available} available")
+
+
+class DatapathError(Error):
+    fields = ("reason",)
+
+
+class CatalogError(Error):
+    fields = ("path", "reason")
+    msg = "catalog {self.path}: {self.reason}"

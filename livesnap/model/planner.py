@@ -1,0 +1,299 @@
+"""Turn create / delete / revert into a plan of abstract steps, and apply steps to a tree.
+
+A plan is a list of steps; a step is a plain dict (JSON-serialisable, it goes into the
+journal) with an ``op`` and every fact a datapath needs to carry it out without looking at
+the catalog: node ids, paths, formats. ``apply(tree, step)`` is the step's effect on the
+tree; the engine persists the tree after each step it has executed.
+
+Steps:
+
+``snapshot``         freeze each disk's active leaf as the named snapshot's node and put a new
+                     empty active leaf on top (all disks at one instant).
+``remove``           delete a node that has no children.
+``commit``           merge a node N with its only child C by copying C's data into N's image;
+                     C then lives in N's image, C's children are re-pointed to it, C's old
+                     image is deleted.
+``pull``             merge N with its only child C by copying N's data into C's image; C's
+                     parent becomes N's parent; N's image is deleted.
+``hide``             mark a node logically deleted (it keeps two or more children).
+``snapshot_state``   a snapshot becomes ``hidden`` (logically deleted), or is forgotten.
+``new_leaf``         (revert) a new empty active leaf on a snapshot's node.
+``keep_leaf``        (revert --keep-current) the old active leaf becomes a snapshot's node.
+
+The planner is pure: new node ids and image paths come from functions the caller passes.
+"""
+import uuid
+
+from livesnap.errors import ChainTooDeep, DuplicateName, SnapshotNotFound, UsageError
+from livesnap.model.tree import ACTIVE, BASE, HIDDEN, SNAPSHOT, Node, Snapshot
+
+DEFAULT_MAX_DEPTH = 30
+
+
+def new_node_id():
+    return uuid.uuid4().hex
+
+
+class Plan(object):
+    """The steps of one operation plus what its result will report."""
+
+    def __init__(self, op, domain, steps, result):
+        self.op = op
+        self.domain = domain
+        self.steps = steps
+        self.result = result
+
+    def to_dict(self):
+        return {"op": self.op, "domain": self.domain, "steps": self.steps, "result": self.result}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["op"], d["domain"], d["steps"], d["result"])
+
+
+# -- applying steps ----------------------------------------------------------------------
+
+def apply(tree, step):
+    """Change ``tree`` in place by the effect of ``step``."""
+    op = step["op"]
+    if op == "snapshot":
+        tree.snapshots[step["name"]] = Snapshot(step["name"], step["created"],
+                                                step.get("description", ""))
+        for item in step["items"]:
+            frozen = tree.nodes[item["frozen"]]
+            frozen.state = SNAPSHOT
+            frozen.snapshot = step["name"]
+            frozen.path = item["frozen_path"]
+            tree.nodes[item["leaf"]] = Node(item["leaf"], item["disk"], frozen.id, ACTIVE,
+                                            item["leaf_path"], item["fmt"])
+            tree.active[item["disk"]] = item["leaf"]
+    elif op == "remove":
+        del tree.nodes[step["node"]]
+    elif op == "commit":
+        node, child = tree.nodes.pop(step["node"]), tree.nodes[step["child"]]
+        child.parent = node.parent
+        child.path = node.path
+        child.fmt = node.fmt
+        child.alloc = node.alloc + child.alloc
+    elif op == "pull":
+        node, child = tree.nodes.pop(step["node"]), tree.nodes[step["child"]]
+        child.parent = node.parent
+        child.alloc = node.alloc + child.alloc
+    elif op == "hide":
+        tree.nodes[step["node"]].state = HIDDEN
+    elif op == "snapshot_state":
+        if step["state"] is None:
+            del tree.snapshots[step["name"]]
+        else:
+            tree.snapshots[step["name"]].state = step["state"]
+    elif op == "new_leaf":
+        tree.nodes[step["leaf"]] = Node(step["leaf"], step["disk"], step["parent"], ACTIVE,
+                                        step["leaf_path"], step["fmt"])
+        tree.active[step["disk"]] = step["leaf"]
+    elif op == "keep_leaf":
+        if step["name"] not in tree.snapshots:
+            tree.snapshots[step["name"]] = Snapshot(step["name"], step["created"],
+                                                    step.get("description", ""))
+        node = tree.nodes[step["node"]]
+        node.state = SNAPSHOT
+        node.snapshot = step["name"]
+    else:
+        raise ValueError("unknown step %r" % op)
+
+
+# -- planning ----------------------------------------------------------------------------
+
+class Planner(object):
+    """Plans operations on one domain's tree.
+
+    ``namer(tree, disk, purpose, name)`` returns the path for a new image of ``disk``;
+    ``new_id()`` returns a new node id. Both are the caller's, so planning stays pure.
+    """
+
+    def __init__(self, domain, namer, new_id=new_node_id, max_depth=DEFAULT_MAX_DEPTH):
+        self.domain = domain
+        self.namer = namer
+        self.new_id = new_id
+        self.max_depth = max_depth
+
+    def _add(self, tree, steps, step):
+        apply(tree, step)
+        steps.append(step)
+
+    def _check_new_name(self, tree, name):
+        if name in tree.snapshots:
+            raise DuplicateName(self.domain, name)
+
+    # create ------------------------------------------------------------------------------
+
+    def create(self, tree, name, created, description="", disks=None):
+        self._check_new_name(tree, name)
+        all_disks = tree.disks()
+        if not all_disks:
+            raise UsageError(reason="domain '%s' has no disk livesnap can snapshot" % self.domain)
+        disks = sorted(set(disks)) if disks else all_disks
+        for d in disks:
+            if d not in tree.active:
+                raise UsageError(reason="domain '%s' has no snapshottable disk '%s' (disks: %s)"
+                                 % (self.domain, d, ", ".join(all_disks)))
+        work = tree.copy()
+        items = []
+        for d in disks:
+            leaf = work.nodes[work.active[d]]
+            depth = work.depth(leaf.id) + 1
+            if depth > self.max_depth:
+                raise ChainTooDeep(leaf.path, depth, self.max_depth)
+            paths = self.namer(work, d, "snapshot", name)
+            items.append({"disk": d, "frozen": leaf.id, "frozen_path": paths["frozen"],
+                          "leaf": self.new_id(), "leaf_path": paths["leaf"], "fmt": leaf.fmt,
+                          "frozen_fmt": leaf.fmt})
+        steps = []
+        self._add(work, steps, {"op": "snapshot", "name": name, "created": created,
+                                "description": description, "items": items})
+        return Plan("create", self.domain, steps, {"snapshot": name})
+
+    # delete ------------------------------------------------------------------------------
+
+    def delete(self, tree, name):
+        snap = tree.snapshots.get(name)
+        if snap is None or snap.state != SNAPSHOT:
+            raise SnapshotNotFound(self.domain, name)
+        work = tree.copy()
+        steps = []
+        actions = set()
+        for disk, nid in sorted(work.snapshot_nodes(name).items()):
+            actions.add(self._drop_node(work, steps, nid))
+        if work.snapshot_nodes(name):
+            self._add(work, steps, {"op": "snapshot_state", "name": name, "state": HIDDEN})
+        else:
+            self._add(work, steps, {"op": "snapshot_state", "name": name, "state": None})
+        reclaimed = self._cascade(work, steps)
+        if "hidden" in actions:
+            action = "hidden"
+        elif "merged" in actions:
+            action = "merged"
+        else:
+            action = "deleted"
+        return Plan("delete", self.domain, steps,
+                    {"snapshot": name, "action": action, "reclaimed": reclaimed})
+
+    def _drop_node(self, work, steps, nid):
+        """Plan the removal of one snapshot or hidden node by the child rule."""
+        kids = work.children(nid)
+        if not kids:
+            self._add(work, steps, self._remove_step(work, nid))
+            return "deleted"
+        if len(kids) == 1:
+            self._add(work, steps, self._merge_step(work, nid, kids[0]))
+            return "merged"
+        if work.nodes[nid].state != HIDDEN:
+            self._add(work, steps, {"op": "hide", "node": nid, "disk": work.nodes[nid].disk,
+                                    "path": work.nodes[nid].path})
+        return "hidden"
+
+    def _remove_step(self, work, nid):
+        n = work.nodes[nid]
+        return {"op": "remove", "node": nid, "disk": n.disk, "path": n.path, "fmt": n.fmt}
+
+    def _merge_step(self, work, nid, cid):
+        """Merge node ``nid`` with its only child ``cid``: commit or pull, by bytes moved.
+
+        Commit copies the child's allocated data into the node; pull copies the node's into
+        the child. Commit writes into the node's image, which is safe because the child is
+        its only user.
+        """
+        n, c = work.nodes[nid], work.nodes[cid]
+        parent = work.nodes[n.parent] if n.parent is not None else None
+        grandchildren = [{"node": g, "path": work.nodes[g].path, "fmt": work.nodes[g].fmt}
+                         for g in work.children(cid)]
+        op = "commit" if c.alloc <= n.alloc else "pull"
+        return {"op": op, "disk": n.disk, "node": nid, "path": n.path, "fmt": n.fmt,
+                "child": cid, "child_path": c.path, "child_fmt": c.fmt,
+                "child_active": c.state == ACTIVE,
+                "parent": n.parent, "parent_path": parent.path if parent else None,
+                "parent_fmt": parent.fmt if parent else None,
+                "grandchildren": grandchildren, "bytes": min(c.alloc, n.alloc)}
+
+    def _cascade(self, work, steps):
+        """Reclaim every hidden node now down to one child (or none), repeatedly.
+
+        Returns the names of the hidden snapshots whose last node was reclaimed.
+        """
+        reclaimed = []
+        while True:
+            todo = sorted(n.id for n in work.nodes.values()
+                          if n.state == HIDDEN and len(work.children(n.id)) < 2)
+            if not todo:
+                return reclaimed
+            nid = todo[0]
+            owner = work.nodes[nid].snapshot
+            self._drop_node(work, steps, nid)
+            if owner is not None and owner in work.snapshots and \
+                    not work.snapshot_nodes(owner):
+                self._add(work, steps, {"op": "snapshot_state", "name": owner, "state": None})
+                reclaimed.append(owner)
+
+    def reclaim(self, tree):
+        """Plan only the cascade (for hooks and ``livesnap reclaim``)."""
+        work = tree.copy()
+        steps = []
+        reclaimed = self._cascade(work, steps)
+        return Plan("reclaim", self.domain, steps, {"reclaimed": reclaimed})
+
+    # revert ------------------------------------------------------------------------------
+
+    def revert(self, tree, name, created, keep_current=None):
+        snap = tree.snapshots.get(name)
+        if snap is None or snap.state != SNAPSHOT:
+            raise SnapshotNotFound(self.domain, name)
+        if keep_current is not None:
+            self._check_new_name(tree, keep_current)
+        work = tree.copy()
+        steps = []
+        targets = work.snapshot_nodes(name)
+        old_leaves = {d: work.active[d] for d in sorted(targets)}
+        for d in sorted(targets):
+            base = work.nodes[targets[d]]
+            paths = self.namer(work, d, "revert", name)
+            self._add(work, steps, {"op": "new_leaf", "disk": d, "parent": base.id,
+                                    "parent_path": base.path, "parent_fmt": base.fmt,
+                                    "leaf": self.new_id(), "leaf_path": paths["leaf"],
+                                    "fmt": base.fmt if base.fmt == "qcow2" else "qcow2"})
+        for d, old in sorted(old_leaves.items()):
+            if keep_current is not None:
+                self._add(work, steps, {"op": "keep_leaf", "node": old, "name": keep_current,
+                                        "created": created,
+                                        "description": "kept by revert to %s" % name})
+            else:
+                self._add(work, steps, self._remove_step(work, old))
+        reclaimed = self._cascade(work, steps)
+        return Plan("revert", self.domain, steps,
+                    {"snapshot": name, "kept": keep_current, "reclaimed": reclaimed})
+
+
+def plan_summary(plan):
+    """One line per step, for ``--dry-run`` and logs."""
+    lines = []
+    for s in plan.steps:
+        op = s["op"]
+        if op == "snapshot":
+            for it in s["items"]:
+                lines.append("snapshot %s: freeze %s as %s, new leaf %s"
+                             % (it["disk"], it["frozen"][:8], it["frozen_path"], it["leaf_path"]))
+        elif op in ("commit", "pull"):
+            lines.append("%s %s: merge %s (%s) with its child %s (%s), moving ~%d bytes"
+                         % (op, s["disk"], s["node"][:8], s["path"], s["child"][:8],
+                            s["child_path"], s["bytes"]))
+        elif op == "remove":
+            lines.append("remove %s: delete %s (%s)" % (s["disk"], s["node"][:8], s["path"]))
+        elif op == "hide":
+            lines.append("hide %s: %s (%s) keeps its children" % (s["disk"], s["node"][:8],
+                                                                   s["path"]))
+        elif op == "snapshot_state":
+            lines.append("snapshot %s: %s" % (s["name"], "forgotten" if s["state"] is None
+                                             else "now " + s["state"]))
+        elif op == "new_leaf":
+            lines.append("new leaf %s: %s on %s" % (s["disk"], s["leaf_path"], s["parent_path"]))
+        elif op == "keep_leaf":
+            lines.append("keep leaf %s as snapshot %s" % (s["node"][:8], s["name"]))
+    return lines

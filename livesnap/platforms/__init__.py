@@ -1,0 +1,1 @@
+"""Platforms: where a domain's configuration lives (libvirt domain XML, XAPI)."""

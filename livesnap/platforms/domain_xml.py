@@ -1,0 +1,104 @@
+"""libvirt domain XML: the disks livesnap works on, read and edited with lxml.
+
+Only the elements we touch are modelled; everything else in the document is kept as it is.
+"""
+import collections
+
+Disk = collections.namedtuple("Disk", "target path fmt device source_type readonly")
+
+
+def _etree():
+    from lxml import etree  # imported only where XML is handled
+    return etree
+
+
+def parse(xml_text):
+    etree = _etree()
+    parser = etree.XMLParser(remove_blank_text=False, resolve_entities=False, no_network=True)
+    return etree.fromstring(xml_text.encode() if isinstance(xml_text, str) else xml_text, parser)
+
+
+def to_string(root):
+    return _etree().tostring(root, encoding="unicode")
+
+
+def domain_identity(root):
+    """(name, uuid) of a <domain> element."""
+    return root.findtext("name"), root.findtext("uuid")
+
+
+def disks(root):
+    """Every <disk> of the domain with a file or block source, as ``Disk`` tuples."""
+    out = []
+    for d in root.findall("./devices/disk"):
+        target = d.find("target")
+        source = d.find("source")
+        driver = d.find("driver")
+        if target is None:
+            continue
+        path = None
+        if source is not None:
+            path = source.get("file") or source.get("dev")
+        fmt = driver.get("type") if driver is not None and driver.get("type") else "raw"
+        out.append(Disk(target.get("dev"), path, fmt, d.get("device", "disk"),
+                        d.get("type", "file"), d.find("readonly") is not None))
+    return out
+
+
+def snapshottable(disk):
+    """A writable file-backed qcow2 disk: what the libvirt datapaths can snapshot."""
+    return (disk.device == "disk" and disk.source_type == "file" and disk.path is not None
+            and not disk.readonly and disk.fmt == "qcow2")
+
+
+def set_disk_sources(root, sources):
+    """Point disks at new images: ``sources`` is {target: (path, fmt)}.
+
+    Any <backingStore> of those disks is dropped: libvirt then reads the chain from the
+    images themselves (their backing file and format are recorded in them).
+    """
+    etree = _etree()
+    found = set()
+    for d in root.findall("./devices/disk"):
+        target = d.find("target")
+        if target is None or target.get("dev") not in sources:
+            continue
+        path, fmt = sources[target.get("dev")]
+        source = d.find("source")
+        if source is None:
+            source = etree.SubElement(d, "source")
+        source.set("file", path)
+        for attr in ("index",):
+            if attr in source.attrib:
+                del source.attrib[attr]
+        driver = d.find("driver")
+        if driver is not None:
+            driver.set("type", fmt)
+        for bs in d.findall("backingStore"):
+            d.remove(bs)
+        found.add(target.get("dev"))
+    missing = set(sources) - found
+    if missing:
+        raise KeyError("no disk %s in the domain" % ", ".join(sorted(missing)))
+    return root
+
+
+def backing_chain(root, target):
+    """The live backing chain of a disk from the running domain's XML: [(path, fmt), ...],
+    active image first."""
+    for d in root.findall("./devices/disk"):
+        t = d.find("target")
+        if t is None or t.get("dev") != target:
+            continue
+        chain = []
+        node = d
+        while node is not None:
+            source = node.find("source")
+            if source is None:
+                break
+            fmt_el = node.find("driver") if node is d else node.find("format")
+            chain.append((source.get("file") or source.get("dev"),
+                          fmt_el.get("type") if fmt_el is not None else None))
+            node = node.find("backingStore")
+        return chain
+    raise KeyError(target)

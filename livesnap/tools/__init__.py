@@ -1,0 +1,1 @@
+"""One thin module per external command, all run through ``runner.run``."""

@@ -1,0 +1,130 @@
+"""qemu-img, one function per verb (binary overridable by ``QEMU_IMG``).
+
+Failures to open an image (corrupt header, missing backing file, a backing loop) become
+``BadImage``; every other failure is the runner's ``CommandFailed``.
+"""
+import json
+import logging
+import os
+
+from livesnap.errors import BadImage, CommandFailed, InvalidOutput
+from livesnap.tools import runner
+
+log = logging.getLogger(__name__)
+
+
+def _bin():
+    return runner.binary("QEMU_IMG", "qemu-img")
+
+
+def _open_error(path, e):
+    return BadImage(path, (e.err or e.out).strip().replace("qemu-img: ", "") or "cannot open")
+
+
+def info(path, backing_chain=False, force_share=False):
+    """``qemu-img info --output=json``: a dict, or a list of dicts (leaf first) for the chain."""
+    argv = [_bin(), "info", "--output=json"]
+    if backing_chain:
+        argv.append("--backing-chain")
+    if force_share:
+        argv.append("-U")
+    argv.append(path)
+    try:
+        out = runner.run(argv)
+    except CommandFailed as e:
+        raise _open_error(path, e)
+    try:
+        data = json.loads(out)
+    except ValueError as e:
+        raise InvalidOutput(argv, out, str(e))
+    for entry in (data if backing_chain else [data]):
+        for key in ("filename", "format", "virtual-size"):
+            if key not in entry:
+                raise InvalidOutput(argv, out, "no %r" % key)
+    return data
+
+
+def backing_path(entry, image_path):
+    """The absolute path of an info entry's backing file, or None."""
+    backing = entry.get("full-backing-filename") or entry.get("backing-filename")
+    if not backing:
+        return None
+    if not os.path.isabs(backing):
+        backing = os.path.join(os.path.dirname(os.path.abspath(image_path)), backing)
+    return os.path.normpath(backing)
+
+
+def create(path, fmt="qcow2", size=None, backing=None, backing_fmt=None):
+    """Create an image readable and writable by its owner only (mode 0600)."""
+    argv = [_bin(), "create", "-q", "-f", fmt]
+    if backing is not None:
+        argv += ["-b", backing, "-F", backing_fmt or "qcow2"]
+    argv.append(path)
+    if size is not None:
+        argv.append(str(size))
+    old = os.umask(0o077)
+    try:
+        runner.run(argv)
+    except CommandFailed as e:
+        if backing is not None and ("Could not open" in e.err or "backing" in e.err):
+            raise _open_error(backing, e)
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+
+
+def commit(top, base):
+    """Copy ``top``'s data into ``base`` (an ancestor of top); top is left as it was."""
+    runner.run([_bin(), "commit", "-q", "-b", base, top])
+
+
+def rebase(path, backing, backing_fmt=None, unsafe=False):
+    """Change ``path``'s backing file; without ``unsafe`` the data that would change is copied
+    into ``path`` first (a pull). ``backing=None`` makes the image stand alone."""
+    argv = [_bin(), "rebase", "-q"]
+    if unsafe:
+        argv.append("-u")
+    argv += ["-b", backing or ""]
+    if backing:
+        argv += ["-F", backing_fmt or "qcow2"]
+    argv.append(path)
+    runner.run(argv)
+
+
+def measure(path, out_fmt="qcow2"):
+    argv = [_bin(), "measure", "--output=json", "-O", out_fmt, path]
+    out = runner.run(argv)
+    try:
+        return json.loads(out)
+    except ValueError as e:
+        raise InvalidOutput(argv, out, str(e))
+
+
+def check(path):
+    """``qemu-img check``: the parsed report; corruption raises ``BadImage``, leaks (rc 3) only
+    warn, as vdsm does."""
+    argv = [_bin(), "check", "--output=json", path]
+    rc, out, err = runner.run_rc(argv)
+    if rc == 3:
+        log.warning("%s has leaked clusters (harmless): %s", path, out.strip())
+    elif rc != 0:
+        raise BadImage(path, (err or out).strip() or "check failed with rc=%d" % rc)
+    try:
+        return json.loads(out)
+    except ValueError as e:
+        raise InvalidOutput(argv, out, str(e))
+
+
+def compare(a, b, force_share=True):
+    """True when the two images read the same (``qemu-img compare``; rc 1 = differ)."""
+    argv = [_bin(), "compare", "-q"]
+    if force_share:
+        argv.append("-U")
+    argv += [a, b]
+    rc, out, err = runner.run_rc(argv)
+    if rc == 0:
+        return True
+    if rc == 1:
+        return False
+    raise CommandFailed(argv, rc, out, err)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install everything livesnap's tests, demo and benchmarks need on Debian 12 / Ubuntu,
+# then make the virtualenv .venv (system Python, so Debian's python3-libvirt and python3-lxml
+# are importable) with the PyPI test tools. Idempotent; run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+  python3 python3-venv python3-pip python3-libvirt python3-lxml python3-libvhdi
+  busybox-static cpio lvm2
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.requirements.stamp
+if [ ! -f "$stamp" ] || ! cmp -s requirements-dev.txt "$stamp"; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e . --no-deps
+  cp requirements-dev.txt "$stamp"
+fi

@@ -1,0 +1,10 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="livesnap",
+    version="0.1.0",
+    description="Online VM disk snapshots and child-aware deletion for Xen (VHD) and KVM (qcow2)",
+    packages=find_packages(include=["livesnap", "livesnap.*"]),
+    python_requires=">=3.6",
+    entry_points={"console_scripts": ["livesnap = livesnap.cli.main:main"]},
+)
