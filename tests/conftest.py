@@ -3,6 +3,7 @@ tmp_path, and a way to run the livesnap CLI and read its JSON."""
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -122,10 +123,17 @@ class Dom(object):
         for f in self.files():
             with open(os.path.join(self.dir, f), "rb") as fh:
                 files[f] = hashlib.sha256(fh.read()).hexdigest()
-        listing = None
+        catalog = {}
         if os.path.isdir(self.state_dir):
-            listing = self.json("snapshot-list", self.name, "--all")
-        return {"files": files, "xml": self.dom.XMLDesc(2), "list": listing}
+            for f in sorted(os.listdir(self.state_dir)):
+                if f.endswith(".db"):
+                    db = sqlite3.connect(os.path.join(self.state_dir, f))
+                    # the rows (a new empty catalog holds none; meta only names the schema)
+                    catalog[f] = [line for line in db.iterdump()
+                                  if line.startswith("INSERT") and '"meta"' not in line]
+                    catalog = {k: v for k, v in catalog.items() if v}
+                    db.close()
+        return {"files": files, "xml": self.dom.XMLDesc(2), "catalog": catalog}
 
     def destroy(self):
         try:

@@ -5,7 +5,7 @@ import os
 import sys
 
 import livesnap
-from livesnap.errors import Error
+from livesnap.errors import Error, UsageError
 
 log = logging.getLogger("livesnap")
 
@@ -79,7 +79,7 @@ def main(argv=None):
         if getattr(args, "debug", False):
             log.exception("command failed")
         sys.stderr.write("error: %s\n" % e)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return 130

@@ -306,7 +306,7 @@ class Engine(object):
                 if snap.state == HIDDEN and not include_hidden:
                     continue
                 out.append({"name": snap.name, "state": snap.state,
-                            "parent": tree.snapshot_parent(snap.name),
+                            "parent": tree.snapshot_parent(snap.name, include_hidden),
                             "created": snap.created, "description": snap.description,
                             "disks": self._snapshot_disks(tree, snap.name)})
             return {"domain": s.domain.name, "current": tree.current_snapshot(),

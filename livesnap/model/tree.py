@@ -94,16 +94,16 @@ class Tree(object):
         return sorted((s for s in self.snapshots.values() if s.state == SNAPSHOT),
                       key=lambda s: (s.created, s.name))
 
-    def snapshot_parent(self, name):
+    def snapshot_parent(self, name, include_hidden=False):
         """The snapshot whose node is the nearest ancestor of this snapshot's nodes.
 
-        Hidden snapshots are walked through for visible snapshots (so a visible tree stays a
-        tree); for hidden snapshots themselves the nearest snapshot of any state is given.
+        Hidden snapshots are walked through (so the visible snapshots form a tree of their
+        own) unless ``include_hidden``, or unless the snapshot is hidden itself.
         """
         nodes = self.snapshot_nodes(name)
         if not nodes:
             return None
-        want_visible = self.snapshots[name].state == SNAPSHOT
+        want_visible = self.snapshots[name].state == SNAPSHOT and not include_hidden
         node = self.nodes[nodes[sorted(nodes)[0]]].parent
         while node is not None:
             owner = self.nodes[node].snapshot
