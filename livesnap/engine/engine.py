@@ -53,11 +53,13 @@ class Interrupted(Error):
 
 class Engine(object):
     def __init__(self, connect=None, state_dir=None, max_depth=P.DEFAULT_MAX_DEPTH,
-                 storage_dirs=None):
+                 storage_dirs=None, quiesce=False, quiesce_timeout=10.0):
         self.uri = connect
         self.state_dir = state_dir or os.environ.get("LIVESNAP_STATE_DIR") or DEFAULT_STATE_DIR
         self.max_depth = max_depth
         self.storage_dirs = [os.path.realpath(d) for d in (storage_dirs or [])]
+        self.quiesce = quiesce
+        self.quiesce_timeout = quiesce_timeout
         self._conn = None
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -76,10 +78,12 @@ class Engine(object):
         return _SessionContext(self, ident, lock)
 
     def datapath_for(self, domain):
+        """The datapath follows the domain's state: block jobs in QEMU while it runs,
+        qemu-img while it is shut off."""
         if domain.is_running():
-            raise WrongState(domain.name, "running",
-                             "livesnap's offline datapath needs it shut off "
-                             "(virsh shutdown %s)" % domain.name)
+            from livesnap.datapaths.libvirt_live import LibvirtLiveDatapath
+            return LibvirtLiveDatapath(domain, quiesce=self.quiesce,
+                                       quiesce_timeout=self.quiesce_timeout)
         return OfflineDatapath(domain)
 
     def _check_storage(self, path):
@@ -180,9 +184,10 @@ class Engine(object):
             if amount > available:
                 raise NoSpace(directory, amount, available)
 
-    def _planner(self, session):
+    def _planner(self, session, datapath=None):
         return P.Planner(session.domain.name, LibvirtNamer(session.domain.name),
-                         max_depth=self.max_depth)
+                         max_depth=self.max_depth,
+                         merge_ops=getattr(datapath, "merge_ops", None))
 
     def _no_interrupted(self, session):
         op = session.catalog.unfinished()
@@ -213,6 +218,11 @@ class Engine(object):
                     raise
                 if facts.get("pause_ms") is not None:
                     pauses.append(facts["pause_ms"])
+                if facts.get("replace_step"):
+                    # the datapath merged another way than planned (active commit that did
+                    # not converge -> pull): journal what was really done
+                    step = plan.steps[i] = facts["replace_step"]
+                    session.catalog.set_plan(op_id, plan)
                 faults.point(plan.op, "after", i)
                 P.apply(tree, step)
                 session.catalog.step_done(op_id, i, tree)
@@ -222,14 +232,14 @@ class Engine(object):
         session.tree = tree
         return pauses
 
-    def _run(self, session, plan, dry_run):
+    def _run(self, session, datapath, plan, dry_run):
         result = dict(plan.result)
         if dry_run:
             result["dry_run"] = True
             result["plan"] = P.plan_summary(plan)
             result["steps"] = plan.steps
+            result["datapath"] = datapath.name
             return result
-        datapath = self.datapath_for(session.domain)
         self._preflight_space(plan)
         op_id = session.catalog.begin(plan)
         pauses = self._execute(session, datapath, plan, op_id)
@@ -243,10 +253,10 @@ class Engine(object):
         check_snapshot_name(name)
         with self._session(domain) as s:
             self._no_interrupted(s)
-            self.datapath_for(s.domain)
+            datapath = self.datapath_for(s.domain)
             tree = self.load(s)
-            plan = self._planner(s).create(tree, name, now_iso(), description, disks)
-            result = self._run(s, plan, dry_run)
+            plan = self._planner(s, datapath).create(tree, name, now_iso(), description, disks)
+            result = self._run(s, datapath, plan, dry_run)
             if not dry_run:
                 result["disks"] = self._snapshot_disks(s.tree, name)
             return result
@@ -254,10 +264,10 @@ class Engine(object):
     def delete(self, domain, name, dry_run=False):
         with self._session(domain) as s:
             self._no_interrupted(s)
-            self.datapath_for(s.domain)
+            datapath = self.datapath_for(s.domain)
             tree = self.load(s)
-            plan = self._planner(s).delete(tree, name)
-            return self._run(s, plan, dry_run)
+            plan = self._planner(s, datapath).delete(tree, name)
+            return self._run(s, datapath, plan, dry_run)
 
     def revert(self, domain, name, keep_current=None, dry_run=False):
         if keep_current is not None:
@@ -269,19 +279,21 @@ class Engine(object):
                                  "revert needs the domain shut off: virsh shutdown %s (or "
                                  "virsh destroy %s), then revert again" % (s.domain.name,
                                                                            s.domain.name))
+            datapath = self.datapath_for(s.domain)
             tree = self.load(s)
-            plan = self._planner(s).revert(tree, name, now_iso(), keep_current)
-            return self._run(s, plan, dry_run)
+            plan = self._planner(s, datapath).revert(tree, name, now_iso(), keep_current)
+            return self._run(s, datapath, plan, dry_run)
 
     def reclaim(self, domain, dry_run=False):
         """Reclaim hidden nodes that are down to one child (what hooks start after a stop)."""
         with self._session(domain) as s:
             self._no_interrupted(s)
+            datapath = self.datapath_for(s.domain)
             tree = self.load(s)
-            plan = self._planner(s).reclaim(tree)
+            plan = self._planner(s, datapath).reclaim(tree)
             if not plan.steps:
                 return dict(plan.result, pause_ms=None)
-            return self._run(s, plan, dry_run)
+            return self._run(s, datapath, plan, dry_run)
 
     def recover(self, domain):
         with self._session(domain) as s:

@@ -110,11 +110,14 @@ class Planner(object):
     ``new_id()`` returns a new node id. Both are the caller's, so planning stays pure.
     """
 
-    def __init__(self, domain, namer, new_id=new_node_id, max_depth=DEFAULT_MAX_DEPTH):
+    def __init__(self, domain, namer, new_id=new_node_id, max_depth=DEFAULT_MAX_DEPTH,
+                 merge_ops=None):
         self.domain = domain
         self.namer = namer
         self.new_id = new_id
         self.max_depth = max_depth
+        # merge_ops(tree, node, child) -> the merge kinds the datapath can do there
+        self.merge_ops = merge_ops
 
     def _add(self, tree, steps, step):
         apply(tree, step)
@@ -206,7 +209,10 @@ class Planner(object):
         parent = work.nodes[n.parent] if n.parent is not None else None
         grandchildren = [{"node": g, "path": work.nodes[g].path, "fmt": work.nodes[g].fmt}
                          for g in work.children(cid)]
+        allowed = self.merge_ops(work, nid, cid) if self.merge_ops else ("commit", "pull")
         op = "commit" if c.alloc <= n.alloc else "pull"
+        if op not in allowed:
+            op = allowed[0]
         return {"op": op, "disk": n.disk, "node": nid, "path": n.path, "fmt": n.fmt,
                 "child": cid, "child_path": c.path, "child_fmt": c.fmt,
                 "child_active": c.state == ACTIVE,

@@ -4,13 +4,16 @@ Every ``libvirt.libvirtError`` is translated here into livesnap's errors (``from
 no-op error handler keeps libvirt from printing to stderr.
 """
 import logging
+import threading
+import time
 
-from livesnap.errors import DatapathError, DomainNotFound
+from livesnap.errors import DatapathError, DomainNotFound, UsageError
 from livesnap.platforms import domain_xml
 
 log = logging.getLogger(__name__)
 
 _handler_registered = False
+_event_loop = None
 
 
 def _libvirt():
@@ -22,8 +25,26 @@ def _libvirt():
     return libvirt
 
 
+def _start_event_loop():
+    """libvirt delivers domain events (block jobs) only to a registered event loop, which
+    must exist before the connection is opened."""
+    global _event_loop
+    if _event_loop is not None:
+        return
+    libvirt = _libvirt()
+    libvirt.virEventRegisterDefaultImpl()
+
+    def loop():
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    _event_loop = threading.Thread(target=loop, name="libvirt-events", daemon=True)
+    _event_loop.start()
+
+
 def open_connection(uri=None):
     libvirt = _libvirt()
+    _start_event_loop()
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as e:
@@ -89,3 +110,183 @@ class Domain(object):
         except libvirt.libvirtError as e:
             raise DatapathError(reason="cannot redefine %s: %s" % (self.name,
                                                                    e.get_error_message()))
+
+    # -- running domains: disk-only snapshots and block jobs ----------------------------------
+
+    def live_chain(self, target):
+        """[path, ...] of a running disk's backing chain, active image first."""
+        return [p for p, _ in domain_xml.backing_chain(domain_xml.parse(self.xml()), target)]
+
+    def snapshot_disks(self, items, other_targets=()):
+        """One atomic disk-only snapshot of the running domain onto pre-created overlays:
+        ``items`` is [(target, overlay path, fmt)], every other disk is left out.
+        Returns the time the call took, in ms (the guest's IO waits at most that long)."""
+        libvirt = _libvirt()
+        disks = "".join("<disk name='%s' snapshot='external' type='file'><driver type='%s'/>"
+                        "<source file='%s'/></disk>" % (_x(t), _x(f), _x(p)) for t, p, f in items)
+        disks += "".join("<disk name='%s' snapshot='no'/>" % _x(t) for t in other_targets)
+        xml = ("<domainsnapshot><name>livesnap-%d</name><disks>%s</disks></domainsnapshot>"
+               % (int(time.time() * 1000), disks))
+        flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT)
+        t0 = time.monotonic()
+        try:
+            self.dom.snapshotCreateXML(xml, flags)
+        except libvirt.libvirtError as e:
+            raise DatapathError(reason="disk-only snapshot of %s failed: %s"
+                                % (self.name, e.get_error_message()))
+        return (time.monotonic() - t0) * 1000.0
+
+    def fs_freeze(self):
+        libvirt = _libvirt()
+        try:
+            return self.dom.fsFreeze()
+        except libvirt.libvirtError as e:
+            raise UsageError(reason="cannot quiesce %s: %s" % (self.name, e.get_error_message()))
+
+    def fs_thaw(self):
+        libvirt = _libvirt()
+        try:
+            return self.dom.fsThaw()
+        except libvirt.libvirtError as e:
+            log.error("thawing %s failed: %s", self.name, e.get_error_message())
+            raise DatapathError(reason="thawing %s failed: %s" % (self.name,
+                                                                  e.get_error_message()))
+
+    def job_info(self, target):
+        libvirt = _libvirt()
+        try:
+            return self.dom.blockJobInfo(target, 0) or {}
+        except libvirt.libvirtError as e:
+            raise DatapathError(reason="cannot read block job of %s/%s: %s"
+                                % (self.name, target, e.get_error_message()))
+
+    def mirror_ready(self, target):
+        """The domain XML shows the job's mirror ready (VDSM and Nova demand this as well as
+        cur == end before a pivot: RH bugs 1376580, 1442266)."""
+        root = domain_xml.parse(self.xml())
+        for d in root.findall("./devices/disk"):
+            t = d.find("target")
+            if t is not None and t.get("dev") == target:
+                m = d.find("mirror")
+                return m is not None and m.get("ready") == "yes"
+        return False
+
+    def block_commit(self, target, top, base, active):
+        libvirt = _libvirt()
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE if active else 0
+        try:
+            self.dom.blockCommit(target, base, top, 0, flags)
+        except libvirt.libvirtError as e:
+            raise DatapathError(reason="block commit of %s into %s (%s/%s) failed to start: %s"
+                                % (top, base, self.name, target, e.get_error_message()))
+
+    def block_pull(self, target, base):
+        """Stream into the active image everything above ``base`` (None: the whole chain)."""
+        libvirt = _libvirt()
+        try:
+            self.dom.blockRebase(target, base, 0, 0)
+        except libvirt.libvirtError as e:
+            raise DatapathError(reason="block pull into %s/%s failed to start: %s"
+                                % (self.name, target, e.get_error_message()))
+
+    def pivot(self, target):
+        """Switch the disk to the commit's base; returns the call's time in ms, or None when
+        libvirt says the mirror is not ready yet (VIR_ERR_BLOCK_COPY_ACTIVE)."""
+        libvirt = _libvirt()
+        t0 = time.monotonic()
+        try:
+            self.dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_BLOCK_COPY_ACTIVE:
+                return None
+            raise DatapathError(reason="pivot of %s/%s failed: %s"
+                                % (self.name, target, e.get_error_message()))
+        return (time.monotonic() - t0) * 1000.0
+
+    def abort_job(self, target):
+        libvirt = _libvirt()
+        try:
+            self.dom.blockJobAbort(target, 0)
+        except libvirt.libvirtError as e:
+            raise DatapathError(reason="cannot abort block job of %s/%s: %s"
+                                % (self.name, target, e.get_error_message()))
+
+    def watch_jobs(self):
+        return JobWatcher(self)
+
+
+def _x(text):
+    """Escape for an XML attribute."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("'", "&apos;").replace('"', "&quot;"))
+
+
+class JobWatcher(object):
+    """Block-job events of one domain (BLOCK_JOB_2, by disk target), to wait on instead of
+    sleeping. Used as a context manager around starting and finishing a job."""
+
+    COMPLETED, FAILED, CANCELED, READY = 0, 1, 2, 3
+    NAMES = {0: "completed", 1: "failed", 2: "canceled", 3: "ready"}
+
+    def __init__(self, domain):
+        self.domain = domain
+        self.cond = threading.Condition()
+        self.events = []
+        self.cb_id = None
+
+    def _cb(self, conn, dom, disk, job_type, status, opaque):
+        with self.cond:
+            self.events.append((disk, status))
+            self.cond.notify_all()
+
+    def __enter__(self):
+        libvirt = _libvirt()
+        self.cb_id = self.domain.conn.domainEventRegisterAny(
+            self.domain.dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._cb, None)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.domain.conn.domainEventDeregisterAny(self.cb_id)
+        except Exception:  # the connection may be gone on an error path
+            pass
+        return False
+
+    def seen(self, target):
+        with self.cond:
+            return [s for d, s in self.events if d == target]
+
+    def clear(self, target):
+        with self.cond:
+            self.events = [(d, s) for d, s in self.events if d != target]
+
+    def wait(self, target, statuses, timeout, poll=1.0):
+        """Wait until an event in ``statuses`` arrives for ``target``, or until ``poll()``
+        of the job state says so (a safety net for events sent before we listened).
+        Returns the status seen, or None on timeout."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for d, s in self.events:
+                    if d == target and s in statuses:
+                        return s
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(min(left, poll))
+                if not any(d == target for d, _ in self.events):
+                    status = self._poll(target)
+                    if status in statuses:
+                        return status
+
+    def _poll(self, target):
+        info = self.domain.job_info(target)
+        if not info:
+            return self.COMPLETED
+        if info.get("end") and info.get("cur") == info.get("end") and \
+                self.domain.mirror_ready(target):
+            return self.READY
+        return None

@@ -1,0 +1,227 @@
+"""The online datapath: a running libvirt domain, its disks qcow2 files open in QEMU.
+
+Never rename or write an image QEMU holds open:
+
+* create is one atomic disk-only snapshot (a drained QMP transaction) onto overlays made
+  beforehand, outside the pause;
+* a merge inside the live chain is a block job while the guest runs: commit of a non-active
+  image, pull (block-stream) into the active image, or active commit with a pivot only when
+  the job is ready and the domain XML shows the mirror ready, retried a bounded number of
+  times; an active commit that does not converge by its deadline is aborted and the merge
+  falls back to a pull;
+* images outside the live chain (other branches) are not open in QEMU and are changed with
+  qemu-img, as offline.
+
+Each step inspects the live chain and any running job first, so a step re-run after a crash
+(of livesnap; QEMU and libvirt keep running the job) finishes what was started.
+"""
+import logging
+import os
+import threading
+
+from livesnap.datapaths import Datapath, unlink
+from livesnap.datapaths.offline import OfflineDatapath
+from livesnap.errors import DatapathError
+from livesnap.tools import qemu_img
+
+log = logging.getLogger(__name__)
+
+DEFAULT_READY_TIMEOUT = 120.0     # active commit must converge within this
+DEFAULT_JOB_TIMEOUT = 3600.0      # any block job must end within this
+PIVOT_RETRIES = 10
+
+
+class LibvirtLiveDatapath(Datapath):
+    name = "libvirt-live"
+    pauses = True
+
+    def __init__(self, domain, quiesce=False, quiesce_timeout=10.0,
+                 ready_timeout=DEFAULT_READY_TIMEOUT, job_timeout=DEFAULT_JOB_TIMEOUT):
+        self.domain = domain
+        self.offline = OfflineDatapath(domain)
+        self.quiesce = quiesce
+        self.quiesce_timeout = quiesce_timeout
+        self.ready_timeout = float(os.environ.get("LIVESNAP_READY_TIMEOUT", ready_timeout))
+        self.job_timeout = job_timeout
+
+    # -- what the planner may choose ------------------------------------------------------
+
+    def merge_ops(self, tree, node_id, child_id):
+        """Allowed merge kinds: libvirt streams only into the active image, so a node whose
+        child is an intermediate image of the live chain can only be committed."""
+        chain = tree.chain(tree.active[tree.nodes[node_id].disk])
+        if child_id in chain and child_id != chain[0]:
+            return ("commit",)
+        return ("commit", "pull")
+
+    # -- create ---------------------------------------------------------------------------
+
+    def do_snapshot(self, step):
+        items = step["items"]
+        live = {it["disk"]: self.domain.live_chain(it["disk"]) for it in items}
+        if all(live[it["disk"]][:2] == [it["leaf_path"], it["frozen_path"]] for it in items):
+            return {}                                   # done before a crash
+        for it in items:
+            if live[it["disk"]][0] != it["frozen_path"]:
+                raise DatapathError(reason="disk %s of %s is on %s, not on %s: changed outside "
+                                           "livesnap" % (it["disk"], self.domain.name,
+                                                         live[it["disk"]][0], it["frozen_path"]))
+            if os.path.exists(it["leaf_path"]):
+                os.unlink(it["leaf_path"])              # leftover of an attempt: unused
+            qemu_img.create(it["leaf_path"], "qcow2", backing=it["frozen_path"],
+                            backing_fmt=it["frozen_fmt"])
+        targets = {it["disk"] for it in items}
+        others = [d.target for d in self.domain.disks() if d.target not in targets]
+        frozen = self._freeze()
+        try:
+            pause_ms = self.domain.snapshot_disks(
+                [(it["disk"], it["leaf_path"], it["fmt"]) for it in items], others)
+        finally:
+            if frozen is not None:
+                self._thaw(frozen)
+        return {"pause_ms": pause_ms}
+
+    def _freeze(self):
+        """Freeze guest file systems through the agent; a timer thaws them after
+        ``quiesce_timeout`` seconds whatever happens to the snapshot call."""
+        if not self.quiesce:
+            return None
+        self.domain.fs_freeze()
+        timer = threading.Timer(self.quiesce_timeout, self._thaw_quietly)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _thaw_quietly(self):
+        try:
+            self.domain.fs_thaw()
+        except Exception as e:   # logged; the caller's own thaw reports errors
+            log.error("timed thaw failed: %s", e)
+
+    def _thaw(self, timer):
+        timer.cancel()
+        self.domain.fs_thaw()
+
+    def abandon(self, step):
+        live = set()
+        for it in step.get("items", []):
+            live.update(self.domain.live_chain(it["disk"]))
+        for it in step.get("items", []):
+            if it["leaf_path"] not in live:
+                unlink(it["leaf_path"])
+
+    # -- delete -----------------------------------------------------------------------------
+
+    def do_remove(self, step):
+        if step["path"] in self.domain.live_chain(step["disk"]):
+            raise DatapathError(reason="%s is in the running chain of %s/%s: not removed"
+                                % (step["path"], self.domain.name, step["disk"]))
+        unlink(step["path"])
+
+    def do_commit(self, step):
+        disk, node, child = step["disk"], step["path"], step["child_path"]
+        chain = self.domain.live_chain(disk)
+        if node not in chain and child not in chain:
+            return self.offline.do_commit(dict(step, child_active=False))
+        facts = {}
+        if child in chain and node in chain:
+            with self.domain.watch_jobs() as watcher:
+                if child == chain[0]:
+                    facts = self._active_commit(watcher, step)
+                else:
+                    self._run_job(watcher, disk, lambda: self.domain.block_commit(
+                        disk, child, node, active=False))
+            chain = self.domain.live_chain(disk)
+        if child in chain and node not in chain:
+            # the active commit fell back to a pull (now or before a crash)
+            facts["replace_step"] = dict(step, op="pull")
+            unlink(node)
+            return facts
+        if child in chain:
+            raise DatapathError(reason="commit of %s into %s did not take effect on %s/%s"
+                                % (child, node, self.domain.name, disk))
+        for g in step["grandchildren"]:
+            if g["path"] not in chain and qemu_img.backing_path(
+                    qemu_img.info(g["path"], force_share=True), g["path"]) != node:
+                qemu_img.rebase(g["path"], node, step["fmt"], unsafe=True)
+        if step["child_active"]:
+            self._persist_source(disk, node, step["fmt"])
+        unlink(child)
+        return facts
+
+    def _active_commit(self, watcher, step):
+        """Active commit, pivot when ready; if it does not converge in time, abort it and
+        pull instead. Returns the facts of the switch."""
+        disk, node, child = step["disk"], step["path"], step["child_path"]
+        info = self.domain.job_info(disk)
+        if not info:
+            self.domain.block_commit(disk, child, node, active=True)
+        elif info.get("type") == 1:                      # a pull started by a fallback
+            self._wait_done(watcher, disk)
+            return {}
+        for attempt in range(PIVOT_RETRIES):
+            status = watcher.wait(disk, (watcher.READY, watcher.FAILED, watcher.CANCELED),
+                                  self.ready_timeout)
+            if status is None:
+                log.warning("active commit of %s/%s not ready after %.0fs under load: "
+                            "aborting it and pulling instead", self.domain.name, disk,
+                            self.ready_timeout)
+                self.domain.abort_job(disk)
+                watcher.wait(disk, (watcher.CANCELED, watcher.COMPLETED), 30)
+                watcher.clear(disk)
+                self._run_job(watcher, disk, lambda: self.domain.block_pull(
+                    disk, step["parent_path"]))
+                return {"fallback": "pull"}
+            if status != watcher.READY:
+                raise DatapathError(reason="active commit of %s/%s ended: %s"
+                                    % (self.domain.name, disk, watcher.NAMES[status]))
+            info = self.domain.job_info(disk)
+            if info.get("cur") == info.get("end") and self.domain.mirror_ready(disk):
+                pause_ms = self.domain.pivot(disk)
+                if pause_ms is not None:
+                    watcher.wait(disk, (watcher.COMPLETED,), 30)
+                    return {"pause_ms": pause_ms}
+            watcher.clear(disk)                          # not ready after all: wait again
+        raise DatapathError(reason="active commit of %s/%s never became ready to pivot after "
+                                   "%d tries" % (self.domain.name, disk, PIVOT_RETRIES))
+
+    def _run_job(self, watcher, disk, start):
+        if not self.domain.job_info(disk):
+            start()
+        self._wait_done(watcher, disk)
+
+    def _wait_done(self, watcher, disk):
+        status = watcher.wait(disk, (watcher.COMPLETED, watcher.FAILED, watcher.CANCELED),
+                              self.job_timeout)
+        if status != watcher.COMPLETED:
+            raise DatapathError(reason="block job on %s/%s %s" % (
+                self.domain.name, disk, "timed out" if status is None
+                else watcher.NAMES[status]))
+
+    def do_pull(self, step):
+        disk, node, child = step["disk"], step["path"], step["child_path"]
+        chain = self.domain.live_chain(disk)
+        if child not in chain:
+            return self.offline.do_pull(step)
+        if node in chain:
+            if child != chain[0]:
+                raise DatapathError(reason="cannot pull into %s: not the active image of "
+                                           "%s/%s" % (child, self.domain.name, disk))
+            with self.domain.watch_jobs() as watcher:
+                self._run_job(watcher, disk, lambda: self.domain.block_pull(
+                    disk, step["parent_path"]))
+            chain = self.domain.live_chain(disk)
+            if node in chain:
+                raise DatapathError(reason="pull of %s into %s did not take effect"
+                                    % (node, child))
+        unlink(node)
+        return {}
+
+    def _persist_source(self, disk, path, fmt):
+        """libvirt normally updates the persistent definition after a pivot; make sure."""
+        current = {d.target: d.path for d in self.domain.disks(inactive=True)}
+        if current.get(disk) != path:
+            self.domain.set_disk_sources({disk: (path, fmt)})
+
+    def do_new_leaf(self, step):
+        raise DatapathError(reason="revert needs %s shut off" % self.domain.name)
