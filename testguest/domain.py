@@ -78,7 +78,7 @@ def timer_cmdline(virt):
 
 def domain_xml(name, disks, kernel=None, initrd=None, ring_mib=4, interval_ms=20, run_id="run0",
                serial_socket=None, console_log=None, memory_mib=128, virt=None, cache="none",
-               extra_cmdline=""):
+               extra_cmdline="", uuid=None):
     """Domain XML for the writer guest.
 
     disks: list of (target, path, format), e.g. [("vda", "/x/a.qcow2", "qcow2")]; each disk
@@ -115,7 +115,7 @@ def domain_xml(name, disks, kernel=None, initrd=None, ring_mib=4, interval_ms=20
     else:
         serial = "    <serial type='pty'><target port='0'/></serial>\n"
     return ("<domain type=%s>\n"
-            "  <name>%s</name>\n"
+            "  <name>%s</name>\n%s"
             "  <memory unit='MiB'>%d</memory>\n"
             "  <vcpu>1</vcpu>\n"
             "  <os>\n"
@@ -132,7 +132,8 @@ def domain_xml(name, disks, kernel=None, initrd=None, ring_mib=4, interval_ms=20
             "    <memballoon model='none'/>\n"
             "  </devices>\n"
             "</domain>\n"
-            % (quoteattr(virt), escape(name), memory_mib, escape(kernel),
+            % (quoteattr(virt), escape(name),
+               "  <uuid>%s</uuid>\n" % escape(uuid) if uuid else "", memory_mib, escape(kernel),
                escape(initrd), escape(cmdline), disk_xml, serial))
 
 
@@ -179,6 +180,7 @@ class WriterGuest(object):
         self.clean_stop = None
         self.stop_error = None
         self.started_at = None
+        self.uuid = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -193,7 +195,7 @@ class WriterGuest(object):
                           interval_ms=self.interval_ms, run_id=self.run_id,
                           serial_socket=self.socket_path, console_log=self.console_log,
                           memory_mib=self.memory_mib, virt=self.virt, cache=self.cache,
-                          extra_cmdline=self.extra_cmdline)
+                          extra_cmdline=self.extra_cmdline, uuid=self.uuid)
 
     def start(self, wait_ready=True, timeout=60):
         """Define the persistent domain, start it, attach the console reader."""
@@ -211,6 +213,24 @@ class WriterGuest(object):
         if wait_ready:
             self.wait_ready(timeout)
         return self
+
+    def restart(self, run_id=None, wait_ready=True, timeout=60):
+        """Start the stopped domain again as a new run, on the images its persistent
+        definition names now (snapshots and reverts change them), keeping its UUID."""
+        import xml.etree.ElementTree as ET
+        root = ET.fromstring(self.dom.XMLDesc(2))       # VIR_DOMAIN_XML_INACTIVE
+        current = {d.find("target").get("dev"): d.find("source").get("file")
+                   for d in root.findall("./devices/disk")}
+        self.uuid = self.dom.UUIDString()
+        self.disks = [(t, current[t], fmt) for t, _, fmt in self.disks]
+        self.run_id = run_id or "r" + secrets.token_hex(4)
+        with self._cv:
+            self._acks = {t: [] for t in self.targets}
+            self._lines, self._errors = [], []
+            self._ready = self._stopped = None
+            self._resumed, self._eof = 0, False
+        self.clean_stop = self.stop_error = None
+        return self.start(wait_ready=wait_ready, timeout=timeout)
 
     def __enter__(self):
         try:

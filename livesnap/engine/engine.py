@@ -197,9 +197,11 @@ class Engine(object):
     # -- executing ---------------------------------------------------------------------------
 
     def _execute(self, session, datapath, plan, op_id, start=0):
-        """Carry out steps ``start``.. of a journaled plan; returns the pause times seen."""
+        """Carry out steps ``start``.. of a journaled plan; returns the pause times seen and
+        the merges done ({disk, node, method, fallback, pause_ms})."""
         tree = session.catalog.load_tree()
         pauses = []
+        merges = []
         stop = _SignalCatcher()
         with stop:
             for i in range(start, len(plan.steps)):
@@ -223,6 +225,10 @@ class Engine(object):
                     # not converge -> pull): journal what was really done
                     step = plan.steps[i] = facts["replace_step"]
                     session.catalog.set_plan(op_id, plan)
+                if step["op"] in ("commit", "pull"):
+                    merges.append({"disk": step["disk"], "snapshot_image": step["path"],
+                                   "method": step["op"], "fallback": "fallback" in facts,
+                                   "pause_ms": facts.get("pause_ms")})
                 faults.point(plan.op, "after", i)
                 P.apply(tree, step)
                 session.catalog.step_done(op_id, i, tree)
@@ -230,7 +236,7 @@ class Engine(object):
                     raise Interrupted(stop.signo, session.domain.name)
         session.catalog.finish(op_id)
         session.tree = tree
-        return pauses
+        return pauses, merges
 
     def _run(self, session, datapath, plan, dry_run):
         result = dict(plan.result)
@@ -242,8 +248,10 @@ class Engine(object):
             return result
         self._preflight_space(plan)
         op_id = session.catalog.begin(plan)
-        pauses = self._execute(session, datapath, plan, op_id)
+        pauses, merges = self._execute(session, datapath, plan, op_id)
         result["pause_ms"] = max(pauses) if pauses else None
+        if plan.op in ("delete", "reclaim", "revert"):
+            result["merges"] = merges
         result["datapath"] = datapath.name
         return result
 

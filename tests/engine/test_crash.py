@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import chain_digest
+from helpers import chain_digest
 
 COVERED = []
 

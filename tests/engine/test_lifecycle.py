@@ -10,7 +10,7 @@ import pytest
 from livesnap.catalog import Catalog
 from livesnap.engine.engine import Engine
 
-from conftest import URI, chain_digest
+from helpers import URI, chain_digest
 
 
 def catalog_paths(dom):

@@ -1,0 +1,139 @@
+"""Shared test helpers: real libvirtd (qemu:///system), shut-off domains with qcow2 disks in
+tmp_path, and a way to run the livesnap CLI and read its JSON."""
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import uuid
+
+URI = "qemu:///system"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DISK_MIB = 8
+
+
+def domain_xml(name, disks, running_kernel=None):
+    devs = "".join(
+        "<disk type='file' device='disk'><driver name='qemu' type='%s'/>"
+        "<source file='%s'/><target dev='%s' bus='virtio'/></disk>" % (fmt, path, target)
+        for target, path, fmt in disks)
+    return ("<domain type='qemu'><name>%s</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+            "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
+            "<devices>%s</devices></domain>" % (name, devs))
+
+
+def qemu_img(*args):
+    return subprocess.run(["qemu-img"] + [str(a) for a in args], check=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True).stdout
+
+
+def qemu_io_write(path, pattern, offset, length):
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P %d %d %d" % (pattern, offset, length),
+                    path], check=True, stdout=subprocess.DEVNULL)
+
+
+def chain_digest(path):
+    """SHA-256 of what the image reads through its whole backing chain."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw")
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", path, raw], check=True)
+        h = hashlib.sha256()
+        with open(raw, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+
+class Cli(object):
+    """The livesnap CLI run as a separate process against one state directory."""
+
+    state_dir = None
+
+    def env(self):
+        env = dict(os.environ)
+        env["LIVESNAP_STATE_DIR"] = self.state_dir
+        env["LIBVIRT_DEFAULT_URI"] = URI
+        env.pop("LIVESNAP_FAULT", None)
+        return env
+
+    def cli(self, *args, env_extra=None, expect=0):
+        env = self.env()
+        env.update(env_extra or {})
+        proc = subprocess.run([sys.executable, "-m", "livesnap.cli.main"] + [str(a) for a in args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=ROOT)
+        if expect is not None:
+            assert proc.returncode == expect, (args, proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+    def json(self, *args, **kw):
+        proc = self.cli(*(args + ("--output", "json")), **kw)
+        return json.loads(proc.stdout)
+
+
+class Dom(Cli):
+    """A shut-off domain with qcow2 disks, and the livesnap CLI pointed at it."""
+
+    def __init__(self, conn, tmp_path, ndisks=2, base=True):
+        self.conn = conn
+        self.dir = str(tmp_path / "images")
+        os.makedirs(self.dir)
+        self.state_dir = str(tmp_path / "state")
+        self.name = "lst-" + uuid.uuid4().hex[:8]
+        self.targets = ["vd" + chr(ord("a") + i) for i in range(ndisks)]
+        disks = []
+        for t in self.targets:
+            path = os.path.join(self.dir, "%s.qcow2" % t)
+            if base:
+                b = os.path.join(self.dir, "%s-base.qcow2" % t)
+                qemu_img("create", "-q", "-f", "qcow2", b, "%dM" % DISK_MIB)
+                qemu_io_write(b, 0xB0 + len(disks), 0, 64 * 1024)
+                qemu_img("create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", path)
+            else:
+                qemu_img("create", "-q", "-f", "qcow2", path, "%dM" % DISK_MIB)
+            disks.append((t, path, "qcow2"))
+        self.dom = conn.defineXML(domain_xml(self.name, disks))
+
+    def sources(self):
+        from lxml import etree
+        root = etree.fromstring(self.dom.XMLDesc(0))
+        return {d.find("target").get("dev"): d.find("source").get("file")
+                for d in root.findall("./devices/disk")}
+
+    def write(self, target, pattern, offset, length=64 * 1024):
+        qemu_io_write(self.sources()[target], pattern, offset, length)
+
+    def digests(self):
+        return {t: chain_digest(p) for t, p in self.sources().items()}
+
+    def files(self):
+        return sorted(f for f in os.listdir(self.dir))
+
+    def fingerprint(self):
+        """Everything an operation could change: image files and their bytes, the domain's
+        definition, the catalog's tree."""
+        files = {}
+        for f in self.files():
+            with open(os.path.join(self.dir, f), "rb") as fh:
+                files[f] = hashlib.sha256(fh.read()).hexdigest()
+        catalog = {}
+        if os.path.isdir(self.state_dir):
+            for f in sorted(os.listdir(self.state_dir)):
+                if f.endswith(".db"):
+                    db = sqlite3.connect(os.path.join(self.state_dir, f))
+                    # the rows (a new empty catalog holds none; meta only names the schema)
+                    catalog[f] = [line for line in db.iterdump()
+                                  if line.startswith("INSERT") and '"meta"' not in line]
+                    catalog = {k: v for k, v in catalog.items() if v}
+                    db.close()
+        return {"files": files, "xml": self.dom.XMLDesc(2), "catalog": catalog}
+
+    def destroy(self):
+        try:
+            if self.dom.isActive():
+                self.dom.destroy()
+            self.dom.undefine()
+        except Exception:
+            pass
