@@ -1,137 +1,148 @@
 #!/usr/bin/env python3
-"""livesnap demo on a shut-off libvirt domain with two qcow2 disks.
+"""livesnap demo: online snapshots of a running guest that writes all the time.
 
-Defines a domain in a temporary directory, writes data into its disks, walks the snapshot
-life cycle with the livesnap CLI (create, branch by revert, delete all three ways, cascade
-reclaim), shows the tree after each step, verifies every snapshot's content and cleans up.
+Boots the project's tiny writer guest (two qcow2 disks), snapshots it while it writes,
+branches it by a revert, deletes snapshots all three ways (deleted / merged / hidden, then
+reclaimed), verifies that every acknowledged write and every snapshot survived, and prints a
+table of the guest-visible IO pauses. Cleans up after itself.
 """
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
-URI = "qemu:///system"
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+from testguest import WriterGuest, chain_digest, create_qcow2, verify  # noqa: E402
+
+URI = "qemu:///system"
+RING_MIB = 1
+ROWS = []
 
 
-def sh(*argv):
-    return subprocess.run([str(a) for a in argv], check=True, stdout=subprocess.PIPE,
-                          text=True).stdout
-
-
-def livesnap(*args, show=True):
-    argv = [sys.executable, "-m", "livesnap.cli.main"] + list(args)
-    if show:
+def livesnap(guest, *args, quiet=False):
+    argv = [sys.executable, "-m", "livesnap.cli.main"] + list(args) + ["--output", "json",
+                                                                       "-c", URI]
+    if not quiet:
         print("\n$ livesnap " + " ".join(args))
-    out = subprocess.run(argv + ["--output", "json"], check=True, stdout=subprocess.PIPE,
-                         text=True, cwd=HERE).stdout
-    return json.loads(out)
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=HERE)
+    t1 = time.monotonic()
+    if proc.returncode != 0:
+        raise SystemExit("livesnap failed: %s" % proc.stderr.strip())
+    result = json.loads(proc.stdout)
+    if guest is not None and guest.is_active() and args[0] in ("snapshot-create",
+                                                               "snapshot-delete"):
+        gap = guest.max_gap(None, t0, t1)
+        what = result.get("action") or "created"
+        methods = ",".join(sorted({m["method"] for m in result.get("merges", [])})) or "-"
+        ROWS.append((" ".join(args[:1] + args[2:3]), what, methods, result.get("pause_ms"),
+                     gap * 1000 if gap is not None else None, (t1 - t0) * 1000))
+        if not quiet:
+            print("  %s; guest-visible IO gap %.1f ms" % (what, (gap or 0) * 1000))
+    return result
 
 
-def show_tree(dom):
-    out = subprocess.run([sys.executable, "-m", "livesnap.cli.main", "snapshot-list", dom,
-                          "--tree", "--all"], check=True, stdout=subprocess.PIPE, text=True,
+def tree(name):
+    out = subprocess.run([sys.executable, "-m", "livesnap.cli.main", "snapshot-list", name,
+                          "--tree", "--all", "-c", URI], stdout=subprocess.PIPE, text=True,
                          cwd=HERE).stdout
     print("  " + out.rstrip().replace("\n", "\n  "))
 
 
-def digest(path):
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = os.path.join(tmp, "raw")
-        sh("qemu-img", "convert", "-U", "-O", "raw", path, raw)
-        with open(raw, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:16]
-
-
 def main():
-    import libvirt
-    libvirt.registerErrorHandler(lambda c, e: None, None)
-    conn = libvirt.open(URI)
     tmp = tempfile.mkdtemp(prefix="livesnap-demo-")
     os.environ["LIVESNAP_STATE_DIR"] = os.path.join(tmp, "state")
-    os.environ["LIBVIRT_DEFAULT_URI"] = URI
-    name = "livesnap-demo-" + uuid.uuid4().hex[:6]
-    disks = {}
-    for t in ("vda", "vdb"):
-        disks[t] = os.path.join(tmp, t + ".qcow2")
-        sh("qemu-img", "create", "-q", "-f", "qcow2", disks[t], "32M")
-    devs = "".join("<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
-                   "<source file='%s'/><target dev='%s' bus='virtio'/></disk>" % (p, t)
-                   for t, p in disks.items())
-    dom = conn.defineXML("<domain type='qemu'><name>%s</name><memory unit='MiB'>128</memory>"
-                         "<os><type arch='x86_64'>hvm</type></os><devices>%s</devices></domain>"
-                         % (name, devs))
+    disks = [(t, create_qcow2(os.path.join(tmp, t + ".qcow2"), 32), "qcow2") for t in ("vda", "vdb")]
+    guest = WriterGuest("livesnap-demo-" + uuid.uuid4().hex[:6], disks, ring_mib=RING_MIB,
+                        interval_ms=10)
+    name = guest.name
     expected = {}
 
-    def source(t):
-        xml = dom.XMLDesc(0)
-        start = xml.index("dev='%s'" % t)
-        seg = xml[:start]
-        return seg[seg.rindex("<source file='") + 14:].split("'")[0]
+    def remember(result):
+        expected[result["snapshot"]] = {d["target"]: chain_digest(d["image"])
+                                        for d in result["disks"]}
 
-    def write(t, pattern, offset):
-        sh("qemu-io", "-f", "qcow2", "-c", "write -P %d %d 1M" % (pattern, offset << 20), source(t))
-        print("  (wrote pattern %d at %d MiB of %s)" % (pattern, offset, t))
-
-    def remember(snap):
-        expected[snap] = {t: digest(source(t)) for t in disks}
-
-    def verify():
-        listing = livesnap("snapshot-list", name, show=False)
+    def check_snapshots():
+        listing = livesnap(None, "snapshot-list", name, quiet=True)
         for s in listing["snapshots"]:
-            got = {d["target"]: digest(d["image"]) for d in s["disks"]}
-            assert got == expected[s["name"]], (s["name"], got, expected[s["name"]])
-        print("  verified: %d snapshot(s) read exactly what they read when taken"
+            got = {d["target"]: chain_digest(d["image"]) for d in s["disks"]}
+            assert got == expected[s["name"]], s["name"]
+        print("  verified: %d snapshot(s) read what they read when taken"
               % len(listing["snapshots"]))
 
+    def stop_and_verify():
+        last = guest.stop()
+        for t in guest.targets:
+            verify(guest.disk_sources()[t], t, last[t], RING_MIB, guest.run_id)
+        print("  guest stopped; verifier: all %s acknowledged writes present"
+              % " + ".join(str(last[t] + 1) for t in guest.targets))
+
     try:
-        print("domain %s (shut off), disks vda and vdb in %s" % (name, tmp))
-        write("vda", 1, 0)
-        write("vdb", 2, 0)
-        remember("base")
-        livesnap("snapshot-create", name, "base", "--description", "fresh install")
-        show_tree(name)
-        write("vda", 3, 1)
-        remember("upgraded")
-        livesnap("snapshot-create", name, "upgraded")
-        write("vdb", 4, 2)
-        show_tree(name)
-        remember("experiment")
-        livesnap("snapshot-revert", name, "base", "--keep-current", "experiment")
-        print("  reverted to base; the state left is kept as snapshot 'experiment'")
-        assert {t: digest(source(t)) for t in disks} == expected["base"]
-        show_tree(name)
-        verify()
-        r = livesnap("snapshot-delete", name, "base")
-        print("  -> %s (base has two children: kept hidden for them)" % r["action"])
-        show_tree(name)
-        verify()
-        r = livesnap("snapshot-delete", name, "experiment")
-        print("  -> %s (experiment had no child)" % r["action"])
-        show_tree(name)
-        verify()
-        r = livesnap("snapshot-delete", name, "upgraded")
-        print("  -> %s, reclaimed %s" % (r["action"], r["reclaimed"]))
-        show_tree(name)
-        verify()
-        write("vdb", 5, 3)
-        remember("last")
-        livesnap("snapshot-create", name, "last")
-        write("vdb", 6, 4)
-        r = livesnap("snapshot-delete", name, "last")
-        print("  -> %s (last had one child, the live image: merged with it)" % r["action"])
-        chk = livesnap("check", name)
-        print("  check: %s" % ("ok" if chk["ok"] else chk["problems"]))
-        left = sorted(f for f in os.listdir(tmp) if f.endswith(".qcow2"))
-        print("  images left: %s" % ", ".join(left))
-        print("\ndemo finished: every snapshot verified")
+        print("booting the writer guest %s (TCG) with disks vda, vdb in %s" % (name, tmp))
+        guest.start()
+        guest.wait_acks(20)
+        print("guest writes 4 KiB records to both disks and acknowledges each one")
+        base_gap = guest.gap_stats()
+        remember(livesnap(guest, "snapshot-create", name, "s1", "--description", "first"))
+        guest.wait_acks(60)
+        remember(livesnap(guest, "snapshot-create", name, "s2"))
+        guest.wait_acks(20)
+        tree(name)
+        check_snapshots()
+        stop_and_verify()
+
+        print("\nbranching: revert to s1 (domain shut off), keep the state left as 'left'")
+        before = {t: chain_digest(p) for t, p in guest.disk_sources().items()}
+        livesnap(guest, "snapshot-revert", name, "s1", "--keep-current", "left")
+        expected["left"] = before
+        tree(name)
+        check_snapshots()
+        for t, path in guest.disk_sources().items():     # the new run starts a fresh ring
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -z 0 %dM" % RING_MIB, path],
+                           check=True, stdout=subprocess.DEVNULL)
+        guest.restart()
+        guest.wait_acks(20)
+
+        livesnap(guest, "snapshot-delete", name, "s1")
+        print("  s1 has two children (s2's branch and the running one): kept, hidden")
+        tree(name)
+        livesnap(guest, "snapshot-delete", name, "left")
+        print("  'left' had no child: its image is deleted")
+        r = livesnap(guest, "snapshot-delete", name, "s2")
+        print("  s2 had no child; s1's image is down to one child and reclaimed: %s"
+              % r["reclaimed"])
+        tree(name)
+        guest.wait_acks(20)
+        remember(livesnap(guest, "snapshot-create", name, "s3"))
+        guest.wait_acks(20)
+        livesnap(guest, "snapshot-delete", name, "s3")
+        print("  s3 had one child (the running image): merged while the guest writes")
+        check_snapshots()
+        guest.wait_acks(10)
+        stop_and_verify()
+        chk = livesnap(None, "check", name, quiet=True)
+        print("  livesnap check: %s" % ("ok" if chk["ok"] else chk["problems"]))
+        assert chk["ok"]
+
+        print("\nguest IO gaps: baseline median %.1f ms, max %.1f ms between writes"
+              % (base_gap["median"] * 1000, base_gap["max"] * 1000))
+        print("%-22s %-8s %-7s %12s %14s %10s" % ("operation", "result", "merge", "pause ms",
+                                                  "guest gap ms", "wall ms"))
+        for op, what, method, pause, gap, wall in ROWS:
+            print("%-22s %-8s %-7s %12s %14s %10.0f" % (
+                op, what, method, "-" if pause is None else "%.1f" % pause,
+                "-" if gap is None else "%.1f" % gap, wall))
+        print("\ndemo finished: every acknowledged write and every snapshot verified")
     finally:
-        dom.undefine()
-        shutil.rmtree(tmp)
+        guest.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

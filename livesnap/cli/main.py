@@ -44,14 +44,11 @@ def build_parser():
     parser.add_argument("--version", action="version", version="livesnap " + livesnap.__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_options()
-    from livesnap.cli import snapshot
+    from livesnap.cli import install, snapshot
+    from livesnap.vhd import cli as vhd_cli
     snapshot.register(sub, common)
-    for modname in ("livesnap.vhd.cli", "livesnap.cli.install"):
-        try:
-            module = __import__(modname, fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub) if modname.endswith("vhd.cli") else module.register(sub, common)
+    install.register(sub, common)
+    vhd_cli.register(sub)
     return parser
 
 

@@ -5,7 +5,8 @@ from livesnap.cli import output
 def _engine(args):
     from livesnap.engine.engine import Engine
     return Engine(connect=args.connect, state_dir=args.state_dir, max_depth=args.max_depth,
-                  storage_dirs=args.storage_dir)
+                  storage_dirs=args.storage_dir, quiesce=getattr(args, "quiesce", False),
+                  quiesce_timeout=getattr(args, "quiesce_timeout", 10.0))
 
 
 def create(args):
@@ -59,6 +60,11 @@ def register(subparsers, common):
     p.add_argument("--description", help="free text kept with the snapshot")
     p.add_argument("--disk", action="append", metavar="TARGET",
                    help="only this disk (repeatable; default: every qcow2 disk)")
+    p.add_argument("--quiesce", action="store_true",
+                   help="freeze the guest's file systems through the guest agent while the "
+                        "snapshot is taken (running domain with an agent)")
+    p.add_argument("--quiesce-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="thaw after this long whatever happens (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.set_defaults(func=create)
 

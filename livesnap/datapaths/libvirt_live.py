@@ -21,6 +21,7 @@ import threading
 
 from livesnap.datapaths import Datapath, unlink
 from livesnap.datapaths.offline import OfflineDatapath
+from livesnap.engine import faults
 from livesnap.errors import DatapathError
 from livesnap.tools import qemu_img
 
@@ -156,6 +157,7 @@ class LibvirtLiveDatapath(Datapath):
         info = self.domain.job_info(disk)
         if not info:
             self.domain.block_commit(disk, child, node, active=True)
+            faults.point("job", "started", 0)
         elif info.get("type") == 1:                      # a pull started by a fallback
             self._wait_done(watcher, disk)
             return {}
@@ -188,6 +190,7 @@ class LibvirtLiveDatapath(Datapath):
     def _run_job(self, watcher, disk, start):
         if not self.domain.job_info(disk):
             start()
+            faults.point("job", "started", 0)
         self._wait_done(watcher, disk)
 
     def _wait_done(self, watcher, disk):

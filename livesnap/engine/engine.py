@@ -10,6 +10,7 @@ rolled back to "before".
 import datetime
 import logging
 import os
+import re
 import signal
 
 from livesnap.catalog import Catalog
@@ -18,10 +19,10 @@ from livesnap.datapaths.offline import OfflineDatapath
 from livesnap.engine import faults
 from livesnap.engine.names import check_snapshot_name
 from livesnap.errors import (BadImage, ChainTooDeep, Error, InterruptedOperation, NoSpace,
-                             PathOutsideStorage, WrongState)
+                             PathOutsideStorage, UsageError, WrongState)
 from livesnap.lock import DomainLock
 from livesnap.model import planner as P
-from livesnap.model.tree import ACTIVE, BASE, HIDDEN, Node, Tree
+from livesnap.model.tree import ACTIVE, BASE, HIDDEN, SNAPSHOT, Node, Snapshot, Tree
 from livesnap.platforms import domain_xml
 from livesnap.tools import qemu_img
 
@@ -33,6 +34,21 @@ SPACE_MARGIN = 1 << 20
 
 def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def _mtime_iso(path):
+    return datetime.datetime.fromtimestamp(os.stat(path).st_mtime,
+                                           datetime.timezone.utc).isoformat()
+
+
+def _adopted_name(kind, disk, path, taken):
+    stem = re.sub(r"[^A-Za-z0-9._+@-]", "-", os.path.basename(path)).strip(".-") or "image"
+    name = ("%s-%s-%s" % (kind, disk, stem))[:90]
+    n, out = 1, name
+    while out in taken:
+        n += 1
+        out = "%s-%d" % (name, n)
+    return out
 
 
 class Session(object):
@@ -95,32 +111,90 @@ class Engine(object):
     # -- loading and validating the tree ---------------------------------------------------
 
     def _adopt(self, domain):
-        """The tree of a domain livesnap has not seen: each snapshottable disk's image is the
-        active node, its backing chain the base nodes."""
-        nodes, active = [], {}
+        """The tree of a domain livesnap has not seen.
+
+        Each snapshottable disk's image is the active node. External disk-only snapshots
+        made with virsh are adopted: a snapshot's node is the image its <domain> names (its
+        point-in-time data). Images below every snapshot are base nodes; a leaf that is
+        neither active nor a snapshot's image (an abandoned branch) is kept as a visible
+        snapshot ``orphan-<disk>-<file>`` so that nothing is lost without the user saying so.
+        """
+        from livesnap.platforms import libvirt_snapshots
+        snaps = libvirt_snapshots.list_snapshots(domain)
+        libvirt_snapshots.check_adoptable(domain, snaps)
+        nodes, active, records = [], {}, {}
+        for s in snaps:
+            records[s.name] = Snapshot(s.name, s.created, s.description)
         for disk in domain.disks():
             if not domain_xml.snapshottable(disk):
                 log.info("disk %s (%s, %s) is not a qcow2 file: left alone", disk.target,
                          disk.path, disk.fmt)
                 continue
-            chain = qemu_img.info(disk.path, backing_chain=True, force_share=True)
-            if len(chain) > self.max_depth:
-                raise ChainTooDeep(disk.path, len(chain), self.max_depth)
-            ids = ["%s-%s" % (disk.target, P.new_node_id()[:12]) for _ in chain]
-            for i, entry in enumerate(chain):
-                path = os.path.abspath(entry["filename"])
-                self._check_storage(path)
-                nodes.append(Node(ids[i], disk.target, ids[i + 1] if i + 1 < len(chain) else None,
-                                  ACTIVE if i == 0 else BASE, path, entry["format"],
+            t = disk.target
+            owner = {os.path.abspath(s.images[t]): s.name for s in snaps
+                     if t in s.images and s.disks.get(t, ("external",))[0] == "external"}
+            # overlays named by libvirt's metadata may be gone (merged, or discarded by a
+            # revert); the images holding data must all be there
+            overlays = [os.path.abspath(s.disks[t][1]) for s in snaps
+                        if s.disks.get(t, (0, None))[1]]
+            roots = [disk.path] + sorted(owner) + sorted(p for p in overlays if os.path.exists(p))
+            images = {}                     # path -> (info entry, parent path)
+            for root in roots:
+                if root in images:
+                    continue
+                if not os.path.exists(root):
+                    raise BadImage(root, "image of disk %s is missing" % t)
+                chain = qemu_img.info(root, backing_chain=True, force_share=True)
+                if len(chain) > self.max_depth:
+                    raise ChainTooDeep(root, len(chain), self.max_depth)
+                for i, entry in enumerate(chain):
+                    path = os.path.abspath(entry["filename"])
+                    parent = os.path.abspath(chain[i + 1]["filename"]) if i + 1 < len(chain) \
+                        else None
+                    images.setdefault(path, (entry, parent))
+            ids = {p: "%s-%s" % (t, P.new_node_id()[:12]) for p in images}
+            children = {}
+            for p, (_, parent) in images.items():
+                children.setdefault(parent, []).append(p)
+
+            def under_snapshot(p):
+                parent = images[p][1]
+                while parent is not None:
+                    if parent in owner:
+                        return True
+                    parent = images[parent][1]
+                return False
+
+            for p in sorted(images):
+                entry, parent = images[p]
+                self._check_storage(p)
+                snap = None
+                if p == os.path.abspath(disk.path):
+                    state = ACTIVE
+                elif p in owner:
+                    state, snap = SNAPSHOT, owner[p]
+                elif children.get(p) and not under_snapshot(p):
+                    state = BASE
+                else:
+                    state = SNAPSHOT
+                    snap = _adopted_name("orphan" if not children.get(p) else "adopted", t, p,
+                                         records)
+                    records[snap] = Snapshot(snap, _mtime_iso(p),
+                                             "adopted by livesnap: %s" % p)
+                nodes.append(Node(ids[p], t, ids[parent] if parent else None, state, p,
+                                  entry["format"], snapshot=snap,
                                   alloc=entry.get("actual-size", 0)))
-            active[disk.target] = ids[0]
-        return Tree(nodes, [], active)
+            active[t] = ids[os.path.abspath(disk.path)]
+        used = {n.snapshot for n in nodes if n.snapshot}
+        return Tree(nodes, [r for r in records.values() if r.name in used], active)
 
     def load(self, session, validate=True):
         cat, domain = session.catalog, session.domain
         if cat.is_empty():
             tree = self._adopt(domain)
             cat.save_tree(tree)
+            if tree.snapshots:
+                self._sync_metadata(session, tree)
         tree = cat.load_tree()
         if validate:
             self._validate(domain, tree)
@@ -189,6 +263,15 @@ class Engine(object):
                          max_depth=self.max_depth,
                          merge_ops=getattr(datapath, "merge_ops", None))
 
+    def _sync_metadata(self, session, tree):
+        """Keep libvirt's snapshot list in step; a failure here does not undo the operation."""
+        from livesnap.platforms import libvirt_snapshots
+        try:
+            libvirt_snapshots.sync(session.domain, tree)
+        except Error as e:
+            log.warning("libvirt snapshot metadata of %s not updated: %s (run 'livesnap check "
+                        "%s')", session.domain.name, e, session.domain.name)
+
     def _no_interrupted(self, session):
         op = session.catalog.unfinished()
         if op is not None:
@@ -247,8 +330,10 @@ class Engine(object):
             result["datapath"] = datapath.name
             return result
         self._preflight_space(plan)
+        plan.result["datapath"] = datapath.name     # the hook reads which datapath it needs
         op_id = session.catalog.begin(plan)
         pauses, merges = self._execute(session, datapath, plan, op_id)
+        self._sync_metadata(session, session.tree)
         result["pause_ms"] = max(pauses) if pauses else None
         if plan.op in ("delete", "reclaim", "revert"):
             result["merges"] = merges
@@ -262,12 +347,22 @@ class Engine(object):
         with self._session(domain) as s:
             self._no_interrupted(s)
             datapath = self.datapath_for(s.domain)
+            if self.quiesce:
+                self._check_quiesce(s.domain)
             tree = self.load(s)
             plan = self._planner(s, datapath).create(tree, name, now_iso(), description, disks)
             result = self._run(s, datapath, plan, dry_run)
             if not dry_run:
                 result["disks"] = self._snapshot_disks(s.tree, name)
             return result
+
+    def _check_quiesce(self, domain):
+        if not domain.is_running():
+            raise UsageError(reason="--quiesce needs '%s' running (a shut-off domain has no "
+                                    "file systems to freeze)" % domain.name)
+        if not domain.has_guest_agent():
+            raise UsageError(reason="--quiesce needs the QEMU guest agent, and '%s' has no "
+                                    "org.qemu.guest_agent.0 channel" % domain.name)
 
     def delete(self, domain, name, dry_run=False):
         with self._session(domain) as s:
@@ -313,6 +408,7 @@ class Engine(object):
             log.info("recovering operation #%d (%s) from step %d of %d", op.id, op.op,
                      op.steps_done, len(plan.steps))
             self._execute(s, datapath, plan, op.id, start=op.steps_done)
+            self._sync_metadata(s, s.tree)
             return {"domain": s.domain.name, "recovered": op.id, "op": op.op,
                     "steps_done_before": op.steps_done, "steps": len(plan.steps),
                     "result": plan.result}
@@ -366,6 +462,16 @@ class Engine(object):
                 if got != want:
                     problems.append("image %s is backed by %s, catalog says %s"
                                     % (n.path, got, want))
+            from livesnap.platforms import libvirt_snapshots
+            try:
+                theirs = {x.name: x.parent for x in libvirt_snapshots.list_snapshots(s.domain)}
+            except Error as e:
+                theirs = None
+                problems.append(str(e))
+            ours = {x.name: tree.snapshot_parent(x.name) for x in tree.visible_snapshots()}
+            if theirs is not None and theirs != ours:
+                problems.append("libvirt's snapshot metadata %s differs from livesnap's "
+                                "snapshots %s" % (sorted(theirs.items()), sorted(ours.items())))
             known = {n.path for n in tree.nodes.values()}
             prefix = s.domain.name + "-"
             for directory in sorted({os.path.dirname(n.path) for n in tree.nodes.values()}):
@@ -374,7 +480,8 @@ class Engine(object):
                     if entry.startswith(prefix) and entry.endswith(".qcow2") and path not in known:
                         problems.append("image %s looks like livesnap's but the catalog does not "
                                         "know it" % path)
-            return {"domain": s.domain.name, "ok": not problems, "problems": problems}
+            return {"domain": s.domain.name, "ok": not problems, "problems": problems,
+                    "reclaimable": [tree.nodes[n].snapshot for n in tree.reclaimable()]}
 
 
 class _SessionContext(object):

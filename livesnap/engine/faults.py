@@ -2,7 +2,8 @@
 at that point, so crash recovery can be tested at every journal step.
 
 ``when`` is ``before`` (intent recorded, step not started) or ``after`` (step carried out,
-not yet marked done). ``op`` may be ``*``.
+not yet marked done). ``op`` may be ``*``. Datapaths add points of their own inside a step:
+``job:started:0`` right after a block job was started (it goes on running in QEMU).
 """
 import os
 import signal

@@ -227,8 +227,7 @@ class Planner(object):
         """
         reclaimed = []
         while True:
-            todo = sorted(n.id for n in work.nodes.values()
-                          if n.state == HIDDEN and len(work.children(n.id)) < 2)
+            todo = work.reclaimable()
             if not todo:
                 return reclaimed
             nid = todo[0]

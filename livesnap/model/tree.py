@@ -127,6 +127,12 @@ class Tree(object):
             node = self.nodes[node].parent
         return None
 
+    def reclaimable(self):
+        """Hidden nodes down to fewer than two children (what a reclaim merges or deletes).
+        Operations reclaim them at once; one is left only when a reclaim was deferred."""
+        return sorted(n.id for n in self.nodes.values()
+                      if n.state == HIDDEN and len(self.children(n.id)) < 2)
+
     def to_dict(self):
         return {"nodes": [self.nodes[k].to_dict() for k in sorted(self.nodes)],
                 "snapshots": [self.snapshots[k].to_dict() for k in sorted(self.snapshots)],
@@ -149,8 +155,6 @@ class Tree(object):
                 problems.append("node %s and its parent are on different disks" % n.id)
             if n.state in (SNAPSHOT, HIDDEN) and n.snapshot not in self.snapshots:
                 problems.append("node %s belongs to unknown snapshot %r" % (n.id, n.snapshot))
-            if n.state == HIDDEN and len(self.children(n.id)) < 2:
-                problems.append("hidden node %s has fewer than two children" % n.id)
             if n.state == ACTIVE and self.active.get(n.disk) != n.id:
                 problems.append("node %s is active but not disk %s's leaf" % (n.id, n.disk))
             if n.state == ACTIVE and self.children(n.id):

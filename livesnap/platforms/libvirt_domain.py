@@ -139,6 +139,15 @@ class Domain(object):
                                 % (self.name, e.get_error_message()))
         return (time.monotonic() - t0) * 1000.0
 
+    def has_guest_agent(self):
+        """The domain has a QEMU guest agent channel (what fsFreeze talks to)."""
+        root = domain_xml.parse(self.xml())
+        for ch in root.findall("./devices/channel"):
+            t = ch.find("target")
+            if t is not None and t.get("name") == "org.qemu.guest_agent.0":
+                return True
+        return False
+
     def fs_freeze(self):
         libvirt = _libvirt()
         try:

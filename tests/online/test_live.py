@@ -116,3 +116,14 @@ def test_random_online_sequence_with_reverts_between_runs(live):
     assert ops["create"] + ops["delete"] >= 30 and ops["revert"] >= 1
     print("ops %s actions %s" % (ops, sorted(actions)))
     assert "merged" in actions
+
+
+def test_quiesce_without_a_guest_agent_is_refused_before_anything_changes(live):
+    live.start()
+    before = live.guest.disk_chains()
+    files = sorted(os.listdir(live.dir))
+    proc = live.cli("snapshot-create", live.name, "q1", "--quiesce", expect=2)
+    assert "guest agent" in proc.stderr
+    assert live.guest.disk_chains() == before and sorted(os.listdir(live.dir)) == files
+    live.guest.wait_acks(2)
+    live.stop_and_verify()

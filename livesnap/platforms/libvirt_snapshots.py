@@ -1,0 +1,137 @@
+"""libvirt's snapshot metadata: read it (to adopt snapshots made with virsh) and keep it in
+step with livesnap's visible snapshots (REDEFINE / DELETE_METADATA_ONLY), so that
+``virsh snapshot-list --tree`` shows exactly what ``livesnap snapshot-list`` shows.
+
+libvirt's model of an external disk snapshot: ``<disks><disk><source>`` names the overlay
+created at that moment, and the embedded ``<domain>`` names the images that were active
+before it, which hold the snapshot's point-in-time data.
+"""
+import calendar
+import collections
+import datetime
+import logging
+
+from livesnap.errors import DatapathError, UsageError
+from livesnap.platforms import domain_xml
+
+log = logging.getLogger(__name__)
+
+LibvirtSnapshot = collections.namedtuple(
+    "LibvirtSnapshot", "name description created parent state memory disks images")
+# disks: {target: (snapshot kind, overlay path or None)}; images: {target: point-in-time path}
+
+
+def _libvirt():
+    from livesnap.platforms.libvirt_domain import _libvirt as get
+    return get()
+
+
+def parse(xml_text):
+    root = domain_xml.parse(xml_text)
+    memory = root.find("memory")
+    disks = {}
+    for d in root.findall("./disks/disk"):
+        source = d.find("source")
+        disks[d.get("name")] = (d.get("snapshot", "external"),
+                                source.get("file") if source is not None else None)
+    images = {}
+    dom = root.find("domain")
+    if dom is not None:
+        images = {d.target: d.path for d in domain_xml.disks(dom) if d.path}
+    parent = root.find("parent/name")
+    created = int(root.findtext("creationTime") or 0)
+    return LibvirtSnapshot(root.findtext("name"), root.findtext("description") or "",
+                           datetime.datetime.fromtimestamp(created, datetime.timezone.utc)
+                           .isoformat(), parent.text if parent is not None else None,
+                           root.findtext("state"),
+                           memory.get("snapshot") if memory is not None else "no", disks, images)
+
+
+def list_snapshots(domain):
+    libvirt = _libvirt()
+    try:
+        return [parse(s.getXMLDesc(0)) for s in domain.dom.listAllSnapshots(0)]
+    except libvirt.libvirtError as e:
+        raise DatapathError(reason="cannot list libvirt snapshots of %s: %s"
+                            % (domain.name, e.get_error_message()))
+
+
+def check_adoptable(domain, snaps):
+    """livesnap adopts external disk-only snapshots; anything else is refused up front."""
+    for s in snaps:
+        if s.memory not in (None, "no"):
+            raise UsageError(reason="snapshot '%s' of '%s' has a memory state (%s); livesnap "
+                                    "manages disk-only external snapshots"
+                             % (s.name, domain.name, s.memory))
+        internal = [t for t, (kind, _) in s.disks.items() if kind == "internal"]
+        if internal or (not s.disks and s.state != "disk-snapshot"):
+            raise UsageError(reason="snapshot '%s' of '%s' is internal (inside the qcow2 "
+                                    "image); livesnap manages external snapshots only"
+                             % (s.name, domain.name))
+
+
+def _epoch(iso):
+    try:
+        dt = datetime.datetime.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return 0
+    return calendar.timegm(dt.timetuple())
+
+
+def _x(text):
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("'", "&apos;").replace('"', "&quot;"))
+
+
+def snapshot_xml(domain, name, description, created, parent, images, running):
+    """A disk-only snapshot definition naming ``images`` ({target: (path, fmt)}) as the
+    snapshot's point-in-time images, both in <disks> and in the embedded <domain>."""
+    dom = domain_xml.parse(domain.xml(inactive=True))
+    domain_xml.set_disk_sources(dom, images)
+    disks = "".join("<disk name='%s' snapshot='external' type='file'><driver type='%s'/>"
+                    "<source file='%s'/></disk>" % (_x(t), _x(f), _x(p))
+                    for t, (p, f) in sorted(images.items()))
+    return ("<domainsnapshot><name>%s</name><description>%s</description>"
+            "<state>%s</state>%s<creationTime>%d</creationTime><memory snapshot='no'/>"
+            "<disks>%s</disks>%s</domainsnapshot>"
+            % (_x(name), _x(description or ""), "disk-snapshot" if running else "shutoff",
+               "<parent><name>%s</name></parent>" % _x(parent) if parent else "",
+               _epoch(created), disks, domain_xml.to_string(dom)))
+
+
+def sync(domain, tree):
+    """Make libvirt's snapshot metadata show livesnap's visible snapshots, parents and
+    current snapshot; nothing else (hidden snapshots are livesnap's business)."""
+    libvirt = _libvirt()
+    visible = tree.visible_snapshots()
+    want = {s.name for s in visible}
+    try:
+        have = {s.getName(): s for s in domain.dom.listAllSnapshots(0)}
+        for name in sorted(set(have) - want):
+            have[name].delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+        running = domain.is_running()
+        current = tree.current_snapshot()
+        done = set()
+        pending = list(visible)
+        while pending:                      # parents before children
+            progressed = False
+            for s in list(pending):
+                parent = tree.snapshot_parent(s.name)
+                if parent is not None and parent not in done:
+                    continue
+                nodes = tree.snapshot_nodes(s.name)
+                images = {t: (tree.nodes[n].path, tree.nodes[n].fmt) for t, n in nodes.items()}
+                flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
+                if s.name == current:
+                    flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
+                domain.dom.snapshotCreateXML(
+                    snapshot_xml(domain, s.name, s.description, s.created, parent, images,
+                                 running), flags)
+                done.add(s.name)
+                pending.remove(s)
+                progressed = True
+            if not progressed:
+                raise DatapathError(reason="snapshot parents of %s form no tree" % domain.name)
+    except libvirt.libvirtError as e:
+        raise DatapathError(reason="cannot update libvirt's snapshot metadata of %s: %s"
+                            % (domain.name, e.get_error_message()))

@@ -1,0 +1,91 @@
+"""The hook installed by ``livesnap install-hooks`` into /etc/libvirt/hooks and run by the real
+libvirtd: ``virsh start`` of a domain with an interrupted offline operation fails with the
+hook's message until ``livesnap recover``; ``virsh destroy`` starts the reclaim of a hidden
+node, detached.
+
+libvirtd looks for hooks when it starts and when it reloads (SIGHUP: its daemon-reload hook
+call rescans the hook directories); the fixture reloads it after installing and again after
+removing the hook, which keeps connections and running domains of other tests intact. The
+installed hook has a private state directory baked in, so other domains are not affected.
+"""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from helpers import URI
+from hook_helpers import hidden_snapshots, hide, interrupt_revert, query, reclaim_log, wait_for
+
+HOOKS_DIR = "/etc/libvirt/hooks"
+INSTALLED = os.path.join(HOOKS_DIR, "qemu.d", "livesnap")
+
+
+def virsh(*args):
+    return subprocess.run(["virsh", "-c", URI] + list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+
+
+def reload_libvirtd():
+    pid = int(subprocess.run(["pgrep", "-o", "-x", "libvirtd"], stdout=subprocess.PIPE,
+                             universal_newlines=True, check=True).stdout.split()[0])
+    os.kill(pid, signal.SIGHUP)
+    time.sleep(1.0)          # the reload thread rescans the hooks first thing
+    assert virsh("version").returncode == 0
+
+
+@pytest.fixture(scope="module")
+def system_hook(tmp_path_factory):
+    """The hook installed for the real libvirtd, with a private state directory."""
+    from helpers import Cli
+    assert not os.path.exists(INSTALLED), "a livesnap hook is already installed"
+    cli = Cli()
+    cli.state_dir = str(tmp_path_factory.mktemp("hook-state"))
+    try:
+        proc = cli.cli("install-hooks", "--hooks-dir", HOOKS_DIR, "--state-dir", cli.state_dir)
+        assert INSTALLED in proc.stdout
+        reload_libvirtd()
+        yield cli.state_dir
+    finally:
+        cli.cli("install-hooks", "--hooks-dir", HOOKS_DIR, "--uninstall", expect=None)
+        reload_libvirtd()
+    assert not os.path.exists(INSTALLED)
+
+
+def test_virsh_start_refused_until_recover(make_dom, system_hook):
+    dom = make_dom(ndisks=1)
+    dom.state_dir = system_hook
+    interrupt_revert(dom)
+
+    proc = virsh("start", dom.name)
+    assert proc.returncode != 0, proc.stdout
+    assert "livesnap recover %s" % dom.name in proc.stderr, proc.stderr
+    assert not dom.dom.isActive()
+
+    dom.json("recover", dom.name)
+    t0 = time.monotonic()
+    proc = virsh("start", dom.name)
+    assert proc.returncode == 0, proc.stderr
+    assert dom.dom.isActive()
+    assert time.monotonic() - t0 < 10
+    dom.dom.destroy()
+
+
+def test_virsh_destroy_starts_detached_reclaim(make_dom, system_hook):
+    dom = make_dom(ndisks=1)
+    dom.state_dir = system_hook
+    dom.write("vda", 1, 0)
+    dom.json("snapshot-create", dom.name, "s1")
+    dom.write("vda", 2, 65536)
+    digests = dom.digests()
+    assert virsh("start", dom.name).returncode == 0
+    hide(dom, "s1")                         # hidden with one child (the active leaf)
+    proc = virsh("destroy", dom.name)
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: "exit " in reclaim_log(dom), 60, "the detached reclaim to finish")
+    assert reclaim_log(dom).endswith("reclaimed: s1\nexit 0\n"), reclaim_log(dom)
+    assert hidden_snapshots(dom) == []
+    assert len(query(dom, "SELECT id FROM nodes")) == 2     # base and the active leaf
+    assert dom.digests() == digests
+    assert dom.json("check", dom.name)["ok"]
