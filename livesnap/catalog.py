@@ -130,11 +130,15 @@ class Catalog(object):
                 (plan.op, json.dumps(plan.to_dict()), time.time()))
             return cur.lastrowid
 
-    def step_done(self, op_id, index, tree):
-        """Step ``index`` of operation ``op_id`` is done and ``tree`` is its effect."""
+    def step_done(self, op_id, index, tree, last=False):
+        """Step ``index`` of operation ``op_id`` is done and ``tree`` is its effect; with
+        ``last`` the operation is finished in the same transaction (one fsync less)."""
         with self._txn():
             self._write_tree(tree)
             self.db.execute("UPDATE operations SET steps_done=? WHERE id=?", (index + 1, op_id))
+            if last:
+                self.db.execute("UPDATE operations SET status='done', finished=? WHERE id=?",
+                                (time.time(), op_id))
 
     def finish(self, op_id, status="done", error=None):
         with self._txn():

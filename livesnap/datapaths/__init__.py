@@ -33,8 +33,31 @@ class Datapath(object):
         return None
 
 
+TRUNCATE_STEP = 8 << 20
+
+
 def unlink(path):
-    """Remove an image file; a file already gone is fine (steps are re-run after crashes)."""
+    """Remove an image file; a file already gone is fine (steps are re-run after crashes).
+
+    A large file is first shrunk in 8 MiB steps, each synced: on a file system mounted with
+    ``discard`` one unlink of a big image discards it all in one journal commit, and the
+    guest's flushes wait behind it (seen as a 150 ms stall for 256 MiB in bench/online.py).
+    """
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return
+        raise
+    if size > 2 * TRUNCATE_STEP:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            while size > TRUNCATE_STEP:
+                size -= TRUNCATE_STEP
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
     try:
         os.unlink(path)
         log.info("removed %s", path)

@@ -314,10 +314,12 @@ class Engine(object):
                                    "pause_ms": facts.get("pause_ms")})
                 faults.point(plan.op, "after", i)
                 P.apply(tree, step)
-                session.catalog.step_done(op_id, i, tree)
-                if stop.signo is not None and i + 1 < len(plan.steps):
+                last = i + 1 == len(plan.steps)
+                session.catalog.step_done(op_id, i, tree, last=last)
+                if stop.signo is not None and not last:
                     raise Interrupted(stop.signo, session.domain.name)
-        session.catalog.finish(op_id)
+        if start >= len(plan.steps):
+            session.catalog.finish(op_id)
         session.tree = tree
         return pauses, merges
 
