@@ -21,9 +21,12 @@ class Datapath(object):
 
     def run(self, step):
         op = step["op"]
-        if op in CATALOG_ONLY:
-            return None
-        return getattr(self, "do_" + op)(step)
+        fn = getattr(self, "do_" + op, None)
+        if fn is None:
+            if op in CATALOG_ONLY:
+                return None
+            raise NotImplementedError("the %s datapath cannot do %r" % (self.name, op))
+        return fn(step)
 
     def abandon(self, step):
         """Undo a step that failed before it took effect (only steps that create files)."""
@@ -74,7 +77,7 @@ class LibvirtNamer(object):
         self.domain_name = domain_name
         self.handed_out = set()
 
-    def __call__(self, tree, disk, purpose, name):
+    def __call__(self, tree, disk, purpose, name, keep=None):
         leaf = tree.nodes[tree.active[disk]]
         directory = os.path.dirname(leaf.path)
         token = name if purpose == "snapshot" else "revert-" + name
@@ -86,4 +89,4 @@ class LibvirtNamer(object):
             n += 1
             path = "%s-%d.qcow2" % (base, n)
         self.handed_out.add(path)
-        return {"frozen": leaf.path, "leaf": path}
+        return {"frozen": leaf.path, "leaf": path, "kept": None}

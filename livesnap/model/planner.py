@@ -18,7 +18,17 @@ Steps:
 ``hide``             mark a node logically deleted (it keeps two or more children).
 ``snapshot_state``   a snapshot becomes ``hidden`` (logically deleted), or is forgotten.
 ``new_leaf``         (revert) a new empty active leaf on a snapshot's node.
-``keep_leaf``        (revert --keep-current) the old active leaf becomes a snapshot's node.
+``keep_leaf``        (revert --keep-current) the old active leaf becomes a snapshot's node
+                     (renamed to ``kept_path`` where the datapath keeps leaves at fixed paths).
+``internal_snapshot`` freeze one disk's active leaf as an unnamed hidden node, with a new empty
+                     active leaf on top: on tapdisk, data may be copied only between read-only
+                     images, so a merge that involves the active leaf first moves its data
+                     into a frozen image this way (a pause of milliseconds).
+
+Deferred reclaim: an unnamed hidden node whose only child is the active leaf is left as it is
+on a datapath that needs an internal snapshot to merge with the active leaf (merging it would
+only make another such node); it is reclaimed as soon as its child is frozen by the next
+snapshot, or offline.
 
 The planner is pure: new node ids and image paths come from functions the caller passes.
 """
@@ -97,6 +107,16 @@ def apply(tree, step):
         node = tree.nodes[step["node"]]
         node.state = SNAPSHOT
         node.snapshot = step["name"]
+        if step.get("kept_path"):
+            node.path = step["kept_path"]
+    elif op == "internal_snapshot":
+        frozen = tree.nodes[step["frozen"]]
+        frozen.state = HIDDEN
+        frozen.snapshot = None
+        frozen.path = step["frozen_path"]
+        tree.nodes[step["leaf"]] = Node(step["leaf"], step["disk"], frozen.id, ACTIVE,
+                                        step["leaf_path"], step["fmt"])
+        tree.active[step["disk"]] = step["leaf"]
     else:
         raise ValueError("unknown step %r" % op)
 
@@ -106,18 +126,23 @@ def apply(tree, step):
 class Planner(object):
     """Plans operations on one domain's tree.
 
-    ``namer(tree, disk, purpose, name)`` returns the path for a new image of ``disk``;
+    ``namer(tree, disk, purpose, name, keep=None)`` returns the paths of a new image of
+    ``disk``: ``{"frozen", "leaf"}`` for a snapshot (purpose ``snapshot`` or ``internal``),
+    ``{"leaf", "kept"}`` for a revert (``kept``: where a kept old leaf goes, or None);
     ``new_id()`` returns a new node id. Both are the caller's, so planning stays pure.
     """
 
     def __init__(self, domain, namer, new_id=new_node_id, max_depth=DEFAULT_MAX_DEPTH,
-                 merge_ops=None):
+                 merge_ops=None, needs_internal=None):
         self.domain = domain
         self.namer = namer
         self.new_id = new_id
         self.max_depth = max_depth
         # merge_ops(tree, node, child) -> the merge kinds the datapath can do there
         self.merge_ops = merge_ops
+        # needs_internal(tree, child) -> True when a merge with ``child`` (the active leaf)
+        # needs an internal snapshot first
+        self.needs_internal = needs_internal
 
     def _add(self, tree, steps, step):
         apply(tree, step)
@@ -153,7 +178,8 @@ class Planner(object):
         steps = []
         self._add(work, steps, {"op": "snapshot", "name": name, "created": created,
                                 "description": description, "items": items})
-        return Plan("create", self.domain, steps, {"snapshot": name})
+        reclaimed = self._cascade(work, steps)      # deferred reclaims can go ahead now
+        return Plan("create", self.domain, steps, {"snapshot": name, "reclaimed": reclaimed})
 
     # delete ------------------------------------------------------------------------------
 
@@ -187,7 +213,7 @@ class Planner(object):
             self._add(work, steps, self._remove_step(work, nid))
             return "deleted"
         if len(kids) == 1:
-            self._add(work, steps, self._merge_step(work, nid, kids[0]))
+            self._merge(work, steps, nid, kids[0])
             return "merged"
         if work.nodes[nid].state != HIDDEN:
             self._add(work, steps, {"op": "hide", "node": nid, "disk": work.nodes[nid].disk,
@@ -197,6 +223,25 @@ class Planner(object):
     def _remove_step(self, work, nid):
         n = work.nodes[nid]
         return {"op": "remove", "node": nid, "disk": n.disk, "path": n.path, "fmt": n.fmt}
+
+    def _merge(self, work, steps, nid, cid):
+        """Plan the merge of ``nid`` with its only child, through an internal snapshot of
+        the active leaf where the datapath needs one."""
+        if self.needs_internal is not None and self.needs_internal(work, cid):
+            leaf = work.nodes[cid]
+            paths = self.namer(work, leaf.disk, "internal", None)
+            self._add(work, steps, {"op": "internal_snapshot", "disk": leaf.disk,
+                                    "frozen": cid, "frozen_path": paths["frozen"],
+                                    "frozen_fmt": leaf.fmt, "leaf": self.new_id(),
+                                    "leaf_path": paths["leaf"], "fmt": leaf.fmt})
+        self._add(work, steps, self._merge_step(work, nid, cid))
+
+    def _deferred(self, work, nid):
+        """An unnamed hidden node over the active leaf, on a datapath that needs an internal
+        snapshot to merge with it: merging now would only make another one."""
+        kids = work.children(nid)
+        return (self.needs_internal is not None and work.nodes[nid].snapshot is None
+                and len(kids) == 1 and self.needs_internal(work, kids[0]))
 
     def _merge_step(self, work, nid, cid):
         """Merge node ``nid`` with its only child ``cid``: commit or pull, by bytes moved.
@@ -227,7 +272,7 @@ class Planner(object):
         """
         reclaimed = []
         while True:
-            todo = work.reclaimable()
+            todo = [n for n in work.reclaimable() if not self._deferred(work, n)]
             if not todo:
                 return reclaimed
             nid = todo[0]
@@ -256,21 +301,27 @@ class Planner(object):
         work = tree.copy()
         steps = []
         targets = work.snapshot_nodes(name)
-        old_leaves = {d: work.active[d] for d in sorted(targets)}
         for d in sorted(targets):
+            old = work.active[d]
             base = work.nodes[targets[d]]
-            paths = self.namer(work, d, "revert", name)
-            self._add(work, steps, {"op": "new_leaf", "disk": d, "parent": base.id,
-                                    "parent_path": base.path, "parent_fmt": base.fmt,
-                                    "leaf": self.new_id(), "leaf_path": paths["leaf"],
-                                    "fmt": base.fmt if base.fmt == "qcow2" else "qcow2"})
-        for d, old in sorted(old_leaves.items()):
+            paths = self.namer(work, d, "revert", name, keep=keep_current)
+            new_leaf = {"op": "new_leaf", "disk": d, "parent": base.id,
+                        "parent_path": base.path, "parent_fmt": base.fmt,
+                        "leaf": self.new_id(), "leaf_path": paths["leaf"],
+                        "fmt": base.fmt if base.fmt in ("qcow2", "vhd") else "qcow2"}
             if keep_current is not None:
-                self._add(work, steps, {"op": "keep_leaf", "node": old, "name": keep_current,
-                                        "created": created,
-                                        "description": "kept by revert to %s" % name})
+                old_step = {"op": "keep_leaf", "node": old, "name": keep_current,
+                            "created": created, "description": "kept by revert to %s" % name,
+                            "path": work.nodes[old].path, "kept_path": paths.get("kept")}
             else:
-                self._add(work, steps, self._remove_step(work, old))
+                old_step = self._remove_step(work, old)
+            if paths["leaf"] == work.nodes[old].path:
+                # the datapath keeps the disk's path: the old leaf makes room first
+                self._add(work, steps, old_step)
+                self._add(work, steps, new_leaf)
+            else:
+                self._add(work, steps, new_leaf)
+                self._add(work, steps, old_step)
         reclaimed = self._cascade(work, steps)
         return Plan("revert", self.domain, steps,
                     {"snapshot": name, "kept": keep_current, "reclaimed": reclaimed})
@@ -300,5 +351,9 @@ def plan_summary(plan):
         elif op == "new_leaf":
             lines.append("new leaf %s: %s on %s" % (s["disk"], s["leaf_path"], s["parent_path"]))
         elif op == "keep_leaf":
-            lines.append("keep leaf %s as snapshot %s" % (s["node"][:8], s["name"]))
+            lines.append("keep leaf %s as snapshot %s%s" % (
+                s["node"][:8], s["name"], " (%s)" % s["kept_path"] if s.get("kept_path") else ""))
+        elif op == "internal_snapshot":
+            lines.append("internal snapshot %s: freeze the active image as %s, new leaf %s"
+                         % (s["disk"], s["frozen_path"], s["leaf_path"]))
     return lines

@@ -153,7 +153,8 @@ class Tree(object):
                 problems.append("node %s has unknown parent %s" % (n.id, n.parent))
             elif n.parent is not None and self.nodes[n.parent].disk != n.disk:
                 problems.append("node %s and its parent are on different disks" % n.id)
-            if n.state in (SNAPSHOT, HIDDEN) and n.snapshot not in self.snapshots:
+            if (n.state == SNAPSHOT or (n.state == HIDDEN and n.snapshot is not None)) and \
+                    n.snapshot not in self.snapshots:
                 problems.append("node %s belongs to unknown snapshot %r" % (n.id, n.snapshot))
             if n.state == ACTIVE and self.active.get(n.disk) != n.id:
                 problems.append("node %s is active but not disk %s's leaf" % (n.id, n.disk))

@@ -17,9 +17,15 @@ DISKS = ("vda", "vdb")
 
 
 class Sim(object):
-    """A tree plus the data of each image, keyed by path; executes plans like a datapath."""
+    """A tree plus the data of each image, keyed by path; executes plans like a datapath.
 
-    def __init__(self, disks=DISKS, with_base=True):
+    ``policy`` "libvirt": new images get new paths, merges are free. "tapdisk": the active
+    leaf keeps its path (frozen images are renamed away), and a merge with the active leaf
+    needs an internal snapshot first (only read-only images may be copied online).
+    """
+
+    def __init__(self, disks=DISKS, with_base=True, policy="libvirt"):
+        self.policy = policy
         self.counter = itertools.count(1)
         self.data = {}
         nodes = []
@@ -34,14 +40,30 @@ class Sim(object):
             self.data["/img/%s-0" % d] = {}
             active[d] = "leaf0-" + d
         self.tree = Tree(nodes, [], active)
-        self.planner = P.Planner("dom", self.namer, new_id=self.new_id, max_depth=1000)
+        tapdisk = policy == "tapdisk"
+        self.planner = P.Planner("dom", self.namer, new_id=self.new_id, max_depth=1000,
+                                 merge_ops=self.merge_ops if tapdisk else None,
+                                 needs_internal=self.needs_internal if tapdisk else None)
 
     def new_id(self):
         return "n%d" % next(self.counter)
 
-    def namer(self, tree, disk, purpose, name):
-        leaf = "/img/%s-%d" % (disk, next(self.counter))
-        return {"frozen": tree.nodes[tree.active[disk]].path, "leaf": leaf}
+    def namer(self, tree, disk, purpose, name, keep=None):
+        fresh = "/img/%s-%d" % (disk, next(self.counter))
+        current = tree.nodes[tree.active[disk]].path
+        if self.policy == "tapdisk":
+            return {"frozen": fresh, "leaf": current,
+                    "kept": "/img/%s-kept-%d" % (disk, next(self.counter))}
+        return {"frozen": current, "leaf": fresh, "kept": None}
+
+    @staticmethod
+    def needs_internal(tree, child):
+        return tree.nodes[child].state == ACTIVE
+
+    @staticmethod
+    def merge_ops(tree, node, child):
+        assert tree.nodes[child].state != ACTIVE, "tapdisk cannot merge with the active leaf"
+        return ("commit", "pull")
 
     # reading and writing ---------------------------------------------------------------
 
@@ -67,12 +89,20 @@ class Sim(object):
     def run_step(self, step):
         t = self.tree
         op = step["op"]
-        if op == "snapshot":
-            for it in step["items"]:
+        if op in ("snapshot", "internal_snapshot"):
+            for it in step.get("items", [step]):
+                old = t.nodes[it["frozen"]].path
+                if it["frozen_path"] != old:            # renamed away (tapdisk)
+                    assert it["frozen_path"] not in self.data
+                    self.data[it["frozen_path"]] = self.data.pop(old)
                 assert it["leaf_path"] not in self.data
                 self.data[it["leaf_path"]] = {}
         elif op == "new_leaf":
+            assert step["leaf_path"] not in self.data
             self.data[step["leaf_path"]] = {}
+        elif op == "keep_leaf":
+            if step.get("kept_path"):
+                self.data[step["kept_path"]] = self.data.pop(t.nodes[step["node"]].path)
         elif op == "remove":
             assert t.children(step["node"]) == [], "removing a node with children"
             assert t.nodes[step["node"]].state != BASE
@@ -105,7 +135,10 @@ def check_invariants(sim, expected_snaps, expected_live):
     # no image the tree does not know, none it knows missing
     assert set(sim.data) == {n.path for n in t.nodes.values()}
     for n in t.nodes.values():
-        if n.state == HIDDEN:
+        if n.state == HIDDEN and n.snapshot is None:     # deferred internal node
+            kids = t.children(n.id)
+            assert len(kids) == 1 and t.nodes[kids[0]].state == ACTIVE
+        elif n.state == HIDDEN:
             assert len(t.children(n.id)) >= 2
 
 
@@ -115,9 +148,9 @@ ops = st.lists(st.tuples(st.sampled_from(["write", "write", "create", "create", 
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops, st.booleans())
-def test_random_sequences_keep_every_snapshot_and_the_live_disks(seq, with_base):
-    sim = Sim(with_base=with_base)
+@given(ops, st.booleans(), st.sampled_from(["libvirt", "tapdisk"]))
+def test_random_sequences_keep_every_snapshot_and_the_live_disks(seq, with_base, policy):
+    sim = Sim(with_base=with_base, policy=policy)
     snaps = {}
     live = {d: sim.read(sim.tree.active[d]) for d in DISKS}
     n = 0
@@ -154,8 +187,15 @@ def test_random_sequences_keep_every_snapshot_and_the_live_disks(seq, with_base)
     for name in sorted(snaps):
         sim.execute(sim.planner.delete(sim.tree, name))
     check_invariants(sim, {}, live)
-    assert all(n.state in (ACTIVE, BASE) for n in sim.tree.nodes.values())
+    assert all(n.state in (ACTIVE, BASE) or (n.state == HIDDEN and n.snapshot is None)
+               for n in sim.tree.nodes.values())
     assert sim.tree.snapshots == {}
+    if policy == "tapdisk":
+        # at most one deferred internal image per disk, reclaimed by the next snapshot
+        assert len(sim.tree.nodes) <= len(DISKS) * (3 if with_base else 2)
+        sim.execute(sim.planner.create(sim.tree, "last", 10 ** 6))
+        sim.execute(sim.planner.delete(sim.tree, "last"))
+        check_invariants(sim, {}, live)
 
 
 def make_branchy():
@@ -240,3 +280,32 @@ def test_plan_round_trips_through_json():
     assert P.plan_summary(plan)
     tree2 = Tree.from_dict(json.loads(json.dumps(sim.tree.to_dict())))
     assert tree2.to_dict() == sim.tree.to_dict()
+
+
+def test_tapdisk_merges_with_the_active_leaf_through_an_internal_snapshot():
+    sim = Sim(disks=("vda",), policy="tapdisk")
+    leaf_path = sim.tree.nodes[sim.tree.active["vda"]].path
+    sim.write("vda", 1, "a")
+    sim.execute(sim.planner.create(sim.tree, "s1", 1))
+    # the active leaf keeps its path, the frozen image was renamed away
+    assert sim.tree.nodes[sim.tree.active["vda"]].path == leaf_path
+    assert sim.tree.nodes[sim.tree.snapshot_nodes("s1")["vda"]].path != leaf_path
+    sim.write("vda", 2, "b")
+    plan = sim.planner.delete(sim.tree, "s1")
+    assert [s["op"] for s in plan.steps][:1] == ["internal_snapshot"]
+    assert [s["op"] for s in plan.steps][1] in ("commit", "pull")
+    sim.execute(plan)
+    internal = [n for n in sim.tree.nodes.values() if n.state == HIDDEN]
+    assert len(internal) == 1 and internal[0].snapshot is None      # deferred
+    assert sim.read(sim.tree.active["vda"]) == {0: "base-vda", 1: "a", 2: "b"}
+    # the next snapshot freezes the leaf above it: the internal image is reclaimed then
+    plan = sim.planner.create(sim.tree, "s2", 2)
+    assert [s["op"] for s in plan.steps][0] == "snapshot"
+    assert [s["op"] for s in plan.steps][1] in ("commit", "pull")
+    sim.execute(plan)
+    assert not [n for n in sim.tree.nodes.values() if n.state == HIDDEN]
+    # revert keeps the disk's path: the old leaf is renamed (kept) before the new one is made
+    plan = sim.planner.revert(sim.tree, "s2", 3, keep_current="k")
+    assert [s["op"] for s in plan.steps][:2] == ["keep_leaf", "new_leaf"]
+    sim.execute(plan)
+    assert sim.tree.nodes[sim.tree.active["vda"]].path == leaf_path

@@ -1,0 +1,190 @@
+"""LVM, one function per verb, plus inflate/deflate of a VHD on an LV as XAPI's SM does.
+
+Binaries: a per-command variable (``LVCREATE``, ``LVRENAME``, ``LVRESIZE``, ``LVREMOVE``,
+``LVCHANGE``, ``LVS``) wins; else ``LVM`` names the multi-call binary (``$LVM lvcreate ...``);
+else the command name itself. Sizes are bytes (passed to LVM as ``<n>b``).
+
+Inflate/deflate (SM lvhdutil.inflate/deflate; XEN-NOTES.md §1.3): a VHD on an LV keeps its
+footer at the end of the LV, so the LV is grown first and the footer then moved to the new end
+with ``vhd-util modify -s``; to shrink, the footer moves first and the LV follows. LV sizes are
+rounded up to the LV extent (SM: 4 MiB). SM's "full" size of a leaf is
+``virtual size + metadata for 2 TiB + bitmaps``, rounded to the extent (``full_size``).
+
+Errors: "not found" -> ``LvNotFound``, "already exists" -> ``LvExists``, "Insufficient free
+space" -> ``LvNoSpace`` (a ``livesnap.errors.NoSpace``); others are ``CommandFailed``.
+"""
+import logging
+import os
+
+from livesnap.errors import CommandFailed, InvalidOutput, NoSpace, NotFound, Conflict
+from livesnap.tools import runner, vhd_util
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+EXTENT = 4 * MiB                  # SM: lvutil.LVM_SIZE_INCREMENT
+MSIZE = 2 << 40                   # SM: lvhdutil.MSIZE, metadata preallocated for 2 TiB
+VHD_BLOCK = 2 * MiB
+FOOTER = 512
+
+
+class LvNotFound(NotFound):
+    fields = ("vg", "lv", "reason")
+    msg = "logical volume {self.vg}/{self.lv} not found: {self.reason}"
+
+
+class LvExists(Conflict):
+    fields = ("vg", "lv", "reason")
+    msg = "logical volume {self.vg}/{self.lv} already exists: {self.reason}"
+
+
+class LvNoSpace(NoSpace):
+    fields = ("path", "needed", "available", "reason")
+    msg = "not enough space in volume group for {self.path} ({self.needed} bytes): {self.reason}"
+
+
+def _bin(cmd):
+    own = runner.binary(cmd.upper(), None)
+    if own:
+        return [own]
+    lvm = runner.binary("LVM", None)
+    if lvm:
+        return [lvm, cmd]
+    return [cmd]
+
+
+def _run(cmd, args, vg, lv, size=None):
+    argv = _bin(cmd) + [str(a) for a in args]
+    rc, out, err = runner.run_rc(argv)
+    if rc == 0:
+        return out
+    text = " ".join((err or out).strip().split())
+    low = text.lower()
+    if "not found" in low or "failed to find" in low:
+        e = LvNotFound(vg, lv, text)
+    elif "already exists" in low:
+        e = LvExists(vg, lv, text)
+    elif "insufficient free space" in low or "insufficient suitable" in low:
+        e = LvNoSpace("%s/%s" % (vg, lv), size, None, text)
+    else:
+        raise CommandFailed(argv, rc, out, err)
+    e.cmd, e.rc, e.out, e.err = argv, rc, out, err
+    raise e
+
+
+def _size(nbytes):
+    if nbytes <= 0 or nbytes % 512:
+        raise ValueError("LV size %r must be a positive multiple of 512" % nbytes)
+    return "%db" % nbytes
+
+
+def round_extent(nbytes, extent=EXTENT):
+    return -(-nbytes // extent) * extent
+
+
+def lv_path(vg, lv):
+    return os.path.join("/dev", vg, lv)
+
+
+def lvcreate(vg, lv, size, tag=None, active=True):
+    """``lvcreate -n LV -L <size>b [--addtag TAG] [-an] VG`` (size rounded up by LVM)."""
+    args = ["-n", lv, "-L", _size(size)]
+    if tag:
+        args += ["--addtag", tag]
+    if not active:
+        args += ["-an", "--zero", "n"]
+    _run("lvcreate", args + [vg], vg, lv, size)
+
+
+def lvrename(vg, old, new):
+    """``lvrename VG OLD NEW``."""
+    _run("lvrename", [vg, old, new], vg, old)
+
+
+def lvresize(vg, lv, size, allow_shrink=False):
+    """``lvresize [-f] -L <size>b VG/LV``; shrinking needs ``allow_shrink`` (passes ``-f``)."""
+    args = (["-f"] if allow_shrink else []) + ["-L", _size(size), "%s/%s" % (vg, lv)]
+    _run("lvresize", args, vg, lv, size)
+
+
+def lvremove(vg, lv):
+    """``lvremove -f VG/LV``."""
+    _run("lvremove", ["-f", "%s/%s" % (vg, lv)], vg, lv)
+
+
+def set_readonly(vg, lv, readonly=True):
+    """``lvchange -p r|rw VG/LV``."""
+    _run("lvchange", ["-p", "r" if readonly else "rw", "%s/%s" % (vg, lv)], vg, lv)
+
+
+def lv_size(vg, lv):
+    """``lvs --noheadings --units b --nosuffix -o lv_size VG/LV``: the size in bytes."""
+    argv_args = ["--noheadings", "--units", "b", "--nosuffix", "-o", "lv_size", "%s/%s" % (vg, lv)]
+    out = _run("lvs", argv_args, vg, lv)
+    text = out.strip()
+    try:
+        return int(text.split()[0].split(".")[0])
+    except (ValueError, IndexError):
+        raise InvalidOutput(_bin("lvs") + argv_args, out, "no size")
+
+
+# --- VHD on LV ----------------------------------------------------------------------------
+
+def empty_overhead(virtual_size):
+    """SM vhdutil.calcOverheadEmpty: footers + header + locators, BAT, batmap (4 KiB-rounded)."""
+    size_mb = virtual_size // MiB
+    overhead = 3 * 1024 + (size_mb // 2) * 4
+    overhead = -(-overhead // 512) * 512
+    overhead += (size_mb // 2) // 8
+    return -(-overhead // 4096) * 4096
+
+
+def bitmap_overhead(virtual_size):
+    """SM vhdutil.calcOverheadBitmap: one 4 KiB-aligned bitmap per 2 MiB block."""
+    return -(-virtual_size // VHD_BLOCK) * 4096
+
+
+def full_size(virtual_size, max_size=MSIZE, extent=EXTENT):
+    """SM lvhdutil.calcSizeVHDLV: the LV size of a fully inflated VHD leaf."""
+    return round_extent(virtual_size + empty_overhead(max_size) + bitmap_overhead(virtual_size),
+                        extent)
+
+
+def inflate(vg, lv, path, size=None, extent=EXTENT):
+    """Grow the LV to ``size`` (default: ``full_size`` of the VHD's virtual size), rounded to
+    ``extent``, then move the VHD footer to the new end. No-op when the LV is big enough.
+    Returns the LV size."""
+    if size is None:
+        size = full_size(vhd_util.virtual_size(path), extent=extent)
+    new = round_extent(size, extent)
+    cur = lv_size(vg, lv)
+    if new <= cur:
+        return cur
+    lvresize(vg, lv, new)
+    _zero(path, new - FOOTER, FOOTER)            # SM: util.zeroOut of the new footer sector
+    vhd_util.set_physical_size(path, new)
+    return new
+
+
+def deflate(vg, lv, path, size=None, extent=EXTENT):
+    """Shrink the LV to ``size`` (default: the VHD's physical size), rounded up to ``extent``:
+    first move the footer (``vhd-util modify -s``), then ``lvresize -f``. No-op when the LV
+    is not bigger. Returns the LV size."""
+    if size is None:
+        size = vhd_util.physical_size(path)
+    new = round_extent(size, extent)
+    cur = lv_size(vg, lv)
+    if new >= cur:
+        return cur
+    vhd_util.set_physical_size(path, new)
+    lvresize(vg, lv, new, allow_shrink=True)
+    return new
+
+
+def _zero(path, offset, length):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+        os.write(fd, b"\0" * length)
+    finally:
+        os.close(fd)
