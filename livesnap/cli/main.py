@@ -22,6 +22,9 @@ def common_options():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--connect", metavar="URI",
                         help="libvirt URI (default: libvirt's default URI)")
+    common.add_argument("--domain-xml", metavar="FILE",
+                        help="a Xen domain described by this libvirt domain XML file (disks: "
+                             "VHD files served by tapdisk) instead of a libvirt connection")
     common.add_argument("--output", choices=("text", "json"), default="text",
                         help="output format (default: %(default)s)")
     common.add_argument("--json", dest="output", action="store_const", const="json",

@@ -4,7 +4,12 @@ from livesnap.cli import output
 
 def _engine(args):
     from livesnap.engine.engine import Engine
+    platform = None
+    if getattr(args, "domain_xml", None):
+        from livesnap.platforms.xen_domain import XenXmlPlatform
+        platform = XenXmlPlatform(args.domain_xml)
     return Engine(connect=args.connect, state_dir=args.state_dir, max_depth=args.max_depth,
+                  platform=platform,
                   storage_dirs=args.storage_dir, quiesce=getattr(args, "quiesce", False),
                   quiesce_timeout=getattr(args, "quiesce_timeout", 10.0))
 

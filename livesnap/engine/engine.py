@@ -23,8 +23,7 @@ from livesnap.errors import (BadImage, ChainTooDeep, Error, InterruptedOperation
 from livesnap.lock import DomainLock
 from livesnap.model import planner as P
 from livesnap.model.tree import ACTIVE, BASE, HIDDEN, SNAPSHOT, Node, Snapshot, Tree
-from livesnap.platforms import domain_xml
-from livesnap.tools import qemu_img
+from livesnap import formats
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +68,11 @@ class Interrupted(Error):
 
 class Engine(object):
     def __init__(self, connect=None, state_dir=None, max_depth=P.DEFAULT_MAX_DEPTH,
-                 storage_dirs=None, quiesce=False, quiesce_timeout=10.0):
+                 storage_dirs=None, quiesce=False, quiesce_timeout=10.0, platform=None):
+        """``platform`` finds domains (``lookup(ident)``): libvirt at ``connect`` unless
+        given (e.g. ``XenXmlPlatform``, ``XapiPlatform``)."""
         self.uri = connect
+        self.platform = platform
         self.state_dir = state_dir or os.environ.get("LIVESNAP_STATE_DIR") or DEFAULT_STATE_DIR
         self.max_depth = max_depth
         self.storage_dirs = [os.path.realpath(d) for d in (storage_dirs or [])]
@@ -80,22 +82,24 @@ class Engine(object):
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def connection(self):
-        if self._conn is None:
-            from livesnap.platforms import libvirt_domain
-            self._conn = libvirt_domain.open_connection(self.uri)
-        return self._conn
-
     def lookup(self, ident):
-        from livesnap.platforms import libvirt_domain
-        return libvirt_domain.Domain.lookup(self.connection(), ident)
+        if self.platform is None:
+            from livesnap.platforms.libvirt_domain import LibvirtPlatform
+            self.platform = LibvirtPlatform(self.uri)
+        return self.platform.lookup(ident)
 
     def _session(self, ident, lock=True):
         return _SessionContext(self, ident, lock)
 
     def datapath_for(self, domain):
         """The datapath follows the domain's state: block jobs in QEMU while it runs,
-        qemu-img while it is shut off."""
+        qemu-img while it is shut off; on Xen, tapdisk while it serves the disks, the VHD
+        engine directly when it does not."""
+        if domain.kind == "xen":
+            from livesnap.datapaths import vhd_files
+            if domain.is_running():
+                return vhd_files.TapdiskDatapath(domain)
+            return vhd_files.VhdOfflineDatapath(domain)
         if domain.is_running():
             from livesnap.datapaths.libvirt_live import LibvirtLiveDatapath
             return LibvirtLiveDatapath(domain, quiesce=self.quiesce,
@@ -119,16 +123,18 @@ class Engine(object):
         neither active nor a snapshot's image (an abandoned branch) is kept as a visible
         snapshot ``orphan-<disk>-<file>`` so that nothing is lost without the user saying so.
         """
-        from livesnap.platforms import libvirt_snapshots
-        snaps = libvirt_snapshots.list_snapshots(domain)
-        libvirt_snapshots.check_adoptable(domain, snaps)
+        snaps = []
+        if domain.kind == "libvirt":
+            from livesnap.platforms import libvirt_snapshots
+            snaps = libvirt_snapshots.list_snapshots(domain)
+            libvirt_snapshots.check_adoptable(domain, snaps)
         nodes, active, records = [], {}, {}
         for s in snaps:
             records[s.name] = Snapshot(s.name, s.created, s.description)
         for disk in domain.disks():
-            if not domain_xml.snapshottable(disk):
-                log.info("disk %s (%s, %s) is not a qcow2 file: left alone", disk.target,
-                         disk.path, disk.fmt)
+            if not domain.snapshottable(disk):
+                log.info("disk %s (%s, %s) is not an image livesnap manages: left alone",
+                         disk.target, disk.path, disk.fmt)
                 continue
             t = disk.target
             owner = {os.path.abspath(s.images[t]): s.name for s in snaps
@@ -144,14 +150,11 @@ class Engine(object):
                     continue
                 if not os.path.exists(root):
                     raise BadImage(root, "image of disk %s is missing" % t)
-                chain = qemu_img.info(root, backing_chain=True, force_share=True)
+                chain = formats.chain(root, disk.fmt)
                 if len(chain) > self.max_depth:
                     raise ChainTooDeep(root, len(chain), self.max_depth)
-                for i, entry in enumerate(chain):
-                    path = os.path.abspath(entry["filename"])
-                    parent = os.path.abspath(chain[i + 1]["filename"]) if i + 1 < len(chain) \
-                        else None
-                    images.setdefault(path, (entry, parent))
+                for entry in chain:
+                    images.setdefault(entry.path, (entry, entry.backing))
             ids = {p: "%s-%s" % (t, P.new_node_id()[:12]) for p in images}
             children = {}
             for p, (_, parent) in images.items():
@@ -182,13 +185,12 @@ class Engine(object):
                     records[snap] = Snapshot(snap, _mtime_iso(p),
                                              "adopted by livesnap: %s" % p)
                 nodes.append(Node(ids[p], t, ids[parent] if parent else None, state, p,
-                                  entry["format"], snapshot=snap,
-                                  alloc=entry.get("actual-size", 0)))
+                                  entry.fmt, snapshot=snap, alloc=entry.alloc))
             active[t] = ids[os.path.abspath(disk.path)]
         used = {n.snapshot for n in nodes if n.snapshot}
         return Tree(nodes, [r for r in records.values() if r.name in used], active)
 
-    def load(self, session, validate=True):
+    def load(self, session, validate=True, datapath=None):
         cat, domain = session.catalog, session.domain
         if cat.is_empty():
             tree = self._adopt(domain)
@@ -197,13 +199,17 @@ class Engine(object):
                 self._sync_metadata(session, tree)
         tree = cat.load_tree()
         if validate:
-            self._validate(domain, tree)
+            self._validate(domain, tree, datapath)
         session.tree = tree
         return tree
 
-    def _validate(self, domain, tree):
+    def _validate(self, domain, tree, datapath=None):
         """Every node's image opens, is of the recorded format and has the recorded parent;
-        the domain's disks use the active nodes. Refreshes allocation sizes."""
+        the domain's disks use the active nodes. Refreshes allocation sizes. A leaf that a
+        tapdisk holds open is not read (its metadata on disk is stale until a pause)."""
+        opaque = set()
+        if datapath is not None and datapath.name == "tapdisk":
+            opaque = set(tree.active.values())
         sources = {d.target: d.path for d in domain.disks()}
         for disk, nid in tree.active.items():
             path = tree.nodes[nid].path
@@ -216,14 +222,15 @@ class Engine(object):
             self._check_storage(n.path)
             if not os.path.exists(n.path):
                 raise BadImage(n.path, "image of node %s (%s) is missing" % (n.id, n.state))
-            entry = qemu_img.info(n.path, force_share=True)
-            if entry["format"] != n.fmt:
-                raise BadImage(n.path, "format is %s, catalog says %s" % (entry["format"], n.fmt))
+            if n.id in opaque:
+                continue
+            entry = formats.info(n.path, n.fmt)
+            if entry.fmt != n.fmt:
+                raise BadImage(n.path, "format is %s, catalog says %s" % (entry.fmt, n.fmt))
             want = tree.nodes[n.parent].path if n.parent else None
-            got = qemu_img.backing_path(entry, n.path)
-            if got != want:
-                raise BadImage(n.path, "backing file is %s, expected %s" % (got, want))
-            n.alloc = entry.get("actual-size", 0)
+            if entry.backing != want:
+                raise BadImage(n.path, "backing file is %s, expected %s" % (entry.backing, want))
+            n.alloc = entry.alloc
         for problem in tree.validate():
             raise BadImage(self.state_dir, "catalog is inconsistent: %s" % problem)
 
@@ -259,18 +266,37 @@ class Engine(object):
                 raise NoSpace(directory, amount, available)
 
     def _planner(self, session, datapath=None):
-        return P.Planner(session.domain.name, LibvirtNamer(session.domain.name),
-                         max_depth=self.max_depth,
-                         merge_ops=getattr(datapath, "merge_ops", None))
+        if session.domain.kind == "xen":
+            from livesnap.datapaths.vhd_files import TapdiskNamer
+            namer = TapdiskNamer()
+        else:
+            namer = LibvirtNamer(session.domain.name)
+        return P.Planner(session.domain.name, namer, max_depth=self.max_depth,
+                         merge_ops=getattr(datapath, "merge_ops", None),
+                         needs_internal=getattr(datapath, "needs_internal", None))
 
     def _sync_metadata(self, session, tree):
         """Keep libvirt's snapshot list in step; a failure here does not undo the operation."""
+        if session.domain.kind != "libvirt":
+            return
         from livesnap.platforms import libvirt_snapshots
         try:
             libvirt_snapshots.sync(session.domain, tree)
         except Error as e:
             log.warning("libvirt snapshot metadata of %s not updated: %s (run 'livesnap check "
                         "%s')", session.domain.name, e, session.domain.name)
+
+    def _check_libvirt_metadata(self, session, tree):
+        from livesnap.platforms import libvirt_snapshots
+        try:
+            theirs = {x.name: x.parent for x in libvirt_snapshots.list_snapshots(session.domain)}
+        except Error as e:
+            return [str(e)]
+        ours = {x.name: tree.snapshot_parent(x.name) for x in tree.visible_snapshots()}
+        if theirs != ours:
+            return ["libvirt's snapshot metadata %s differs from livesnap's snapshots %s"
+                    % (sorted(theirs.items()), sorted(ours.items()))]
+        return []
 
     def _no_interrupted(self, session):
         op = session.catalog.unfinished()
@@ -351,7 +377,7 @@ class Engine(object):
             datapath = self.datapath_for(s.domain)
             if self.quiesce:
                 self._check_quiesce(s.domain)
-            tree = self.load(s)
+            tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath).create(tree, name, now_iso(), description, disks)
             result = self._run(s, datapath, plan, dry_run)
             if not dry_run:
@@ -370,7 +396,7 @@ class Engine(object):
         with self._session(domain) as s:
             self._no_interrupted(s)
             datapath = self.datapath_for(s.domain)
-            tree = self.load(s)
+            tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath).delete(tree, name)
             return self._run(s, datapath, plan, dry_run)
 
@@ -385,7 +411,7 @@ class Engine(object):
                                  "virsh destroy %s), then revert again" % (s.domain.name,
                                                                            s.domain.name))
             datapath = self.datapath_for(s.domain)
-            tree = self.load(s)
+            tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath).revert(tree, name, now_iso(), keep_current)
             return self._run(s, datapath, plan, dry_run)
 
@@ -394,7 +420,7 @@ class Engine(object):
         with self._session(domain) as s:
             self._no_interrupted(s)
             datapath = self.datapath_for(s.domain)
-            tree = self.load(s)
+            tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath).reclaim(tree)
             if not plan.steps:
                 return dict(plan.result, pause_ms=None)
@@ -403,17 +429,21 @@ class Engine(object):
     def recover(self, domain):
         with self._session(domain) as s:
             op = s.catalog.unfinished()
-            if op is None:
-                return {"domain": s.domain.name, "recovered": None}
-            plan = P.Plan.from_dict(op.plan)
             datapath = self.datapath_for(s.domain)
+            if op is None:
+                healed = datapath.heal() if hasattr(datapath, "heal") else []
+                return {"domain": s.domain.name, "recovered": None, "unpaused": healed}
+            plan = P.Plan.from_dict(op.plan)
             log.info("recovering operation #%d (%s) from step %d of %d", op.id, op.op,
                      op.steps_done, len(plan.steps))
             self._execute(s, datapath, plan, op.id, start=op.steps_done)
+            # a crash inside a pause may have left a tapdisk paused although its step is
+            # done: nothing stays paused after recover
+            healed = datapath.heal() if hasattr(datapath, "heal") else []
             self._sync_metadata(s, s.tree)
             return {"domain": s.domain.name, "recovered": op.id, "op": op.op,
                     "steps_done_before": op.steps_done, "steps": len(plan.steps),
-                    "result": plan.result}
+                    "result": plan.result, "unpaused": healed}
 
     def snapshot_list(self, domain, include_hidden=False):
         with self._session(domain, lock=False) as s:
@@ -450,40 +480,51 @@ class Engine(object):
                 if sources.get(disk) != tree.nodes[nid].path:
                     problems.append("disk %s uses %s, catalog has %s"
                                     % (disk, sources.get(disk), tree.nodes[nid].path))
+            xen = s.domain.kind == "xen"
+            opaque = set(tree.active.values()) if xen and s.domain.is_running() else set()
             for n in sorted(tree.nodes.values(), key=lambda n: n.path):
                 if not os.path.exists(n.path):
                     problems.append("image %s of node %s is missing" % (n.path, n.id))
                     continue
+                if n.id in opaque:          # open in a tapdisk: metadata stale until paused
+                    continue
                 try:
-                    entry = qemu_img.info(n.path, force_share=True)
+                    entry = formats.info(n.path, n.fmt)
                 except BadImage as e:
                     problems.append(str(e))
                     continue
                 want = tree.nodes[n.parent].path if n.parent else None
-                got = qemu_img.backing_path(entry, n.path)
-                if got != want:
+                if entry.backing != want:
                     problems.append("image %s is backed by %s, catalog says %s"
-                                    % (n.path, got, want))
-            from livesnap.platforms import libvirt_snapshots
-            try:
-                theirs = {x.name: x.parent for x in libvirt_snapshots.list_snapshots(s.domain)}
-            except Error as e:
-                theirs = None
-                problems.append(str(e))
-            ours = {x.name: tree.snapshot_parent(x.name) for x in tree.visible_snapshots()}
-            if theirs is not None and theirs != ours:
-                problems.append("libvirt's snapshot metadata %s differs from livesnap's "
-                                "snapshots %s" % (sorted(theirs.items()), sorted(ours.items())))
+                                    % (n.path, entry.backing, want))
+                if xen:
+                    from livesnap import vhd
+                    problems += ["%s: %s" % (n.path, p) for p in vhd.check(n.path)]
+            if s.domain.kind == "libvirt":
+                problems += self._check_libvirt_metadata(s, tree)
             known = {n.path for n in tree.nodes.values()}
-            prefix = s.domain.name + "-"
-            for directory in sorted({os.path.dirname(n.path) for n in tree.nodes.values()}):
+            for directory, prefix, suffix in sorted(_own_file_patterns(s.domain, tree)):
                 for entry in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
                     path = os.path.join(directory, entry)
-                    if entry.startswith(prefix) and entry.endswith(".qcow2") and path not in known:
+                    if entry.startswith(prefix) and entry.endswith(suffix) and path not in known:
                         problems.append("image %s looks like livesnap's but the catalog does not "
                                         "know it" % path)
             return {"domain": s.domain.name, "ok": not problems, "problems": problems,
                     "reclaimable": [tree.nodes[n].snapshot for n in tree.reclaimable()]}
+
+
+def _own_file_patterns(domain, tree):
+    """(directory, prefix, suffix) of the file names livesnap gives new images."""
+    out = set()
+    for disk, nid in tree.active.items():
+        leaf = tree.nodes[nid].path
+        directory, base = os.path.split(leaf)
+        if domain.kind == "xen":
+            stem = base[:-4] if base.endswith(".vhd") else base
+            out.add((directory, stem + ".", ".vhd"))
+        else:
+            out.add((directory, domain.name + "-", ".qcow2"))
+    return out
 
 
 class _SessionContext(object):

@@ -258,7 +258,10 @@ class Planner(object):
         op = "commit" if c.alloc <= n.alloc else "pull"
         if op not in allowed:
             op = allowed[0]
+        chain = work.chain(work.active[n.disk])
         return {"op": op, "disk": n.disk, "node": nid, "path": n.path, "fmt": n.fmt,
+                "leaf_path": work.nodes[work.active[n.disk]].path,
+                "node_in_chain": nid in chain, "child_in_chain": cid in chain,
                 "child": cid, "child_path": c.path, "child_fmt": c.fmt,
                 "child_active": c.state == ACTIVE,
                 "parent": n.parent, "parent_path": parent.path if parent else None,

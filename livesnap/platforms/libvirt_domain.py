@@ -52,8 +52,26 @@ def open_connection(uri=None):
                             % (uri or "the default URI", e.get_error_message()))
 
 
+class LibvirtPlatform(object):
+    """Domains of one libvirt connection (opened when first needed)."""
+
+    def __init__(self, uri=None):
+        self.uri = uri
+        self._conn = None
+
+    def connection(self):
+        if self._conn is None:
+            self._conn = open_connection(self.uri)
+        return self._conn
+
+    def lookup(self, ident):
+        return Domain.lookup(self.connection(), ident)
+
+
 class Domain(object):
     """A libvirt domain as livesnap sees it."""
+
+    kind = "libvirt"
 
     def __init__(self, conn, dom):
         self.conn = conn
@@ -74,6 +92,9 @@ class Domain(object):
             except libvirt.libvirtError:
                 continue
         raise DomainNotFound(ident)
+
+    def snapshottable(self, disk):
+        return domain_xml.snapshottable(disk)
 
     def is_running(self):
         libvirt = _libvirt()

@@ -1,0 +1,254 @@
+"""VHD datapaths, tapdisk's way: the disk's leaf keeps its path, frozen images are renamed.
+
+``VhdOfflineDatapath``: no tapdisk serves the disks (domain shut off); images are changed
+with the VHD engine directly.
+
+``TapdiskDatapath``: a tapdisk serves each disk. It holds the whole chain open (the leaf
+read-write, with a stale footer on disk; the parents read-only, their metadata cached), so:
+
+* a snapshot pauses every selected tapdisk, renames each leaf to the snapshot's name,
+  creates the new empty leaf at the old path and unpauses with ``-a`` on that path; the
+  pause window is measured;
+* data is copied only between read-only images while tapdisk runs: coalesce into a parent
+  whose only child is the source (tapdisk reads those sectors from the child anyway), or pull
+  into a child (it writes exactly the bytes tapdisk would read from below);
+* a merge that involves the active leaf first takes an internal snapshot (planned by the
+  planner), so the pause covers only the rename and, later, the reparenting.
+
+Every step checks what is already done, so it can be re-run after a crash; ``heal`` unpauses
+any tapdisk of the domain left paused.
+"""
+import contextlib
+import logging
+import os
+
+from livesnap import vhd
+from livesnap.datapaths import Datapath, unlink
+from livesnap.engine import faults
+from livesnap.errors import DatapathError
+from livesnap.tools import tap_ctl
+
+log = logging.getLogger(__name__)
+
+
+def _fsync_dir(path):
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _parent(path):
+    q = vhd.query(path)
+    return os.path.abspath(q.parent) if q.parent else None
+
+
+class TapdiskNamer(object):
+    """The leaf keeps the VM's path; a frozen image becomes ``<dir>/<stem>.<name>.vhd``."""
+
+    def __init__(self):
+        self.handed_out = set()
+
+    def _free(self, tree, directory, stem, token):
+        known = {n.path for n in tree.nodes.values()} | self.handed_out
+        base = os.path.join(directory, "%s.%s" % (stem, token))
+        path, n = base + ".vhd", 1
+        while path in known or os.path.exists(path):
+            n += 1
+            path = "%s-%d.vhd" % (base, n)
+        self.handed_out.add(path)
+        return path
+
+    def __call__(self, tree, disk, purpose, name, keep=None):
+        leaf = tree.nodes[tree.active[disk]]
+        directory, base = os.path.split(leaf.path)
+        stem = base[:-4] if base.endswith(".vhd") else base
+        if purpose == "revert":
+            return {"leaf": leaf.path,
+                    "kept": self._free(tree, directory, stem, keep) if keep else None}
+        token = name if purpose == "snapshot" else "internal-%s" % os.urandom(4).hex()
+        return {"frozen": self._free(tree, directory, stem, token), "leaf": leaf.path}
+
+
+class VhdOfflineDatapath(Datapath):
+    name = "vhd-offline"
+
+    def __init__(self, domain):
+        self.domain = domain
+
+    def merge_ops(self, tree, node_id, child_id):
+        """The disk keeps its path: a merge with the active leaf pulls into it (a commit
+        would move the disk's data into the parent's file)."""
+        if tree.nodes[child_id].state == "active":
+            return ("pull",)
+        return ("commit", "pull")
+
+    # What tapdisk would need paused around a change of these images; nothing offline.
+    @contextlib.contextmanager
+    def _paused(self, disks):
+        yield None
+
+    def _leaf_path(self, disk):
+        for d in self.domain.disks():
+            if d.target == disk:
+                return d.path
+        raise DatapathError(reason="domain %s has no disk %s" % (self.domain.name, disk))
+
+    def _freeze(self, items, hidden=False):
+        """Rename each leaf away and put a new empty leaf at its path (idempotent)."""
+        todo = []
+        for it in items:
+            frozen, leaf = it["frozen_path"], it["leaf_path"]
+            if os.path.exists(frozen) and os.path.exists(leaf) and _parent(leaf) == frozen:
+                continue                                    # done before a crash
+            todo.append(it)
+        pause_ms = None
+        if todo:
+            with self._paused([it["disk"] for it in todo]) as window:
+                for it in todo:
+                    frozen, leaf = it["frozen_path"], it["leaf_path"]
+                    if os.path.exists(leaf) and not os.path.exists(frozen):
+                        os.rename(leaf, frozen)
+                        _fsync_dir(frozen)
+                        faults.point("tapdisk", "renamed", 0)
+                    if os.path.exists(leaf):
+                        os.unlink(leaf)                     # a half-made child of a crash
+                    vhd.snapshot(leaf, frozen)
+                    _fsync_dir(leaf)
+            pause_ms = getattr(window, "ms", None)
+        for it in items:
+            if hidden:
+                vhd.set_hidden(it["frozen_path"], 1)
+        return {"pause_ms": pause_ms}
+
+    def do_snapshot(self, step):
+        return self._freeze(step["items"])
+
+    def do_internal_snapshot(self, step):
+        return self._freeze([step], hidden=True)
+
+    def do_hide(self, step):
+        vhd.set_hidden(step["path"], 1)
+
+    def do_remove(self, step):
+        unlink(step["path"])
+
+    def _reparent(self, disk, paths, new_parent, in_chain):
+        """Point ``paths`` at ``new_parent``. When one of them is in the chain a tapdisk
+        holds open, that tapdisk is paused for just this (its leaf's metadata is valid on
+        disk only while it is paused, and it reopens the new chain on unpause)."""
+        if in_chain and self.pauses:
+            with self._paused([disk]) as window:
+                for p in paths:
+                    if _parent(p) != new_parent:
+                        vhd.set_parent(p, new_parent)
+            return window.ms
+        for p in paths:
+            if _parent(p) != new_parent:
+                vhd.set_parent(p, new_parent)
+        return None
+
+    def do_commit(self, step):
+        node, child = step["path"], step["child_path"]
+        if os.path.exists(child) and _parent(child) == node:
+            vhd.coalesce(child)
+        grand = [g["path"] for g in step["grandchildren"]]
+        pause_ms = self._reparent(step["disk"], grand, node, step.get("child_in_chain"))
+        unlink(child)
+        return {"pause_ms": pause_ms}
+
+    def do_pull(self, step):
+        node, child = step["path"], step["child_path"]
+        if os.path.exists(node) and _parent(child) == node:
+            vhd.pull(child)
+        pause_ms = self._reparent(step["disk"], [child], step["parent_path"],
+                                  step.get("child_in_chain"))
+        unlink(node)
+        return {"pause_ms": pause_ms}
+
+    def do_new_leaf(self, step):
+        leaf = step["leaf_path"]
+        if os.path.exists(leaf) and _parent(leaf) == step["parent_path"]:
+            return
+        if os.path.exists(leaf):
+            os.unlink(leaf)
+        vhd.snapshot(leaf, step["parent_path"])
+        _fsync_dir(leaf)
+
+    def do_keep_leaf(self, step):
+        old, kept = step["path"], step.get("kept_path")
+        if kept and os.path.exists(old) and not os.path.exists(kept):
+            os.rename(old, kept)
+            _fsync_dir(kept)
+
+    def abandon(self, step):
+        return None
+
+    def heal(self):
+        return []
+
+
+class TapdiskDatapath(VhdOfflineDatapath):
+    name = "tapdisk"
+    pauses = True
+
+    def __init__(self, domain, pause_timeout=tap_ctl.DEFAULT_PAUSE_TIMEOUT):
+        super(TapdiskDatapath, self).__init__(domain)
+        self.pause_timeout = pause_timeout
+
+    def needs_internal(self, tree, child_id):
+        return tree.nodes[child_id].state == "active"
+
+    def _tapdisk(self, disk):
+        path = self._leaf_path(disk)
+        td = tap_ctl.find(path)
+        if td is None:
+            raise DatapathError(reason="no tapdisk serves disk %s (%s) of %s"
+                                % (disk, path, self.domain.name))
+        return td, path
+
+    @contextlib.contextmanager
+    def _paused(self, disks):
+        """Pause the tapdisks of ``disks`` together; unpause each with -a on its leaf path
+        whatever happens. Yields an object whose ``ms`` is the whole window."""
+        window = _Window()
+        with contextlib.ExitStack() as stack:
+            import time
+            t0 = time.monotonic()
+            for disk in sorted(set(disks)):
+                td, path = self._tapdisk(disk)
+                stack.enter_context(tap_ctl.paused(td.pid, td.minor, path=path,
+                                                   timeout=self.pause_timeout))
+            stack.callback(window.stop, t0)
+            yield window
+
+    def do_remove(self, step):
+        if step["path"] in {d.path for d in self.domain.disks()}:
+            raise DatapathError(reason="%s is served by a tapdisk: not removed" % step["path"])
+        unlink(step["path"])
+
+    def do_new_leaf(self, step):
+        raise DatapathError(reason="revert needs %s shut off (its tapdisks closed)"
+                            % self.domain.name)
+
+    def heal(self):
+        """Unpause every tapdisk of the domain that is left paused (after a crash)."""
+        healed = []
+        for d in self.domain.disks():
+            if not self.domain.snapshottable(d):
+                continue
+            td = tap_ctl.find(d.path)
+            if td is not None and td.state is not None and td.state & tap_ctl.PAUSED \
+                    and os.path.exists(d.path):
+                tap_ctl.unpause(td.pid, td.minor, d.path)
+                healed.append(d.target)
+        return healed
+
+
+class _Window(object):
+    ms = None
+
+    def stop(self, t0):
+        import time
+        self.ms = (time.monotonic() - t0) * 1000.0

@@ -1,0 +1,187 @@
+"""The Xen datapath end to end: a domain described by a domain XML file, its two VHD disks
+served by the tapdisk stand-in, whose writer (the guest) writes and acknowledges records all
+the time. livesnap creates, deletes and reverts with the seed's method; afterwards every
+acknowledged write is there, every remaining snapshot reads what it read when taken, every
+image passes the VHD check and the VM's disk paths never changed."""
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from livesnap import vhd
+from livesnap.tools import tap_ctl
+from testxen.verify import assert_intact
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SIZE = 8 << 20
+
+
+class XenVm(object):
+    def __init__(self, xen, tmp_path):
+        self.xen = xen
+        self.dir = str(tmp_path / "sr")
+        os.makedirs(self.dir)
+        self.state_dir = str(tmp_path / "state")
+        self.name = "xvm-" + uuid.uuid4().hex[:6]
+        self.uuid = str(uuid.uuid4())
+        self.paths = {}
+        disks = ""
+        for t in ("xvda", "xvdb"):
+            self.paths[t] = os.path.join(self.dir, "%s.vhd" % uuid.uuid4())
+            vhd.create(self.paths[t], SIZE)
+            disks += ("<disk type='file' device='disk'><driver name='tap2' type='vhd'/>"
+                      "<source file='%s'/><target dev='%s' bus='xen'/></disk>"
+                      % (self.paths[t], t))
+        self.xml = str(tmp_path / "vm.xml")
+        with open(self.xml, "w") as f:
+            f.write("<domain type='xen'><name>%s</name><uuid>%s</uuid><memory>131072</memory>"
+                    "<os><type>hvm</type></os><devices>%s</devices></domain>"
+                    % (self.name, self.uuid, disks))
+        with open(self.xml) as f:
+            self.xml_text = f.read()
+        self.tapdisks = {}
+        self.snaps = {}
+
+    def start(self):
+        for t, p in self.paths.items():
+            self.tapdisks[t] = self.xen.create(p)
+        for t in self.paths:
+            self.xen.wait_acks(self.tapdisks[t], 3)
+
+    def stop_and_verify(self):
+        """Close the tapdisks (the guest stops), then every acknowledged write is there."""
+        for t, td in self.tapdisks.items():
+            log = self.xen.ack_log(td)
+            rc, out, err = self.xen.tap_ctl("destroy", "-p", td.pid, "-m", td.minor)
+            assert rc == 0, err
+            assert_intact(log, self.paths[t])
+            assert vhd.check(self.paths[t]) == []
+        self.tapdisks = {}
+
+    def cli(self, *args, expect=0, env_extra=None):
+        env = dict(os.environ, LIVESNAP_STATE_DIR=self.state_dir)
+        env.pop("LIVESNAP_FAULT", None)
+        env.update(env_extra or {})
+        p = subprocess.run([sys.executable, "-m", "livesnap.cli.main"] + list(args)
+                           + ["--domain-xml", self.xml], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        if expect is not None:
+            assert p.returncode == expect, (args, p.returncode, p.stdout, p.stderr)
+        return p
+
+    def json(self, *args, **kw):
+        import json
+        return json.loads(self.cli(*(args + ("--output", "json")), **kw).stdout)
+
+    def create(self, name, *extra):
+        t0 = time.monotonic_ns()
+        r = self.json("snapshot-create", self.name, name, *extra)
+        self.snaps[name] = {}
+        for d in r["disks"]:
+            self.snaps[name][d["target"]] = digest(d["image"])
+            if d["target"] in self.tapdisks:
+                # the frozen image holds every write acknowledged before the call
+                assert_intact(self.xen.ack_log(self.tapdisks[d["target"]]), d["image"],
+                              until_ns=t0)
+        return r
+
+    def delete(self, name):
+        r = self.json("snapshot-delete", self.name, name)
+        del self.snaps[name]
+        return r
+
+    def check(self):
+        listing = self.json("snapshot-list", self.name)
+        assert {s["name"] for s in listing["snapshots"]} == set(self.snaps)
+        for s in listing["snapshots"]:
+            got = {d["target"]: digest(d["image"]) for d in s["disks"]}
+            assert got == self.snaps[s["name"]], s["name"]
+        with open(self.xml) as f:
+            assert f.read() == self.xml_text           # the VM's disk paths never change
+        for t, td in self.tapdisks.items():
+            now = tap_ctl.find(self.paths[t])
+            assert now is not None and now.pid == td.pid and not now.state & tap_ctl.PAUSED
+        chk = self.json("check", self.name, expect=None)
+        assert chk["ok"], chk["problems"]
+        for f in os.listdir(self.dir):
+            p = os.path.join(self.dir, f)
+            if p not in self.paths.values() or not self.tapdisks:
+                assert vhd.check(p) == [], p
+
+
+def digest(path):
+    return hashlib.sha256(vhd.read(path, 0, SIZE)).hexdigest()
+
+
+@pytest.fixture
+def vm(xen, tmp_path):
+    return XenVm(xen, tmp_path)
+
+
+def test_seed_method_create_and_delete_every_way(vm):
+    vm.start()
+    r = vm.create("s1")
+    assert r["datapath"] == "tapdisk" and r["pause_ms"] is not None
+    # the frozen images were renamed away, the VM's paths now hold new empty leaves
+    for d in r["disks"]:
+        assert d["image"] != vm.paths[d["target"]]
+        assert os.path.basename(d["image"]).startswith(
+            os.path.basename(vm.paths[d["target"]])[:-4] + ".s1")
+    vm.xen.wait_acks(vm.tapdisks["xvda"], vm.xen.acked(vm.tapdisks["xvda"]) + 20)
+    vm.create("s2")
+    vm.check()
+    # s2's only child is the active leaf: internal snapshot, online merge, short pause
+    plan = vm.json("snapshot-delete", vm.name, "s2", "--dry-run")
+    assert [s["op"] for s in plan["steps"]][:2] == ["internal_snapshot", "internal_snapshot"] \
+        or [s["op"] for s in plan["steps"]][0] == "internal_snapshot"
+    r = vm.delete("s2")
+    assert r["action"] == "merged"
+    vm.check()
+    # s1's only child is now the internal image (an intermediate one): merged online
+    r = vm.delete("s1")
+    assert r["action"] == "merged"
+    vm.check()
+    vm.stop_and_verify()
+    vm.check()
+
+
+def test_random_sequence_with_the_writer_running(vm):
+    rnd = random.Random(11)
+    vm.start()
+    ops = {"create": 0, "delete": 0, "revert": 0}
+    actions = set()
+    n = 0
+    for run in range(3):
+        for _ in range(11):
+            n += 1
+            names = sorted(vm.snaps)
+            if not names or rnd.random() < 0.55:
+                extra = [] if rnd.random() < 0.8 else ["--disk", rnd.choice(["xvda", "xvdb"])]
+                vm.create("s%d" % n, *extra)
+                ops["create"] += 1
+            else:
+                actions.add(vm.delete(rnd.choice(names))["action"])
+                ops["delete"] += 1
+            vm.check()
+        vm.stop_and_verify()
+        names = sorted(vm.snaps)
+        if names and run < 2:
+            target = rnd.choice(names)
+            keep = ["--keep-current", "k%d" % run] if rnd.random() < 0.5 else []
+            before = {t: digest(p) for t, p in vm.paths.items()}
+            vm.json("snapshot-revert", vm.name, target, *keep)
+            ops["revert"] += 1
+            if keep:
+                vm.snaps[keep[1]] = before
+            vm.check()
+        vm.start()
+    vm.stop_and_verify()
+    vm.check()
+    assert ops["create"] + ops["delete"] >= 30 and ops["revert"] >= 1
+    print("ops %s actions %s" % (ops, sorted(actions)))
+    assert "merged" in actions
