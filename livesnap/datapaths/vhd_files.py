@@ -77,6 +77,13 @@ class VhdOfflineDatapath(Datapath):
     def __init__(self, domain):
         self.domain = domain
 
+    def run(self, step):
+        """Every step under the platform's chain lock where it has one (SM's SR lock on a
+        XAPI host, so its garbage collector never sees a chain half changed)."""
+        lock = getattr(self.domain, "chain_lock", None)
+        with (lock() if lock is not None else _nothing()):
+            return super(VhdOfflineDatapath, self).run(step)
+
     def merge_ops(self, tree, node_id, child_id):
         """The disk keeps its path: a merge with the active leaf pulls into it (a commit
         would move the disk's data into the parent's file)."""
@@ -244,6 +251,11 @@ class TapdiskDatapath(VhdOfflineDatapath):
                 tap_ctl.unpause(td.pid, td.minor, d.path)
                 healed.append(d.target)
         return healed
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield None
 
 
 class _Window(object):

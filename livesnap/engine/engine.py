@@ -385,6 +385,9 @@ class Engine(object):
             return result
 
     def _check_quiesce(self, domain):
+        if domain.kind != "libvirt":
+            raise UsageError(reason="--quiesce is for libvirt domains (QEMU guest agent); "
+                                    "'%s' is a Xen domain" % domain.name)
         if not domain.is_running():
             raise UsageError(reason="--quiesce needs '%s' running (a shut-off domain has no "
                                     "file systems to freeze)" % domain.name)

@@ -1,0 +1,45 @@
+"""The storage manager's SR lock on XAPI hosts, taken around livesnap's chain changes.
+
+SM serialises everything that changes an SR's VHD chains (its own snapshots, deletes and the
+garbage collector's coalesce/relink) with a POSIX write lock on ``/var/lock/sm/<sr-uuid>/sr``
+(xapi-project/sm ``drivers/lock.py``: ``Lock("sr", sr_uuid)``, ``flock.WriteLock``, i.e.
+``fcntl(F_SETLK/F_SETLKW, F_WRLCK)`` on the whole file). livesnap takes the same lock, so the
+GC never sees a chain half changed.
+"""
+import contextlib
+import errno
+import fcntl
+import os
+import time
+
+from livesnap.errors import Busy
+
+BASE_DIR = "/var/lock/sm"
+
+
+@contextlib.contextmanager
+def sr_lock(sr_uuid, base_dir=BASE_DIR, timeout=60.0, poll=0.05):
+    """Hold SM's lock of SR ``sr_uuid``; ``Busy`` if SM holds it longer than ``timeout``."""
+    nspath = os.path.join(base_dir, sr_uuid)
+    if not os.path.isdir(nspath):
+        os.makedirs(nspath, 0o755)
+    path = os.path.join(nspath, "sr")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except (IOError, OSError) as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                if time.monotonic() > deadline:
+                    raise Busy(domain="SR " + sr_uuid, lock_path=path)
+                time.sleep(poll)
+        try:
+            yield path
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
