@@ -218,16 +218,17 @@ class TapdiskDatapath(VhdOfflineDatapath):
     @contextlib.contextmanager
     def _paused(self, disks):
         """Pause the tapdisks of ``disks`` together; unpause each with -a on its leaf path
-        whatever happens. Yields an object whose ``ms`` is the whole window."""
+        whatever happens. Yields an object whose ``ms`` is the whole window, from the first
+        pause to the last unpause (the unpause reopens the chain: part of the pause)."""
+        import time
+        targets = [self._tapdisk(disk) for disk in sorted(set(disks))]
         window = _Window()
         with contextlib.ExitStack() as stack:
-            import time
             t0 = time.monotonic()
-            for disk in sorted(set(disks)):
-                td, path = self._tapdisk(disk)
+            stack.callback(window.stop, t0)          # runs last, after every unpause
+            for td, path in targets:
                 stack.enter_context(tap_ctl.paused(td.pid, td.minor, path=path,
                                                    timeout=self.pause_timeout))
-            stack.callback(window.stop, t0)
             yield window
 
     def do_remove(self, step):

@@ -223,6 +223,8 @@ class Engine(object):
             if not os.path.exists(n.path):
                 raise BadImage(n.path, "image of node %s (%s) is missing" % (n.id, n.state))
             if n.id in opaque:
+                # its allocation estimated from the file: the planner weighs commit and pull
+                n.alloc = os.stat(n.path).st_size
                 continue
             entry = formats.info(n.path, n.fmt)
             if entry.fmt != n.fmt:
@@ -328,7 +330,8 @@ class Engine(object):
                                   "continues it", op_id, i, step["op"], session.domain.name)
                     raise
                 if facts.get("pause_ms") is not None:
-                    pauses.append(facts["pause_ms"])
+                    pauses.append({"step": step["op"], "disk": step.get("disk"),
+                                   "ms": facts["pause_ms"]})
                 if facts.get("replace_step"):
                     # the datapath merged another way than planned (active commit that did
                     # not converge -> pull): journal what was really done
@@ -362,7 +365,10 @@ class Engine(object):
         op_id = session.catalog.begin(plan)
         pauses, merges = self._execute(session, datapath, plan, op_id)
         self._sync_metadata(session, session.tree)
-        result["pause_ms"] = max(pauses) if pauses else None
+        # every pause of the guest's IO, and the longest one (what the guest felt most)
+        result["pauses"] = pauses
+        result["pause_ms"] = max(p["ms"] for p in pauses) if pauses else None
+        result["pause_total_ms"] = sum(p["ms"] for p in pauses) if pauses else None
         if plan.op in ("delete", "reclaim", "revert"):
             result["merges"] = merges
         result["datapath"] = datapath.name

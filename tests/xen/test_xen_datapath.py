@@ -6,22 +6,20 @@ image passes the VHD check and the VM's disk paths never changed."""
 import hashlib
 import os
 import random
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
+from helpers import Cli
 from livesnap import vhd
 from livesnap.tools import tap_ctl
 from testxen.verify import assert_intact
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 8 << 20
 
 
-class XenVm(object):
+class XenVm(Cli):
     def __init__(self, xen, tmp_path):
         self.xen = xen
         self.dir = str(tmp_path / "sr")
@@ -63,20 +61,11 @@ class XenVm(object):
             assert vhd.check(self.paths[t]) == []
         self.tapdisks = {}
 
-    def cli(self, *args, expect=0, env_extra=None):
-        env = dict(os.environ, LIVESNAP_STATE_DIR=self.state_dir)
-        env.pop("LIVESNAP_FAULT", None)
-        env.update(env_extra or {})
-        p = subprocess.run([sys.executable, "-m", "livesnap.cli.main"] + list(args)
-                           + ["--domain-xml", self.xml], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        if expect is not None:
-            assert p.returncode == expect, (args, p.returncode, p.stdout, p.stderr)
-        return p
+    def cli(self, *args, **kw):
+        return Cli.cli(self, *(args + ("--domain-xml", self.xml)), **kw)
 
-    def json(self, *args, **kw):
-        import json
-        return json.loads(self.cli(*(args + ("--output", "json")), **kw).stdout)
+    def inproc(self, *args, **kw):
+        return Cli.inproc(self, *(args + ("--domain-xml", self.xml)), **kw)
 
     def create(self, name, *extra):
         t0 = time.monotonic_ns()

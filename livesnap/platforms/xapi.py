@@ -1,0 +1,223 @@
+"""A Xen VM as XAPI knows it: VM -> VBDs -> VDIs -> SR -> image path (XEN-NOTES.md §4.1-4.2).
+
+The platform is handed a XenAPI session (``XenAPI.xapi_local()`` in the plugin, any
+``XenAPI.Session`` elsewhere); this module never imports XenAPI. A disk's image path follows
+from the SR type and ``VDI.location`` (the VDI uuid on file and LVHD SRs):
+
+* file SRs (ext, nfs, smb, file): ``<sr_mount_base>/<sr uuid>/<location>.vhd`` (``.raw``);
+* LVHD SRs (lvm, lvmoiscsi, lvmohba): ``/dev/VG_XenStorage-<sr uuid>/VHD-<location>``
+  (``LV-`` for raw).
+
+Whether the VM's disks are live is what tapdisk says (``tap-ctl list``), as for
+``XenXmlDomain``; ``VM.power_state`` only names the state and catches a VM that XAPI calls
+running while no tapdisk serves its disks. Templates, snapshots and the control domain are
+refused. XenAPI failures become ``DomainNotFound`` (unknown uuid or name) or ``XapiError``.
+
+Python 3.6, stdlib only: it runs inside the XAPI plugin in dom0.
+"""
+import contextlib
+import logging
+import os
+import re
+
+from livesnap.errors import DatapathError, DomainNotFound, Error, UsageError
+from livesnap.platforms import sm_lock
+from livesnap.platforms.domain_xml import Disk
+from livesnap.platforms.xen_domain import XenDomainBase
+
+log = logging.getLogger(__name__)
+
+NULL_REF = "OpaqueRef:NULL"
+DEFAULT_SR_MOUNT_BASE = "/run/sr-mount"
+FILE_SR_TYPES = ("ext", "nfs", "smb", "file")
+LVHD_SR_TYPES = ("lvm", "lvmoiscsi", "lvmohba")
+# \Z, not $: "$" also matches before a trailing newline
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                     r"[0-9a-fA-F]{12}\Z")
+# what a VDI location / SR uuid may be before it becomes part of a path
+SAFE_COMPONENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+POWER_STATES = {"Running": "running", "Halted": "shut off", "Paused": "paused",
+                "Suspended": "suspended"}
+
+
+class XapiError(Error):
+    """A XenAPI call failed (its ErrorDescription in ``details``)."""
+    fields = ("call", "details")
+    msg = "XenAPI call {self.call} failed: {self.details}"
+
+
+def is_uuid(text):
+    return isinstance(text, str) and bool(UUID_RE.match(text))
+
+
+def _failure_details(e):
+    """The ErrorDescription of a ``XenAPI.Failure`` (duck-typed), or None."""
+    details = getattr(e, "details", None)
+    return [str(d) for d in details] if isinstance(details, (list, tuple)) else None
+
+
+def userdevice_target(userdevice):
+    """``xvd`` + letter(s) of a VBD slot: 0 -> xvda, 25 -> xvdz, 26 -> xvdaa."""
+    n = int(userdevice)
+    letters = ""
+    n += 1
+    while n:
+        n, r = divmod(n - 1, 26)
+        letters = chr(ord("a") + r) + letters
+    return "xvd" + letters
+
+
+class XapiPlatform(object):
+    def __init__(self, session, sr_mount_base=DEFAULT_SR_MOUNT_BASE,
+                 sm_lock_dir=sm_lock.BASE_DIR, sm_lock_timeout=60.0):
+        self.session = session
+        self.sr_mount_base = sr_mount_base
+        self.sm_lock_dir = sm_lock_dir
+        self.sm_lock_timeout = sm_lock_timeout
+
+    def call(self, name, *args):
+        """``session.xenapi.<name>(*args)``; a XenAPI failure becomes ``XapiError``."""
+        fn = self.session.xenapi
+        for part in name.split("."):
+            fn = getattr(fn, part)
+        log.debug("XenAPI %s%r", name, args)
+        try:
+            return fn(*args)
+        except Exception as e:
+            details = _failure_details(e)
+            if details is None:
+                raise XapiError(name, "%s: %s" % (e.__class__.__name__, e))
+            raise XapiError(name, details)
+
+    def lookup(self, ident):
+        """The VM with this uuid, or with this name_label (which must be unique)."""
+        if not isinstance(ident, str) or not ident or len(ident) > 255:
+            raise UsageError(reason="invalid VM identifier %r" % (ident,))
+        if is_uuid(ident):
+            try:
+                ref = self.call("VM.get_by_uuid", ident.lower())
+            except XapiError as e:
+                if e.details and e.details[0] in ("UUID_INVALID", "HANDLE_INVALID"):
+                    raise DomainNotFound(ident)
+                raise
+        else:
+            refs = self.call("VM.get_by_name_label", ident)
+            if not refs:
+                raise DomainNotFound(ident)
+            if len(refs) > 1:
+                raise UsageError(reason="%d VMs are named %r: name the VM by its uuid"
+                                        % (len(refs), ident))
+            ref = refs[0]
+        return XapiDomain(self, ref, self.call("VM.get_record", ref))
+
+
+class XapiDomain(XenDomainBase):
+    """One VM; its disks are read once, when it is looked up (they do not move while
+    livesnap works: tapdisk's rename convention keeps every VDI's path)."""
+
+    def __init__(self, platform, ref, record):
+        self.platform = platform
+        self.ref = ref
+        self.record = record
+        self.uuid = record["uuid"]
+        self.name = record.get("name_label") or self.uuid
+        if record.get("is_control_domain"):
+            raise UsageError(reason="%s (%s) is the control domain; livesnap snapshots guest "
+                                    "VMs only" % (self.name, self.uuid))
+        if record.get("is_a_snapshot"):
+            raise UsageError(reason="%s (%s) is a XAPI snapshot, not a VM; livesnap works on "
+                                    "the VM itself" % (self.name, self.uuid))
+        if record.get("is_a_template"):
+            raise UsageError(reason="%s (%s) is a template, not a VM" % (self.name, self.uuid))
+        self._srs = {}                  # target -> SR uuid
+        self._disks = self._read_disks()
+
+    # -- disks -------------------------------------------------------------------------------
+
+    def _read_disks(self):
+        out = []
+        seen = set()
+        for vbd_ref in self.record.get("VBDs", []):
+            vbd = self.platform.call("VBD.get_record", vbd_ref)
+            if vbd.get("type") != "Disk" or vbd.get("VDI", NULL_REF) == NULL_REF \
+                    or vbd.get("empty"):
+                continue
+            target = self._target(vbd)
+            if target in seen:
+                raise UsageError(reason="VM %s has two disks at %s" % (self.name, target))
+            seen.add(target)
+            vdi = self.platform.call("VDI.get_record", vbd["VDI"])
+            sr = self.platform.call("SR.get_record", vdi["SR"])
+            path, fmt, source_type = self._image(sr, vdi)
+            self._srs[target] = sr.get("uuid")
+            out.append(Disk(target, path, fmt, "disk", source_type, vbd.get("mode") == "RO"))
+        return out
+
+    def _target(self, vbd):
+        """The disk's name for livesnap: from the VBD slot (``userdevice``), which stays the
+        same whether the VM runs or not, else the guest device name."""
+        userdevice = vbd.get("userdevice", "")
+        if userdevice.isdigit() and int(userdevice) < 256:
+            return userdevice_target(userdevice)
+        device = vbd.get("device", "")
+        if device and SAFE_COMPONENT_RE.match(device):
+            return device
+        raise UsageError(reason="VBD %s of VM %s has no usable slot (userdevice %r, device %r)"
+                                % (vbd.get("uuid"), self.name, userdevice, device))
+
+    def _image(self, sr, vdi):
+        """(path, fmt, source_type) of a VDI; path None where livesnap cannot work."""
+        vdi_type = (vdi.get("sm_config") or {}).get("vdi_type", "vhd")
+        fmt = "vhd" if vdi_type == "vhd" else vdi_type
+        sr_type = sr.get("type")
+        if sr_type not in FILE_SR_TYPES + LVHD_SR_TYPES:
+            return None, fmt, "file"
+        sr_uuid, location = sr.get("uuid", ""), vdi.get("location", "")
+        for what, value in (("SR uuid", sr_uuid), ("VDI location", location)):
+            if not SAFE_COMPONENT_RE.match(value) or ".." in value:
+                raise UsageError(reason="VDI %s: %s %r cannot name a file"
+                                        % (vdi.get("uuid"), what, value))
+        if sr_type in FILE_SR_TYPES:
+            ext = ".vhd" if fmt == "vhd" else ".raw"
+            return os.path.join(self.platform.sr_mount_base, sr_uuid, location + ext), fmt, "file"
+        prefix = "VHD-" if fmt == "vhd" else "LV-"
+        return "/dev/VG_XenStorage-%s/%s%s" % (sr_uuid, prefix, location), fmt, "block"
+
+    def disks(self, inactive=False):
+        return list(self._disks)
+
+    def sr_uuids(self):
+        """The SRs holding the VM's snapshottable disks, sorted."""
+        return sorted({self._srs[d.target] for d in self._disks if self.snapshottable(d)})
+
+    @contextlib.contextmanager
+    def chain_lock(self):
+        """SM's SR lock of every SR of the VM's disks (in uuid order), held by the VHD
+        datapaths around each change of a chain, so that SM's GC never sees one half done."""
+        with contextlib.ExitStack() as stack:
+            for sr_uuid in self.sr_uuids():
+                stack.enter_context(sm_lock.sr_lock(sr_uuid, base_dir=self.platform.sm_lock_dir,
+                                                    timeout=self.platform.sm_lock_timeout))
+            yield
+
+    # -- state -------------------------------------------------------------------------------
+
+    def power_state(self):
+        return self.platform.call("VM.get_power_state", self.ref)
+
+    def is_running(self):
+        """A tapdisk serves the VM's disks. XAPI saying Running/Paused while none does is an
+        error: working on those images offline could lose the guest's writes."""
+        if self.tapdisks():
+            return True
+        state = self.power_state()
+        if state in ("Running", "Paused") and any(self.snapshottable(d) for d in self._disks):
+            raise DatapathError(reason="XAPI says VM %s is %s but no tapdisk serves its disks "
+                                       "(%s); refusing to touch them"
+                                % (self.name, state, ", ".join(
+                                    d.path for d in self._disks if self.snapshottable(d))))
+        return False
+
+    def state_name(self):
+        state = self.power_state()
+        return POWER_STATES.get(state, str(state).lower())

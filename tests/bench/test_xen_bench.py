@@ -1,0 +1,89 @@
+"""Smoke run of bench/xen.py --quick: the JSON is well formed, has every figure the issue asks
+for (pause window of create and of each kind of delete, the baseline and the ratios), every
+scenario verified (no acknowledged write lost, the merged data intact, every image checks) and
+no stand-in tapdisk or temp dir is left behind. No timing is asserted: performance figures come
+from the benchmark, not from tests."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(ROOT, "bench", "xen.py")
+OPS = ("create", "null_pause", "delete_intermediate", "delete_active", "delete_hide",
+       "xapi_leaf_coalesce")
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
+
+
+def _standins(under):
+    """pids of running stand-in tapdisks serving an image under ``under``."""
+    out = set()
+    for p in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(p, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"testxen.tapdisk" in argv and b"--path" in argv:
+            path = argv[argv.index(b"--path") + 1].decode()
+            if path.startswith(under + os.sep):
+                out.add(int(p.split("/")[2]))
+    return out
+
+
+def test_xen_bench_quick(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "xen.json"
+    p = subprocess.run([sys.executable, BENCH, "--quick", "--dir", str(work), "--out", str(out)],
+                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads(p.stdout)
+    assert json.loads(out.read_text()) == doc
+    assert doc["benchmark"] == "xen" and doc["verified"] is True
+    assert doc["params"]["sizes_mib"] == [16] and doc["params"]["repeat"] == 1
+
+    (size,) = doc["sizes"]
+    assert size["mib"] == 16 and _number(size["baseline_gap"]["median_ms"])
+    assert _number(size["livesnap_cli_floor_ms"])
+    for op in OPS:
+        m = size[op]
+        assert m["n"] == 1, op
+        for k in ("wall_ms", "stall_ms", "excess_ms", "tapdisk_paused_max_ms"):
+            assert _number(m[k]), (op, k, m)
+        assert m["wall_ms"] > 0, (op, m)
+    # every operation but the hide pauses the tapdisk, and says how long
+    for op in ("create", "null_pause", "delete_intermediate", "delete_active",
+               "xapi_leaf_coalesce"):
+        assert _number(size[op]["pause_ms"]) and size[op]["pauses"] >= 1, (op, size[op])
+    assert size["delete_hide"]["pauses"] == 0 and size["delete_hide"]["action"] == "hidden"
+    assert size["delete_intermediate"]["action"] == "merged"
+    assert size["delete_active"]["action"] == "merged"
+    assert size["delete_intermediate"]["method"] in ("commit", "pull")
+    assert size["delete_active"]["method"] in ("commit", "pull")
+    assert size["delete_active"]["pauses"] >= 1
+    assert size["xapi_leaf_coalesce"]["moved_mib"] >= 16
+    for name, r in size["ratios"].items():
+        assert r is not None, name
+        assert _number(r["stall"]) and _number(r["wall"]), (name, r)
+
+    assert sorted(r["scenario"] for r in doc["runs"]) == sorted(
+        ["delete_intermediate", "delete_active", "delete_hide", "xapi_leaf_coalesce"])
+    for r in doc["runs"]:
+        assert r["verified"] is True and r["acked_writes"] > 0, r["scenario"]
+        assert r["baseline_gap"]["n"] > 0
+        assert r["op"]["acks_in_window"] >= 1
+    by = {r["scenario"]: r for r in doc["runs"]}
+    assert len(by["delete_intermediate"]["chain_before"]) == 3
+    assert len(by["delete_intermediate"]["chain_after"]) == 3      # c1 took s1's place
+    assert len(by["delete_active"]["chain_after"]) == 2
+    assert len(by["xapi_leaf_coalesce"]["chain_after"]) == 1
+
+    # cleaned up: no stand-in of this run survives, the work dir is empty
+    assert not _standins(str(work))
+    assert os.listdir(str(work)) == []
