@@ -47,10 +47,11 @@ def build_parser():
     parser.add_argument("--version", action="version", version="livesnap " + livesnap.__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_options()
-    from livesnap.cli import install, snapshot
+    from livesnap.cli import install, install_plugin, snapshot
     from livesnap.vhd import cli as vhd_cli
     snapshot.register(sub, common)
     install.register(sub, common)
+    install_plugin.register(sub, common)
     vhd_cli.register(sub)
     return parser
 

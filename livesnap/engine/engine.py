@@ -414,8 +414,9 @@ class Engine(object):
             check_snapshot_name(keep_current)
         with self._session(domain) as s:
             self._no_interrupted(s)
-            if s.domain.is_running():
-                raise WrongState(s.domain.name, "running",
+            state = s.domain.state_name()
+            if state != "shut off":
+                raise WrongState(s.domain.name, state,
                                  "revert needs the domain shut off: virsh shutdown %s (or "
                                  "virsh destroy %s), then revert again" % (s.domain.name,
                                                                            s.domain.name))

@@ -3,7 +3,7 @@ import re
 
 from livesnap.errors import UsageError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@-]{0,99}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@-]{0,99}\Z")
 
 
 def check_snapshot_name(name):

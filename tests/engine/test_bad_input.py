@@ -48,7 +48,7 @@ def test_duplicate_name(dom):
 
 
 def test_bad_names_are_usage_errors(dom):
-    for bad in ["../etc", "a/b", "", ".hidden", "x" * 200]:
+    for bad in ["../etc", "a/b", "", ".hidden", "x" * 200, "s1\n", "a b"]:
         refused(dom, ["snapshot-create", dom.name, bad], ["invalid snapshot name"], rc=2)
 
 

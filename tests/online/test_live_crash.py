@@ -41,7 +41,7 @@ def test_kill_at_every_step_while_the_guest_writes(live):
         live.delete(name)
 
     def setup_active_commit(i):
-        g.wait_acks(100)
+        g.wait_acks(40)
         live.create("a%d" % i)
         g.wait_acks(2)
         return "a%d" % i, "commit"
@@ -50,7 +50,7 @@ def test_kill_at_every_step_while_the_guest_writes(live):
         live.create("p%d-base" % i)       # so that p's own image holds only a few writes
         g.wait_acks(1)
         live.create("p%d" % i)
-        g.wait_acks(140)
+        g.wait_acks(60)
         return "p%d" % i, "pull"
 
     def setup_intermediate(i):

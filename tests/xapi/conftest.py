@@ -1,0 +1,223 @@
+"""Fixtures for the XAPI plugin tests: the XAPI stand-in (``testxen/xapi.py``) on a UNIX socket,
+a VM with two VHD disks on a file SR, the tapdisk stand-in (``testxen/tap-ctl``) to serve them,
+and the plugin run exactly as xapi runs it: the plugin file itself with one argv holding the
+XML-RPC methodCall, its reply read from stdout."""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import xmlrpc.client
+
+import pytest
+
+from livesnap import vhd
+from livesnap.tools import tap_ctl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTXEN = os.path.join(ROOT, "testxen")
+TAP_CTL = os.path.join(TESTXEN, "tap-ctl")
+PLUGIN = os.path.join(ROOT, "xapi_plugin", "livesnap")
+SIZE = 8 << 20
+
+if TESTXEN not in sys.path:
+    sys.path.insert(0, TESTXEN)          # XenAPIPlugin (stand-in) for in-process imports
+
+from testxen.xapi import Xapi  # noqa: E402
+
+
+def alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def xenapi_lib(tmp_path_factory):
+    """A directory holding only the ``XenAPI`` package (PyPI ``xenapi``), for the plugin's
+    interpreter (dom0's /usr/bin/python3 provides it; here the venv has it)."""
+    import XenAPI
+    src = os.path.dirname(os.path.abspath(XenAPI.__file__))
+    d = str(tmp_path_factory.mktemp("xenapi-lib"))
+    shutil.copytree(src, os.path.join(d, "XenAPI"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return d
+
+
+class World(object):
+    """The stand-in world of one test: xapi, tapdisks, SR, state dir."""
+
+    def __init__(self, base, xenapi_lib):
+        self.base = base
+        self.sr_base = os.path.join(base, "sr-mount")
+        self.state_dir = os.path.join(base, "state")
+        self.run_dir = os.path.join(base, "run")
+        self.sm_lock_dir = os.path.join(base, "sm-lock")
+        self.socket = os.path.join(base, "xapi")
+        for d in (self.sr_base, self.run_dir):
+            os.makedirs(d)
+        self.pythonpath = os.pathsep.join([ROOT, TESTXEN, xenapi_lib])
+        self.xapi = Xapi(sr_mount_base=self.sr_base)
+        self.xapi.plugin_env = self.env()
+        self.sr = self.xapi.add_sr("ext")
+        os.makedirs(self.xapi.sr_dir(self.sr))
+        self.xapi.serve(self.socket)
+        self.session = self.xapi.login()
+        self.pids = set()
+
+    def env(self, **extra):
+        env = dict(os.environ)
+        env.pop("LIVESNAP_FAULT", None)
+        env.update({"PYTHONPATH": self.pythonpath, "TESTXEN_XAPI_SOCKET": self.socket,
+                    "LIVESNAP_STATE_DIR": self.state_dir,
+                    "LIVESNAP_SR_MOUNT_BASE": self.sr_base,
+                    "LIVESNAP_SM_LOCK_DIR": self.sm_lock_dir,
+                    "TAP_CTL": TAP_CTL, "TESTXEN_RUN_DIR": self.run_dir})
+        env.update(extra)
+        return env
+
+    # -- the plugin, as xapi runs it ---------------------------------------------------------
+
+    def run_plugin(self, fn, args, session=None, **env):
+        """Run the plugin with one argv (the methodCall). Returns the reply struct, after
+        checking that stdout is exactly one methodResponse and the exit status is 0."""
+        call = xmlrpc.client.dumps((session or self.session, args), methodname=fn)
+        p = subprocess.run([PLUGIN, call], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True,
+                           env=self.env(**env), timeout=120)
+        self.last = p
+        assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+        (reply,), method = xmlrpc.client.loads(p.stdout)
+        assert method is None
+        assert p.stdout == xmlrpc.client.dumps((reply,), methodresponse=True,
+                                               allow_none=True) + "\n", p.stdout
+        return reply
+
+    def ok(self, fn, **args):
+        reply = self.run_plugin(fn, args)
+        assert reply["Status"] == "Success", (reply, self.last.stderr)
+        assert isinstance(reply["Value"], str)
+        return json.loads(reply["Value"])
+
+    def fail(self, fn, args, code, **env):
+        reply = self.run_plugin(fn, args, **env)
+        assert reply["Status"] == "Failure", reply
+        desc = reply["ErrorDescription"]
+        assert desc[0] == code, (desc, self.last.stderr)
+        if code.startswith("LIVESNAP_"):
+            assert len(desc) == 3 and all(isinstance(d, str) for d in desc), desc
+            json.loads(desc[2])
+        return desc
+
+    # -- VMs ---------------------------------------------------------------------------------
+
+    def add_vm(self, name="vm1", ndisks=2, power_state="Halted", **fields):
+        vm = self.xapi.add_vm(name, power_state=power_state, **fields)
+        paths = {}
+        for i in range(ndisks):
+            vdi = self.xapi.add_vdi(self.sr, SIZE)
+            path = self.xapi.vdi_path(vdi)
+            vhd.create(path, SIZE)
+            self.xapi.add_vbd(vm, vdi, userdevice=str(i))
+            paths["xvd" + "abcdefgh"[i]] = path
+        return Vm(self, vm, paths)
+
+    def tap_ctl(self, *args):
+        p = subprocess.run([TAP_CTL] + [str(a) for a in args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                           env=self.env())
+        return p.returncode, p.stdout, p.stderr
+
+    def kill_all(self):
+        pids = set(self.pids)
+        for p in glob.glob(os.path.join(self.run_dir, "tapdisk*.json")):
+            try:
+                with open(p) as f:
+                    pids.add(json.load(f)["pid"])
+            except (OSError, ValueError):
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def snapshot_of_files(self):
+        """Names, sizes and mtimes of every file under the SR and the state dir."""
+        out = {}
+        for top in (self.sr_base, self.state_dir):
+            for dirpath, _, names in os.walk(top):
+                for n in names:
+                    p = os.path.join(dirpath, n)
+                    st = os.stat(p)
+                    out[p] = (st.st_size, st.st_mtime_ns)
+        return out
+
+
+class Vm(object):
+    def __init__(self, world, ref, paths):
+        self.world = world
+        self.ref = ref
+        self.paths = paths
+        self.tapdisks = {}
+
+    @property
+    def uuid(self):
+        return self.world.xapi.record("VM", self.ref)["uuid"]
+
+    def start(self):
+        """Serve the disks with the tapdisk stand-in (its writer is the guest); Running."""
+        for t, p in self.paths.items():
+            rc, out, err = self.world.tap_ctl("create", "-a", "vhd:%s" % p)
+            assert rc == 0, err
+            minor = int(out.strip()[len("/dev/xen/blktap-2/tapdev"):])
+            disk, = [d for d in tap_ctl.parse_list(self.world.tap_ctl("list")[1])
+                     if d.minor == minor]
+            self.world.pids.add(disk.pid)
+            self.tapdisks[t] = disk
+        self.world.xapi.record("VM", self.ref)["power_state"] = "Running"
+
+    def ack_log(self, t):
+        td = self.tapdisks[t]
+        return os.path.join(self.world.run_dir, "tapdisk%d.%d.ack" % (td.pid, td.minor))
+
+    def stop(self):
+        """Close the tapdisks; every acknowledged write is in the disk; Halted."""
+        from testxen.verify import assert_intact
+        for t, td in self.tapdisks.items():
+            log = self.ack_log(t)
+            rc, out, err = self.world.tap_ctl("destroy", "-p", td.pid, "-m", td.minor)
+            assert rc == 0, err
+            assert_intact(log, self.paths[t])
+            assert vhd.check(self.paths[t]) == []
+        self.tapdisks = {}
+        self.world.xapi.record("VM", self.ref)["power_state"] = "Halted"
+
+
+@pytest.fixture
+def world(xenapi_lib, monkeypatch):
+    base = "/tmp/xs-" + uuid.uuid4().hex[:10]      # short, and no "_" (XenAPI's UDS naming)
+    os.makedirs(base)
+    monkeypatch.setenv("TESTXEN_WRITER_INTERVAL", "0.003")
+    monkeypatch.setenv("TESTXEN_SLOTS", "8")
+    monkeypatch.setenv("TESTXEN_STRIDE", str(1 << 20))
+    monkeypatch.setenv("TESTXEN_RETRY_INTERVAL", "0.05")
+    monkeypatch.setenv("TESTXEN_MAX_LIFETIME", "120")
+    monkeypatch.setenv("TAP_CTL", TAP_CTL)
+    w = World(base, xenapi_lib)
+    monkeypatch.setenv("TESTXEN_RUN_DIR", w.run_dir)
+    try:
+        yield w
+    finally:
+        w.xapi.stop()
+        w.kill_all()
+        shutil.rmtree(base, ignore_errors=True)

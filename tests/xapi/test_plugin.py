@@ -1,0 +1,89 @@
+"""The XAPI plugin end to end, run as xapi runs it (one argv: the methodCall; the reply on
+stdout) against the XAPI stand-in, on a VM with two VHD disks on a file SR."""
+import json
+import os
+
+
+from livesnap import vhd
+
+
+def names(listing):
+    return [s["name"] for s in listing["snapshots"]]
+
+
+def test_life_cycle_running_then_halted(world):
+    vm = world.add_vm()
+    vm.start()
+    r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    assert r["snapshot"] == "s1" and r["datapath"] == "tapdisk" and r["pause_ms"] is not None
+    assert sorted(d["target"] for d in r["disks"]) == ["xvda", "xvdb"]
+    for d in r["disks"]:
+        # the frozen image sits in the SR beside the VDI, whose path stays the VM's leaf
+        assert os.path.dirname(d["image"]) == os.path.dirname(vm.paths[d["target"]])
+        assert d["image"] != vm.paths[d["target"]] and d["format"] == "vhd"
+    r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2", description="before upgrade",
+                 disks="xvdb")
+    assert [d["target"] for d in r["disks"]] == ["xvdb"]
+    listing = world.ok("snapshot_list", vm_uuid=vm.uuid)
+    assert listing["domain"] == "vm1" and names(listing) == ["s1", "s2"]
+    assert listing["snapshots"][1]["description"] == "before upgrade"
+    assert listing == world.ok("snapshot_list", vm_uuid=vm.uuid, all="false")
+    # revert needs the VM halted
+    desc = world.fail("snapshot_revert", {"vm_uuid": vm.uuid, "name": "s1"},
+                      "LIVESNAP_WRONG_STATE")
+    assert "running" in desc[1]
+    dry = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2", dry_run="yes")
+    assert dry["dry_run"] is True
+    assert names(world.ok("snapshot_list", vm_uuid=vm.uuid)) == ["s1", "s2"]
+    r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    assert r["snapshot"] == "s2" and r["action"] in ("merged", "deleted")
+    assert names(world.ok("snapshot_list", vm_uuid=vm.uuid)) == ["s1"]
+    vm.stop()                       # every acknowledged write is in the disks
+    r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s3")
+    assert r["datapath"] != "tapdisk"
+    r = world.ok("snapshot_revert", vm_uuid=vm.uuid, name="s1", keep_current="k1")
+    assert r["snapshot"] == "s1" and r["kept"] == "k1"
+    listing = world.ok("snapshot_list", vm_uuid=vm.uuid, all="true")
+    assert set(names(listing)) == {"s1", "s3", "k1"}
+    r = world.ok("recover", vm_uuid=vm.uuid)
+    assert r["recovered"] is None and r["domain"] == "vm1"
+    for p in vm.paths.values():
+        assert vhd.check(p) == []
+
+
+def test_changes_wait_for_sms_sr_lock(world):
+    """While SM holds its SR lock (/var/lock/sm/<sr>/sr, POSIX write lock) a snapshot waits;
+    it goes on when SM lets go."""
+    import subprocess
+    import time
+    import xmlrpc.client
+    from conftest_paths import PLUGIN
+    vm = world.add_vm()
+    sr_uuid = world.xapi.record("SR", world.sr)["uuid"]
+    lock_dir = os.path.join(world.sm_lock_dir, sr_uuid)
+    os.makedirs(lock_dir)
+    fd = os.open(os.path.join(lock_dir, "sr"), os.O_RDWR | os.O_CREAT, 0o644)
+    # a lockf lock conflicts only with other processes: take it in a child, like SM would
+    holder = subprocess.Popen(["python3", "-c", "import fcntl, os, sys, time; "
+                               "fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); "
+                               "sys.stdin.read()", os.path.join(lock_dir, "sr")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              universal_newlines=True)
+    os.close(fd)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        call = xmlrpc.client.dumps((world.session, {"vm_uuid": vm.uuid, "name": "s1"}),
+                                   methodname="snapshot_create")
+        p = subprocess.Popen([PLUGIN, call], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, env=world.env())
+        time.sleep(2.0)
+        assert p.poll() is None                       # waiting for SM's lock
+        holder.stdin.close()
+        holder.wait(10)
+        out, err = p.communicate(timeout=60)
+    finally:
+        holder.kill()
+    (reply,), _ = xmlrpc.client.loads(out)
+    assert reply["Status"] == "Success", (reply, err)
+    assert json.loads(reply["Value"])["snapshot"] == "s1"
