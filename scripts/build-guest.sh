@@ -59,7 +59,7 @@ mkdir -p "$root"/{bin,dev,proc,sys,tmp,mods}
 cp "$work/b/bin/busybox" "$root/bin/busybox"
 ln -s busybox "$root/bin/sh"
 # Load order from GUEST-NOTES.md; a module built into this kernel is skipped.
-order="virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci virtio_blk"
+order="virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci virtio_blk virtio_console"
 : > "$root/mods/order"
 for m in $order; do
   f=$(find "$mods/kernel" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -n1)

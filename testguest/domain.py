@@ -78,8 +78,9 @@ def timer_cmdline(virt):
 
 def domain_xml(name, disks, kernel=None, initrd=None, ring_mib=4, interval_ms=20, run_id="run0",
                serial_socket=None, console_log=None, memory_mib=128, virt=None, cache="none",
-               extra_cmdline="", uuid=None):
-    """Domain XML for the writer guest.
+               extra_cmdline="", uuid=None, agent=False):
+    """Domain XML for the writer guest (``agent``: a QEMU guest agent channel, which the
+    guest's minimal agent answers).
 
     disks: list of (target, path, format), e.g. [("vda", "/x/a.qcow2", "qcow2")]; each disk
     must be at least ring_mib MiB. The chain behind a qcow2 is found by libvirt from the image
@@ -128,13 +129,16 @@ def domain_xml(name, disks, kernel=None, initrd=None, ring_mib=4, interval_ms=20
             "  <on_reboot>destroy</on_reboot>\n"
             "  <on_crash>destroy</on_crash>\n"
             "  <devices>\n%s%s"
+            "%s"
             "    <controller type='usb' model='none'/>\n"
             "    <memballoon model='none'/>\n"
             "  </devices>\n"
             "</domain>\n"
             % (quoteattr(virt), escape(name),
                "  <uuid>%s</uuid>\n" % escape(uuid) if uuid else "", memory_mib, escape(kernel),
-               escape(initrd), escape(cmdline), disk_xml, serial))
+               escape(initrd), escape(cmdline), disk_xml, serial,
+               "    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/>"
+               "</channel>\n" if agent else ""))
 
 
 class WriterGuest(object):
@@ -151,7 +155,8 @@ class WriterGuest(object):
     """
 
     def __init__(self, name, disks, run_id=None, ring_mib=4, interval_ms=20, uri=DEFAULT_URI,
-                 virt=None, cache="none", memory_mib=128, conn=None, extra_cmdline=""):
+                 virt=None, cache="none", memory_mib=128, conn=None, extra_cmdline="",
+                 agent=False):
         self.name = name
         self.disks = [tuple(d) for d in disks]
         self.targets = [d[0] for d in self.disks]
@@ -163,6 +168,7 @@ class WriterGuest(object):
         self.cache = cache
         self.memory_mib = memory_mib
         self.extra_cmdline = extra_cmdline
+        self.agent = agent
         self._conn = conn
         self.dom = None
         self.socket_path = os.path.join(RUN_DIR, name + ".sock")
@@ -195,7 +201,7 @@ class WriterGuest(object):
                           interval_ms=self.interval_ms, run_id=self.run_id,
                           serial_socket=self.socket_path, console_log=self.console_log,
                           memory_mib=self.memory_mib, virt=self.virt, cache=self.cache,
-                          extra_cmdline=self.extra_cmdline, uuid=self.uuid)
+                          extra_cmdline=self.extra_cmdline, uuid=self.uuid, agent=self.agent)
 
     def start(self, wait_ready=True, timeout=60):
         """Define the persistent domain, start it, attach the console reader."""

@@ -90,6 +90,42 @@ stop() {
     esac
   done ) </dev/console &
 
+# A minimal QEMU guest agent on the virtio port org.qemu.guest_agent.0 (when the domain has
+# that channel): it answers guest-sync and guest-ping, and guest-fsfreeze-freeze/-thaw/-status
+# by holding the writer (as a frozen file system blocks writes) and printing FROZEN / THAWED.
+agent() {
+  # read returns end-of-file while no host is connected: keep the port open and poll
+  exec 4<>"$1"
+  while :; do
+  while read -r req <&4; do
+    case $req in
+      *guest-sync*)
+        id=${req##*\"id\"}; id=${id#*:}; id=${id%%[!0-9 ]*}; id=$(echo $id)
+        echo "{\"return\": $id}" >&4 ;;
+      *guest-fsfreeze-freeze*)
+        : >/tmp/frozen; timer; echo "FROZEN ts=$TS"; echo '{"return": 1}' >&4 ;;
+      *guest-fsfreeze-thaw*)
+        n=0; [ -e /tmp/frozen ] && n=1
+        rm -f /tmp/frozen; timer; echo "THAWED ts=$TS"; echo "{\"return\": $n}" >&4 ;;
+      *guest-fsfreeze-status*)
+        if [ -e /tmp/frozen ]; then st=frozen; else st=thawed; fi
+        echo "{\"return\": \"$st\"}" >&4 ;;
+      *guest-ping*|*guest-info*) echo '{"return": {}}' >&4 ;;
+      *execute*) echo '{"error": {"class": "CommandNotFound", "desc": "not in this agent"}}' >&4 ;;
+    esac
+  done
+  nap 0.05
+  done
+}
+for p in /sys/class/virtio-ports/vport*; do
+  [ -e "$p/name" ] || continue
+  read -r pname <"$p/name"
+  if [ "$pname" = org.qemu.guest_agent.0 ]; then
+    agent "/dev/${p##*/}" &
+    echo "AGENT /dev/${p##*/}"
+  fi
+done
+
 read -r CS </sys/devices/system/clocksource/clocksource0/current_clocksource
 timer
 echo "READY run=$RUN disks=${LIST# } nslots=$NSLOTS interval_ms=$INTERVAL_MS clocksource=$CS ts=$TS"
@@ -112,6 +148,7 @@ while :; do
       nap 0.5
     fi
     [ "$INTERVAL_MS" -gt 0 ] && nap "$SLEEP_S"
+    while [ -e /tmp/frozen ]; do nap 0.005; done
     [ -e /tmp/stop ] && stop
   done
 done

@@ -61,6 +61,8 @@ class LibvirtLiveDatapath(Datapath):
         items = step["items"]
         live = {it["disk"]: self.domain.live_chain(it["disk"]) for it in items}
         if all(live[it["disk"]][:2] == [it["leaf_path"], it["frozen_path"]] for it in items):
+            if step.get("quiesce"):
+                self.heal()                             # a crash may have left it frozen
             return {}                                   # done before a crash
         for it in items:
             if live[it["disk"]][0] != it["frozen_path"]:
@@ -73,7 +75,7 @@ class LibvirtLiveDatapath(Datapath):
                             backing_fmt=it["frozen_fmt"])
         targets = {it["disk"] for it in items}
         others = [d.target for d in self.domain.disks() if d.target not in targets]
-        frozen = self._freeze()
+        frozen = self._freeze() if (self.quiesce or step.get("quiesce")) else None
         try:
             pause_ms = self.domain.snapshot_disks(
                 [(it["disk"], it["leaf_path"], it["fmt"]) for it in items], others)
@@ -85,13 +87,24 @@ class LibvirtLiveDatapath(Datapath):
     def _freeze(self):
         """Freeze guest file systems through the agent; a timer thaws them after
         ``quiesce_timeout`` seconds whatever happens to the snapshot call."""
-        if not self.quiesce:
-            return None
         self.domain.fs_freeze()
         timer = threading.Timer(self.quiesce_timeout, self._thaw_quietly)
         timer.daemon = True
         timer.start()
+        faults.point("quiesce", "frozen", 0)
         return timer
+
+    def heal(self):
+        """Thaw the guest's file systems if a crashed command left them frozen (a thaw of
+        thawed file systems does nothing); nothing else of this datapath stays paused."""
+        if self.domain.has_guest_agent():
+            try:
+                if self.domain.fs_thaw():
+                    log.warning("thawed the file systems of %s", self.domain.name)
+                    return ["fs-thaw"]
+            except Exception as e:   # no agent answering: nothing was frozen by us
+                log.info("no thaw of %s: %s", self.domain.name, e)
+        return []
 
     def _thaw_quietly(self):
         try:

@@ -385,6 +385,8 @@ class Engine(object):
                 self._check_quiesce(s.domain)
             tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath).create(tree, name, now_iso(), description, disks)
+            if self.quiesce:
+                plan.steps[0]["quiesce"] = True    # recover then knows to thaw
             result = self._run(s, datapath, plan, dry_run)
             if not dry_run:
                 result["disks"] = self._snapshot_disks(s.tree, name)

@@ -1,18 +1,27 @@
-"""Test-only fault points: ``LIVESNAP_FAULT=<op>:<when>:<step>`` kills the process (SIGKILL)
-at that point, so crash recovery can be tested at every journal step.
+"""Test-only fault points: ``LIVESNAP_FAULT=<op>:<when>:<step>[:<action>]`` acts at that point,
+so crash recovery can be tested at every journal step.
 
 ``when`` is ``before`` (intent recorded, step not started) or ``after`` (step carried out,
 not yet marked done). ``op`` may be ``*``. Datapaths add points of their own inside a step:
-``job:started:0`` right after a block job was started (it goes on running in QEMU).
+``job:started:0`` right after a block job was started (it goes on running in QEMU),
+``tapdisk:renamed:0`` inside a tapdisk pause right after a leaf was renamed,
+``quiesce:frozen:0`` while the guest's file systems are frozen.
+``action`` is ``kill`` (SIGKILL, the default) or ``sleep=SECONDS`` (a stall).
 """
 import os
 import signal
+import time
 
 
 def point(op, when, index):
     spec = os.environ.get("LIVESNAP_FAULT")
     if not spec:
         return
-    want_op, want_when, want_index = spec.split(":")
+    parts = spec.split(":")
+    want_op, want_when, want_index = parts[:3]
+    action = parts[3] if len(parts) > 3 else "kill"
     if want_op in ("*", op) and want_when == when and int(want_index) == index:
-        os.kill(os.getpid(), signal.SIGKILL)
+        if action.startswith("sleep="):
+            time.sleep(float(action[len("sleep="):]))
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
