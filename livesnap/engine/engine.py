@@ -222,11 +222,19 @@ class Engine(object):
             self._check_storage(n.path)
             if not os.path.exists(n.path):
                 raise BadImage(n.path, "image of node %s (%s) is missing" % (n.id, n.state))
+        # one qemu-img call per disk reads its whole live chain; other images one by one
+        infos = {}
+        for nid in tree.active.values():
+            leaf = tree.nodes[nid]
+            if leaf.fmt == "qcow2" and nid not in opaque:
+                for e in formats.chain(leaf.path, leaf.fmt):
+                    infos.setdefault(e.path, e)
+        for n in tree.nodes.values():
             if n.id in opaque:
                 # its allocation estimated from the file: the planner weighs commit and pull
                 n.alloc = os.stat(n.path).st_size
                 continue
-            entry = formats.info(n.path, n.fmt)
+            entry = infos.get(n.path) or formats.info(n.path, n.fmt)
             if entry.fmt != n.fmt:
                 raise BadImage(n.path, "format is %s, catalog says %s" % (entry.fmt, n.fmt))
             want = tree.nodes[n.parent].path if n.parent else None
