@@ -7,9 +7,8 @@ the directory livesnap is imported from, and the libvirt URI.
 """
 import os
 import sys
-import tempfile
 
-from livesnap.cli import output
+from livesnap.cli import install_files, output
 from livesnap.errors import Error
 
 HOOK_NAME = "livesnap"
@@ -79,20 +78,7 @@ def install(hooks_dir, state_dir, uri=None, python=None):
     target = os.path.join(target_dir, HOOK_NAME)
     restart = not _has_hooks(hooks_dir)
     try:
-        if not os.path.isdir(target_dir):
-            os.makedirs(target_dir, 0o755)
-        fd, tmp = tempfile.mkstemp(prefix="." + HOOK_NAME + ".", dir=target_dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o755)
-            os.rename(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        install_files.install_executable(target_dir, HOOK_NAME, text)
     except OSError as e:
         raise InstallError(target, e.strerror or str(e))
     result = {"installed": target, "state_dir": values["STATE_DIR"], "python": python,
@@ -103,10 +89,7 @@ def install(hooks_dir, state_dir, uri=None, python=None):
 def uninstall(hooks_dir):
     target = os.path.join(hooks_dir, "qemu.d", HOOK_NAME)
     try:
-        os.unlink(target)
-        removed = True
-    except FileNotFoundError:
-        removed = False
+        removed = install_files.remove(target)
     except OSError as e:
         raise InstallError(target, e.strerror or str(e))
     return {"removed": target if removed else None, "path": target}

@@ -6,9 +6,8 @@ livesnap package is imported from, so that the plugin finds the same livesnap wh
 (its shebang stays dom0's ``/usr/bin/python3``, the Python that has XenAPI).
 """
 import os
-import tempfile
 
-from livesnap.cli import output
+from livesnap.cli import install_files, output
 from livesnap.errors import Error
 
 PLUGIN_NAME = "livesnap"
@@ -56,20 +55,7 @@ def install(plugins_dir):
         text = render(f.read(), package_dir())
     target = os.path.join(plugins_dir, PLUGIN_NAME)
     try:
-        if not os.path.isdir(plugins_dir):
-            os.makedirs(plugins_dir, 0o755)
-        fd, tmp = tempfile.mkstemp(prefix="." + PLUGIN_NAME + ".", dir=plugins_dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o755)
-            os.rename(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        install_files.install_executable(plugins_dir, PLUGIN_NAME, text)
     except OSError as e:
         raise PluginInstallError(target, e.strerror or str(e))
     return {"installed": target, "livesnap_path": package_dir(), "source": src}
@@ -78,10 +64,7 @@ def install(plugins_dir):
 def uninstall(plugins_dir):
     target = os.path.join(plugins_dir, PLUGIN_NAME)
     try:
-        os.unlink(target)
-        removed = True
-    except FileNotFoundError:
-        removed = False
+        removed = install_files.remove(target)
     except OSError as e:
         raise PluginInstallError(target, e.strerror or str(e))
     return {"removed": target if removed else None, "path": target}

@@ -35,7 +35,7 @@ The planner is pure: new node ids and image paths come from functions the caller
 import uuid
 
 from livesnap.errors import ChainTooDeep, DuplicateName, SnapshotNotFound, UsageError
-from livesnap.model.tree import ACTIVE, BASE, HIDDEN, SNAPSHOT, Node, Snapshot
+from livesnap.model.tree import ACTIVE, HIDDEN, SNAPSHOT, Node, Snapshot
 
 DEFAULT_MAX_DEPTH = 30
 
