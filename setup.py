@@ -7,4 +7,7 @@ setup(
     packages=find_packages(include=["livesnap", "livesnap.*"]),
     python_requires=">=3.6",
     entry_points={"console_scripts": ["livesnap = livesnap.cli.main:main"]},
+    # the XAPI plugin and the hook launcher, for `livesnap install-plugin` / packagers
+    data_files=[("share/livesnap/xapi_plugin", ["xapi_plugin/livesnap"]),
+                ("share/livesnap/hooks/qemu.d", ["hooks/qemu.d/livesnap"])],
 )

@@ -6,6 +6,7 @@ livesnap package is imported from, so that the plugin finds the same livesnap wh
 (its shebang stays dom0's ``/usr/bin/python3``, the Python that has XenAPI).
 """
 import os
+import sys
 
 from livesnap.cli import install_files, output
 from livesnap.errors import Error
@@ -26,12 +27,13 @@ def package_dir():
 
 
 def plugin_source_path():
-    """``xapi_plugin/livesnap`` beside the package (source tree), or installed as package data
-    (``livesnap/xapi_plugin/livesnap``)."""
+    """``xapi_plugin/livesnap`` beside the package (source tree), inside it, or where
+    setup.py's data_files put it (``<prefix>/share/livesnap/xapi_plugin/livesnap``)."""
     import livesnap
     here = os.path.dirname(os.path.abspath(livesnap.__file__))
     for p in (os.path.join(os.path.dirname(here), "xapi_plugin", PLUGIN_NAME),
-              os.path.join(here, "xapi_plugin", PLUGIN_NAME)):
+              os.path.join(here, "xapi_plugin", PLUGIN_NAME),
+              os.path.join(sys.prefix, "share", "livesnap", "xapi_plugin", PLUGIN_NAME)):
         if os.path.isfile(p):
             return p
     raise PluginInstallError("xapi_plugin/" + PLUGIN_NAME, "the plugin source is not beside "
