@@ -65,7 +65,13 @@ class LibvirtPlatform(object):
         return self._conn
 
     def lookup(self, ident):
-        return Domain.lookup(self.connection(), ident)
+        """A libvirt domain; one whose disks are VHD images (a Xen domain, e.g. from
+        ``xen:///system``) is handed to the Xen datapaths."""
+        dom = Domain.lookup(self.connection(), ident)
+        from livesnap.platforms import xen_domain
+        if xen_domain.is_xen_domain(dom.disks(inactive=True)):
+            return xen_domain.XenLibvirtDomain(dom)
+        return dom
 
 
 class Domain(object):

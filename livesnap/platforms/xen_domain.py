@@ -69,3 +69,25 @@ class XenXmlDomain(XenDomainBase):
         for d in domain_xml.disks(self.root):
             out.append(d._replace(path=os.path.abspath(d.path)) if d.path else d)
         return out
+
+
+class XenLibvirtDomain(XenDomainBase):
+    """A Xen domain that libvirt knows (``xen:///system``, libxl driver): its definition is
+    read from libvirt, its disks are still served by tapdisk and keep their paths. libvirt's
+    libxl driver has no snapshot API, so nothing is asked of libvirt but the XML."""
+
+    def __init__(self, domain):
+        self.libvirt_domain = domain
+        self.name = domain.name
+        self.uuid = domain.uuid
+
+    def disks(self, inactive=False):
+        out = []
+        for d in domain_xml.disks(domain_xml.parse(self.libvirt_domain.xml(inactive=inactive))):
+            out.append(d._replace(path=os.path.abspath(d.path)) if d.path else d)
+        return out
+
+
+def is_xen_domain(disks):
+    """A domain whose disks are VHD images is served by tapdisk: a Xen domain."""
+    return any(d.fmt == "vhd" and d.device == "disk" for d in disks)

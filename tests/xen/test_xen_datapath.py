@@ -174,3 +174,29 @@ def test_random_sequence_with_the_writer_running(vm):
     assert ops["create"] + ops["delete"] >= 30 and ops["revert"] >= 1
     print("ops %s actions %s" % (ops, sorted(actions)))
     assert "merged" in actions
+
+
+def test_xen_domain_read_from_a_libvirt_connection(xen, tmp_path):
+    """A domain that libvirt describes (here libvirt's test driver standing in for
+    xen:///system) with VHD disks is driven through tapdisk like the XML-file one."""
+    import libvirt
+    vm = XenVm(xen, tmp_path)
+    conn = libvirt.open("test:///default")
+    xml = vm.xml_text.replace("<domain type='xen'>", "<domain type='test'>")
+    conn.defineXML(xml)
+    vm.start()
+    # the test driver's state lives in this process only: run livesnap's engine here
+    from livesnap.engine.engine import Engine
+    from livesnap.platforms.libvirt_domain import LibvirtPlatform
+    platform = LibvirtPlatform("test:///default")
+    platform._conn = conn
+    engine = Engine(state_dir=vm.state_dir, platform=platform)
+    r = engine.create(vm.name, "s1")
+    assert r["datapath"] == "tapdisk" and r["pause_ms"] is not None
+    for d in r["disks"]:
+        assert d["image"] != vm.paths[d["target"]] and d["image"].endswith(".s1.vhd")
+    r = engine.delete(vm.name, "s1")
+    assert r["action"] == "merged"
+    assert engine.check(vm.name)["ok"]
+    vm.stop_and_verify()
+    conn.lookupByName(vm.name).undefine()
