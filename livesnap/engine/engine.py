@@ -10,20 +10,19 @@ rolled back to "before".
 import datetime
 import logging
 import os
-import re
 import signal
 
+from livesnap import formats
 from livesnap.catalog import Catalog
 from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths.offline import OfflineDatapath
-from livesnap.engine import faults
+from livesnap.engine import adopt, check, faults
 from livesnap.engine.names import check_snapshot_name
-from livesnap.errors import (BadImage, ChainTooDeep, Error, InterruptedOperation, NoSpace,
+from livesnap.errors import (BadImage, Error, InterruptedOperation, NoSpace,
                              PathOutsideStorage, UsageError, WrongState)
 from livesnap.lock import DomainLock
 from livesnap.model import planner as P
-from livesnap.model.tree import ACTIVE, BASE, HIDDEN, SNAPSHOT, Node, Snapshot, Tree
-from livesnap import formats
+from livesnap.model.tree import HIDDEN
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +32,6 @@ SPACE_MARGIN = 1 << 20
 
 def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
-
-
-def _mtime_iso(path):
-    return datetime.datetime.fromtimestamp(os.stat(path).st_mtime,
-                                           datetime.timezone.utc).isoformat()
-
-
-def _adopted_name(kind, disk, path, taken):
-    stem = re.sub(r"[^A-Za-z0-9._+@-]", "-", os.path.basename(path)).strip(".-") or "image"
-    name = ("%s-%s-%s" % (kind, disk, stem))[:90]
-    n, out = 1, name
-    while out in taken:
-        n += 1
-        out = "%s-%d" % (name, n)
-    return out
 
 
 class Session(object):
@@ -115,80 +99,7 @@ class Engine(object):
     # -- loading and validating the tree ---------------------------------------------------
 
     def _adopt(self, domain):
-        """The tree of a domain livesnap has not seen.
-
-        Each snapshottable disk's image is the active node. External disk-only snapshots
-        made with virsh are adopted: a snapshot's node is the image its <domain> names (its
-        point-in-time data). Images below every snapshot are base nodes; a leaf that is
-        neither active nor a snapshot's image (an abandoned branch) is kept as a visible
-        snapshot ``orphan-<disk>-<file>`` so that nothing is lost without the user saying so.
-        """
-        snaps = []
-        if domain.kind == "libvirt":
-            from livesnap.platforms import libvirt_snapshots
-            snaps = libvirt_snapshots.list_snapshots(domain)
-            libvirt_snapshots.check_adoptable(domain, snaps)
-        nodes, active, records = [], {}, {}
-        for s in snaps:
-            records[s.name] = Snapshot(s.name, s.created, s.description)
-        for disk in domain.disks():
-            if not domain.snapshottable(disk):
-                log.info("disk %s (%s, %s) is not an image livesnap manages: left alone",
-                         disk.target, disk.path, disk.fmt)
-                continue
-            t = disk.target
-            owner = {os.path.abspath(s.images[t]): s.name for s in snaps
-                     if t in s.images and s.disks.get(t, ("external",))[0] == "external"}
-            # overlays named by libvirt's metadata may be gone (merged, or discarded by a
-            # revert); the images holding data must all be there
-            overlays = [os.path.abspath(s.disks[t][1]) for s in snaps
-                        if s.disks.get(t, (0, None))[1]]
-            roots = [disk.path] + sorted(owner) + sorted(p for p in overlays if os.path.exists(p))
-            images = {}                     # path -> (info entry, parent path)
-            for root in roots:
-                if root in images:
-                    continue
-                if not os.path.exists(root):
-                    raise BadImage(root, "image of disk %s is missing" % t)
-                chain = formats.chain(root, disk.fmt)
-                if len(chain) > self.max_depth:
-                    raise ChainTooDeep(root, len(chain), self.max_depth)
-                for entry in chain:
-                    images.setdefault(entry.path, (entry, entry.backing))
-            ids = {p: "%s-%s" % (t, P.new_node_id()[:12]) for p in images}
-            children = {}
-            for p, (_, parent) in images.items():
-                children.setdefault(parent, []).append(p)
-
-            def under_snapshot(p):
-                parent = images[p][1]
-                while parent is not None:
-                    if parent in owner:
-                        return True
-                    parent = images[parent][1]
-                return False
-
-            for p in sorted(images):
-                entry, parent = images[p]
-                self._check_storage(p)
-                snap = None
-                if p == os.path.abspath(disk.path):
-                    state = ACTIVE
-                elif p in owner:
-                    state, snap = SNAPSHOT, owner[p]
-                elif children.get(p) and not under_snapshot(p):
-                    state = BASE
-                else:
-                    state = SNAPSHOT
-                    snap = _adopted_name("orphan" if not children.get(p) else "adopted", t, p,
-                                         records)
-                    records[snap] = Snapshot(snap, _mtime_iso(p),
-                                             "adopted by livesnap: %s" % p)
-                nodes.append(Node(ids[p], t, ids[parent] if parent else None, state, p,
-                                  entry.fmt, snapshot=snap, alloc=entry.alloc))
-            active[t] = ids[os.path.abspath(disk.path)]
-        used = {n.snapshot for n in nodes if n.snapshot}
-        return Tree(nodes, [r for r in records.values() if r.name in used], active)
+        return adopt.adopt(domain, self.max_depth, self._check_storage)
 
     def load(self, session, validate=True, datapath=None):
         cat, domain = session.catalog, session.domain
@@ -295,18 +206,6 @@ class Engine(object):
         except Error as e:
             log.warning("libvirt snapshot metadata of %s not updated: %s (run 'livesnap check "
                         "%s')", session.domain.name, e, session.domain.name)
-
-    def _check_libvirt_metadata(self, session, tree):
-        from livesnap.platforms import libvirt_snapshots
-        try:
-            theirs = {x.name: x.parent for x in libvirt_snapshots.list_snapshots(session.domain)}
-        except Error as e:
-            return [str(e)]
-        ours = {x.name: tree.snapshot_parent(x.name) for x in tree.visible_snapshots()}
-        if theirs != ours:
-            return ["libvirt's snapshot metadata %s differs from livesnap's snapshots %s"
-                    % (sorted(theirs.items()), sorted(ours.items()))]
-        return []
 
     def _no_interrupted(self, session):
         op = session.catalog.unfinished()
@@ -488,63 +387,7 @@ class Engine(object):
     def check(self, domain):
         """Compare the catalog with the images on disk; a list of problems (empty when sound)."""
         with self._session(domain) as s:
-            problems = []
-            op = s.catalog.unfinished()
-            if op is not None:
-                problems.append("operation #%d (%s) is unfinished: run 'livesnap recover %s'"
-                                % (op.id, op.op, s.domain.name))
-            tree = self.load(s, validate=False)
-            problems += tree.validate()
-            sources = {d.target: d.path for d in s.domain.disks()}
-            for disk, nid in sorted(tree.active.items()):
-                if sources.get(disk) != tree.nodes[nid].path:
-                    problems.append("disk %s uses %s, catalog has %s"
-                                    % (disk, sources.get(disk), tree.nodes[nid].path))
-            xen = s.domain.kind == "xen"
-            opaque = set(tree.active.values()) if xen and s.domain.is_running() else set()
-            for n in sorted(tree.nodes.values(), key=lambda n: n.path):
-                if not os.path.exists(n.path):
-                    problems.append("image %s of node %s is missing" % (n.path, n.id))
-                    continue
-                if n.id in opaque:          # open in a tapdisk: metadata stale until paused
-                    continue
-                try:
-                    entry = formats.info(n.path, n.fmt)
-                except BadImage as e:
-                    problems.append(str(e))
-                    continue
-                want = tree.nodes[n.parent].path if n.parent else None
-                if entry.backing != want:
-                    problems.append("image %s is backed by %s, catalog says %s"
-                                    % (n.path, entry.backing, want))
-                if xen:
-                    from livesnap import vhd
-                    problems += ["%s: %s" % (n.path, p) for p in vhd.check(n.path)]
-            if s.domain.kind == "libvirt":
-                problems += self._check_libvirt_metadata(s, tree)
-            known = {n.path for n in tree.nodes.values()}
-            for directory, prefix, suffix in sorted(_own_file_patterns(s.domain, tree)):
-                for entry in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
-                    path = os.path.join(directory, entry)
-                    if entry.startswith(prefix) and entry.endswith(suffix) and path not in known:
-                        problems.append("image %s looks like livesnap's but the catalog does not "
-                                        "know it" % path)
-            return {"domain": s.domain.name, "ok": not problems, "problems": problems,
-                    "reclaimable": [tree.nodes[n].snapshot for n in tree.reclaimable()]}
-
-
-def _own_file_patterns(domain, tree):
-    """(directory, prefix, suffix) of the file names livesnap gives new images."""
-    out = set()
-    for disk, nid in tree.active.items():
-        leaf = tree.nodes[nid].path
-        directory, base = os.path.split(leaf)
-        if domain.kind == "xen":
-            stem = base[:-4] if base.endswith(".vhd") else base
-            out.add((directory, stem + ".", ".vhd"))
-        else:
-            out.add((directory, domain.name + "-", ".qcow2"))
-    return out
+            return check.check(self, s)
 
 
 class _SessionContext(object):
