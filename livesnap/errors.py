@@ -17,6 +17,7 @@ Tree::
      |    +-- Busy                another livesnap command holds the domain
      |    +-- WrongState          domain running/stopped where the datapath needs the other
      |    +-- InterruptedOperation  an unfinished operation needs ``livesnap recover``
+     +-- Interrupted              SIGINT/SIGTERM stopped an operation between two steps
      +-- BadImage                 corrupt header, missing backing file, cycle, wrong parent
      |    +-- ChainTooDeep
      |    +-- PathOutsideStorage
@@ -103,6 +104,12 @@ class InterruptedOperation(Conflict):
     fields = ("domain", "op_id", "op")
     msg = ("domain '{self.domain}' has an interrupted operation #{self.op_id} ({self.op}); "
            "run 'livesnap recover {self.domain}' first")
+
+
+class Interrupted(Error):
+    fields = ("signo", "domain")
+    msg = ("interrupted by signal {self.signo}; the operation on '{self.domain}' stopped between "
+           "two steps: run 'livesnap recover {self.domain}' to finish it")
 
 
 class BadImage(Error):

@@ -5,7 +5,7 @@ import os
 import sys
 
 import livesnap
-from livesnap.errors import Error, UsageError
+from livesnap.errors import Error, Interrupted, UsageError
 
 log = logging.getLogger("livesnap")
 
@@ -80,6 +80,8 @@ def main(argv=None):
         if getattr(args, "debug", False):
             log.exception("command failed")
         sys.stderr.write("error: %s\n" % e)
+        if isinstance(e, Interrupted):
+            return 128 + e.signo
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")

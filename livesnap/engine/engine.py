@@ -18,7 +18,7 @@ from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap.engine import adopt, check, faults
 from livesnap.engine.names import check_snapshot_name
-from livesnap.errors import (BadImage, Error, InterruptedOperation, NoSpace,
+from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
                              PathOutsideStorage, UsageError, WrongState)
 from livesnap.lock import DomainLock
 from livesnap.model import planner as P
@@ -42,12 +42,6 @@ class Session(object):
         self.domain = domain
         self.catalog = catalog
         self.tree = None
-
-
-class Interrupted(Error):
-    fields = ("signo", "domain")
-    msg = ("interrupted by signal {self.signo}; the operation on '{self.domain}' stopped between "
-           "two steps: run 'livesnap recover {self.domain}' to finish it")
 
 
 class Engine(object):

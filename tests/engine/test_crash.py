@@ -145,3 +145,30 @@ def test_report_crash_points():
     print("\ncrash points covered: %d across %d operation kinds"
           % (len(COVERED), len({c[0] for c in COVERED})))
     assert len(COVERED) >= 40
+
+
+def test_sigterm_stops_between_steps_and_recover_finishes(make_dom):
+    """SIGTERM during an operation only stops it at the next step boundary: exit 143, the
+    journal names what is left, 'livesnap recover' finishes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    dom = make_dom(sub="term")
+    args, op = setup_delete_commit(dom)
+    before = state_of(dom)
+    after = expected_after(args, before)
+    env = dict(dom.env(), LIVESNAP_FAULT="delete:after:0:sleep=3")
+    proc = subprocess.Popen([sys.executable, "-m", "livesnap.cli.main"] + args, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)                       # inside the stall after the first step
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (proc.returncode, err)
+    assert "livesnap recover" in err
+    refused = dom.cli("snapshot-create", dom.name, "x", expect=1)
+    assert "interrupted operation" in refused.stderr
+    rec = dom.json("recover", dom.name)
+    assert rec["steps_done_before"] == 1
+    assert state_of(dom) == after
+    assert dom.json("check", dom.name)["ok"]
