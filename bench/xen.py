@@ -62,6 +62,7 @@ sys.path.insert(0, ROOT)
 
 from livesnap import vhd  # noqa: E402
 from livesnap.tools import tap_ctl  # noqa: E402
+from testxen import tapctl  # noqa: E402
 from testxen import verify as txverify  # noqa: E402
 
 TAP_CTL = os.path.join(ROOT, "testxen", "tap-ctl")
@@ -79,14 +80,6 @@ class BenchError(RuntimeError):
 def chunk(tag, i):
     """MiB number i of region ``tag`` (A or B): 8-byte units naming region and MiB."""
     return (b"%s%07d" % (tag, i)) * (MiB // 8)
-
-
-def alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def ms(ns):
@@ -366,14 +359,7 @@ class Vm(object):
 
 
 def kill(pids):
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 10
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    tapctl.kill_all(pids=pids)
 
 
 # --- summary --------------------------------------------------------------------------------

@@ -235,3 +235,35 @@ def main(argv=None):
     except Fail as e:
         sys.stderr.write("tap-ctl %s: %s\n" % (argv[0], e))
         return e.code
+
+
+def alive(pid):
+    """The process exists and is not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_all(run_dir=None, pids=(), timeout=10.0):
+    """SIGKILL every stand-in tapdisk registered under ``run_dir`` and ``pids``; wait until
+    they are gone. Returns the pids still alive after ``timeout`` (should be none)."""
+    import signal
+    pids = set(pids)
+    if run_dir:
+        for p in glob.glob(os.path.join(run_dir, "tapdisk*.json")):
+            try:
+                with open(p) as f:
+                    pids.add(json.load(f)["pid"])
+            except (OSError, ValueError, KeyError):
+                pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return [p for p in pids if alive(p)]

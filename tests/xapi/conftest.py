@@ -2,14 +2,11 @@
 a VM with two VHD disks on a file SR, the tapdisk stand-in (``testxen/tap-ctl``) to serve them,
 and the plugin run exactly as xapi runs it: the plugin file itself with one argv holding the
 XML-RPC methodCall, its reply read from stdout."""
-import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import uuid
 import xmlrpc.client
 
@@ -27,15 +24,8 @@ SIZE = 8 << 20
 if TESTXEN not in sys.path:
     sys.path.insert(0, TESTXEN)          # XenAPIPlugin (stand-in) for in-process imports
 
+from testxen import tapctl  # noqa: E402
 from testxen.xapi import Xapi  # noqa: E402
-
-
-def alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -135,21 +125,7 @@ class World(object):
         return p.returncode, p.stdout, p.stderr
 
     def kill_all(self):
-        pids = set(self.pids)
-        for p in glob.glob(os.path.join(self.run_dir, "tapdisk*.json")):
-            try:
-                with open(p) as f:
-                    pids.add(json.load(f)["pid"])
-            except (OSError, ValueError):
-                pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        tapctl.kill_all(self.run_dir, self.pids)
 
     def snapshot_of_files(self):
         """Names, sizes and mtimes of every file under the SR and the state dir."""

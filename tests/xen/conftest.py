@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -12,17 +11,11 @@ import time
 import pytest
 
 from livesnap.tools import tap_ctl
+from testxen import tapctl
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TAP_CTL = os.path.join(ROOT, "testxen", "tap-ctl")
-
-
-def alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Xen(object):
@@ -79,22 +72,8 @@ class Xen(object):
         return out
 
     def kill_all(self):
-        pids = set(self.pids)
-        for p in glob.glob(os.path.join(self.run_dir, "tapdisk*.json")):
-            try:
-                with open(p) as f:
-                    pids.add(json.load(f)["pid"])
-            except (OSError, ValueError):
-                pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not [p for p in pids if alive(p)], "stand-in tapdisks survived SIGKILL"
+        survivors = tapctl.kill_all(self.run_dir, self.pids)
+        assert not survivors, "stand-in tapdisks survived SIGKILL: %s" % survivors
 
 
 @pytest.fixture
