@@ -5,6 +5,55 @@ from livesnap import formats
 from livesnap.errors import BadImage, Error
 
 
+def image_problems(domain, tree, opaque=()):
+    """Every way the domain's disks and the images on disk disagree with the catalog, as
+    ``BadImage`` errors (not raised): a disk using another image, an image missing or not
+    opening, of another format or with another backing file. Nodes in ``opaque`` (leaves a
+    tapdisk holds open: their metadata is stale until a pause) are not read. Refreshes each
+    node's allocation size on the way (an opaque leaf's from its file size)."""
+    sources = {d.target: d.path for d in domain.disks()}
+    for disk, nid in sorted(tree.active.items()):
+        path = tree.nodes[nid].path
+        if sources.get(disk) != path:
+            yield BadImage(sources.get(disk) or disk,
+                           "disk %s of '%s' uses %s but livesnap's catalog has %s; it was "
+                           "changed outside livesnap (see 'livesnap check %s')"
+                           % (disk, domain.name, sources.get(disk), path, domain.name))
+    nodes = sorted(tree.nodes.values(), key=lambda n: n.path)
+    missing = {n.id for n in nodes if not os.path.exists(n.path)}
+    for n in nodes:
+        if n.id in missing:
+            yield BadImage(n.path, "image of node %s (%s) is missing" % (n.id, n.state))
+    # one qemu-img call per disk reads its whole live chain; other images one by one
+    infos = {}
+    for nid in tree.active.values():
+        leaf = tree.nodes[nid]
+        if leaf.fmt == "qcow2" and nid not in opaque and not missing:
+            try:
+                for e in formats.chain(leaf.path, leaf.fmt):
+                    infos.setdefault(e.path, e)
+            except BadImage:
+                pass                    # each image below says what is wrong with it
+    for n in nodes:
+        if n.id in missing:
+            continue
+        if n.id in opaque:
+            # its allocation estimated from the file: the planner weighs commit and pull
+            n.alloc = os.stat(n.path).st_size
+            continue
+        try:
+            entry = infos.get(n.path) or formats.info(n.path, n.fmt)
+        except BadImage as e:
+            yield e
+            continue
+        if entry.fmt != n.fmt:
+            yield BadImage(n.path, "format is %s, catalog says %s" % (entry.fmt, n.fmt))
+        want = tree.nodes[n.parent].path if n.parent else None
+        if entry.backing != want:
+            yield BadImage(n.path, "backing file is %s, expected %s" % (entry.backing, want))
+        n.alloc = entry.alloc
+
+
 def check(engine, s):
     """Compare the catalog of session ``s`` with the images on disk, the domain's disks and
     (libvirt) libvirt's snapshot metadata; a dict with the problems (empty when sound)."""
@@ -15,31 +64,14 @@ def check(engine, s):
                         % (op.id, op.op, s.domain.name))
     tree = engine.load(s, validate=False)
     problems += tree.validate()
-    sources = {d.target: d.path for d in s.domain.disks()}
-    for disk, nid in sorted(tree.active.items()):
-        if sources.get(disk) != tree.nodes[nid].path:
-            problems.append("disk %s uses %s, catalog has %s"
-                            % (disk, sources.get(disk), tree.nodes[nid].path))
     xen = s.domain.kind == "xen"
     opaque = set(tree.active.values()) if xen and s.domain.is_running() else set()
-    for n in sorted(tree.nodes.values(), key=lambda n: n.path):
-        if not os.path.exists(n.path):
-            problems.append("image %s of node %s is missing" % (n.path, n.id))
-            continue
-        if n.id in opaque:          # open in a tapdisk: metadata stale until paused
-            continue
-        try:
-            entry = formats.info(n.path, n.fmt)
-        except BadImage as e:
-            problems.append(str(e))
-            continue
-        want = tree.nodes[n.parent].path if n.parent else None
-        if entry.backing != want:
-            problems.append("image %s is backed by %s, catalog says %s"
-                            % (n.path, entry.backing, want))
-        if xen:
-            from livesnap import vhd
-            problems += ["%s: %s" % (n.path, p) for p in vhd.check(n.path)]
+    problems += [str(e) for e in image_problems(s.domain, tree, opaque)]
+    if xen:
+        from livesnap import vhd
+        problems += ["%s: %s" % (n.path, p) for n in sorted(tree.nodes.values(),
+                                                            key=lambda n: n.path)
+                     if n.id not in opaque and os.path.exists(n.path) for p in vhd.check(n.path)]
     if s.domain.kind == "libvirt":
         problems += _check_libvirt_metadata(s, tree)
     known = {n.path for n in tree.nodes.values()}

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 
-from livesnap import formats
 from livesnap.catalog import Catalog
 from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths.offline import OfflineDatapath
@@ -115,37 +114,10 @@ class Engine(object):
         opaque = set()
         if datapath is not None and datapath.name == "tapdisk":
             opaque = set(tree.active.values())
-        sources = {d.target: d.path for d in domain.disks()}
-        for disk, nid in tree.active.items():
-            path = tree.nodes[nid].path
-            if sources.get(disk) != path:
-                raise BadImage(sources.get(disk) or disk,
-                               "disk %s of '%s' uses %s but livesnap's catalog has %s; it was "
-                               "changed outside livesnap (see 'livesnap check %s')"
-                               % (disk, domain.name, sources.get(disk), path, domain.name))
         for n in tree.nodes.values():
             self._check_storage(n.path)
-            if not os.path.exists(n.path):
-                raise BadImage(n.path, "image of node %s (%s) is missing" % (n.id, n.state))
-        # one qemu-img call per disk reads its whole live chain; other images one by one
-        infos = {}
-        for nid in tree.active.values():
-            leaf = tree.nodes[nid]
-            if leaf.fmt == "qcow2" and nid not in opaque:
-                for e in formats.chain(leaf.path, leaf.fmt):
-                    infos.setdefault(e.path, e)
-        for n in tree.nodes.values():
-            if n.id in opaque:
-                # its allocation estimated from the file: the planner weighs commit and pull
-                n.alloc = os.stat(n.path).st_size
-                continue
-            entry = infos.get(n.path) or formats.info(n.path, n.fmt)
-            if entry.fmt != n.fmt:
-                raise BadImage(n.path, "format is %s, catalog says %s" % (entry.fmt, n.fmt))
-            want = tree.nodes[n.parent].path if n.parent else None
-            if entry.backing != want:
-                raise BadImage(n.path, "backing file is %s, expected %s" % (entry.backing, want))
-            n.alloc = entry.alloc
+        for problem in check.image_problems(domain, tree, opaque):
+            raise problem
         for problem in tree.validate():
             raise BadImage(self.state_dir, "catalog is inconsistent: %s" % problem)
 
