@@ -69,24 +69,34 @@ def unlink(path):
             raise
 
 
-class LibvirtNamer(object):
+class Namer(object):
+    """Names for new images: unused by the tree, by this plan and on disk."""
+
+    def __init__(self):
+        self.handed_out = set()
+
+    def free_path(self, tree, base, ext):
+        """``base + ext``, or ``base-N + ext`` when that is taken."""
+        known = {n.path for n in tree.nodes.values()} | self.handed_out
+        path, n = base + ext, 1
+        while path in known or os.path.exists(path):
+            n += 1
+            path = "%s-%d%s" % (base, n, ext)
+        self.handed_out.add(path)
+        return path
+
+
+class LibvirtNamer(Namer):
     """libvirt's naming convention: the frozen image keeps its name, the new active image
     is ``<dir>/<domain>-<disk>.<snapshot>.qcow2`` beside it (``-N`` added when taken)."""
 
     def __init__(self, domain_name):
+        super(LibvirtNamer, self).__init__()
         self.domain_name = domain_name
-        self.handed_out = set()
 
     def __call__(self, tree, disk, purpose, name, keep=None):
         leaf = tree.nodes[tree.active[disk]]
-        directory = os.path.dirname(leaf.path)
         token = name if purpose == "snapshot" else "revert-" + name
-        known = {n.path for n in tree.nodes.values()} | self.handed_out
-        base = os.path.join(directory, "%s-%s.%s" % (self.domain_name, disk, token))
-        path = base + ".qcow2"
-        n = 1
-        while path in known or os.path.exists(path):
-            n += 1
-            path = "%s-%d.qcow2" % (base, n)
-        self.handed_out.add(path)
-        return {"frozen": leaf.path, "leaf": path, "kept": None}
+        base = os.path.join(os.path.dirname(leaf.path),
+                            "%s-%s.%s" % (self.domain_name, disk, token))
+        return {"frozen": leaf.path, "leaf": self.free_path(tree, base, ".qcow2"), "kept": None}

@@ -23,7 +23,7 @@ import logging
 import os
 
 from livesnap import vhd
-from livesnap.datapaths import Datapath, unlink
+from livesnap.datapaths import Datapath, Namer, unlink
 from livesnap.engine import faults
 from livesnap.errors import DatapathError
 from livesnap.tools import tap_ctl
@@ -44,21 +44,11 @@ def _parent(path):
     return os.path.abspath(q.parent) if q.parent else None
 
 
-class TapdiskNamer(object):
+class TapdiskNamer(Namer):
     """The leaf keeps the VM's path; a frozen image becomes ``<dir>/<stem>.<name>.vhd``."""
 
-    def __init__(self):
-        self.handed_out = set()
-
     def _free(self, tree, directory, stem, token):
-        known = {n.path for n in tree.nodes.values()} | self.handed_out
-        base = os.path.join(directory, "%s.%s" % (stem, token))
-        path, n = base + ".vhd", 1
-        while path in known or os.path.exists(path):
-            n += 1
-            path = "%s-%d.vhd" % (base, n)
-        self.handed_out.add(path)
-        return path
+        return self.free_path(tree, os.path.join(directory, "%s.%s" % (stem, token)), ".vhd")
 
     def __call__(self, tree, disk, purpose, name, keep=None):
         leaf = tree.nodes[tree.active[disk]]
