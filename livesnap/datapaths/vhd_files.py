@@ -21,6 +21,7 @@ any tapdisk of the domain left paused.
 import contextlib
 import logging
 import os
+import time
 
 from livesnap import vhd
 from livesnap.datapaths import Datapath, Namer, unlink
@@ -210,7 +211,6 @@ class TapdiskDatapath(VhdOfflineDatapath):
         """Pause the tapdisks of ``disks`` together; unpause each with -a on its leaf path
         whatever happens. Yields an object whose ``ms`` is the whole window, from the first
         pause to the last unpause (the unpause reopens the chain: part of the pause)."""
-        import time
         targets = [self._tapdisk(disk) for disk in sorted(set(disks))]
         window = _Window()
         with contextlib.ExitStack() as stack:
@@ -253,5 +253,4 @@ class _Window(object):
     ms = None
 
     def stop(self, t0):
-        import time
         self.ms = (time.monotonic() - t0) * 1000.0
