@@ -128,6 +128,27 @@ def lv_size(vg, lv):
         raise InvalidOutput(_bin("lvs") + argv_args, out, "no size")
 
 
+def vg_free(vg):
+    """``vgs --noheadings --units b --nosuffix -o vg_free VG``: free bytes in the VG."""
+    args = ["--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", vg]
+    out = _run("vgs", args, vg, None)
+    try:
+        return int(out.strip().split()[0].split(".")[0])
+    except (ValueError, IndexError):
+        raise InvalidOutput(_bin("vgs") + args, out, "no size")
+
+
+def split_path(path, dev_root="/dev"):
+    """(vg, lv) of an LV's device path ``/dev/<vg>/<lv>``, else None."""
+    parts = os.path.normpath(path).split(os.sep)
+    root = os.path.normpath(dev_root).split(os.sep)
+    if len(parts) == len(root) + 2 and parts[:len(root)] == root \
+            and parts[-2] not in ("", "mapper", "disk", "xen", "sm", "shm", "pts") \
+            and not parts[-2].startswith("."):
+        return parts[-2], parts[-1]
+    return None
+
+
 # --- VHD on LV ----------------------------------------------------------------------------
 
 def empty_overhead(virtual_size):

@@ -40,8 +40,8 @@ attribute; see :mod:`livesnap.vhd.errors`.
 """
 from livesnap.vhd.check import check, repair
 from livesnap.vhd.errors import (VhdChainLoop, VhdChainTooDeep, VhdCorrupt, VhdError,
-                                 VhdIOError, VhdMissing, VhdNameTooLong, VhdParentMismatch,
-                                 VhdRange, VhdUnsupported)
+                                 VhdIOError, VhdMissing, VhdNameTooLong, VhdNoSpace,
+                                 VhdParentMismatch, VhdRange, VhdUnsupported)
 from livesnap.vhd.image import (Image, Info, RawImage, chain_paths, create, grow, open_image,
                                 query, read, set_hidden, set_marker, set_parent, snapshot, write)
 from livesnap.vhd.merge import coalesce, pull
@@ -51,4 +51,5 @@ __all__ = [
     "set_hidden", "set_marker", "grow", "check", "repair", "coalesce", "pull", "chain_paths",
     "RawImage", "VhdError", "VhdCorrupt", "VhdMissing", "VhdUnsupported", "VhdRange",
     "VhdParentMismatch", "VhdChainLoop", "VhdNameTooLong", "VhdIOError", "VhdChainTooDeep",
+    "VhdNoSpace",
 ]

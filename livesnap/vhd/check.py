@@ -78,7 +78,7 @@ class _Checker(object):
         return self.problems
 
     def _run(self):
-        size = os.fstat(self.fd).st_size
+        size = os.lseek(self.fd, 0, os.SEEK_END)       # a file or a block device (an LV)
         if size < 512:
             self.bad("file too small (%d bytes)" % size)
             return
@@ -290,7 +290,7 @@ def repair(path, use_backup=False):
     except OSError as e:
         raise from_oserror(path, e)
     try:
-        size = os.fstat(fd).st_size
+        size = os.lseek(fd, 0, os.SEEK_END)
         cands = [] if use_backup else [(size - 512, 512), (size - 511, 511)]
         cands.append((0, 512))
         footer = None

@@ -13,6 +13,7 @@ Tree (under ``livesnap.errors``)::
           +-- VhdNameTooLong      errno ENAMETOOLONG: a parent path does not fit its locator
           +-- VhdIOError          errno from the OS: read/write/open failed
           +-- VhdChainTooDeep     errno ENOSPC (as vhd-util snapshot -l); also a ChainTooDeep
+          +-- VhdNoSpace          errno ENOSPC: a VHD on a block device (an LV) is full
 """
 import errno as _errno
 
@@ -64,6 +65,15 @@ class VhdIOError(VhdError):
 class VhdChainTooDeep(ChainTooDeep, VhdError):
     fields = ("path", "depth", "limit")
     msg = "backing chain of {self.path} would be {self.depth} deep (limit {self.limit})"
+    errno = _errno.ENOSPC
+
+
+class VhdNoSpace(VhdError):
+    """No room before the footer of a VHD on a block device: its footer stays at the
+    device's end, data cannot grow past it (the LV must be inflated first)."""
+    fields = ("path", "needed", "available")
+    msg = "{self.path}: no space on the device: {self.needed} bytes needed, {self.available} " \
+          "available before the footer (inflate the LV)"
     errno = _errno.ENOSPC
 
 

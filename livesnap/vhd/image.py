@@ -17,7 +17,7 @@ import struct
 import sys
 
 from livesnap.vhd import format as fmt
-from livesnap.vhd.errors import (VhdChainLoop, VhdChainTooDeep, VhdCorrupt, VhdError,
+from livesnap.vhd.errors import (VhdChainLoop, VhdChainTooDeep, VhdCorrupt, VhdError, VhdNoSpace,
                                  VhdMissing, VhdNameTooLong, VhdParentMismatch, VhdRange,
                                  VhdUnsupported, from_oserror)
 
@@ -626,6 +626,9 @@ class Image(object):
         start = pos * 512
         data_off = start + self.bm_secs * 512
         end = data_off + self.block_size
+        if not self.regular and end + 512 > self.file_size:
+            # a block device (an LV) keeps its footer at its end: data cannot pass it
+            raise VhdNoSpace(self.path, end + 512, self.file_size)
         full = pieces is not None and len(pieces) == 1 and pieces[0][0] == 0 \
             and len(pieces[0][1]) == self.block_size
         # Whatever the file holds in [old end of data, block end) (the old footer, garbage of
@@ -706,19 +709,27 @@ class Image(object):
         self._dirty_batmap = False
 
     def write_footer(self, backup=False):
-        """Primary footer at end of data, file truncated after it; optionally the backup too."""
+        """Primary footer at end of data, file truncated after it; optionally the backup too.
+        On a block device (a VHD on an LV) the footer stays at the device's end, as libvhd
+        does (``vhd_footer_offset_at_eof``): the device's size is the physical size."""
         raw = self.footer.pack()
         if self.header is None:
             _pwrite(self.fd, self.path, raw, self.virtual_size)
             return
         if backup:
             _pwrite(self.fd, self.path, raw, 0)
+        if not self.regular:
+            if self.eod + 512 > self.file_size:
+                raise VhdNoSpace(self.path, self.eod + 512, self.file_size)
+            _pwrite(self.fd, self.path, raw, self.file_size - 512)
+            self.footer_source = "primary"
+            self._dirty_footer = False
+            return
         _pwrite(self.fd, self.path, raw, self.eod)
-        if self.regular:
-            try:
-                os.ftruncate(self.fd, self.eod + 512)
-            except OSError as e:
-                raise from_oserror(self.path, e)
+        try:
+            os.ftruncate(self.fd, self.eod + 512)
+        except OSError as e:
+            raise from_oserror(self.path, e)
         self.file_size = self.eod + 512
         self.footer_source = "primary"
         self._dirty_footer = False
@@ -822,13 +833,52 @@ def _layout(size, max_size, parent=None):
     return h, meta
 
 
+def _is_block(path):
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _create_file(path):
+    """A new file, or an existing block device (an LV made for the VHD, as SM's
+    ``vhd-util create/snapshot`` on ``/dev/VG/VHD-<uuid>``)."""
+    if _is_block(path):
+        try:
+            return os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise from_oserror(path, e)
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as e:
         if e.errno == errno.EEXIST:
             raise VhdError(path, "already exists")
         raise from_oserror(path, e)
+
+
+def _write_new(fd, path, meta, raw_footer):
+    """Metadata at 0; the footer after it (a file) or at the device's end (a block device,
+    whose size must hold metadata + footer). On failure a new file is removed."""
+    try:
+        size, regular = _fsize(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        if regular:
+            _pwrite(fd, path, bytes(meta) + raw_footer, 0)
+        else:
+            if len(meta) + 512 > size:
+                raise VhdNoSpace(path, len(meta) + 512, size)
+            _pwrite(fd, path, bytes(meta), 0)
+            _pwrite(fd, path, raw_footer, size - 512)
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        if regular:
+            os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def _check_size(path, size, max_size):
@@ -850,25 +900,24 @@ def create(path, size, max_size=None, fixed=False):
     max_size = max_size or size
     _check_size(path, size, max_size)
     footer = fmt.Footer.new(size, fmt.TYPE_FIXED if fixed else fmt.TYPE_DYNAMIC)
+    if fixed and _is_block(path):
+        raise VhdUnsupported(path, "a fixed VHD on a block device")
     fd = _create_file(path)
-    try:
-        if fixed:
+    if fixed:
+        try:
             os.ftruncate(fd, size)
             _pwrite(fd, path, footer.pack(), size)
-            return path
-        h, meta = _layout(size, max_size)
-        raw_footer = footer.pack()
-        meta[0:512] = raw_footer
-        meta[512:1536] = h.pack()
-        _pwrite(fd, path, bytes(meta) + raw_footer, 0)
-    except BaseException:
-        os.close(fd)
-        fd = None
-        os.unlink(path)
-        raise
-    finally:
-        if fd is not None:
+        except BaseException:
             os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        return path
+    h, meta = _layout(size, max_size)
+    raw_footer = footer.pack()
+    meta[0:512] = raw_footer
+    meta[512:1536] = h.pack()
+    _write_new(fd, path, meta, raw_footer)
     return path
 
 
@@ -945,17 +994,7 @@ def snapshot(path, parent_path, max_size=None, raw_parent=False, limit=None, ski
         meta += data + bytes(loc.data_space - len(data))
     meta[0:512] = footer.pack()
     meta[512:1536] = h.pack()
-    fd = _create_file(path)
-    try:
-        _pwrite(fd, path, bytes(meta) + footer.pack(), 0)
-    except BaseException:
-        os.close(fd)
-        fd = None
-        os.unlink(path)
-        raise
-    finally:
-        if fd is not None:
-            os.close(fd)
+    _write_new(_create_file(path), path, meta, footer.pack())
     return parent_path
 
 

@@ -1,0 +1,216 @@
+"""An ``lvm`` multi-call command for tests: real LVM metadata, loop devices for activation.
+
+Device-mapper does not run here, so LVM cannot activate an LV. This stand-in runs the real
+``lvm`` (``$TESTXEN_REAL_LVM``, default ``/usr/sbin/lvm``) on a volume group whose physical
+volume is a loop device over a sparse file, with ``global/activation=0``: names, sizes,
+extents, free space, permissions and every refusal and error message are LVM's own. What
+activation would give, a block device per LV at ``/dev/<vg>/<lv>``, is made after each
+command from LVM's own report (``lvs``, keyed by the LV's UUID, which a rename keeps):
+
+* a new LV gets a sparse data file of exactly its size and a loop device over it, and the
+  link ``<dev>/<vg>/<lv>`` -> ``/dev/loopN`` (as udev links a dm device);
+* a renamed LV keeps its device, only the link moves (an open device stays valid, as with dm);
+* a resized LV's file is truncated/extended and the loop's capacity re-read (``losetup -c``);
+  data past a shrink is gone, as on LVM;
+* ``lvchange -p r`` makes the device read-only (``blockdev --setro``): writes fail with EPERM;
+* a removed LV loses its link, loop device and data.
+
+So a VHD on such an LV has a real block device's fixed size (its footer at the device's end,
+no growth past it), which is what a bug in inflate/deflate would run into.
+
+Usage: ``$LVM <lvcreate|lvrename|lvresize|lvremove|lvchange|lvs|vgs> ARGS`` (as ``lvm``).
+State lives in ``$TESTXEN_LVM_ROOT`` (``make_vg`` creates it); links go under
+``$TESTXEN_LVM_DEV`` (default ``/dev``).
+"""
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+REAL_LVM = "/usr/sbin/lvm"
+COMMANDS = ("lvcreate", "lvrename", "lvresize", "lvextend", "lvreduce", "lvremove", "lvchange",
+            "lvs", "vgs")
+READ_ONLY = ("lvs", "vgs")
+NOISE = ("Activation disabled", "Skipping zeroing", "not zeroed", "leaked on")
+
+
+def real_lvm():
+    return os.environ.get("TESTXEN_REAL_LVM") or REAL_LVM
+
+
+def dev_root():
+    return os.environ.get("TESTXEN_LVM_DEV") or "/dev"
+
+
+def _config(pv_dev):
+    return ('global { activation = 0 } devices { filter = [ "a|^%s$|", "r|.*|" ] '
+            'obtain_device_list_from_udev = 0 }' % pv_dev)
+
+
+class Vg(object):
+    """One volume group of the stand-in, kept in ``root``."""
+
+    def __init__(self, root):
+        self.root = root
+        with open(os.path.join(root, "vg.json")) as f:
+            meta = json.load(f)
+        self.name, self.pv_file, self.pv_dev = meta["vg"], meta["pv_file"], meta["pv_dev"]
+        self.state_path = os.path.join(root, "lvs.json")
+
+    def lvm(self, cmd, args, check=False):
+        argv = [real_lvm(), cmd, "--config", _config(self.pv_dev)] + list(args)
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True)
+        err = "".join(line + "\n" for line in p.stderr.splitlines()
+                      if not any(n in line for n in NOISE))
+        if check and p.returncode:
+            raise RuntimeError("%s: %s" % (" ".join(argv), err))
+        return p.returncode, p.stdout, err
+
+    def _state(self):
+        try:
+            with open(self.state_path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+
+    def _save(self, state):
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.rename(tmp, self.state_path)
+
+    def report(self):
+        _, out, _ = self.lvm("lvs", ["--reportformat", "json", "--units", "b", "--nosuffix",
+                                     "-o", "lv_uuid,lv_name,lv_size,lv_attr", self.name],
+                             check=True)
+        return json.loads(out)["report"][0]["lv"]
+
+    def link(self, name):
+        return os.path.join(dev_root(), self.name, name)
+
+    def sync(self):
+        """Make links, loop devices and data files follow LVM's metadata."""
+        state = self._state()
+        seen = set()
+        os.makedirs(os.path.join(dev_root(), self.name), exist_ok=True)
+        for lv in self.report():
+            uuid, name, size = lv["lv_uuid"], lv["lv_name"], int(lv["lv_size"])
+            readonly = lv["lv_attr"][1] == "r"
+            seen.add(uuid)
+            ent = state.get(uuid)
+            if ent is None:
+                data = os.path.join(self.root, "data", uuid)
+                os.makedirs(os.path.dirname(data), exist_ok=True)
+                with open(data, "wb") as f:
+                    f.truncate(size)
+                loop = _losetup(["-f", "--show", data]).strip()
+                # the read-only flag of a loop device outlives its detach: clear it
+                subprocess.run(["blockdev", "--setrw", loop], check=True)
+                ent = state[uuid] = {"name": None, "loop": loop, "data": data, "size": size,
+                                     "readonly": False}
+            if ent["size"] != size:
+                with open(ent["data"], "r+b") as f:
+                    f.truncate(size)
+                _losetup(["-c", ent["loop"]])
+                ent["size"] = size
+            if ent["readonly"] != readonly:
+                subprocess.run(["blockdev", "--setro" if readonly else "--setrw", ent["loop"]],
+                               check=True)
+                ent["readonly"] = readonly
+            if ent["name"] != name:
+                if ent["name"] is not None:
+                    _unlink_if_to(self.link(ent["name"]), ent["loop"])
+                tmp = self.link(".%s.tmp" % name)
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+                os.symlink(ent["loop"], tmp)
+                os.rename(tmp, self.link(name))
+                ent["name"] = name
+        for uuid in [u for u in state if u not in seen]:
+            ent = state.pop(uuid)
+            _unlink_if_to(self.link(ent["name"]), ent["loop"])
+            _losetup(["-d", ent["loop"]], check=False)
+            try:
+                os.unlink(ent["data"])
+            except FileNotFoundError:
+                pass
+        self._save(state)
+
+    def run(self, cmd, args):
+        """One command, under the stand-in's lock; then activation follows the metadata."""
+        with open(os.path.join(self.root, "lock"), "w") as lock:
+            fcntl.lockf(lock, fcntl.LOCK_EX)
+            rc, out, err = self.lvm(cmd, args)
+            if cmd not in READ_ONLY:
+                self.sync()
+            return rc, out, err
+
+    def loops(self):
+        return {e["name"]: e["loop"] for e in self._state().values()}
+
+
+def _unlink_if_to(link, target):
+    try:
+        if os.readlink(link) == target:
+            os.unlink(link)
+    except OSError:
+        pass
+
+
+def _losetup(args, check=True):
+    p = subprocess.run(["losetup"] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True)
+    if check and p.returncode:
+        raise RuntimeError("losetup %s: %s" % (" ".join(args), p.stderr))
+    return p.stdout
+
+
+def make_vg(root, vg, size):
+    """A volume group ``vg`` of ``size`` bytes (sparse) for the stand-in, kept in ``root``."""
+    os.makedirs(root, exist_ok=True)
+    pv_file = os.path.join(root, "pv.img")
+    with open(pv_file, "wb") as f:
+        f.truncate(size)
+    pv_dev = _losetup(["-f", "--show", pv_file]).strip()
+    with open(os.path.join(root, "vg.json"), "w") as f:
+        json.dump({"vg": vg, "pv_file": pv_file, "pv_dev": pv_dev}, f)
+    v = Vg(root)
+    v.lvm("vgcreate", ["-s", "4m", vg, pv_dev], check=True)
+    v.sync()
+    return v
+
+
+def destroy_vg(root):
+    """Remove every LV (links, loops, data), the VG, the PV and its loop device."""
+    v = Vg(root)
+    for ent in v._state().values():
+        _unlink_if_to(v.link(ent["name"]), ent["loop"])
+        _losetup(["-d", ent["loop"]], check=False)
+    v.lvm("vgremove", ["-f", v.name])
+    v.lvm("pvremove", ["-f", v.pv_dev])
+    _losetup(["-d", v.pv_dev], check=False)
+    try:
+        os.rmdir(os.path.join(dev_root(), v.name))
+    except OSError:
+        pass
+    subprocess.run(["rm", "-rf", root])
+
+
+def main(argv):
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        sys.stderr.write("usage: lvm {%s} ARGS\n" % "|".join(COMMANDS))
+        return 2
+    root = os.environ.get("TESTXEN_LVM_ROOT")
+    if not root:
+        sys.stderr.write("TESTXEN_LVM_ROOT is not set\n")
+        return 5
+    rc, out, err = Vg(root).run(argv[1], argv[2:])
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
