@@ -1,11 +1,11 @@
 """Putting an executable into a system directory (hooks, plugins) and taking it away."""
 import os
-import tempfile
 
 
 def install_executable(directory, name, text):
     """Write ``text`` to ``directory/name`` with mode 0755, atomically (temp file, fsync,
     rename), creating the directory if needed. Returns the path; OSError propagates."""
+    import tempfile  # only installs need it
     target = os.path.join(directory, name)
     if not os.path.isdir(directory):
         os.makedirs(directory, 0o755)

@@ -3,6 +3,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 
 import livesnap
 from livesnap.errors import Error, Interrupted, UsageError
@@ -40,7 +41,21 @@ def common_options():
     return common
 
 
-def build_parser():
+VHD_HELP = "VHD tool compatible with vhd-util"
+
+
+def _command(argv):
+    """The sub-command named in ``argv`` (the first word that is not an option), or None."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv=None):
+    """The whole parser; with ``argv`` naming another command than ``vhd``, the ``vhd``
+    sub-commands are left out (a placeholder keeps ``vhd`` among the choices), so that
+    the snapshot commands do not import the VHD engine."""
     parser = argparse.ArgumentParser(
         prog="livesnap", description="Online snapshots of VM disks, deleted child-aware.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,11 +63,14 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_options()
     from livesnap.cli import install, install_plugin, snapshot
-    from livesnap.vhd import cli as vhd_cli
     snapshot.register(sub, common)
     install.register(sub, common)
     install_plugin.register(sub, common)
-    vhd_cli.register(sub)
+    if argv is not None and _command(argv) not in (None, "vhd"):
+        sub.add_parser("vhd", help=VHD_HELP)
+    else:
+        from livesnap.vhd import cli as vhd_cli
+        vhd_cli.register(sub)
     return parser
 
 
@@ -68,7 +86,8 @@ def setup_logging(args):
 
 
 def main(argv=None):
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
@@ -88,5 +107,26 @@ def main(argv=None):
         return 130
 
 
+def run():
+    """The ``livesnap`` program: ``main()``, then exit without tearing the interpreter down
+    (the libvirt connection, module objects): the work is done and written out, and a
+    command's wall time should not grow by the interpreter's cleanup. Threads that are not
+    daemons are waited for first, as a normal exit would."""
+    rc = main()
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        rc = rc or 1
+    try:
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    os._exit(rc if isinstance(rc, int) else 1)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
