@@ -32,8 +32,6 @@ snapshot, or offline.
 
 The planner is pure: new node ids and image paths come from functions the caller passes.
 """
-import uuid
-
 from livesnap.errors import ChainTooDeep, DuplicateName, SnapshotNotFound, UsageError
 from livesnap.model.tree import ACTIVE, HIDDEN, SNAPSHOT, Node, Snapshot
 
@@ -41,6 +39,7 @@ DEFAULT_MAX_DEPTH = 30
 
 
 def new_node_id():
+    import uuid  # only create and revert make nodes; uuid's import is not free
     return uuid.uuid4().hex
 
 
