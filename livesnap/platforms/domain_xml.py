@@ -1,8 +1,14 @@
-"""libvirt domain XML: the disks livesnap works on, read and edited with lxml.
+"""libvirt domain XML: the disks livesnap works on, read with the standard library's
+ElementTree and edited with lxml.
 
-Only the elements we touch are modelled; everything else in the document is kept as it is.
+Only the elements we touch are modelled. A document that goes back to libvirt (a domain
+definition, a snapshot's embedded domain) is parsed for editing with lxml
+(``parse_for_edit``), so that everything else in it (namespaces and their prefixes,
+comments) is kept as it is; reading alone needs no lxml (``parse``: the element API used
+here is common to both).
 """
 import collections
+import xml.etree.ElementTree as ET
 
 Disk = collections.namedtuple("Disk", "target path fmt device source_type readonly")
 
@@ -13,6 +19,12 @@ def _etree():
 
 
 def parse(xml_text):
+    """A document to read (ElementTree; expat resolves no external entities)."""
+    return ET.fromstring(xml_text.encode() if isinstance(xml_text, str) else xml_text)
+
+
+def parse_for_edit(xml_text):
+    """A document to change and give back to libvirt (lxml, see the module's doc)."""
     etree = _etree()
     parser = etree.XMLParser(remove_blank_text=False, resolve_entities=False, no_network=True)
     return etree.fromstring(xml_text.encode() if isinstance(xml_text, str) else xml_text, parser)
@@ -52,7 +64,8 @@ def snapshottable(disk):
 
 
 def set_disk_sources(root, sources):
-    """Point disks at new images: ``sources`` is {target: (path, fmt)}.
+    """Point disks at new images: ``sources`` is {target: (path, fmt)}; ``root`` comes from
+    ``parse_for_edit``.
 
     Any <backingStore> of those disks is dropped: libvirt then reads the chain from the
     images themselves (their backing file and format are recorded in them).

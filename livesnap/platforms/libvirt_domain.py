@@ -131,7 +131,8 @@ class Domain(object):
         """Rewrite the persistent definition so the disks in ``sources`` ({target: (path, fmt)})
         use those images; one defineXML, so all disks change at once."""
         libvirt = _libvirt()
-        root = domain_xml.set_disk_sources(domain_xml.parse(self.xml(inactive=True)), sources)
+        root = domain_xml.set_disk_sources(
+            domain_xml.parse_for_edit(self.xml(inactive=True)), sources)
         try:
             self.conn.defineXML(domain_xml.to_string(root))
         except libvirt.libvirtError as e:

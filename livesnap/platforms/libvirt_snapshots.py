@@ -86,7 +86,7 @@ def _x(text):
 def snapshot_xml(domain, name, description, created, parent, images, running):
     """A disk-only snapshot definition naming ``images`` ({target: (path, fmt)}) as the
     snapshot's point-in-time images, both in <disks> and in the embedded <domain>."""
-    dom = domain_xml.parse(domain.xml(inactive=True))
+    dom = domain_xml.parse_for_edit(domain.xml(inactive=True))
     domain_xml.set_disk_sources(dom, images)
     disks = "".join("<disk name='%s' snapshot='external' type='file'><driver type='%s'/>"
                     "<source file='%s'/></disk>" % (_x(t), _x(f), _x(p))
