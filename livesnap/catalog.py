@@ -60,21 +60,41 @@ class Catalog(object):
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=OFF")
-            with self._txn():
-                for stmt in SCHEMA.split(";"):
-                    if stmt.strip():
-                        self.db.execute(stmt)
-                row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-                if row is None:
-                    self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-                elif int(row[0]) > SCHEMA_VERSION:
-                    raise CatalogError(path, "schema version %s is newer than this livesnap "
-                                             "understands (%d)" % (row[0], SCHEMA_VERSION))
-                if domain_name is not None:
-                    self.db.execute("INSERT OR REPLACE INTO meta VALUES ('domain', ?)",
-                                    (domain_name,))
+            if not self._up_to_date(domain_name):
+                with self._txn():
+                    for stmt in SCHEMA.split(";"):
+                        if stmt.strip():
+                            self.db.execute(stmt)
+                    self._check_schema(self._meta("schema"))
+                    if self._meta("schema") is None:
+                        self.db.execute("INSERT INTO meta VALUES ('schema', ?)",
+                                        (str(SCHEMA_VERSION),))
+                    if domain_name is not None:
+                        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('domain', ?)",
+                                        (domain_name,))
         except sqlite3.DatabaseError as e:
             raise CatalogError(path, str(e))
+
+    def _meta(self, key):
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row is not None else None
+
+    def _check_schema(self, version):
+        if version is not None and int(version) > SCHEMA_VERSION:
+            raise CatalogError(self.path, "schema version %s is newer than this livesnap "
+                                          "understands (%d)" % (version, SCHEMA_VERSION))
+
+    def _up_to_date(self, domain_name):
+        """The catalog has every table, this schema version and the domain's name: opening
+        it then writes nothing (no transaction, no sync)."""
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE "
+                                                "type='table'")}
+        if not tables >= {"meta", "snapshots", "nodes", "disks", "operations"}:
+            return False
+        version = self._meta("schema")
+        self._check_schema(version)
+        return (version == str(SCHEMA_VERSION)
+                and (domain_name is None or self._meta("domain") == domain_name))
 
     @classmethod
     def for_domain(cls, state_dir, uuid, name):
