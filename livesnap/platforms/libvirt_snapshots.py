@@ -99,18 +99,40 @@ def snapshot_xml(domain, name, description, created, parent, images, running):
                _epoch(created), disks, domain_xml.to_string(dom)))
 
 
+def _current_name(domain):
+    """The name of libvirt's current snapshot of ``domain``, or None."""
+    if not domain.dom.hasCurrentSnapshot(0):
+        return None
+    return domain.dom.snapshotCurrent(0).getName()
+
+
+def _same(theirs, description, parent, images):
+    """libvirt's definition ``theirs`` (a ``LibvirtSnapshot``) already says what a redefine
+    would: the parent, the description and the point-in-time images ({target: path}), in
+    <disks> and in the embedded domain."""
+    return (theirs.parent == parent and theirs.description == (description or "")
+            and theirs.images == images
+            and {t: p for t, (_, p) in theirs.disks.items()} == images)
+
+
 def sync(domain, tree):
     """Make libvirt's snapshot metadata show livesnap's visible snapshots, parents and
-    current snapshot; nothing else (hidden snapshots are livesnap's business)."""
+    current snapshot; nothing else (hidden snapshots are livesnap's business).
+
+    Only what differs is written: a snapshot libvirt lacks, or whose parent, description
+    or images changed (REDEFINE), the snapshot that becomes current, and the one that
+    stops being current; the others are left as they are (each REDEFINE reads the domain
+    XML and has libvirt rewrite the snapshot's file)."""
     libvirt = _libvirt()
     visible = tree.visible_snapshots()
     want = {s.name for s in visible}
     try:
         have = {s.getName(): s for s in domain.dom.listAllSnapshots(0)}
         for name in sorted(set(have) - want):
-            have[name].delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
-        running = domain.is_running()
+            have.pop(name).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
         current = tree.current_snapshot()
+        their_current = _current_name(domain) if have else None
+        running = None
         done = set()
         pending = list(visible)
         while pending:                      # parents before children
@@ -119,17 +141,23 @@ def sync(domain, tree):
                 parent = tree.snapshot_parent(s.name)
                 if parent is not None and parent not in done:
                     continue
-                nodes = tree.snapshot_nodes(s.name)
-                images = {t: (tree.nodes[n].path, tree.nodes[n].fmt) for t, n in nodes.items()}
-                flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
-                if s.name == current:
-                    flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
-                domain.dom.snapshotCreateXML(
-                    snapshot_xml(domain, s.name, s.description, s.created, parent, images,
-                                 running), flags)
                 done.add(s.name)
                 pending.remove(s)
                 progressed = True
+                nodes = tree.snapshot_nodes(s.name)
+                images = {t: (tree.nodes[n].path, tree.nodes[n].fmt) for t, n in nodes.items()}
+                if (s.name in have and (s.name == current) == (s.name == their_current)
+                        and _same(parse(have[s.name].getXMLDesc(0)), s.description, parent,
+                                  {t: p for t, (p, _) in images.items()})):
+                    continue
+                flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
+                if s.name == current:
+                    flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
+                if running is None:
+                    running = domain.is_running()
+                domain.dom.snapshotCreateXML(
+                    snapshot_xml(domain, s.name, s.description, s.created, parent, images,
+                                 running), flags)
             if not progressed:
                 raise DatapathError(reason="snapshot parents of %s form no tree" % domain.name)
     except libvirt.libvirtError as e:

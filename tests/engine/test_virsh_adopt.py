@@ -104,3 +104,26 @@ def test_memory_and_internal_snapshots_are_refused(make_dom):
     proc = dom.cli("snapshot-create", dom.name, "x", expect=2)
     assert "internal" in proc.stderr
     assert dom.fingerprint() == before
+
+
+def test_metadata_rewritten_only_where_it_changed(make_dom):
+    """libvirt's definition of a snapshot that an operation leaves as it was is not redefined
+    (its file keeps its mtime); one whose parent or current state changes is."""
+    dom = make_dom(ndisks=1)
+    for name in ("a", "b", "c"):
+        dom.json("snapshot-create", dom.name, name)
+    files = {n: os.path.join("/var/lib/libvirt/qemu/snapshot", dom.name, n + ".xml")
+             for n in ("a", "b", "c")}
+    os.utime(files["a"], (1, 1))
+    os.utime(files["b"], (1, 1))
+    dom.json("snapshot-delete", dom.name, "b")          # c's parent becomes a
+    assert os.stat(files["a"]).st_mtime == 1
+    assert os.stat(files["c"]).st_mtime > 1
+    assert virsh_tree(dom) == livesnap_tree(dom) == {"a": None, "c": "a"}
+    assert virsh("snapshot-current", dom.name, "--name").stdout.strip() == "c"
+    os.utime(files["c"], (1, 1))
+    dom.json("snapshot-create", dom.name, "d")          # d becomes current: c is rewritten
+    assert os.stat(files["a"]).st_mtime == 1
+    assert virsh("snapshot-current", dom.name, "--name").stdout.strip() == "d"
+    assert virsh_tree(dom) == livesnap_tree(dom) == {"a": None, "c": "a", "d": "c"}
+    assert dom.json("check", dom.name)["ok"]
