@@ -20,6 +20,9 @@ each really move S MiB (a pull copies only what top lacks). Then, guest running:
                      virsh snapshot-create-as DOM c1 --disk-only --atomic
   virsh-blockcommit  virsh blockcommit DOM vda --active --pivot --wait
                      virsh snapshot-create-as DOM c1 --disk-only --atomic --no-metadata
+  livesnap-api       Engine().delete(DOM, "s1") / Engine().create(DOM, "c1") in this process
+                     (extra information: livesnap without interpreter start and imports; the
+                     targets are judged on the CLI, timed as a whole process like virsh)
 
 Per operation: wall time of the command (host time.monotonic() around the process) and the
 guest-visible IO stall = WriterGuest.max_gap over that window (largest gap between acknowledged
@@ -33,6 +36,9 @@ gaps with their offsets from the command's start (to see whether a stall is the 
 copy or the cleanup), and for livesnap its own pause_ms and the CLI's fixed cost
 (livesnap_cli_floor_ms, a snapshot-list on the same domain).
 
+livesnap's modules are byte-compiled before the runs (as an installed package is), so that
+a checkout with stale .pyc files and PYTHONDONTWRITEBYTECODE set does not time the compiler.
+
 Per size the summary takes, over repeats, the median wall time and the worst (max) stall.
 Ratios are livesnap / native. Targets (issue 4): create stall <= native; delete stall <= 50 ms
 at every size; delete time <= native (virsh snapshot-delete, the like-for-like command; the
@@ -41,6 +47,7 @@ ratio to blockcommit is reported too). Prints one JSON document (and writes it t
     python3 bench/online.py [--sizes 16,64,256] [--repeat 2] [--quick] [--out FILE]
 """
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -65,7 +72,7 @@ DATA_OFFSET_MIB = 16          # bulk data starts here, well after the guest's ri
 BASE_PATTERN, TOP_PATTERN = 0x5A, 0xA5
 CHUNK_MIB = 32                # qemu-io request size for bulk writes and checks
 DELETE_STALL_TARGET_MS = 50.0
-TOOLS = ("livesnap", "virsh-delete", "virsh-blockcommit")
+TOOLS = ("livesnap", "virsh-delete", "virsh-blockcommit", "livesnap-api")
 
 
 class BenchError(RuntimeError):
@@ -139,6 +146,11 @@ class Scenario(object):
                 + ["-c", URI, "--output", "json"], env=env)
         return json.loads(p.stdout)
 
+    def api(self, op, *args):
+        """livesnap's Python API in this process (a new Engine, so a new connection)."""
+        from livesnap.engine.engine import Engine
+        return getattr(Engine(connect=URI, state_dir=self.state_dir), op)(self.name, *args)
+
     def virsh(self, *args):
         return run(["virsh", "-q", "-c", URI] + list(args))
 
@@ -181,7 +193,7 @@ class Scenario(object):
             g.dom = g.conn.defineXML(g.xml())
         else:
             g.dom = g.conn.defineXML(g.xml())
-            if self.tool == "livesnap":
+            if self.tool in ("livesnap", "livesnap-api"):
                 self.livesnap("snapshot-create", self.name, "s1")
                 top = g.disk_sources()["vda"]          # livesnap names the new leaf
                 if backing_chain(top)[1:] != [self.base]:
@@ -206,8 +218,11 @@ class Scenario(object):
         self.result["baseline"] = ms_stats(g.gap_stats(None, t0, t1))
 
     def delete(self):
-        if self.tool == "livesnap":
-            out, m = self.timed(lambda: self.livesnap("snapshot-delete", self.name, "s1"))
+        if self.tool in ("livesnap", "livesnap-api"):
+            if self.tool == "livesnap":
+                out, m = self.timed(lambda: self.livesnap("snapshot-delete", self.name, "s1"))
+            else:
+                out, m = self.timed(lambda: self.api("delete", "s1"))
             m["pause_ms"] = out.get("pause_ms")
             m["action"] = out.get("action")
             merges = out.get("merges") or []
@@ -236,6 +251,10 @@ class Scenario(object):
             t0 = time.monotonic()
             self.livesnap("snapshot-list", self.name)
             self.result["livesnap_cli_floor_ms"] = round((time.monotonic() - t0) * 1000.0, 1)
+        elif self.tool == "livesnap-api":
+            out, m = self.timed(lambda: self.api("create", "c1"))
+            m["pause_ms"] = out.get("pause_ms")
+            m["command"] = "Engine.create (in process)"
         else:
             extra = ["--no-metadata"] if self.tool == "virsh-blockcommit" else []
             _, m = self.timed(lambda: self.virsh(
@@ -307,10 +326,12 @@ def summarize(size, runs):
 
     create = {"livesnap": agg("livesnap", "create"),
               "virsh": agg("virsh-delete", "create"),
-              "virsh_no_metadata": agg("virsh-blockcommit", "create")}
+              "virsh_no_metadata": agg("virsh-blockcommit", "create"),
+              "livesnap_api": agg("livesnap-api", "create")}
     delete = {"livesnap": agg("livesnap", "delete"),
               "virsh_snapshot_delete": agg("virsh-delete", "delete"),
-              "virsh_blockcommit": agg("virsh-blockcommit", "delete")}
+              "virsh_blockcommit": agg("virsh-blockcommit", "delete"),
+              "livesnap_api": agg("livesnap-api", "delete")}
     base = [r["baseline"] for r in runs]
     baseline = {"max_ms": max(b["max_ms"] for b in base),
                 "median_ms": round(statistics.median(b["median_ms"] for b in base), 1)}
@@ -325,6 +346,13 @@ def summarize(size, runs):
     create["ratio_vs_virsh_no_metadata"] = rs(create, "virsh_no_metadata")
     delete["ratio_vs_virsh_snapshot_delete"] = rs(delete, "virsh_snapshot_delete")
     delete["ratio_vs_virsh_blockcommit"] = rs(delete, "virsh_blockcommit")
+    if delete["livesnap_api"] is not None and delete["virsh_snapshot_delete"] is not None:
+        # extra information, not a target: livesnap without interpreter start
+        delete["api_ratio_vs_virsh_snapshot_delete"] = {
+            "stall": ratio(delete["livesnap_api"]["stall_ms"],
+                           delete["virsh_snapshot_delete"]["stall_ms"]),
+            "wall": ratio(delete["livesnap_api"]["wall_ms"],
+                          delete["virsh_snapshot_delete"]["wall_ms"])}
 
     def le(a, b):
         return None if a is None or b is None else a <= b
@@ -389,6 +417,13 @@ def main(argv=None):
 
     import libvirt
     libvirt.registerErrorHandler(lambda ctx, err: None, None)
+    # byte-compiled as an installed package is (quietly; a file that does not compile
+    # fails in the runs themselves)
+    compileall.compile_dir(os.path.join(ROOT, "livesnap"), quiet=2)
+    if "livesnap-api" in tools:
+        import livesnap.engine.engine  # noqa: F401  (the API's imports are not timed)
+        import livesnap.datapaths.libvirt_live  # noqa: F401
+        import livesnap.platforms.libvirt_snapshots  # noqa: F401
     # SIGTERM unwinds like Ctrl-C, so the lsb-* domains and the images are always removed
     signal.signal(signal.SIGTERM, lambda signo, frame: sys.exit(128 + signo))
     workdir = tempfile.mkdtemp(prefix="lsb-online-", dir=a.dir)

@@ -30,8 +30,9 @@ def test_online_bench_quick(tmp_path):
     (size,) = doc["sizes"]
     assert size["mib"] == 16 and _number(size["baseline_gap"]["median_ms"])
     assert _number(size["livesnap_cli_floor_ms"])
-    for phase, tools in (("create", ("livesnap", "virsh", "virsh_no_metadata")),
-                         ("delete", ("livesnap", "virsh_snapshot_delete", "virsh_blockcommit"))):
+    for phase, tools in (("create", ("livesnap", "virsh", "virsh_no_metadata", "livesnap_api")),
+                         ("delete", ("livesnap", "virsh_snapshot_delete", "virsh_blockcommit",
+                                     "livesnap_api"))):
         for tool in tools:
             m = size[phase][tool]
             assert _number(m["wall_ms"]) and m["wall_ms"] > 0, (phase, tool, m)
@@ -41,12 +42,13 @@ def test_online_bench_quick(tmp_path):
     assert size["delete"]["livesnap"]["method"] in ("commit", "pull")
     assert set(size["targets"].values()) <= {True, False}
 
-    assert sorted(r["tool"] for r in doc["runs"]) == ["livesnap", "virsh-blockcommit",
-                                                      "virsh-delete"]
+    assert sorted(r["tool"] for r in doc["runs"]) == ["livesnap", "livesnap-api",
+                                                      "virsh-blockcommit", "virsh-delete"]
     for r in doc["runs"]:
         assert r["verified"] is True and r["acked_writes"] > 0
         assert r["baseline"]["n"] > 0
         assert r["delete"]["acks_in_window"] >= 1
-    ls = [r for r in doc["runs"] if r["tool"] == "livesnap"][0]
-    assert ls["delete"]["action"] == "merged" and len(ls["delete"]["merges"]) == 1
-    assert len(ls["delete"]["chain_after"]) == 1        # the merge left one image
+    for tool in ("livesnap", "livesnap-api"):
+        ls = [r for r in doc["runs"] if r["tool"] == tool][0]
+        assert ls["delete"]["action"] == "merged" and len(ls["delete"]["merges"]) == 1
+        assert len(ls["delete"]["chain_after"]) == 1        # the merge left one image
