@@ -21,23 +21,21 @@ any tapdisk of the domain left paused.
 import contextlib
 import logging
 import os
+import re
 import time
+import uuid
 
 from livesnap import vhd
-from livesnap.datapaths import Datapath, Namer, unlink
+from livesnap.datapaths import Datapath, Namer
+from livesnap.datapaths.vhd_storage import for_path as storage, merge_extra
 from livesnap.engine import faults
 from livesnap.errors import DatapathError
-from livesnap.tools import tap_ctl
+from livesnap.tools import lvm, tap_ctl
 
 log = logging.getLogger(__name__)
 
-
-def _fsync_dir(path):
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+LV_UNSAFE = re.compile(r"[^A-Za-z0-9+_.-]")
+LV_NAME_MAX = 127
 
 
 def _parent(path):
@@ -45,21 +43,52 @@ def _parent(path):
     return os.path.abspath(q.parent) if q.parent else None
 
 
-class TapdiskNamer(Namer):
-    """The leaf keeps the VM's path; a frozen image becomes ``<dir>/<stem>.<name>.vhd``."""
+def _is_child(path, parent):
+    """``path`` exists and is a VHD whose parent is ``parent`` (False for a half-made one)."""
+    try:
+        return os.path.exists(path) and _parent(path) == parent
+    except vhd.VhdError:
+        return False
 
-    def _free(self, tree, directory, stem, token):
+
+class TapdiskNamer(Namer):
+    """The leaf keeps the VM's path; a frozen image gets a new name beside it:
+
+    * ``style="name"``: a file ``<dir>/<stem>.<name>.vhd``, an LV ``<vg>/<lv>.<name>``
+      (characters LVM does not allow in a name become ``_``; a name too long for LVM's 127
+      characters is cut);
+    * ``style="uuid"`` (a XAPI storage repository): a new VDI uuid, ``<dir>/<uuid>.vhd`` or
+      ``<vg>/VHD-<uuid>``, the names SM's scan knows as VDIs.
+    """
+
+    def __init__(self, style="name"):
+        super(TapdiskNamer, self).__init__()
+        self.style = style
+
+    def _free(self, tree, leaf_path, token):
+        directory, base = os.path.split(leaf_path)
+        is_lv = lvm.split_path(leaf_path) is not None
+        if self.style == "uuid":
+            while True:
+                u = str(uuid.uuid4())
+                p = os.path.join(directory, ("VHD-%s" % u) if is_lv else ("%s.vhd" % u))
+                if p not in self.handed_out and not os.path.exists(p):
+                    self.handed_out.add(p)
+                    return p
+        if is_lv:
+            token = LV_UNSAFE.sub("_", token)
+            stem = ("%s.%s" % (base, token))[:LV_NAME_MAX - 4]
+            return self.free_path(tree, os.path.join(directory, stem), "")
+        stem = base[:-4] if base.endswith(".vhd") else base
         return self.free_path(tree, os.path.join(directory, "%s.%s" % (stem, token)), ".vhd")
 
     def __call__(self, tree, disk, purpose, name, keep=None):
         leaf = tree.nodes[tree.active[disk]]
-        directory, base = os.path.split(leaf.path)
-        stem = base[:-4] if base.endswith(".vhd") else base
         if purpose == "revert":
             return {"leaf": leaf.path,
-                    "kept": self._free(tree, directory, stem, keep) if keep else None}
+                    "kept": self._free(tree, leaf.path, keep) if keep else None}
         token = name if purpose == "snapshot" else "internal-%s" % os.urandom(4).hex()
-        return {"frozen": self._free(tree, directory, stem, token), "leaf": leaf.path}
+        return {"frozen": self._free(tree, leaf.path, token), "leaf": leaf.path}
 
 
 class VhdOfflineDatapath(Datapath):
@@ -93,12 +122,18 @@ class VhdOfflineDatapath(Datapath):
                 return d.path
         raise DatapathError(reason="domain %s has no disk %s" % (self.domain.name, disk))
 
+    def _is_leaf(self, path):
+        return os.path.normpath(path) in {os.path.normpath(d.path) for d in self.domain.disks()
+                                          if d.path}
+
     def _freeze(self, items, hidden=False):
-        """Rename each leaf away and put a new empty leaf at its path (idempotent)."""
+        """Rename each leaf away and put a new empty leaf at its path (idempotent). Inside
+        the pause, per disk: rename, (LV: deflate the renamed image), hidden flag for an
+        internal image, the new leaf; after it the frozen images become read-only (LV)."""
         todo = []
         for it in items:
             frozen, leaf = it["frozen_path"], it["leaf_path"]
-            if os.path.exists(frozen) and os.path.exists(leaf) and _parent(leaf) == frozen:
+            if storage(frozen).exists(frozen) and _is_child(leaf, frozen):
                 continue                                    # done before a crash
             todo.append(it)
         pause_ms = None
@@ -106,18 +141,17 @@ class VhdOfflineDatapath(Datapath):
             with self._paused([it["disk"] for it in todo]) as window:
                 for it in todo:
                     frozen, leaf = it["frozen_path"], it["leaf_path"]
-                    if os.path.exists(leaf) and not os.path.exists(frozen):
-                        os.rename(leaf, frozen)
-                        _fsync_dir(frozen)
+                    st = storage(leaf)
+                    if st.exists(leaf) and not st.exists(frozen):
+                        st.rename(leaf, frozen)
                         faults.point("tapdisk", "renamed", 0)
-                    if os.path.exists(leaf):
-                        os.unlink(leaf)                     # a half-made child of a crash
-                    vhd.snapshot(leaf, frozen)
-                    _fsync_dir(leaf)
+                    st.freeze(frozen, readonly=False)
+                    if hidden:
+                        vhd.set_hidden(frozen, 1)
+                    st.create_child(leaf, frozen, leaf=True)
             pause_ms = getattr(window, "ms", None)
         for it in items:
-            if hidden:
-                vhd.set_hidden(it["frozen_path"], 1)
+            storage(it["frozen_path"]).set_readonly(it["frozen_path"])
         return {"pause_ms": pause_ms}
 
     def do_snapshot(self, step):
@@ -127,10 +161,18 @@ class VhdOfflineDatapath(Datapath):
         return self._freeze([step], hidden=True)
 
     def do_hide(self, step):
-        vhd.set_hidden(step["path"], 1)
+        path = step["path"]
+        with storage(path).writable(path):
+            vhd.set_hidden(path, 1)
 
     def do_remove(self, step):
-        unlink(step["path"])
+        storage(step["path"]).remove(step["path"])
+
+    def _set_parents(self, paths, new_parent):
+        for p in paths:
+            if _parent(p) != new_parent:
+                with storage(p).writable(p, leaf=self._is_leaf(p)):
+                    vhd.set_parent(p, new_parent)
 
     def _reparent(self, disk, paths, new_parent, in_chain):
         """Point ``paths`` at ``new_parent``. When one of them is in the chain a tapdisk
@@ -138,47 +180,44 @@ class VhdOfflineDatapath(Datapath):
         disk only while it is paused, and it reopens the new chain on unpause)."""
         if in_chain and self.pauses:
             with self._paused([disk]) as window:
-                for p in paths:
-                    if _parent(p) != new_parent:
-                        vhd.set_parent(p, new_parent)
+                self._set_parents(paths, new_parent)
             return window.ms
-        for p in paths:
-            if _parent(p) != new_parent:
-                vhd.set_parent(p, new_parent)
+        self._set_parents(paths, new_parent)
         return None
 
     def do_commit(self, step):
         node, child = step["path"], step["child_path"]
         if os.path.exists(child) and _parent(child) == node:
-            vhd.coalesce(child)
+            with storage(node).writable(node, extra=merge_extra(child)):
+                vhd.coalesce(child)
         grand = [g["path"] for g in step["grandchildren"]]
         pause_ms = self._reparent(step["disk"], grand, node, step.get("child_in_chain"))
-        unlink(child)
+        storage(child).remove(child)
         return {"pause_ms": pause_ms}
 
     def do_pull(self, step):
         node, child = step["path"], step["child_path"]
         if os.path.exists(node) and _parent(child) == node:
-            vhd.pull(child)
+            with storage(child).writable(child, extra=merge_extra(node),
+                                         leaf=self._is_leaf(child)):
+                vhd.pull(child)
         pause_ms = self._reparent(step["disk"], [child], step["parent_path"],
                                   step.get("child_in_chain"))
-        unlink(node)
+        storage(node).remove(node)
         return {"pause_ms": pause_ms}
 
     def do_new_leaf(self, step):
         leaf = step["leaf_path"]
-        if os.path.exists(leaf) and _parent(leaf) == step["parent_path"]:
+        if _is_child(leaf, step["parent_path"]):
             return
-        if os.path.exists(leaf):
-            os.unlink(leaf)
-        vhd.snapshot(leaf, step["parent_path"])
-        _fsync_dir(leaf)
+        storage(leaf).create_child(leaf, step["parent_path"], leaf=True)
 
     def do_keep_leaf(self, step):
         old, kept = step["path"], step.get("kept_path")
         if kept and os.path.exists(old) and not os.path.exists(kept):
-            os.rename(old, kept)
-            _fsync_dir(kept)
+            storage(old).rename(old, kept)
+        if kept and os.path.exists(kept):
+            storage(kept).freeze(kept)
 
     def abandon(self, step):
         return None
@@ -222,9 +261,9 @@ class TapdiskDatapath(VhdOfflineDatapath):
             yield window
 
     def do_remove(self, step):
-        if step["path"] in {d.path for d in self.domain.disks()}:
+        if self._is_leaf(step["path"]):
             raise DatapathError(reason="%s is served by a tapdisk: not removed" % step["path"])
-        unlink(step["path"])
+        storage(step["path"]).remove(step["path"])
 
     def do_new_leaf(self, step):
         raise DatapathError(reason="revert needs %s shut off (its tapdisks closed)"

@@ -131,22 +131,21 @@ class Engine(object):
                 where, amount = step["path"], step["bytes"]
             elif op == "pull":
                 where, amount = step["child_path"], step["bytes"]
-            elif op == "snapshot":
-                for it in step["items"]:
+            elif op in ("snapshot", "internal_snapshot"):
+                for it in step.get("items") or [step]:
                     key = os.path.dirname(it["leaf_path"])
-                    need[key] = need.get(key, 0) + SPACE_MARGIN
+                    need[key] = need.get(key, 0) + _leaf_cost(it["leaf_path"])
                 continue
             elif op == "new_leaf":
-                where, amount = step["leaf_path"], 0
+                where, amount = step["leaf_path"], _leaf_cost(step["parent_path"]) - SPACE_MARGIN
             else:
                 continue
             key = os.path.dirname(where)
             need[key] = need.get(key, 0) + amount + SPACE_MARGIN
         by_dev = {}
         for directory, amount in need.items():
-            st = os.statvfs(directory)
-            dev = os.stat(directory).st_dev
-            entry = by_dev.setdefault(dev, [directory, 0, st.f_bavail * st.f_frsize])
+            dev, available = _available(directory)
+            entry = by_dev.setdefault(dev, [directory, 0, available])
             entry[1] += amount
         for directory, amount, available in by_dev.values():
             if amount > available:
@@ -155,7 +154,7 @@ class Engine(object):
     def _planner(self, session, datapath=None):
         if session.domain.kind == "xen":
             from livesnap.datapaths.vhd_files import TapdiskNamer
-            namer = TapdiskNamer()
+            namer = TapdiskNamer(getattr(session.domain, "image_names", "name"))
         else:
             namer = LibvirtNamer(session.domain.name)
         return P.Planner(session.domain.name, namer, max_depth=self.max_depth,
@@ -354,6 +353,27 @@ class Engine(object):
         """Compare the catalog with the images on disk; a list of problems (empty when sound)."""
         with self._session(domain) as s:
             return check.check(self, s)
+
+
+def _leaf_cost(path):
+    """Space a new empty leaf beside ``path`` takes: a file's few KiB (SPACE_MARGIN), or an
+    LV of the leaf's full size (LVHD leaves are fully inflated)."""
+    from livesnap.tools import lvm
+    if lvm.split_path(path) is None:
+        return SPACE_MARGIN
+    from livesnap.datapaths import vhd_storage
+    return vhd_storage.for_path(path).leaf_cost(path)
+
+
+def _available(directory):
+    """(key, bytes free) where new data in ``directory`` goes: its file system, or the free
+    space of the volume group when it is an LV directory (``/dev/<vg>``)."""
+    from livesnap.tools import lvm
+    if lvm.split_path(os.path.join(directory, "x")) is not None:
+        from livesnap.datapaths import vhd_storage
+        return vhd_storage.for_path(os.path.join(directory, "x")).available(directory)
+    st = os.statvfs(directory)
+    return os.stat(directory).st_dev, st.f_bavail * st.f_frsize
 
 
 class _SessionContext(object):

@@ -5,7 +5,8 @@ so crash recovery can be tested at every journal step.
 not yet marked done). ``op`` may be ``*``. Datapaths add points of their own inside a step:
 ``job:started:0`` right after a block job was started (it goes on running in QEMU),
 ``tapdisk:renamed:0`` inside a tapdisk pause right after a leaf was renamed,
-``quiesce:frozen:0`` while the guest's file systems are frozen.
+``quiesce:frozen:0`` while the guest's file systems are frozen,
+``lvm:inflated:0`` after a merge target's LV was made writable and inflated.
 ``action`` is ``kill`` (SIGKILL, the default) or ``sleep=SECONDS`` (a stall).
 """
 import os

@@ -113,8 +113,13 @@ def lvremove(vg, lv):
 
 
 def set_readonly(vg, lv, readonly=True):
-    """``lvchange -p r|rw VG/LV``."""
-    _run("lvchange", ["-p", "r" if readonly else "rw", "%s/%s" % (vg, lv)], vg, lv)
+    """``lvchange -p r|rw VG/LV``. LVM refuses (rc 5) a change to the permission the LV
+    already has ("... is already writable" / "already read only"): that counts as done."""
+    try:
+        _run("lvchange", ["-p", "r" if readonly else "rw", "%s/%s" % (vg, lv)], vg, lv)
+    except CommandFailed as e:
+        if "already" not in (e.err or "") + (e.out or ""):
+            raise
 
 
 def lv_size(vg, lv):

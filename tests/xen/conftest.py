@@ -86,7 +86,7 @@ def xen(monkeypatch):
     monkeypatch.setenv("TESTXEN_SLOTS", "8")
     monkeypatch.setenv("TESTXEN_STRIDE", str(1 << 20))      # 8 slots over 4 VHD blocks
     monkeypatch.setenv("TESTXEN_RETRY_INTERVAL", "0.05")
-    monkeypatch.setenv("TESTXEN_MAX_LIFETIME", "120")        # a safety net if teardown is skipped
+    monkeypatch.setenv("TESTXEN_MAX_LIFETIME", "600")        # a safety net if teardown is skipped
     x = Xen(run_dir)
     try:
         yield x

@@ -4,7 +4,7 @@ after a leaf was renamed; ``livesnap recover`` then leaves no tapdisk paused and
 acknowledged write lost, and the state is "after"."""
 from livesnap.tools import tap_ctl
 
-from test_xen_datapath import digest, vm  # noqa: F401  (fixture)
+from test_xen_datapath import digest, lvm_vm, vm  # noqa: F401  (fixtures)
 
 
 def crash_then_recover(vm, args, fault):
@@ -19,9 +19,26 @@ def crash_then_recover(vm, args, fault):
 
 
 def test_kill_at_every_step_then_recover(vm):
+    kill_then_recover(vm, ["create:before:0", "create:after:0", "tapdisk:renamed:0"],
+                      lambda ops: ["delete:%s:%d" % (w, i) for i in range(len(ops))
+                                   for w in ("before", "after")] + ["tapdisk:renamed:0"],
+                      minimum=10)
+
+
+def test_kill_on_lvhd_then_recover(lvm_vm):
+    """On LVs the points where an LV is half done: killed after the rename inside the pause
+    (deflate and the new leaf's LV still to do), after a merge target was made writable and
+    inflated (it must end deflated and read-only), and at the steps around the merges."""
+    kill_then_recover(lvm_vm, ["create:before:0", "tapdisk:renamed:0"],
+                      lambda ops: ["tapdisk:renamed:0", "lvm:inflated:0", "delete:after:1",
+                                   "delete:before:3"],
+                      minimum=6)
+
+
+def kill_then_recover(vm, create_faults, delete_faults, minimum):
     vm.start()
     covered = []
-    for fault in ["create:before:0", "create:after:0", "tapdisk:renamed:0"]:
+    for fault in create_faults:
         name = "c%d" % len(covered)
         crash_then_recover(vm, ["snapshot-create", vm.name, name], fault)
         listing = vm.json("snapshot-list", vm.name)
@@ -30,12 +47,10 @@ def test_kill_at_every_step_then_recover(vm):
         vm.check()
         covered.append(fault)
     # delete with the active leaf as only child: internal snapshots, merges, state
-    plan = vm.json("snapshot-delete", vm.name, "c2", "--dry-run")
+    plan = vm.json("snapshot-delete", vm.name, "c%d" % (len(covered) - 1), "--dry-run")
     ops = [s["op"] for s in plan["steps"]]
     assert "internal_snapshot" in ops
-    faults = ["delete:%s:%d" % (w, i) for i in range(len(ops)) for w in ("before", "after")]
-    faults.append("tapdisk:renamed:0")
-    for j, fault in enumerate(faults):
+    for j, fault in enumerate(delete_faults(ops)):
         name = "d%d" % j
         vm.create(name)
         crash_then_recover(vm, ["snapshot-delete", vm.name, name], fault)
@@ -43,6 +58,6 @@ def test_kill_at_every_step_then_recover(vm):
         vm.check()
         covered.append(fault)
     print("\nXen crash points covered: %d" % len(covered))
-    assert len(covered) >= 10
+    assert len(covered) >= minimum
     vm.stop_and_verify()
     vm.check()

@@ -6,6 +6,7 @@ image passes the VHD check and the VM's disk paths never changed."""
 import hashlib
 import os
 import random
+import subprocess
 import time
 import uuid
 
@@ -13,28 +14,38 @@ import pytest
 
 from helpers import Cli
 from livesnap import vhd
-from livesnap.tools import tap_ctl
+from livesnap.tools import lvm, tap_ctl
 from testxen.verify import assert_intact
 
 SIZE = 8 << 20
 
 
 class XenVm(Cli):
-    def __init__(self, xen, tmp_path):
+    """A VM of two VHD disks: files in a directory, or (``vg``) LVs of an LVHD volume group
+    named as XAPI names them (``/dev/VG_XenStorage-<sr>/VHD-<vdi>``)."""
+
+    def __init__(self, xen, tmp_path, vg=None):
         self.xen = xen
-        self.dir = str(tmp_path / "sr")
-        os.makedirs(self.dir)
+        self.vg = vg
+        self.dir = os.path.join("/dev", vg) if vg else str(tmp_path / "sr")
+        os.makedirs(self.dir, exist_ok=True)
         self.state_dir = str(tmp_path / "state")
         self.name = "xvm-" + uuid.uuid4().hex[:6]
         self.uuid = str(uuid.uuid4())
         self.paths = {}
         disks = ""
         for t in ("xvda", "xvdb"):
-            self.paths[t] = os.path.join(self.dir, "%s.vhd" % uuid.uuid4())
+            if vg:
+                lv = "VHD-%s" % uuid.uuid4()
+                lvm.lvcreate(vg, lv, lvm.full_size(SIZE))
+                self.paths[t] = lvm.lv_path(vg, lv)
+                source = "<disk type='block' device='disk'><source dev='%s'/>" % self.paths[t]
+            else:
+                self.paths[t] = os.path.join(self.dir, "%s.vhd" % uuid.uuid4())
+                source = "<disk type='file' device='disk'><source file='%s'/>" % self.paths[t]
             vhd.create(self.paths[t], SIZE)
-            disks += ("<disk type='file' device='disk'><driver name='tap2' type='vhd'/>"
-                      "<source file='%s'/><target dev='%s' bus='xen'/></disk>"
-                      % (self.paths[t], t))
+            disks += ("%s<driver name='tap2' type='vhd'/><target dev='%s' bus='xen'/></disk>"
+                      % (source, t))
         self.xml = str(tmp_path / "vm.xml")
         with open(self.xml, "w") as f:
             f.write("<domain type='xen'><name>%s</name><uuid>%s</uuid><memory>131072</memory>"
@@ -101,6 +112,33 @@ class XenVm(Cli):
             p = os.path.join(self.dir, f)
             if p not in self.paths.values() or not self.tapdisks:
                 assert vhd.check(p) == [], p
+        if self.vg:
+            self.check_lvs()
+
+    def check_lvs(self):
+        """LVHD as SM keeps it: a leaf's LV is writable and of its full size; every other
+        image's LV is read-only and deflated to its VHD's physical size; no LV is left over."""
+        report = lvm_report(self.vg)
+        leaves = {os.path.basename(p) for p in self.paths.values()}
+        for name, (size, attr) in report.items():
+            if name in leaves:
+                assert attr[1] == "w" and size == lvm.full_size(SIZE), (name, size, attr)
+            else:
+                phys = vhd.query(lvm.lv_path(self.vg, name)).physical_size
+                assert size == lvm.round_extent(phys), (name, size, phys)
+                assert attr[1] == "r", (name, attr)
+        known = {os.path.basename(d["image"]) for s in self.json("snapshot-list", self.name)
+                 ["snapshots"] for d in s["disks"]}
+        assert known <= set(report)
+
+
+def lvm_report(vg):
+    """{lv name: (size in bytes, lv_attr)} as LVM reports them."""
+    out = subprocess.run([os.environ["LVM"], "lvs", "--noheadings", "--units", "b",
+                          "--nosuffix", "-o", "lv_name,lv_size,lv_attr", vg],
+                         stdout=subprocess.PIPE, text=True, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    return {r[0]: (int(r[1]), r[2]) for r in rows}
 
 
 def digest(path):
@@ -112,15 +150,29 @@ def vm(xen, tmp_path):
     return XenVm(xen, tmp_path)
 
 
-def test_seed_method_create_and_delete_every_way(vm):
+@pytest.fixture
+def lvm_vm(xen, lvm_vg, tmp_path):
+    return XenVm(xen, tmp_path, vg=lvm_vg.name)
+
+
+@pytest.fixture(params=["file", "lvm"])
+def any_vm(request, xen, tmp_path):
+    if request.param == "file":
+        return XenVm(xen, tmp_path)
+    return XenVm(xen, tmp_path, vg=request.getfixturevalue("lvm_vg").name)
+
+
+def test_seed_method_create_and_delete_every_way(any_vm):
+    vm = any_vm
     vm.start()
     r = vm.create("s1")
     assert r["datapath"] == "tapdisk" and r["pause_ms"] is not None
     # the frozen images were renamed away, the VM's paths now hold new empty leaves
     for d in r["disks"]:
         assert d["image"] != vm.paths[d["target"]]
-        assert os.path.basename(d["image"]).startswith(
-            os.path.basename(vm.paths[d["target"]])[:-4] + ".s1")
+        stem = os.path.basename(vm.paths[d["target"]])
+        stem = stem[:-4] if stem.endswith(".vhd") else stem
+        assert os.path.basename(d["image"]).startswith(stem + ".s1")
     vm.xen.wait_acks(vm.tapdisks["xvda"], vm.xen.acked(vm.tapdisks["xvda"]) + 20)
     vm.create("s2")
     vm.check()
@@ -140,13 +192,23 @@ def test_seed_method_create_and_delete_every_way(vm):
 
 
 def test_random_sequence_with_the_writer_running(vm):
-    rnd = random.Random(11)
+    random_sequence(vm, runs=3, per_run=11)
+
+
+def test_random_sequence_on_lvhd(lvm_vm):
+    """The same on LVs: after every operation leaves are full-size and writable, frozen
+    images deflated and read-only, no LV left over (XenVm.check_lvs)."""
+    random_sequence(lvm_vm, runs=2, per_run=8, seed=5, minimum=16)
+
+
+def random_sequence(vm, runs, per_run, seed=11, minimum=30):
+    rnd = random.Random(seed)
     vm.start()
     ops = {"create": 0, "delete": 0, "revert": 0}
     actions = set()
     n = 0
-    for run in range(3):
-        for _ in range(11):
+    for run in range(runs):
+        for _ in range(per_run):
             n += 1
             names = sorted(vm.snaps)
             if not names or rnd.random() < 0.55:
@@ -159,7 +221,7 @@ def test_random_sequence_with_the_writer_running(vm):
             vm.check()
         vm.stop_and_verify()
         names = sorted(vm.snaps)
-        if names and run < 2:
+        if names and run < runs - 1:
             target = rnd.choice(names)
             keep = ["--keep-current", "k%d" % run] if rnd.random() < 0.5 else []
             before = {t: digest(p) for t, p in vm.paths.items()}
@@ -171,7 +233,7 @@ def test_random_sequence_with_the_writer_running(vm):
         vm.start()
     vm.stop_and_verify()
     vm.check()
-    assert ops["create"] + ops["delete"] >= 30 and ops["revert"] >= 1
+    assert ops["create"] + ops["delete"] >= minimum and ops["revert"] >= 1
     print("ops %s actions %s" % (ops, sorted(actions)))
     assert "merged" in actions
 

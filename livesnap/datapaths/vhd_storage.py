@@ -1,0 +1,205 @@
+"""Where the VHD datapaths' images live: files in a directory, or logical volumes (LVHD).
+
+A VHD on an LV (``/dev/<vg>/<lv>``, XAPI's LVHD: ``/dev/VG_XenStorage-<sr>/VHD-<vdi>``) is
+on a block device of fixed size: its footer sits at the LV's end and its data cannot grow
+past it. So, as XAPI's storage manager does (XEN-NOTES.md §1.3, §2.3):
+
+* a leaf lives on an LV inflated to its full size (``lvm.full_size``: virtual size plus
+  metadata for 2 TiB plus bitmaps), so the guest can write every block;
+* a frozen image (a snapshot, an internal image) is deflated to its VHD's physical size and
+  its LV set read-only;
+* an image that a merge writes into is made writable and inflated by what the merge can add
+  first, then deflated and set read-only again;
+* names change with ``lvrename``, images go with ``lvremove``.
+
+On files, the same calls are renames, creations and unlinks with the directory synced, and
+the writable/inflate steps are nothing. Every call is idempotent: steps are re-run after a
+crash.
+"""
+import contextlib
+import os
+
+from livesnap import vhd
+from livesnap.datapaths import unlink
+from livesnap.engine import faults
+from livesnap.tools import lvm
+from livesnap.vhd.image import set_physical_size
+
+MARGIN = 1 << 20
+
+
+def _fsync_dir(path):
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def for_path(path):
+    """The storage of an image path: an LV (``/dev/<vg>/<lv>``) or a file."""
+    vg_lv = lvm.split_path(path)
+    if vg_lv is not None:
+        return LvmStorage(vg_lv[0])
+    return FILES
+
+
+class FileStorage(object):
+    kind = "file"
+
+    def exists(self, path):
+        return os.path.exists(path)
+
+    def rename(self, old, new):
+        os.rename(old, new)
+        _fsync_dir(new)
+
+    def create_child(self, path, parent, leaf=True):
+        """A new empty VHD at ``path`` whose parent is ``parent`` (a half-made one from a
+        crash is replaced)."""
+        if os.path.exists(path):
+            os.unlink(path)
+        vhd.snapshot(path, parent)
+        _fsync_dir(path)
+
+    def freeze(self, path, readonly=True):
+        """``path`` will not be written again (a frozen image)."""
+        return None
+
+    def set_readonly(self, path):
+        return None
+
+    def remove(self, path):
+        unlink(path)
+
+    @contextlib.contextmanager
+    def writable(self, path, extra=0, leaf=False):
+        """Around a change of ``path`` that may add ``extra`` bytes of data."""
+        yield
+
+    def available(self, directory):
+        """(key, free bytes) where new images in ``directory`` take their space."""
+        st = os.statvfs(directory)
+        return ("dev:%d" % os.stat(directory).st_dev, st.f_bavail * st.f_frsize)
+
+    def leaf_cost(self, path):
+        """Space a new empty leaf beside ``path`` takes."""
+        return MARGIN
+
+
+FILES = FileStorage()
+
+
+class LvmStorage(object):
+    kind = "lvm"
+
+    def __init__(self, vg):
+        self.vg = vg
+
+    def _lv(self, path):
+        vg_lv = lvm.split_path(path)
+        if vg_lv is None or vg_lv[0] != self.vg:
+            raise ValueError("%s is not an LV of %s" % (path, self.vg))
+        return vg_lv[1]
+
+    def exists(self, path):
+        return os.path.exists(path)
+
+    def rename(self, old, new):
+        lvm.lvrename(self.vg, self._lv(old), self._lv(new))
+
+    def create_child(self, path, parent, leaf=True):
+        """An LV for the new image (a leaf's full size; a small one otherwise, as it is
+        deflated when frozen), then the VHD on it. An LV left by a crash is reused."""
+        lv = self._lv(path)
+        size = lvm.full_size(_virtual_size(parent)) if leaf else lvm.EXTENT
+        if not os.path.exists(path):
+            lvm.lvcreate(self.vg, lv, size)
+        else:
+            lvm.set_readonly(self.vg, lv, False)
+            if lvm.lv_size(self.vg, lv) < size:
+                lvm.lvresize(self.vg, lv, lvm.round_extent(size))
+        vhd.snapshot(path, parent)
+
+    def freeze(self, path, readonly=True):
+        """Deflate to the VHD's physical size (SM: after the rename to the base copy's
+        name), then read-only unless told otherwise (the caller does it later)."""
+        lv = self._lv(path)
+        try:
+            self._deflate(path)              # a leaf until now: writable
+        except vhd.VhdIOError:
+            lvm.set_readonly(self.vg, lv, False)   # re-run after a crash: made read-only
+            self._deflate(path)
+        if readonly:
+            lvm.set_readonly(self.vg, lv, True)
+
+    def set_readonly(self, path):
+        lvm.set_readonly(self.vg, self._lv(path), True)
+
+    def remove(self, path):
+        try:
+            lvm.lvremove(self.vg, self._lv(path))
+        except lvm.LvNotFound:
+            pass
+
+    @contextlib.contextmanager
+    def writable(self, path, extra=0, leaf=False):
+        """Writable, inflated by ``extra`` (a leaf: to its full size); afterwards a non-leaf
+        is deflated and read-only again, whatever happened."""
+        lv = self._lv(path)
+        lvm.set_readonly(self.vg, lv, False)
+        if leaf:
+            self._inflate(path, lvm.full_size(_virtual_size(path)))
+        elif extra:
+            with vhd.open_image(path, chain=False) as img:
+                physical = img.physical_size
+            self._inflate(path, physical + extra)
+        faults.point("lvm", "inflated", 0)
+        try:
+            yield
+        finally:
+            if not leaf:
+                self._deflate(path)
+                lvm.set_readonly(self.vg, lv, True)
+
+    # inflate/deflate as lvm.inflate/deflate (SM's order), the footer moved in-process
+    # rather than by two vhd-util runs: these run inside a tapdisk pause.
+
+    def _deflate(self, path):
+        with vhd.open_image(path, chain=False) as img:
+            target, now = lvm.round_extent(img.physical_size), img.file_size
+        if target < now:
+            set_physical_size(path, target)                  # the footer first,
+            lvm.lvresize(self.vg, self._lv(path), target, allow_shrink=True)   # then the LV
+
+    def _inflate(self, path, size):
+        target = lvm.round_extent(size)
+        with open(path, "rb") as f:
+            now = f.seek(0, os.SEEK_END)
+        if target > now:
+            lvm.lvresize(self.vg, self._lv(path), target)    # the LV first,
+            fd = os.open(path, os.O_WRONLY)
+            try:                                             # (SM: zero the new last sector)
+                os.pwrite(fd, bytes(512), target - 512)
+            finally:
+                os.close(fd)
+            set_physical_size(path, target)                  # then the footer at its end
+
+    def available(self, directory):
+        return ("vg:%s" % self.vg, lvm.vg_free(self.vg))
+
+    def leaf_cost(self, path):
+        return lvm.full_size(_virtual_size(path))
+
+
+def merge_extra(source):
+    """What a merge of ``source``'s own blocks can add to its target: every allocated block
+    with its bitmap, plus a margin for the metadata."""
+    with vhd.open_image(source, chain=False) as img:
+        n = len(img.allocated_blocks())
+        return n * (img.block_size + 4096) + MARGIN
+
+
+def _virtual_size(path):
+    with vhd.open_image(path, chain=False) as img:
+        return img.virtual_size
