@@ -1,4 +1,9 @@
-"""Shared fixtures: a libvirt connection to the real libvirtd, shut-off domains in tmp_path."""
+"""Shared fixtures: a libvirt connection to the real libvirtd, shut-off domains in tmp_path;
+a volume group of the LVM stand-in."""
+import os
+import tempfile
+import uuid
+
 import pytest
 
 from helpers import URI, Dom
@@ -24,3 +29,23 @@ def make_dom(conn, tmp_path):
     yield make
     for d in made:
         d.destroy()
+
+
+LVM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "testxen", "lvm")
+
+
+@pytest.fixture
+def lvm_vg(monkeypatch):
+    """A volume group ``VG_XenStorage-<uuid>`` of the LVM stand-in (real LVM metadata on a
+    loop-device PV, loop devices for LVs at /dev/<vg>/<lv>), the ``LVM`` variable pointing
+    livesnap at it; everything removed in teardown."""
+    from testxen import lvm as standin
+    root = tempfile.mkdtemp(prefix="lvm", dir="/tmp")
+    vg = "VG_XenStorage-%s" % uuid.uuid4()
+    monkeypatch.setenv("TESTXEN_LVM_ROOT", root)
+    monkeypatch.setenv("LVM", LVM)
+    v = standin.make_vg(root, vg, 8 << 30)
+    try:
+        yield v
+    finally:
+        standin.destroy_vg(root)

@@ -5,7 +5,9 @@ with XAPI's reply format: ``{'Status': 'Success', 'Value': v}`` or ``{'Status': 
 
 Served: ``session.login_with_password``, ``session.logout``, ``session.get_this_host``,
 ``host.get_all``, ``host.call_plugin``; ``VM|VBD|VDI|SR .get_record``, ``.get_by_uuid``,
-``.get_all``, ``.get_all_records``, ``.get_<field>``; ``VM.get_by_name_label``. Every call but
+``.get_all``, ``.get_all_records``, ``.get_<field>``; ``VM.get_by_name_label``; ``SR.scan``
+(``scan``: records follow the VHD images, as SM's scan); ``VDI.set_name_label|name_description``,
+``VDI.add_to_other_config``, ``VDI.remove_from_other_config``. Every call but
 login needs a live session (``SESSION_INVALID`` otherwise). ``host.call_plugin`` runs a plugin
 from ``plugins_dir`` the way xapi does (xapi_plugins.ml): the file named exactly ``plugin``,
 one argv holding the XML-RPC methodCall, no shell; the reply read from its stdout; a non-zero
@@ -103,6 +105,9 @@ class Xapi(object):
 
     def vdi_path(self, vdi):
         rec = self.record("VDI", vdi)
+        sr = self.record("SR", rec["SR"])
+        if sr["type"] in ("lvm", "lvmoiscsi", "lvmohba"):
+            return "/dev/VG_XenStorage-%s/VHD-%s" % (sr["uuid"], rec["location"])
         return os.path.join(self.sr_dir(rec["SR"]), rec["location"] + ".vhd")
 
     def add_vbd(self, vm, vdi=NULL_REF, userdevice="0", type="Disk", mode="RW", device="",
@@ -150,10 +155,20 @@ class Xapi(object):
             return self.host
         if method == "host.call_plugin":
             return self._call_plugin(session, *args)
+        if method == "SR.scan":
+            self._nargs(method, args, 1)
+            if args[0] not in self.objects["SR"]:
+                raise Failure("HANDLE_INVALID", "SR", args[0])
+            with self.lock:
+                self.scan(args[0])
+            return ""
         cls, _, op = method.partition(".")
         if cls not in self.objects or not op:
             raise Failure("MESSAGE_METHOD_UNKNOWN", method)
         table = self.objects[cls]
+        for prefix in ("set_", "add_to_", "remove_from_"):
+            if op.startswith(prefix) and cls == "VDI":
+                return self._setter(method, table, prefix, op[len(prefix):], args)
         if op == "get_all":
             return list(table)
         if op == "get_all_records":
@@ -179,6 +194,76 @@ class Xapi(object):
                 raise Failure("MESSAGE_METHOD_UNKNOWN", method)
             return rec[field]
         raise Failure("MESSAGE_METHOD_UNKNOWN", method)
+
+    SETTABLE = {"name_label", "name_description", "other_config"}
+
+    def _setter(self, method, table, prefix, field, args):
+        """``VDI.set_<field>``, ``.add_to_<map>``, ``.remove_from_<map>`` (XAPI: adding a
+        key that exists fails with MAP_DUPLICATE_KEY; removing a missing key is fine)."""
+        if field not in self.SETTABLE:
+            raise Failure("MESSAGE_METHOD_UNKNOWN", method)
+        self._nargs(method, args, {"set_": 2, "add_to_": 3, "remove_from_": 2}[prefix])
+        if args[0] not in table:
+            raise Failure("HANDLE_INVALID", "VDI", args[0])
+        rec = table[args[0]]
+        if prefix == "set_":
+            rec[field] = args[1]
+        elif prefix == "add_to_":
+            if args[1] in rec[field]:
+                raise Failure("MAP_DUPLICATE_KEY", "VDI", field, args[0], args[1])
+            rec[field][args[1]] = args[2]
+        else:
+            rec[field].pop(args[1], None)
+        return ""
+
+    # -- SR.scan, as SM's FileSR / LVHDSR scan does it for VHD images ------------------------
+
+    def sr_images(self, sr):
+        """{vdi uuid: path} of the VHD images an SR holds, named as SM names them."""
+        rec = self.record("SR", sr)
+        if rec["type"] in ("lvm", "lvmoiscsi", "lvmohba"):
+            d, prefix, suffix = "/dev/VG_XenStorage-%s" % rec["uuid"], "VHD-", ""
+        else:
+            d, prefix, suffix = self.sr_dir(sr), "", ".vhd"
+        out = {}
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if name.startswith(prefix) and name.endswith(suffix):
+                u = name[len(prefix):len(name) - len(suffix)]
+                try:
+                    if str(uuid.UUID(u)) == u:
+                        out[u] = os.path.join(d, name)
+                except ValueError:
+                    pass                       # not a VDI's name: SM's scan skips it
+        return out
+
+    def scan(self, sr):
+        """New images become VDI records (hidden ones unmanaged), every record's
+        ``sm_config.vhd-parent`` and sizes follow its image, records of vanished images that
+        no VBD uses are forgotten."""
+        from livesnap import vhd
+        images = self.sr_images(sr)
+        by_uuid = {rec["location"]: ref for ref, rec in self.objects["VDI"].items()
+                   if rec["SR"] == sr}
+        for u, path in images.items():
+            with vhd.open_image(path, chain=False) as img:
+                parent = img.parent_path() if img.is_differencing else None
+                facts = {"virtual_size": str(img.virtual_size),
+                         "physical_utilisation": str(img.physical_size),
+                         "managed": not img.hidden}
+            ref = by_uuid.get(u)
+            if ref is None:
+                ref = self.add_vdi(sr, img.virtual_size, uuid=u, location=u, name_label="")
+            rec = self.record("VDI", ref)
+            rec.update(facts)
+            rec["sm_config"].pop("vhd-parent", None)
+            if parent is not None:
+                rec["sm_config"]["vhd-parent"] = os.path.basename(parent).replace(
+                    "VHD-", "").replace(".vhd", "")
+        for u, ref in by_uuid.items():
+            rec = self.record("VDI", ref)
+            if u not in images and not rec["VBDs"]:
+                del self.objects["VDI"][ref]
+                self.record("SR", sr)["VDIs"].remove(ref)
 
     @staticmethod
     def _nargs(method, args, n):

@@ -190,6 +190,12 @@ class VhdOfflineDatapath(Datapath):
         if os.path.exists(child) and _parent(child) == node:
             with storage(node).writable(node, extra=merge_extra(child)):
                 vhd.coalesce(child)
+                # node's file now stands for child: it takes child's hidden flag (SM's GC
+                # merges a hidden image with one child on its own; an internal image stays
+                # hidden, a named snapshot must not be)
+                hidden = vhd.query(child).hidden
+                if vhd.query(node).hidden != hidden:
+                    vhd.set_hidden(node, hidden)
         grand = [g["path"] for g in step["grandchildren"]]
         pause_ms = self._reparent(step["disk"], grand, node, step.get("child_in_chain"))
         storage(child).remove(child)

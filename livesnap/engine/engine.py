@@ -162,8 +162,16 @@ class Engine(object):
                          needs_internal=getattr(datapath, "needs_internal", None))
 
     def _sync_metadata(self, session, tree):
-        """Keep libvirt's snapshot list in step; a failure here does not undo the operation."""
+        """Keep libvirt's snapshot list (XAPI: its VDI records) in step; a failure here does
+        not undo the operation."""
         if session.domain.kind != "libvirt":
+            sync = getattr(session.domain, "sync_metadata", None)
+            if sync is not None:
+                try:
+                    sync(tree)
+                except Error as e:
+                    log.warning("XAPI's records of %s not updated: %s (an SR scan will do it)",
+                                session.domain.name, e)
             return
         from livesnap.platforms import libvirt_snapshots
         try:

@@ -56,6 +56,17 @@ def _failure_details(e):
     return [str(d) for d in details] if isinstance(details, (list, tuple)) else None
 
 
+def image_uuid(path):
+    """The VDI uuid an image path names (``<sr>/<uuid>.vhd``, ``VG/VHD-<uuid>``), or None."""
+    base = os.path.basename(path)
+    for prefix, suffix in (("", ".vhd"), ("", ".raw"), ("VHD-", ""), ("LV-", "")):
+        if base.startswith(prefix) and base.endswith(suffix):
+            cand = base[len(prefix):len(base) - len(suffix)]
+            if is_uuid(cand):
+                return cand.lower()
+    return None
+
+
 def userdevice_target(userdevice):
     """``xvd`` + letter(s) of a VBD slot: 0 -> xvda, 25 -> xvdz, 26 -> xvdaa."""
     n = int(userdevice)
@@ -113,7 +124,12 @@ class XapiPlatform(object):
 
 class XapiDomain(XenDomainBase):
     """One VM; its disks are read once, when it is looked up (they do not move while
-    livesnap works: tapdisk's rename convention keeps every VDI's path)."""
+    livesnap works: tapdisk's rename convention keeps every VDI's path).
+
+    New images get new VDI uuids as names (``image_names``: ``<uuid>.vhd`` on a file SR,
+    ``VHD-<uuid>`` on LVHD), the names SM's scan knows; after each operation
+    ``sync_metadata`` has XAPI rescan the SRs and labels the snapshots' VDIs."""
+    image_names = "uuid"
 
     def __init__(self, platform, ref, record):
         self.platform = platform
@@ -199,6 +215,35 @@ class XapiDomain(XenDomainBase):
                 stack.enter_context(sm_lock.sr_lock(sr_uuid, base_dir=self.platform.sm_lock_dir,
                                                     timeout=self.platform.sm_lock_timeout))
             yield
+
+    # -- XAPI's records -----------------------------------------------------------------------
+
+    def sync_metadata(self, tree):
+        """Tell XAPI about the chains livesnap changed, outside every pause: ``SR.scan`` of
+        the VM's SRs (SM makes VDI records for new images, sets ``sm_config.vhd-parent``,
+        marks hidden ones unmanaged, forgets images that are gone), then each livesnap
+        snapshot's VDI is labelled ``livesnap <name>: <vm> <disk>`` with
+        ``other_config.livesnap_snapshot`` = the snapshot's name."""
+        for sr_uuid in self.sr_uuids():
+            self.platform.call("SR.scan", self.platform.call("SR.get_by_uuid", sr_uuid))
+        for n in sorted(tree.nodes.values(), key=lambda n: n.id):
+            vdi_uuid = image_uuid(n.path)
+            if n.state not in ("snapshot", "hidden") or vdi_uuid is None:
+                continue
+            try:
+                ref = self.platform.call("VDI.get_by_uuid", vdi_uuid)
+            except XapiError:
+                log.warning("XAPI has no VDI %s for %s after a scan", vdi_uuid, n.path)
+                continue
+            label = "livesnap %s: %s %s" % (n.snapshot or "internal", self.name, n.disk)
+            rec = self.platform.call("VDI.get_record", ref)
+            if rec.get("name_label") != label:
+                self.platform.call("VDI.set_name_label", ref, label)
+            if (rec.get("other_config") or {}).get("livesnap_snapshot") != n.snapshot:
+                self.platform.call("VDI.remove_from_other_config", ref, "livesnap_snapshot")
+                if n.snapshot is not None:
+                    self.platform.call("VDI.add_to_other_config", ref, "livesnap_snapshot",
+                                       n.snapshot)
 
     # -- state -------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@ stdout) against the XAPI stand-in, on a VM with two VHD disks on a file SR."""
 import json
 import os
 
+import pytest
+
 
 from livesnap import vhd
 
@@ -87,3 +89,69 @@ def test_changes_wait_for_sms_sr_lock(world):
     (reply,), _ = xmlrpc.client.loads(out)
     assert reply["Status"] == "Success", (reply, err)
     assert json.loads(reply["Value"])["snapshot"] == "s1"
+
+
+@pytest.fixture(params=["ext", "lvm"])
+def sr_of(request, world):
+    if request.param == "ext":
+        return world.sr
+    return world.add_lvm_sr(request.getfixturevalue("lvm_vg"))
+
+
+def test_xapi_records_follow_the_chains(world, sr_of):
+    """New images get VDI uuids as names; after each operation livesnap has XAPI scan the SR,
+    so every image is a VDI record whose sm_config.vhd-parent is its VHD parent, livesnap's
+    snapshots are labelled, and merged-away images are forgotten. On LVHD the LVs follow SM:
+    snapshot LVs deflated and read-only."""
+    from livesnap.platforms.xapi import image_uuid
+    xapi = world.xapi
+    vm = world.add_vm(sr=sr_of)
+    vm.start()
+
+    def vdis():
+        return {rec["uuid"]: rec for ref, rec in xapi.objects["VDI"].items()
+                if rec["SR"] == sr_of}
+
+    def check_records():
+        images = xapi.sr_images(sr_of)
+        recs = vdis()
+        assert set(recs) == set(images)                 # no image unknown to XAPI, no ghost
+        for u, path in images.items():
+            parent = vhd.query(path).parent
+            assert recs[u]["sm_config"].get("vhd-parent") == (image_uuid(parent) if parent
+                                                               else None)
+        return recs
+
+    n_scans = len([c for c in xapi.calls if c[0] == "SR.scan"])
+    r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    assert len([c for c in xapi.calls if c[0] == "SR.scan"]) > n_scans
+    recs = check_records()
+    frozen = {}
+    for d in r["disks"]:
+        u = image_uuid(d["image"])
+        assert u is not None, d["image"]                 # a VDI name, not <vdi>.s1.vhd
+        frozen[d["target"]] = u
+        assert recs[u]["name_label"] == "livesnap s1: vm1 %s" % d["target"]
+        assert recs[u]["other_config"]["livesnap_snapshot"] == "s1"
+        assert recs[u]["managed"] is True
+        leaf = image_uuid(vm.paths[d["target"]])
+        assert recs[leaf]["sm_config"]["vhd-parent"] == u
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
+    check_records()
+    r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert r["action"] == "merged"
+    recs = check_records()
+    assert not set(frozen.values()) & set(recs)         # merged away: forgotten
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    recs = check_records()
+    # what is left below the leaves is internal (hidden, unmanaged) or nothing
+    for u, rec in recs.items():
+        if u not in {image_uuid(p) for p in vm.paths.values()}:
+            assert rec["managed"] is False and "livesnap_snapshot" not in rec["other_config"], \
+                (rec, world.ok("snapshot_list", vm_uuid=vm.uuid, all="true"))
+    vm.stop()
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s3")   # offline
+    check_records()
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s3")
+    recs = check_records()
+    assert set(recs) == {image_uuid(p) for p in vm.paths.values()}

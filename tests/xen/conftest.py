@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 
 import pytest
 
@@ -94,22 +93,3 @@ def xen(monkeypatch):
         x.kill_all()
         shutil.rmtree(run_dir, ignore_errors=True)
 
-
-LVM = os.path.join(ROOT, "testxen", "lvm")
-
-
-@pytest.fixture
-def lvm_vg(monkeypatch):
-    """A volume group ``VG_XenStorage-<uuid>`` of the LVM stand-in (real LVM metadata on a
-    loop-device PV, loop devices for LVs at /dev/<vg>/<lv>), the ``LVM`` variable pointing
-    livesnap at it; everything removed in teardown."""
-    from testxen import lvm as standin
-    root = tempfile.mkdtemp(prefix="lvm", dir="/tmp")
-    vg = "VG_XenStorage-%s" % uuid.uuid4()
-    monkeypatch.setenv("TESTXEN_LVM_ROOT", root)
-    monkeypatch.setenv("LVM", LVM)
-    v = standin.make_vg(root, vg, 8 << 30)
-    try:
-        yield v
-    finally:
-        standin.destroy_vg(root)

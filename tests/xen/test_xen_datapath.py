@@ -101,6 +101,9 @@ class XenVm(Cli):
         for s in listing["snapshots"]:
             got = {d["target"]: digest(d["image"]) for d in s["disks"]}
             assert got == self.snaps[s["name"]], s["name"]
+            for d in s["disks"]:
+                # a visible snapshot is never VHD-hidden: SM's GC would merge it away
+                assert vhd.query(d["image"]).hidden == 0, (s["name"], d["image"])
         with open(self.xml) as f:
             assert f.read() == self.xml_text           # the VM's disk paths never change
         for t, td in self.tapdisks.items():
