@@ -298,7 +298,8 @@ class Engine(object):
             self._no_interrupted(s)
             state = s.domain.state_name()
             if state != "shut off":
-                raise WrongState(s.domain.name, state,
+                hint = getattr(s.domain, "how_to_stop", None)
+                raise WrongState(s.domain.name, state, hint(state) if hint else
                                  "revert needs the domain shut off: virsh shutdown %s (or "
                                  "virsh destroy %s), then revert again" % (s.domain.name,
                                                                            s.domain.name))

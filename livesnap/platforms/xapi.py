@@ -263,6 +263,17 @@ class XapiDomain(XenDomainBase):
                                     d.path for d in self._disks if self.snapshottable(d))))
         return False
 
+    def how_to_stop(self, state):
+        """What to run before a revert, for the state XAPI reports."""
+        if state == "suspended":
+            return ("revert needs VM %s halted: it is suspended, and its saved memory expects "
+                    "its disks as they are now; resume it and shut it down (xe vm-resume "
+                    "uuid=%s; xe vm-shutdown uuid=%s), or drop the saved memory (xe "
+                    "vm-shutdown force=true uuid=%s), then revert again"
+                    % (self.name, self.uuid, self.uuid, self.uuid))
+        return ("revert needs VM %s halted: xe vm-shutdown uuid=%s (or xe vm-shutdown "
+                "force=true uuid=%s), then revert again" % (self.name, self.uuid, self.uuid))
+
     def state_name(self):
         state = self.power_state()
         return POWER_STATES.get(state, str(state).lower())

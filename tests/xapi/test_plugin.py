@@ -33,7 +33,7 @@ def test_life_cycle_running_then_halted(world):
     # revert needs the VM halted
     desc = world.fail("snapshot_revert", {"vm_uuid": vm.uuid, "name": "s1"},
                       "LIVESNAP_WRONG_STATE")
-    assert "running" in desc[1]
+    assert "running" in desc[1] and "xe vm-shutdown uuid=%s" % vm.uuid in desc[1]
     dry = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2", dry_run="yes")
     assert dry["dry_run"] is True
     assert names(world.ok("snapshot_list", vm_uuid=vm.uuid)) == ["s1", "s2"]
@@ -155,3 +155,28 @@ def test_xapi_records_follow_the_chains(world, sr_of):
     world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s3")
     recs = check_records()
     assert set(recs) == {image_uuid(p) for p in vm.paths.values()}
+
+
+def test_suspended_vm_snapshots_offline_but_does_not_revert(world):
+    """A suspended VM has no tapdisk: snapshots and deletes work offline (the disks read the
+    same afterwards, which its saved memory expects); a revert would change what the disks
+    read under that memory, so it is refused with the xe commands that make it safe."""
+    vm = world.add_vm()
+    vhd.write(vm.paths["xvda"], 0, b"\x5a" * 4096)
+    world.xapi.record("VM", vm.ref)["power_state"] = "Suspended"
+    r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    assert r["datapath"] == "vhd-offline"
+    vhd.write(vm.paths["xvda"], 0, b"\xa5" * 4096)
+    before = {t: vhd.read(p, 0, 8192) for t, p in vm.paths.items()}
+    desc = world.fail("snapshot_revert", {"vm_uuid": vm.uuid, "name": "s1"},
+                      "LIVESNAP_WRONG_STATE")
+    assert "suspended" in desc[1] and "xe vm-resume uuid=%s" % vm.uuid in desc[1]
+    assert {t: vhd.read(p, 0, 8192) for t, p in vm.paths.items()} == before
+    r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert r["action"] == "merged"
+    assert {t: vhd.read(p, 0, 8192) for t, p in vm.paths.items()} == before
+    world.xapi.record("VM", vm.ref)["power_state"] = "Halted"
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
+    vhd.write(vm.paths["xvda"], 0, b"\x00" * 4096)
+    world.ok("snapshot_revert", vm_uuid=vm.uuid, name="s2")
+    assert vhd.read(vm.paths["xvda"], 0, 4096) == b"\xa5" * 4096
