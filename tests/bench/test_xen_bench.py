@@ -1,8 +1,9 @@
 """Smoke run of bench/xen.py --quick: the JSON is well formed, has every figure the issue asks
 for (pause window of create and of each kind of delete, the baseline and the ratios), every
 scenario verified (no acknowledged write lost, the merged data intact, every image checks) and
-no stand-in tapdisk or temp dir is left behind. No timing is asserted: performance figures come
-from the benchmark, not from tests."""
+no stand-in tapdisk or temp dir is left behind; with --storage lvm also the LVs as SM keeps
+them, the LVM commands inside the pauses, and no volume group, loop device or /dev/VG_* dir left
+behind. No timing is asserted: performance figures come from the benchmark, not from tests."""
 import glob
 import json
 import os
@@ -35,16 +36,60 @@ def _standins(under):
     return out
 
 
-def test_xen_bench_quick(tmp_path):
+def _run_quick(tmp_path, *args, timeout=120):
     work = tmp_path / "work"
     work.mkdir()
     out = tmp_path / "xen.json"
-    p = subprocess.run([sys.executable, BENCH, "--quick", "--dir", str(work), "--out", str(out)],
-                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       timeout=120)
+    p = subprocess.run([sys.executable, BENCH, "--quick", "--dir", str(work), "--out", str(out)]
+                       + list(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads(p.stdout)
     assert json.loads(out.read_text()) == doc
+    _check_doc(doc, work)
+    return doc
+
+
+def test_xen_bench_quick(tmp_path):
+    doc = _run_quick(tmp_path)
+    assert doc["params"]["storage"] == "file"
+
+
+def test_xen_bench_quick_lvm(tmp_path):
+    """The same on LVHD: the disk on LVs of a VG of the LVM stand-in, made and destroyed by the
+    bench."""
+    doc = _run_quick(tmp_path, "--storage", "lvm", timeout=300)
+    assert doc["params"]["storage"] == "lvm"
+    lv = doc["params"]["lvm"]
+    assert lv["vg"].startswith("VG_XenStorage-") and lv["vg_mib"] >= 2 * 552
+    assert _number(lv["probe"]["lvchange_ms"]) and _number(lv["probe"]["lvs_ms"])
+    (size,) = doc["sizes"]
+    base = size["xapi_leaf_coalesce"]
+    for k in ("lvm_prepare_ms", "copy_ms", "rename_ms", "inflate_full_ms", "old_remove_ms"):
+        assert _number(base[k]), (k, base)
+    by = {r["scenario"]: r for r in doc["runs"]}
+    # the baseline's pause: lvchange -p rw, deflate, inflate, 2 lvrename, inflateFully
+    (in_pause,) = by["xapi_leaf_coalesce"]["op"]["lvm_in_pauses"]
+    assert in_pause.count("lvrename") == 2 and in_pause.count("lvresize") >= 2, in_pause
+    # create's pause: rename the leaf, deflate it, the new leaf's LV
+    (in_pause,) = by["delete_intermediate"]["create"]["lvm_in_pauses"]
+    assert "lvrename" in in_pause and "lvcreate" in in_pause, in_pause
+    assert by["delete_hide"]["op"]["lvm_commands_in_pause"] == 0
+    for r in doc["runs"]:
+        assert all(p.startswith("VHD-") for p in r["chain_after"]), r["chain_after"]
+        lvs = r["lvs_after"]
+        (leaf,) = [n for n in lvs if lvs[n][1][1] == "w"]        # one writable LV: the leaf
+        assert leaf == r["chain_after"][0]
+        assert not any(n.startswith("OLD_") for n in lvs), lvs
+    # nothing of the VG is left: no /dev/<vg>, no loop device over the stand-in's files
+    assert not _standins(os.path.join("/dev", lv["vg"]))
+    assert not os.path.exists(os.path.join("/dev", lv["vg"]))
+    assert not os.path.exists(lv["root"])
+    loops = subprocess.run(["losetup", "-a"], stdout=subprocess.PIPE, text=True).stdout
+    assert lv["root"] + "/" not in loops, loops
+
+
+def _check_doc(doc, work):
     assert doc["benchmark"] == "xen" and doc["verified"] is True
     assert doc["params"]["sizes_mib"] == [16] and doc["params"]["repeat"] == 1
 
