@@ -13,6 +13,8 @@ command from LVM's own report (``lvs``, keyed by the LV's UUID, which a rename k
 * a resized LV's file is truncated/extended and the loop's capacity re-read (``losetup -c``);
   data past a shrink is gone, as on LVM;
 * ``lvchange -p r`` makes the device read-only (``blockdev --setro``): writes fail with EPERM;
+* ``lvchange -an`` (``lvcreate -an``) removes the link (the LV has no device until
+  ``lvchange -ay``), as SM leaves the LVs of a detached VDI;
 * a removed LV loses its link, loop device and data.
 
 So a VHD on such an LV has a real block device's fixed size (its footer at the device's end,
@@ -90,9 +92,13 @@ class Vg(object):
     def link(self, name):
         return os.path.join(dev_root(), self.name, name)
 
-    def sync(self):
-        """Make links, loop devices and data files follow LVM's metadata."""
+    def sync(self, activate=None):
+        """Make links, loop devices and data files follow LVM's metadata; ``activate``
+        {lv name: bool} records activation changes (LVM with activation disabled keeps
+        none): an inactive LV keeps its data and loop device but has no link, as an LV
+        without its dm device."""
         state = self._state()
+        activate = activate or {}
         seen = set()
         os.makedirs(os.path.join(dev_root(), self.name), exist_ok=True)
         for lv in self.report():
@@ -109,7 +115,9 @@ class Vg(object):
                 # the read-only flag of a loop device outlives its detach: clear it
                 subprocess.run(["blockdev", "--setrw", loop], check=True)
                 ent = state[uuid] = {"name": None, "loop": loop, "data": data, "size": size,
-                                     "readonly": False}
+                                     "readonly": False, "active": True}
+            if name in activate:
+                ent["active"] = activate[name]
             if ent["size"] != size:
                 with open(ent["data"], "r+b") as f:
                     f.truncate(size)
@@ -119,18 +127,21 @@ class Vg(object):
                 subprocess.run(["blockdev", "--setro" if readonly else "--setrw", ent["loop"]],
                                check=True)
                 ent["readonly"] = readonly
-            if ent["name"] != name:
+            linked = ent["name"] is not None and os.path.islink(self.link(ent["name"]))
+            if ent["name"] != name or linked != ent.get("active", True):
                 if ent["name"] is not None:
                     _unlink_if_to(self.link(ent["name"]), ent["loop"])
-                tmp = self.link(".%s.tmp" % name)
-                if os.path.lexists(tmp):
-                    os.unlink(tmp)
-                os.symlink(ent["loop"], tmp)
-                os.rename(tmp, self.link(name))
+                if ent.get("active", True):
+                    tmp = self.link(".%s.tmp" % name)
+                    if os.path.lexists(tmp):
+                        os.unlink(tmp)
+                    os.symlink(ent["loop"], tmp)
+                    os.rename(tmp, self.link(name))
                 ent["name"] = name
         for uuid in [u for u in state if u not in seen]:
             ent = state.pop(uuid)
             _unlink_if_to(self.link(ent["name"]), ent["loop"])
+            subprocess.run(["blockdev", "--setrw", ent["loop"]])
             _losetup(["-d", ent["loop"]], check=False)
             try:
                 os.unlink(ent["data"])
@@ -144,11 +155,29 @@ class Vg(object):
             fcntl.lockf(lock, fcntl.LOCK_EX)
             rc, out, err = self.lvm(cmd, args)
             if cmd not in READ_ONLY:
-                self.sync()
+                self.sync(_activation(cmd, args, self.name) if rc == 0 else None)
             return rc, out, err
 
     def loops(self):
         return {e["name"]: e["loop"] for e in self._state().values()}
+
+
+def _activation(cmd, args, vg):
+    """{lv name: active} that ``lvcreate -an`` / ``lvchange -a y|n VG/LV`` asked for."""
+    want = None
+    for i, a in enumerate(args):
+        if a in ("-a", "--activate") and i + 1 < len(args):
+            want = args[i + 1]
+        elif a.startswith("-a") and len(a) > 2 and a[2:] in ("y", "n", "ay", "ly", "ey"):
+            want = a[2:]
+    if want is None:
+        return {}
+    active = want != "n"
+    if cmd == "lvcreate" and "-n" in args:
+        return {args[args.index("-n") + 1]: active}
+    if cmd == "lvchange":
+        return {a.split("/", 1)[1]: active for a in args if a.startswith(vg + "/")}
+    return {}
 
 
 def _unlink_if_to(link, target):
@@ -174,6 +203,7 @@ def make_vg(root, vg, size):
     with open(pv_file, "wb") as f:
         f.truncate(size)
     pv_dev = _losetup(["-f", "--show", pv_file]).strip()
+    subprocess.run(["blockdev", "--setrw", pv_dev], check=True)    # (see Vg.sync)
     with open(os.path.join(root, "vg.json"), "w") as f:
         json.dump({"vg": vg, "pv_file": pv_file, "pv_dev": pv_dev}, f)
     v = Vg(root)
@@ -187,6 +217,7 @@ def destroy_vg(root):
     v = Vg(root)
     for ent in v._state().values():
         _unlink_if_to(v.link(ent["name"]), ent["loop"])
+        subprocess.run(["blockdev", "--setrw", ent["loop"]])
         _losetup(["-d", ent["loop"]], check=False)
     v.lvm("vgremove", ["-f", v.name])
     v.lvm("pvremove", ["-f", v.pv_dev])

@@ -222,11 +222,16 @@ class Xapi(object):
         """{vdi uuid: path} of the VHD images an SR holds, named as SM names them."""
         rec = self.record("SR", sr)
         if rec["type"] in ("lvm", "lvmoiscsi", "lvmohba"):
+            # SM reads LVM's metadata, not /dev: inactive LVs count (read here through the
+            # LVM stand-in's loop devices)
+            from testxen import lvm as standin
             d, prefix, suffix = "/dev/VG_XenStorage-%s" % rec["uuid"], "VHD-", ""
+            names = sorted(standin.Vg(os.environ["TESTXEN_LVM_ROOT"]).loops())
         else:
             d, prefix, suffix = self.sr_dir(sr), "", ".vhd"
+            names = sorted(os.listdir(d)) if os.path.isdir(d) else []
         out = {}
-        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        for name in names:
             if name.startswith(prefix) and name.endswith(suffix):
                 u = name[len(prefix):len(name) - len(suffix)]
                 try:
@@ -244,9 +249,14 @@ class Xapi(object):
         images = self.sr_images(sr)
         by_uuid = {rec["location"]: ref for ref, rec in self.objects["VDI"].items()
                    if rec["SR"] == sr}
+        loops = {}
+        if self.record("SR", sr)["type"] in ("lvm", "lvmoiscsi", "lvmohba"):
+            from testxen import lvm as standin
+            loops = standin.Vg(os.environ["TESTXEN_LVM_ROOT"]).loops()
         for u, path in images.items():
-            with vhd.open_image(path, chain=False) as img:
-                parent = img.parent_path() if img.is_differencing else None
+            with vhd.open_image(loops.get(os.path.basename(path), path), chain=False) as img:
+                parent = [t for _, _, t in img.parent_locators()][0] \
+                    if img.is_differencing else None
                 facts = {"virtual_size": str(img.virtual_size),
                          "physical_utilisation": str(img.physical_size),
                          "managed": not img.hidden}

@@ -27,7 +27,7 @@ import uuid
 
 from livesnap import vhd
 from livesnap.datapaths import Datapath, Namer
-from livesnap.datapaths.vhd_storage import for_path as storage, merge_extra
+from livesnap.datapaths.vhd_storage import Activation, for_path as storage, merge_extra
 from livesnap.engine import faults
 from livesnap.errors import DatapathError
 from livesnap.tools import lvm, tap_ctl
@@ -41,6 +41,13 @@ LV_NAME_MAX = 127
 def _parent(path):
     q = vhd.query(path)
     return os.path.abspath(q.parent) if q.parent else None
+
+
+def _parent_or_none(path):
+    try:
+        return _parent(path)
+    except vhd.VhdError:
+        return None
 
 
 def _is_child(path, parent):
@@ -96,6 +103,35 @@ class VhdOfflineDatapath(Datapath):
 
     def __init__(self, domain):
         self.domain = domain
+        self.made = set()                 # image paths this command renamed to or created
+        self.activation = None
+        if self.manages_activation:
+            self.activation = Activation()
+            for d in domain.disks():
+                if domain.snapshottable(d):
+                    self.activation.begin(d.path)
+
+    # LVs of a stopped VM may be inactive (SM activates a chain while the VDI is attached);
+    # with tapdisk running its chain is active.
+    manages_activation = True
+
+    def prepare(self, tree):
+        """Before the tree's images are read: every LV among them active."""
+        if self.activation is not None:
+            self.activation.need(n.path for n in tree.nodes.values())
+
+    def close(self):
+        """Put LV activation back as it was (what a detached VM's command made goes
+        inactive)."""
+        if self.activation is not None:
+            current = set()
+            for d in self.domain.disks():
+                if self.domain.snapshottable(d):
+                    p = d.path
+                    while p is not None and p not in current and os.path.exists(p):
+                        current.add(p)
+                        p = _parent_or_none(p)
+            self.activation.end(current | self.made)
 
     def run(self, step):
         """Every step under the platform's chain lock where it has one (SM's SR lock on a
@@ -133,6 +169,7 @@ class VhdOfflineDatapath(Datapath):
         todo = []
         for it in items:
             frozen, leaf = it["frozen_path"], it["leaf_path"]
+            self.made.update((frozen, leaf))
             if storage(frozen).exists(frozen) and _is_child(leaf, frozen):
                 continue                                    # done before a crash
             todo.append(it)
@@ -168,21 +205,22 @@ class VhdOfflineDatapath(Datapath):
     def do_remove(self, step):
         storage(step["path"]).remove(step["path"])
 
-    def _set_parents(self, paths, new_parent):
-        for p in paths:
-            if _parent(p) != new_parent:
-                with storage(p).writable(p, leaf=self._is_leaf(p)):
-                    vhd.set_parent(p, new_parent)
-
     def _reparent(self, disk, paths, new_parent, in_chain):
         """Point ``paths`` at ``new_parent``. When one of them is in the chain a tapdisk
-        holds open, that tapdisk is paused for just this (its leaf's metadata is valid on
-        disk only while it is paused, and it reopens the new chain on unpause)."""
-        if in_chain and self.pauses:
-            with self._paused([disk]) as window:
-                self._set_parents(paths, new_parent)
-            return window.ms
-        self._set_parents(paths, new_parent)
+        holds open, that tapdisk is paused for just the header writes (its leaf's metadata is
+        valid on disk only while it is paused, and it reopens the new chain on unpause); LVs
+        are made writable before the pause and read-only again after it."""
+        todo = [p for p in paths if _parent(p) != new_parent]
+        with contextlib.ExitStack() as stack:
+            for p in todo:
+                stack.enter_context(storage(p).writable(p, leaf=self._is_leaf(p)))
+            if in_chain and self.pauses and todo:
+                with self._paused([disk]) as window:
+                    for p in todo:
+                        vhd.set_parent(p, new_parent)
+                return window.ms
+            for p in todo:
+                vhd.set_parent(p, new_parent)
         return None
 
     def do_commit(self, step):
@@ -214,12 +252,15 @@ class VhdOfflineDatapath(Datapath):
 
     def do_new_leaf(self, step):
         leaf = step["leaf_path"]
+        self.made.add(leaf)
         if _is_child(leaf, step["parent_path"]):
             return
         storage(leaf).create_child(leaf, step["parent_path"], leaf=True)
 
     def do_keep_leaf(self, step):
         old, kept = step["path"], step.get("kept_path")
+        if kept:
+            self.made.add(kept)
         if kept and os.path.exists(old) and not os.path.exists(kept):
             storage(old).rename(old, kept)
         if kept and os.path.exists(kept):
@@ -235,6 +276,7 @@ class VhdOfflineDatapath(Datapath):
 class TapdiskDatapath(VhdOfflineDatapath):
     name = "tapdisk"
     pauses = True
+    manages_activation = False
 
     def __init__(self, domain, pause_timeout=tap_ctl.DEFAULT_PAUSE_TIMEOUT):
         super(TapdiskDatapath, self).__init__(domain)

@@ -10,7 +10,10 @@ past it. So, as XAPI's storage manager does (XEN-NOTES.md §1.3, §2.3):
   its LV set read-only;
 * an image that a merge writes into is made writable and inflated by what the merge can add
   first, then deflated and set read-only again;
-* names change with ``lvrename``, images go with ``lvremove``.
+* names change with ``lvrename``, images go with ``lvremove``;
+* an LV without a device (inactive: SM activates a VDI's chain only while it is attached)
+  is activated before its image is read (``Activation``), and what livesnap activated or
+  made for a VM whose disks were detached is deactivated again when the command ends.
 
 On files, the same calls are renames, creations and unlinks with the directory synced, and
 the writable/inflate steps are nothing. Every call is idempotent: steps are re-run after a
@@ -147,13 +150,14 @@ class LvmStorage(object):
         """Writable, inflated by ``extra`` (a leaf: to its full size); afterwards a non-leaf
         is deflated and read-only again, whatever happened."""
         lv = self._lv(path)
-        lvm.set_readonly(self.vg, lv, False)
-        if leaf:
+        if leaf:                             # a leaf is always writable
             self._inflate(path, lvm.full_size(_virtual_size(path)))
-        elif extra:
-            with vhd.open_image(path, chain=False) as img:
-                physical = img.physical_size
-            self._inflate(path, physical + extra)
+        else:
+            lvm.set_readonly(self.vg, lv, False)
+            if extra:
+                with vhd.open_image(path, chain=False) as img:
+                    physical = img.physical_size
+                self._inflate(path, physical + extra)
         faults.point("lvm", "inflated", 0)
         try:
             yield
@@ -203,3 +207,74 @@ def merge_extra(source):
 def _virtual_size(path):
     with vhd.open_image(path, chain=False) as img:
         return img.virtual_size
+
+
+class Activation(object):
+    """The LVs a command needs active, and their state to restore at its end.
+
+    ``begin(leaf)`` walks a disk's chain from its leaf through the VHD parent locators,
+    activating each LV that has no device; ``need(paths)`` does the same for the catalog's
+    images. ``end()``: for a disk whose leaf LV was inactive at the start (a detached VDI),
+    every LV of that VG livesnap activated or created in this command is deactivated; where
+    the leaf was active, only what livesnap activated. LVs active at the start (a base copy
+    another running VM shares, say) are never touched."""
+
+    def __init__(self):
+        self.was_active = set()
+        self.activated = set()
+        self.detached_vgs = set()
+
+    def _ensure(self, path):
+        vg_lv = lvm.split_path(path)
+        if vg_lv is None:
+            return False
+        if os.path.exists(path):
+            if path not in self.activated:
+                self.was_active.add(path)
+            return True
+        try:
+            lvm.activate(vg_lv[0], vg_lv[1])
+        except lvm.LvNotFound:
+            return False
+        self.activated.add(path)
+        return os.path.exists(path)
+
+    def begin(self, leaf):
+        vg_lv = lvm.split_path(leaf)
+        if vg_lv is None:
+            return
+        if not os.path.exists(leaf):
+            self.detached_vgs.add(vg_lv[0])
+        path, seen = leaf, set()
+        while path is not None and path not in seen and self._ensure(path):
+            seen.add(path)
+            path = _parent_lv(path)
+
+    def need(self, paths):
+        for p in paths:
+            self._ensure(p)
+
+    def end(self, current):
+        """Deactivate as described above; ``current``: the images the VM's LVs hold now."""
+        for path in sorted(set(current) | self.activated):
+            vg_lv = lvm.split_path(path)
+            if vg_lv is None or not os.path.exists(path) or path in self.was_active:
+                continue
+            if path in self.activated or vg_lv[0] in self.detached_vgs:
+                lvm.activate(vg_lv[0], vg_lv[1], False)
+
+
+def _parent_lv(path):
+    """The parent's path as the VHD's locators name it (not needing it to exist), or None."""
+    try:
+        with vhd.open_image(path, chain=False) as img:
+            if not img.is_differencing:
+                return None
+            base = os.path.dirname(path)
+            for _, _, text in img.parent_locators():
+                p = os.path.normpath(text if os.path.isabs(text) else os.path.join(base, text))
+                if lvm.split_path(p) is not None:
+                    return p
+    except vhd.VhdError:
+        return None
+    return None

@@ -1,5 +1,6 @@
 """``livesnap check``: the catalog against the images, the domain and libvirt's metadata."""
 import os
+import stat
 
 from livesnap import formats
 from livesnap.errors import BadImage, Error
@@ -39,7 +40,7 @@ def image_problems(domain, tree, opaque=()):
             continue
         if n.id in opaque:
             # its allocation estimated from the file: the planner weighs commit and pull
-            n.alloc = os.stat(n.path).st_size
+            n.alloc = _opaque_alloc(n.path)
             continue
         try:
             entry = infos.get(n.path) or formats.info(n.path, n.fmt)
@@ -54,6 +55,21 @@ def image_problems(domain, tree, opaque=()):
         n.alloc = entry.alloc
 
 
+def _opaque_alloc(path):
+    """What a leaf a tapdisk holds open has allocated, without trusting its footer: a file's
+    size; on a block device (an LV, whose size says nothing) the end of data its BAT gives
+    (tapdisk writes a BAT entry when it allocates a block)."""
+    st = os.stat(path)
+    if not stat.S_ISBLK(st.st_mode):
+        return st.st_size
+    from livesnap import vhd
+    try:
+        with vhd.open_image(path, chain=False) as img:
+            return img.physical_size
+    except vhd.VhdError:
+        return 0
+
+
 def check(engine, s):
     """Compare the catalog of session ``s`` with the images on disk, the domain's disks and
     (libvirt) libvirt's snapshot metadata; a dict with the problems (empty when sound)."""
@@ -62,7 +78,7 @@ def check(engine, s):
     if op is not None:
         problems.append("operation #%d (%s) is unfinished: run 'livesnap recover %s'"
                         % (op.id, op.op, s.domain.name))
-    tree = engine.load(s, validate=False)
+    tree = engine.load(s, validate=False, datapath=s.datapath)
     problems += tree.validate()
     xen = s.domain.kind == "xen"
     opaque = set(tree.active.values()) if xen and s.domain.is_running() else set()

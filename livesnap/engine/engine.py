@@ -41,6 +41,7 @@ class Session(object):
         self.domain = domain
         self.catalog = catalog
         self.tree = None
+        self.datapath = None
 
 
 class Engine(object):
@@ -102,6 +103,8 @@ class Engine(object):
             if tree.snapshots:
                 self._sync_metadata(session, tree)
         tree = cat.load_tree()
+        if datapath is not None and hasattr(datapath, "prepare"):
+            datapath.prepare(tree)           # e.g. activate the LVs of the tree's images
         if validate:
             self._validate(domain, tree, datapath)
         session.tree = tree
@@ -260,7 +263,7 @@ class Engine(object):
         check_snapshot_name(name)
         with self._session(domain) as s:
             self._no_interrupted(s)
-            datapath = self.datapath_for(s.domain)
+            datapath = s.datapath = self.datapath_for(s.domain)
             if self.quiesce:
                 self._check_quiesce(s.domain)
             tree = self.load(s, datapath=datapath)
@@ -286,7 +289,7 @@ class Engine(object):
     def delete(self, domain, name, dry_run=False):
         with self._session(domain) as s:
             self._no_interrupted(s)
-            datapath = self.datapath_for(s.domain)
+            datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath).delete(tree, name)
             return self._run(s, datapath, plan, dry_run)
@@ -303,7 +306,7 @@ class Engine(object):
                                  "revert needs the domain shut off: virsh shutdown %s (or "
                                  "virsh destroy %s), then revert again" % (s.domain.name,
                                                                            s.domain.name))
-            datapath = self.datapath_for(s.domain)
+            datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath).revert(tree, name, now_iso(), keep_current)
             return self._run(s, datapath, plan, dry_run)
@@ -312,7 +315,7 @@ class Engine(object):
         """Reclaim hidden nodes that are down to one child (what hooks start after a stop)."""
         with self._session(domain) as s:
             self._no_interrupted(s)
-            datapath = self.datapath_for(s.domain)
+            datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath).reclaim(tree)
             if not plan.steps:
@@ -322,7 +325,7 @@ class Engine(object):
     def recover(self, domain):
         with self._session(domain) as s:
             op = s.catalog.unfinished()
-            datapath = self.datapath_for(s.domain)
+            datapath = s.datapath = self.datapath_for(s.domain)
             if op is None:
                 healed = datapath.heal() if hasattr(datapath, "heal") else []
                 return {"domain": s.domain.name, "recovered": None, "unpaused": healed}
@@ -361,6 +364,8 @@ class Engine(object):
     def check(self, domain):
         """Compare the catalog with the images on disk; a list of problems (empty when sound)."""
         with self._session(domain) as s:
+            if s.domain.kind == "xen":
+                s.datapath = self.datapath_for(s.domain)      # it makes the images readable
             return check.check(self, s)
 
 
@@ -411,7 +416,11 @@ class _SessionContext(object):
         return self.session
 
     def __exit__(self, *exc):
-        self.session.catalog.close()
+        try:
+            if self.session.datapath is not None:
+                self.session.datapath.close()
+        finally:
+            self.session.catalog.close()
         if self.lock:
             self.lock.__exit__(*exc)
         return False

@@ -122,6 +122,11 @@ def set_readonly(vg, lv, readonly=True):
             raise
 
 
+def activate(vg, lv, active=True):
+    """``lvchange -ay|-an VG/LV``: the LV's device ``/dev/VG/LV`` appears / goes."""
+    _run("lvchange", ["-ay" if active else "-an", "%s/%s" % (vg, lv)], vg, lv)
+
+
 def lv_size(vg, lv):
     """``lvs --noheadings --units b --nosuffix -o lv_size VG/LV``: the size in bytes."""
     argv_args = ["--noheadings", "--units", "b", "--nosuffix", "-o", "lv_size", "%s/%s" % (vg, lv)]

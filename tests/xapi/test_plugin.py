@@ -180,3 +180,49 @@ def test_suspended_vm_snapshots_offline_but_does_not_revert(world):
     vhd.write(vm.paths["xvda"], 0, b"\x00" * 4096)
     world.ok("snapshot_revert", vm_uuid=vm.uuid, name="s2")
     assert vhd.read(vm.paths["xvda"], 0, 4096) == b"\xa5" * 4096
+
+
+def test_lvhd_halted_vm_with_inactive_lvs(world, lvm_vg):
+    """On LVHD SM keeps a detached VDI's LVs inactive (no device). livesnap activates the
+    chain it needs for an offline operation and leaves every LV of the VM inactive again."""
+    from livesnap.tools import lvm
+    vg = lvm_vg.name
+    sr = world.add_lvm_sr(lvm_vg)
+    vm = world.add_vm(sr=sr)
+    vhd.write(vm.paths["xvda"], 0, b"\x11" * 4096)
+
+    def devices():
+        return sorted(os.listdir(os.path.join("/dev", vg)))
+
+    def deactivate_all():
+        for name in lvm_vg.loops():
+            lvm.activate(vg, name, False)
+        assert devices() == []
+
+    deactivate_all()
+    r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    assert r["datapath"] == "vhd-offline"
+    assert devices() == []
+    for name in lvm_vg.loops():
+        lvm.activate(vg, name)
+    vhd.write(vm.paths["xvda"], 0, b"\x22" * 4096)
+    deactivate_all()
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
+    assert devices() == []
+    r = world.ok("snapshot_revert", vm_uuid=vm.uuid, name="s1", keep_current="k")
+    assert r["kept"] == "k" and devices() == []
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    assert devices() == []
+    listing = world.ok("snapshot_list", vm_uuid=vm.uuid, all="true")
+    assert sorted(s["name"] for s in listing["snapshots"]) == ["k", "s1"]
+    for name in lvm_vg.loops():
+        lvm.activate(vg, name)
+    assert vhd.read(vm.paths["xvda"], 0, 4096) == b"\x11" * 4096       # reverted to s1
+    k = [s for s in listing["snapshots"] if s["name"] == "k"][0]
+    kimg = [d["image"] for d in k["disks"] if d["target"] == "xvda"][0]
+    assert vhd.read(kimg, 0, 4096) == b"\x22" * 4096
+    for p in set(lvm.lv_path(vg, n) for n in lvm_vg.loops()):
+        assert vhd.check(p) == [], p
+    # XAPI knows every image, inactive or not
+    recs = {rec["uuid"] for rec in world.xapi.objects["VDI"].values() if rec["SR"] == sr}
+    assert recs == set(world.xapi.sr_images(sr))

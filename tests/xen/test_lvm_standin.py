@@ -105,3 +105,25 @@ def test_vhd_on_a_block_device_keeps_its_footer_at_the_end(lvm_vg):
     lvm.inflate(vg, "VHD-base", base, size=phys + 6 * MiB)
     vhd.coalesce(leaf)
     assert vhd.read(base, 15 * MiB, 1) == b"\x44" and vhd.check(base) == []
+
+
+def test_activation_gives_and_takes_the_device(lvm_vg):
+    vg = lvm_vg.name
+    lvm.lvcreate(vg, "VHD-a", 4 * MiB)
+    path = lvm.lv_path(vg, "VHD-a")
+    with open(path, "r+b") as f:
+        f.write(b"still here")
+    lvm.activate(vg, "VHD-a", False)
+    assert not os.path.exists(path)
+    with pytest.raises(vhd.VhdMissing):
+        vhd.query(path)
+    lvm.activate(vg, "VHD-a")
+    with open(path, "rb") as f:
+        assert f.read(10) == b"still here"
+    lvm.lvcreate(vg, "VHD-b", 4 * MiB, active=False)
+    assert not os.path.exists(lvm.lv_path(vg, "VHD-b"))
+    lvm.activate(vg, "VHD-b", False)                       # already inactive: fine
+    lvm.lvrename(vg, "VHD-b", "VHD-c")
+    assert not os.path.exists(lvm.lv_path(vg, "VHD-c"))
+    lvm.activate(vg, "VHD-c")
+    assert stat.S_ISBLK(os.stat(lvm.lv_path(vg, "VHD-c")).st_mode)
