@@ -10,7 +10,7 @@ daemons: setup
 	bash scripts/start-libvirtd.sh
 
 test: daemons
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 demo: daemons
 	$(PY) scripts/demo.py

@@ -154,8 +154,8 @@ class Vg(object):
         with open(os.path.join(self.root, "lock"), "w") as lock:
             fcntl.lockf(lock, fcntl.LOCK_EX)
             rc, out, err = self.lvm(cmd, args)
-            if cmd not in READ_ONLY:
-                self.sync(_activation(cmd, args, self.name) if rc == 0 else None)
+            if cmd not in READ_ONLY and rc == 0:       # a refused command changed nothing
+                self.sync(_activation(cmd, args, self.name))
             return rc, out, err
 
     def loops(self):

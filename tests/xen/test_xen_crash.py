@@ -28,11 +28,11 @@ def test_kill_at_every_step_then_recover(vm):
 def test_kill_on_lvhd_then_recover(lvm_vm):
     """On LVs the points where an LV is half done: killed after the rename inside the pause
     (deflate and the new leaf's LV still to do), after a merge target was made writable and
-    inflated (it must end deflated and read-only), and at the steps around the merges."""
-    kill_then_recover(lvm_vm, ["create:before:0", "tapdisk:renamed:0"],
-                      lambda ops: ["tapdisk:renamed:0", "lvm:inflated:0", "delete:after:1",
-                                   "delete:before:3"],
-                      minimum=6)
+    inflated (it must end deflated and read-only), and at steps around the merges. (The
+    journal steps themselves are the same on files and LVs: the test above covers each.)"""
+    kill_then_recover(lvm_vm, ["tapdisk:renamed:0"],
+                      lambda ops: ["lvm:inflated:0", "delete:after:1", "delete:before:3"],
+                      minimum=4)
 
 
 def kill_then_recover(vm, create_faults, delete_faults, minimum):

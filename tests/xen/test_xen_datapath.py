@@ -201,7 +201,7 @@ def test_random_sequence_with_the_writer_running(vm):
 def test_random_sequence_on_lvhd(lvm_vm):
     """The same on LVs: after every operation leaves are full-size and writable, frozen
     images deflated and read-only, no LV left over (XenVm.check_lvs)."""
-    random_sequence(lvm_vm, runs=2, per_run=8, seed=5, minimum=16)
+    random_sequence(lvm_vm, runs=2, per_run=5, seed=5, minimum=10)
 
 
 def random_sequence(vm, runs, per_run, seed=11, minimum=30):
