@@ -4,6 +4,7 @@ the time. livesnap creates, deletes and reverts with the seed's method; afterwar
 acknowledged write is there, every remaining snapshot reads what it read when taken, every
 image passes the VHD check and the VM's disk paths never changed."""
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -265,3 +266,27 @@ def test_xen_domain_read_from_a_libvirt_connection(xen, tmp_path):
     assert engine.check(vm.name)["ok"]
     vm.stop_and_verify()
     conn.lookupByName(vm.name).undefine()
+
+
+def test_lvhd_no_space_is_refused_before_anything_changes(lvm_vm):
+    """A snapshot needs a full-size leaf LV per disk: with less free in the volume group the
+    command fails with a space error naming the VG, before any pause, rename or LV."""
+    vm = lvm_vm
+    vm.start()
+    free = lvm.vg_free(vm.vg)
+    lvm.lvcreate(vm.vg, "filler", free - lvm.full_size(SIZE))     # room for one leaf, not two
+    before = lvm_report(vm.vg)
+    acks = {t: vm.xen.acked(td) for t, td in vm.tapdisks.items()}
+    p = vm.inproc("snapshot-create", vm.name, "s1", "--output", "json", expect=None)
+    assert p.returncode != 0
+    err = json.loads(p.stdout)["error"] if p.stdout.strip() else p.stderr
+    assert "space" in str(err).lower() and vm.vg in str(err), err
+    assert lvm_report(vm.vg) == before
+    assert vm.json("snapshot-list", vm.name)["snapshots"] == []
+    for t, td in vm.tapdisks.items():
+        assert not tap_ctl.find(vm.paths[t]).state & tap_ctl.PAUSED
+        vm.xen.wait_acks(td, acks[t] + 5)                        # the guest kept writing
+    lvm.lvremove(vm.vg, "filler")
+    vm.create("s1")
+    vm.check()
+    vm.stop_and_verify()
