@@ -207,8 +207,13 @@ def make_vg(root, vg, size):
     with open(os.path.join(root, "vg.json"), "w") as f:
         json.dump({"vg": vg, "pv_file": pv_file, "pv_dev": pv_dev}, f)
     v = Vg(root)
-    v.lvm("vgcreate", ["-s", "4m", vg, pv_dev], check=True)
-    v.sync()
+    try:
+        v.lvm("vgcreate", ["-s", "4m", vg, pv_dev], check=True)
+        v.sync()
+    except BaseException:
+        v.lvm("vgremove", ["-f", vg])
+        _losetup(["-d", pv_dev], check=False)      # no loop device left behind
+        raise
     return v
 
 
