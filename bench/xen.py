@@ -758,14 +758,7 @@ def main(argv=None):
         # a second Ctrl-C / SIGTERM must not stop the cleanup (delivered after it)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            pids = set()
-            for p in glob.glob(os.path.join(run_dir, "tapdisk*.json")):
-                try:
-                    with open(p) as f:
-                        pids.add(json.load(f)["pid"])
-                except (OSError, ValueError, KeyError):
-                    pass
-            kill(pids)
+            tapctl.kill_all(run_dir)
         finally:
             if vg_root:
                 teardown_vg(vg_root, vg)
