@@ -255,8 +255,7 @@ class Xapi(object):
             loops = standin.Vg(os.environ["TESTXEN_LVM_ROOT"]).loops()
         for u, path in images.items():
             with vhd.open_image(loops.get(os.path.basename(path), path), chain=False) as img:
-                parent = [t for _, _, t in img.parent_locators()][0] \
-                    if img.is_differencing else None
+                parent = img.parent_candidates()[0] if img.is_differencing else None
                 facts = {"virtual_size": str(img.virtual_size),
                          "physical_utilisation": str(img.physical_size),
                          "managed": not img.hidden}

@@ -355,21 +355,24 @@ class Image(object):
                 out.append((i, loc.code, text))
         return out
 
+    def parent_candidates(self):
+        """The absolute paths the parent locators name, in order (relative ones resolved
+        against this image's directory), whether they exist or not."""
+        base = os.path.dirname(self.path)
+        return [os.path.normpath(text if os.path.isabs(text) else os.path.join(base, text))
+                for _, _, text in self.parent_locators()]
+
     def parent_path(self):
         """Absolute path of the parent as blktap resolves it (None for a non-differencing disk)."""
         if not self.is_differencing:
             return None
-        candidates = self.parent_locators()
+        candidates = self.parent_candidates()
         if not candidates:
             raise VhdCorrupt(self.path, "differencing disk without a usable parent locator")
-        base = os.path.dirname(self.path)
-        for _, _, text in candidates:
-            if os.path.isabs(text) and os.access(text, os.R_OK):
-                return os.path.normpath(text)
-            p = os.path.normpath(os.path.join(base, text))
+        for p in candidates:
             if os.access(p, os.R_OK):
                 return p
-        raise VhdMissing(self.path, "parent %s not found" % candidates[0][2])
+        raise VhdMissing(self.path, "parent %s not found" % self.parent_locators()[0][2])
 
     def _open_parent(self):
         self._parent_opened = True
