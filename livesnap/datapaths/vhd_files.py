@@ -52,10 +52,7 @@ def _parent_or_none(path):
 
 def _is_child(path, parent):
     """``path`` exists and is a VHD whose parent is ``parent`` (False for a half-made one)."""
-    try:
-        return os.path.exists(path) and _parent(path) == parent
-    except vhd.VhdError:
-        return False
+    return os.path.exists(path) and _parent_or_none(path) == parent
 
 
 class TapdiskNamer(Namer):
@@ -105,11 +102,12 @@ class VhdOfflineDatapath(Datapath):
         self.domain = domain
         self.made = set()                 # image paths this command renamed to or created
         self.activation = None
-        if self.manages_activation:
+        lv_leaves = [d.path for d in domain.disks()
+                     if domain.snapshottable(d) and lvm.split_path(d.path) is not None]
+        if self.manages_activation and lv_leaves:
             self.activation = Activation()
-            for d in domain.disks():
-                if domain.snapshottable(d):
-                    self.activation.begin(d.path)
+            for leaf in lv_leaves:
+                self.activation.begin(leaf)
 
     # LVs of a stopped VM may be inactive (SM activates a chain while the VDI is attached);
     # with tapdisk running its chain is active.
@@ -124,14 +122,14 @@ class VhdOfflineDatapath(Datapath):
         """Put LV activation back as it was (what a detached VM's command made goes
         inactive)."""
         if self.activation is not None:
-            current = set()
+            current = set(self.made)
             for d in self.domain.disks():
-                if self.domain.snapshottable(d):
-                    p = d.path
-                    while p is not None and p not in current and os.path.exists(p):
-                        current.add(p)
-                        p = _parent_or_none(p)
-            self.activation.end(current | self.made)
+                if self.domain.snapshottable(d) and os.path.exists(d.path):
+                    try:
+                        current.update(vhd.chain_paths(d.path))
+                    except vhd.VhdError:
+                        current.add(d.path)
+            self.activation.end(current)
 
     def run(self, step):
         """Every step under the platform's chain lock where it has one (SM's SR lock on a

@@ -48,8 +48,6 @@ def for_path(path):
 
 
 class FileStorage(object):
-    kind = "file"
-
     def exists(self, path):
         return os.path.exists(path)
 
@@ -80,22 +78,11 @@ class FileStorage(object):
         """Around a change of ``path`` that may add ``extra`` bytes of data."""
         yield
 
-    def available(self, directory):
-        """(key, free bytes) where new images in ``directory`` take their space."""
-        st = os.statvfs(directory)
-        return ("dev:%d" % os.stat(directory).st_dev, st.f_bavail * st.f_frsize)
-
-    def leaf_cost(self, path):
-        """Space a new empty leaf beside ``path`` takes."""
-        return MARGIN
-
 
 FILES = FileStorage()
 
 
 class LvmStorage(object):
-    kind = "lvm"
-
     def __init__(self, vg):
         self.vg = vg
 
@@ -155,9 +142,7 @@ class LvmStorage(object):
         else:
             lvm.set_readonly(self.vg, lv, False)
             if extra:
-                with vhd.open_image(path, chain=False) as img:
-                    physical = img.physical_size
-                self._inflate(path, physical + extra)
+                self._inflate(path, _physical_size(path) + extra)
         faults.point("lvm", "inflated", 0)
         try:
             yield
@@ -166,33 +151,23 @@ class LvmStorage(object):
                 self._deflate(path)
                 lvm.set_readonly(self.vg, lv, True)
 
-    # inflate/deflate as lvm.inflate/deflate (SM's order), the footer moved in-process
-    # rather than by two vhd-util runs: these run inside a tapdisk pause.
+    # the footer moved by the VHD engine in this process, not by vhd-util runs: these run
+    # inside a tapdisk pause
 
     def _deflate(self, path):
-        with vhd.open_image(path, chain=False) as img:
-            target, now = lvm.round_extent(img.physical_size), img.file_size
-        if target < now:
-            set_physical_size(path, target)                  # the footer first,
-            lvm.lvresize(self.vg, self._lv(path), target, allow_shrink=True)   # then the LV
+        lvm.deflate(self.vg, self._lv(path), path, vhd=_InProcessVhd)
 
     def _inflate(self, path, size):
-        target = lvm.round_extent(size)
-        with open(path, "rb") as f:
-            now = f.seek(0, os.SEEK_END)
-        if target > now:
-            lvm.lvresize(self.vg, self._lv(path), target)    # the LV first,
-            fd = os.open(path, os.O_WRONLY)
-            try:                                             # (SM: zero the new last sector)
-                os.pwrite(fd, bytes(512), target - 512)
-            finally:
-                os.close(fd)
-            set_physical_size(path, target)                  # then the footer at its end
+        lvm.inflate(self.vg, self._lv(path), path, size, vhd=_InProcessVhd)
+
+    # the engine's space preflight asks these of LVs (it weighs files itself)
 
     def available(self, directory):
+        """(key, free bytes) where new images in ``directory`` take their space: the VG."""
         return ("vg:%s" % self.vg, lvm.vg_free(self.vg))
 
     def leaf_cost(self, path):
+        """Space a new leaf beside ``path`` takes: an LV of the leaf's full size."""
         return lvm.full_size(_virtual_size(path))
 
 
@@ -207,6 +182,18 @@ def merge_extra(source):
 def _virtual_size(path):
     with vhd.open_image(path, chain=False) as img:
         return img.virtual_size
+
+
+def _physical_size(path):
+    with vhd.open_image(path, chain=False) as img:
+        return img.physical_size
+
+
+class _InProcessVhd(object):
+    """What ``lvm.inflate``/``deflate`` need of vhd-util, from the VHD engine in process."""
+    virtual_size = staticmethod(_virtual_size)
+    physical_size = staticmethod(_physical_size)
+    set_physical_size = staticmethod(set_physical_size)
 
 
 class Activation(object):
@@ -270,9 +257,7 @@ def _parent_lv(path):
         with vhd.open_image(path, chain=False) as img:
             if not img.is_differencing:
                 return None
-            base = os.path.dirname(path)
-            for _, _, text in img.parent_locators():
-                p = os.path.normpath(text if os.path.isabs(text) else os.path.join(base, text))
+            for p in img.parent_candidates():
                 if lvm.split_path(p) is not None:
                     return p
     except vhd.VhdError:

@@ -181,35 +181,45 @@ def full_size(virtual_size, max_size=MSIZE, extent=EXTENT):
                         extent)
 
 
-def inflate(vg, lv, path, size=None, extent=EXTENT):
+def inflate(vg, lv, path, size=None, extent=EXTENT, vhd=vhd_util):
     """Grow the LV to ``size`` (default: ``full_size`` of the VHD's virtual size), rounded to
-    ``extent``, then move the VHD footer to the new end. No-op when the LV is big enough.
-    Returns the LV size."""
+    ``extent``, then move the VHD footer to the new end. No-op when the LV (its device,
+    ``path``) is big enough. Returns the LV size.
+
+    ``vhd`` reads and moves the footer: ``vhd-util`` (``query -v``/``-s``, ``modify -s``) by
+    default; anything with the same ``virtual_size``, ``physical_size`` and
+    ``set_physical_size`` functions (the datapath passes the in-process VHD engine)."""
     if size is None:
-        size = full_size(vhd_util.virtual_size(path), extent=extent)
+        size = full_size(vhd.virtual_size(path), extent=extent)
     new = round_extent(size, extent)
-    cur = lv_size(vg, lv)
+    cur = _device_size(path)
     if new <= cur:
         return cur
     lvresize(vg, lv, new)
     _zero(path, new - FOOTER, FOOTER)            # SM: util.zeroOut of the new footer sector
-    vhd_util.set_physical_size(path, new)
+    vhd.set_physical_size(path, new)
     return new
 
 
-def deflate(vg, lv, path, size=None, extent=EXTENT):
+def deflate(vg, lv, path, size=None, extent=EXTENT, vhd=vhd_util):
     """Shrink the LV to ``size`` (default: the VHD's physical size), rounded up to ``extent``:
     first move the footer (``vhd-util modify -s``), then ``lvresize -f``. No-op when the LV
-    is not bigger. Returns the LV size."""
+    (its device, ``path``) is not bigger. Returns the LV size. ``vhd`` as for ``inflate``."""
     if size is None:
-        size = vhd_util.physical_size(path)
+        size = vhd.physical_size(path)
     new = round_extent(size, extent)
-    cur = lv_size(vg, lv)
+    cur = _device_size(path)
     if new >= cur:
         return cur
-    vhd_util.set_physical_size(path, new)
+    vhd.set_physical_size(path, new)
     lvresize(vg, lv, new, allow_shrink=True)
     return new
+
+
+def _device_size(path):
+    """The size of the LV as its device shows it (what the VHD footer's place follows)."""
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
 
 
 def _zero(path, offset, length):
