@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 
-from livesnap.datapaths import Datapath, unlink
+from livesnap.datapaths import Datapath, free, unlink
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap.engine import faults
 from livesnap.errors import DatapathError
@@ -130,7 +130,7 @@ class LibvirtLiveDatapath(Datapath):
         if step["path"] in self.domain.live_chain(step["disk"]):
             raise DatapathError(reason="%s is in the running chain of %s/%s: not removed"
                                 % (step["path"], self.domain.name, step["disk"]))
-        unlink(step["path"])
+        free(step["path"])
 
     def do_commit(self, step):
         disk, node, child = step["disk"], step["path"], step["child_path"]
@@ -150,7 +150,7 @@ class LibvirtLiveDatapath(Datapath):
         if child in chain and node not in chain:
             # the active commit fell back to a pull (now or before a crash)
             facts["replace_step"] = dict(step, op="pull")
-            unlink(node)
+            free(node)
             return facts
         if child in chain:
             raise DatapathError(reason="commit of %s into %s did not take effect on %s/%s"
@@ -161,7 +161,7 @@ class LibvirtLiveDatapath(Datapath):
                 qemu_img.rebase(g["path"], node, step["fmt"], unsafe=True)
         if step["child_active"]:
             self._persist_source(disk, node, step["fmt"])
-        unlink(child)
+        free(child)
         return facts
 
     def _active_commit(self, watcher, step):
@@ -248,7 +248,7 @@ class LibvirtLiveDatapath(Datapath):
             if node in chain:
                 raise DatapathError(reason="pull of %s into %s did not take effect"
                                     % (node, child))
-        unlink(node)
+        free(node)
         return {}
 
     def _persist_source(self, disk, path, fmt):

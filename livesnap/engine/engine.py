@@ -14,6 +14,7 @@ import signal
 
 from livesnap.catalog import Catalog
 from livesnap.datapaths import LibvirtNamer
+from livesnap.datapaths import trash
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap.engine import adopt, check, faults
 from livesnap.engine.names import check_snapshot_name
@@ -423,6 +424,12 @@ class _SessionContext(object):
             self.session.catalog.close()
         if self.lock:
             self.lock.__exit__(*exc)
+            tree = self.session.tree
+            if tree is not None:
+                # images merged away by this command, and any a dead process left behind
+                # beside this domain's images, are freed after it (datapaths.trash)
+                trash.sweep(os.path.dirname(n.path) for n in tree.nodes.values())
+            trash.release()
         return False
 
 

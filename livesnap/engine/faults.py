@@ -6,7 +6,8 @@ not yet marked done). ``op`` may be ``*``. Datapaths add points of their own ins
 ``job:started:0`` right after a block job was started (it goes on running in QEMU),
 ``tapdisk:renamed:0`` inside a tapdisk pause right after a leaf was renamed,
 ``quiesce:frozen:0`` while the guest's file systems are frozen,
-``lvm:inflated:0`` after a merge target's LV was made writable and inflated.
+``lvm:inflated:0`` after a merge target's LV was made writable and inflated,
+``trash:emptying:0`` in the detached process that frees merged-away images, before each.
 ``action`` is ``kill`` (SIGKILL, the default) or ``sleep=SECONDS`` (a stall).
 """
 import os
