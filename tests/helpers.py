@@ -165,6 +165,8 @@ class Dom(Cli):
         try:
             if self.dom.isActive():
                 self.dom.destroy()
-            self.dom.undefine()
+            # with libvirt's snapshot metadata (a plain undefine refuses and leaves it)
+            import libvirt
+            self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         except Exception:
             pass
