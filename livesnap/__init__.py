@@ -3,8 +3,8 @@
 Python 3.6 compatible, stdlib only at import time: ``libvirt`` and ``lxml`` are imported
 only by the modules that talk to libvirt.
 """
-import logging
-
 __version__ = "0.1.0"
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+# (The package itself imports nothing: the ``livesnap`` program's first module,
+# ``livesnap.cli.client``, starts before anything else. The library's loggers get their
+# NullHandler in ``livesnap.errors``, which every module that logs imports.)

@@ -25,6 +25,11 @@ Tree::
      +-- DatapathError            pausing, block jobs, retargeting
      +-- CatalogError             the SQLite catalog is unusable or from a newer livesnap
 """
+import logging
+
+# a library logs nothing unless its user configures logging
+logging.getLogger("livesnap").addHandler(logging.NullHandler())
+
 
 
 class Error(Exception):

@@ -1,12 +1,52 @@
 """Shared fixtures: a libvirt connection to the real libvirtd, shut-off domains in tmp_path;
 a volume group of the LVM stand-in."""
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 
 import pytest
 
-from helpers import URI, Dom
+from helpers import ROOT, URI, Dom
+
+
+@pytest.fixture(scope="session", autouse=True)
+def livesnap_service(tmp_path_factory):
+    """The tests' ``livesnap`` processes run through one livesnap service, as on a host with
+    ``livesnap install-service`` (``LIVESNAP_SERVICE=off``: each in its own process;
+    tests/engine/test_service.py compares the two)."""
+    if os.environ.get("LIVESNAP_SERVICE") == "off":
+        yield None
+        return
+    sock = str(tmp_path_factory.mktemp("service") / "livesnap.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "livesnap", "service", "--socket", sock],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    end = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(sock)
+            break
+        except OSError:
+            if time.monotonic() > end:
+                proc.kill()
+                raise AssertionError("the livesnap service did not listen")
+            time.sleep(0.05)
+        finally:
+            probe.close()
+    os.environ["LIVESNAP_SERVICE"] = sock
+    try:
+        yield sock
+    finally:
+        os.environ.pop("LIVESNAP_SERVICE", None)
+        proc.terminate()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
 
 
 @pytest.fixture(scope="session")

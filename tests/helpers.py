@@ -47,7 +47,8 @@ def chain_digest(path):
 
 
 class Cli(object):
-    """The livesnap CLI run as a separate process against one state directory."""
+    """The livesnap program run as a separate process against one state directory (through
+    the test session's livesnap service unless ``LIVESNAP_SERVICE=off``)."""
 
     state_dir = None
 
@@ -61,7 +62,7 @@ class Cli(object):
     def cli(self, *args, env_extra=None, expect=0):
         env = self.env()
         env.update(env_extra or {})
-        proc = subprocess.run([sys.executable, "-m", "livesnap.cli.main"] + [str(a) for a in args],
+        proc = subprocess.run([sys.executable, "-m", "livesnap"] + [str(a) for a in args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               cwd=ROOT)
         if expect is not None:

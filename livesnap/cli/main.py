@@ -63,9 +63,11 @@ def build_parser(argv=None):
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_options()
     from livesnap.cli import install, install_plugin, snapshot
+    from livesnap import service
     snapshot.register(sub, common)
     install.register(sub, common)
     install_plugin.register(sub, common)
+    service.register(sub, common)
     if argv is not None and _command(argv) not in (None, "vhd"):
         sub.add_parser("vhd", help=VHD_HELP)
     else:
@@ -85,9 +87,10 @@ def setup_logging(args):
     log.debug("livesnap %s argv=%s", livesnap.__version__, sys.argv)
 
 
-def main(argv=None):
+def main(argv=None, parser=None):
+    """Run one command; ``parser``: one ``build_parser()`` made before (the service's)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv)
+    parser = parser or build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
@@ -107,12 +110,9 @@ def main(argv=None):
         return 130
 
 
-def run():
-    """The ``livesnap`` program: ``main()``, then exit without tearing the interpreter down
-    (the libvirt connection, module objects): the work is done and written out, and a
-    command's wall time should not grow by the interpreter's cleanup. Threads that are not
-    daemons are waited for first, as a normal exit would."""
-    rc = main()
+def finish(rc):
+    """What a normal exit does before the process ends: threads that are not daemons are
+    waited for, logging and the standard streams flushed. Returns the exit status."""
     for t in threading.enumerate():
         if t is not threading.main_thread() and not t.daemon:
             t.join()
@@ -125,7 +125,15 @@ def run():
         sys.stderr.flush()
     except (BrokenPipeError, ValueError):
         pass
-    os._exit(rc if isinstance(rc, int) else 1)
+    return rc if isinstance(rc, int) else 1
+
+
+def run():
+    """The ``livesnap`` command run in this process: ``main()``, then exit without tearing
+    the interpreter down (the libvirt connection, module objects): the work is done and
+    written out, and a command's wall time should not grow by the interpreter's cleanup.
+    (``livesnap.cli.client.run`` hands the command to the livesnap service first.)"""
+    os._exit(finish(main()))
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def test_two_real_commands_race(dom):
     """Two livesnap processes at once: exactly one creates, the other is refused."""
     env = dom.env()
     import sys
-    procs = [subprocess.Popen([sys.executable, "-m", "livesnap.cli.main", "snapshot-create",
+    procs = [subprocess.Popen([sys.executable, "-m", "livesnap", "snapshot-create",
                                dom.name, "race%d" % i], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(4)]
     results = [(p.wait(), p.stderr.read()) for p in procs]

@@ -159,7 +159,7 @@ def test_sigterm_stops_between_steps_and_recover_finishes(make_dom):
     before = state_of(dom)
     after = expected_after(args, before)
     env = dict(dom.env(), LIVESNAP_FAULT="delete:after:0:sleep=3")
-    proc = subprocess.Popen([sys.executable, "-m", "livesnap.cli.main"] + args, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "livesnap"] + args, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)                       # inside the stall after the first step
     proc.send_signal(signal.SIGTERM)

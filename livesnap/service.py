@@ -1,0 +1,369 @@
+"""``livesnap service``: a resident process that runs livesnap commands without paying the
+interpreter's start-up and the imports for each (as libvirtd spares virsh its own).
+
+It imports livesnap and libvirt's bindings once, listens on a Unix socket (mode 0600, in a
+0700 directory; or the socket systemd passes, ``LISTEN_FDS``), and for each request of
+``livesnap.cli.client`` forks one process that runs the command exactly as the client would
+have: the client's stdin/stdout/stderr (received with SCM_RIGHTS), argv, working directory
+and environment. The service reports the command's pid, then its exit status or the signal
+that ended it, to the client. Each command is its own process, so a command that crashes or
+is killed (``LIVESNAP_FAULT``) leaves the service as it was; the per-domain lock and the
+journal work as for any other livesnap process.
+
+The service never connects to libvirt itself: each command's process opens its own
+connection after the fork. It is single-threaded (a fork is safe: no other thread holds a
+lock), refuses peers of another user, and stops serving when livesnap's code on disk
+changes (the client then runs the command itself) and exits as soon as its commands have
+ended, so that a restart (systemd's socket activation) picks up the new code.
+"""
+import array
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+
+from livesnap.cli import client
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 1 << 20
+REQUEST_TIMEOUT = 5.0
+
+# imported once, before any command: what a snapshot command imports
+WARM = ("livesnap.cli.main", "livesnap.cli.snapshot", "livesnap.cli.output",
+        "livesnap.engine.engine", "livesnap.datapaths.libvirt_live",
+        "livesnap.platforms.libvirt_domain", "livesnap.platforms.libvirt_snapshots",
+        "livesnap.platforms.domain_xml", "livesnap.tools.qemu_img", "livesnap.hook",
+        # a Xen host's: domain XML files, tapdisk, the VHD engine
+        "livesnap.platforms.xen_domain", "livesnap.datapaths.vhd_files",
+        "livesnap.datapaths.vhd_storage", "livesnap.vhd.cli",
+        "libvirt", "lxml.etree")
+
+
+def warm_up():
+    loaded = []
+    for name in WARM:
+        try:
+            __import__(name)
+            loaded.append(name)
+        except ImportError as e:          # e.g. no lxml on a Xen host: imported when needed
+            log.info("not preloaded: %s (%s)", name, e)
+    return loaded
+
+
+def code_stamp():
+    """The modification times of livesnap's loaded modules: when one changes on disk, the
+    service's copy is out of date."""
+    stamp = {}
+    for name, mod in list(sys.modules.items()):
+        path = getattr(mod, "__file__", None)
+        if (name == "livesnap" or name.startswith("livesnap.")) and path:
+            try:
+                stamp[path] = os.stat(path).st_mtime_ns
+            except OSError:
+                stamp[path] = None
+    return stamp
+
+
+def _stale(stamp):
+    for path, mtime in stamp.items():
+        try:
+            now = os.stat(path).st_mtime_ns
+        except OSError:
+            now = None
+        if now != mtime:
+            return path
+    return None
+
+
+def listen(path):
+    """A listening socket at ``path``: its directory made 0700, a stale socket file (nobody
+    listening) replaced, a live one refused."""
+    d = os.path.dirname(path)
+    if d and not os.path.isdir(d):
+        os.makedirs(d, 0o700)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)                       # left by a service that died
+        else:
+            raise OSError(errno.EADDRINUSE, "a livesnap service already listens", path)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    return sock
+
+
+def inherited_socket():
+    """The listening socket systemd passed (socket activation), or None."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        return None
+    for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(k, None)
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=3)
+
+
+class Service(object):
+    def __init__(self, sock, path=None):
+        self.sock = sock
+        self.path = path
+        self.children = {}            # pid -> the client's connection
+        self.stale = None
+        self.stamp = code_stamp()
+        from livesnap.cli import main
+        self.parser = main.build_parser()          # every command's, built once
+        self.served = 0
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def serve(self):
+        """Serve until SIGTERM/SIGINT or until livesnap's code changed on disk; then exit
+        once the running commands have ended."""
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        os.set_blocking(rfd, False)
+        old_wakeup = signal.set_wakeup_fd(wfd)
+        self.stopping = False
+        handlers = {signal.SIGCHLD: signal.signal(signal.SIGCHLD, _nothing),
+                    signal.SIGTERM: signal.signal(signal.SIGTERM, self._stop),
+                    signal.SIGINT: signal.signal(signal.SIGINT, self._stop)}
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, "accept")
+        sel.register(rfd, selectors.EVENT_READ, "signal")
+        self.sel = sel
+        try:
+            while True:
+                self._reap()
+                if self.sock is not None and (self.stopping or self.stale):
+                    self._close_listener()         # new commands run in their own process
+                if self.sock is None and not self.children:
+                    break
+                for key, _ in sel.select():
+                    if key.data == "signal":
+                        try:
+                            os.read(rfd, 512)
+                        except OSError:
+                            pass
+                    elif self.sock is not None:
+                        self._accept()
+        finally:
+            sel.close()
+            signal.set_wakeup_fd(old_wakeup)
+            for signo, h in handlers.items():
+                signal.signal(signo, h)
+            os.close(rfd)
+            os.close(wfd)
+            self._close_listener()
+        return 0
+
+    def _close_listener(self):
+        if self.sock is None:
+            return
+        try:
+            self.sel.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        self.sock.close()
+        self.sock = None
+        if self.path:                              # not systemd's socket: that stays
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def _stop(self, signo, frame):
+        self.stopping = True
+
+    def _accept(self):
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        fds = []
+        try:
+            conn.settimeout(REQUEST_TIMEOUT)
+            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                      struct.calcsize("3i")))[1]
+            if uid != os.getuid():
+                log.warning("refused a request of uid %d", uid)
+                conn.close()
+                return
+            body, fds = self._receive(conn)
+            if body is None:                       # a probe: connected, sent nothing
+                conn.close()
+                return
+            argv, cwd, environ = client.decode_request(body)
+            if len(fds) != 3:
+                raise ValueError("expected 3 descriptors, got %d" % len(fds))
+        except (OSError, ValueError) as e:
+            log.warning("bad request: %s", e)
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return
+        stale = _stale(self.stamp)
+        if stale:
+            self.stale = stale
+            log.warning("%s changed on disk: no more commands served, exiting when the "
+                        "running ones end", stale)
+            self._reply(conn, "fallback code-changed")
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return
+        pid = os.fork()
+        if pid == 0:
+            self._child(conn, fds, argv, cwd, environ)     # never returns
+        for fd in fds:
+            os.close(fd)
+        self.served += 1
+        self.children[pid] = conn
+        self._reply(conn, "pid %d" % pid)
+
+    def _receive(self, conn):
+        fds = array.array("i")
+        data, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(16 * fds.itemsize))
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - (len(payload) % fds.itemsize)])
+        fds = list(fds)
+        if not data and not fds:
+            return None, []
+        head, sep, rest = data.partition(b"\n")
+        if not sep:
+            raise ValueError("no request header")
+        want = int(head)
+        if want > MAX_REQUEST:
+            raise ValueError("request too large")
+        chunks = [rest]
+        got = len(rest)
+        while got < want:
+            more = conn.recv(min(65536, want - got))
+            if not more:
+                raise ValueError("truncated request")
+            chunks.append(more)
+            got += len(more)
+        return b"".join(chunks), fds
+
+    def _reply(self, conn, line):
+        try:
+            conn.settimeout(REQUEST_TIMEOUT)
+            conn.sendall((line + "\n").encode("ascii"))
+        except OSError:
+            pass                                   # the client is gone
+
+    def _reap(self):
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            if conn is None:
+                continue
+            if os.WIFSIGNALED(status):
+                self._reply(conn, "signal %d" % os.WTERMSIG(status))
+            else:
+                self._reply(conn, "exit %d" % os.WEXITSTATUS(status))
+            conn.close()
+
+    # -- one command ------------------------------------------------------------------------
+
+    def _child(self, conn, fds, argv, cwd, environ):
+        rc = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for signo in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signo, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.sel.close()
+            self.sock.close()
+            conn.close()
+            for other in self.children.values():
+                other.close()
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+            for fd in fds:
+                if fd > 2:
+                    os.close(fd)
+            _close_from(3)                         # the selector's pipe, anything else
+            sys.stdin = open(0, "r", closefd=False)
+            sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+            os.environ.clear()
+            os.environ.update(environ)
+            os.chdir(cwd)
+            sys.argv = ["livesnap"] + list(argv)
+            root = logging.getLogger()
+            for h in list(root.handlers):
+                root.removeHandler(h)
+            from livesnap.cli import main
+            rc = main.finish(main.main(argv, parser=self.parser))
+        except SystemExit as e:                    # argparse: --help, usage errors
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+        except BaseException as e:
+            try:
+                os.write(2, ("livesnap: %s\n" % (e,)).encode("utf-8", "replace"))
+            except OSError:
+                pass
+            rc = 1
+        finally:
+            os._exit(rc if isinstance(rc, int) else 1)
+
+
+def _nothing(signo, frame):
+    """SIGCHLD's handler: the wake-up fd is what wakes the loop."""
+
+
+def _close_from(low):
+    for n in os.listdir("/proc/self/fd"):
+        fd = int(n)
+        if fd >= low:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def run(args):
+    """``livesnap service``."""
+    logging.getLogger().setLevel(logging.INFO if not args.debug else logging.DEBUG)
+    loaded = warm_up()                         # before listening: a socket means ready
+    sock = inherited_socket()
+    path = None
+    if sock is None:
+        path = args.socket or client.socket_path() or client.DEFAULT_SOCKET
+        sock = listen(path)
+    log.info("livesnap service on %s (%d modules preloaded)", path or "fd 3", len(loaded))
+    return Service(sock, path).serve()
+
+
+def register(subparsers, common):
+    p = subparsers.add_parser(
+        "service", parents=[common],
+        help="run resident, serving livesnap commands without the interpreter's start-up "
+             "per command (the livesnap program uses it when its socket exists)")
+    p.add_argument("--socket", metavar="PATH",
+                   help="listen here (default: $LIVESNAP_SERVICE or %s; with systemd's "
+                        "socket activation, the socket passed)" % client.DEFAULT_SOCKET)
+    p.set_defaults(func=run)

@@ -1,0 +1,240 @@
+"""``livesnap service``: commands handed to the resident service behave exactly as commands
+run in their own process (output, exit status, death by a signal, signals sent to the
+caller, the domain lock), and the service steps aside when livesnap's code changes."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Service(object):
+    def __init__(self, sock, env, pythonpath=None):
+        self.sock = sock
+        self.env = dict(env)
+        if pythonpath:
+            self.env["PYTHONPATH"] = pythonpath
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "livesnap", "service", "--socket", sock],
+            env=self.env, cwd=pythonpath or ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        end = time.monotonic() + 30
+        while not self.listening():
+            assert self.proc.poll() is None, self.proc.communicate()
+            if time.monotonic() > end:
+                self.proc.kill()
+                raise AssertionError("the service did not listen")
+            time.sleep(0.02)
+
+    def listening(self):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.sock)
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
+    def children(self):
+        """pids whose parent is the service."""
+        return _children_of(self.proc.pid)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err
+
+
+@pytest.fixture
+def service(tmp_path, make_dom):
+    dom = make_dom(ndisks=1)
+    svc = Service(str(tmp_path / "run" / "livesnap.sock"), dom.env())
+    yield svc, dom
+    rc, err = svc.stop()
+    assert rc == 0, err
+    assert not os.path.exists(svc.sock)
+
+
+def ls(dom, sock, *args, fault=None, cwd=ROOT, popen=False, pythonpath=None):
+    """The ``livesnap`` program (``python -m livesnap``), through the service at ``sock``
+    (``off``: in its own process)."""
+    env = dict(dom.env(), LIVESNAP_SERVICE=sock)
+    if fault:
+        env["LIVESNAP_FAULT"] = fault
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    cmd = [sys.executable, "-m", "livesnap"] + [str(a) for a in args]
+    if popen:
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+
+
+def _wait_child(svc, timeout=30):
+    end = time.monotonic() + timeout
+    while not svc.children():
+        assert time.monotonic() < end, "no command started in the service"
+        time.sleep(0.01)
+    (pid,) = svc.children()
+    return pid
+
+
+def test_commands_through_the_service_answer_as_in_their_own_process(service):
+    svc, dom = service
+    for args in (["snapshot-create", dom.name, "s1", "--json"],
+                 ["snapshot-create", dom.name, "s2", "--json"]):
+        p = ls(dom, svc.sock, *args)
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["snapshot"] == args[2]
+    for args, rc in ((["snapshot-list", dom.name, "--json"], 0),
+                     (["snapshot-list", dom.name, "--tree"], 0),
+                     (["snapshot-list", "no-such-domain-xyz"], 1),
+                     (["snapshot-create", dom.name, "a/b"], 2),
+                     (["snapshot-create", dom.name, "s1"], 1),
+                     (["snapshot-delete", "--help"], 0),
+                     (["no-such-command"], 2)):
+        via, direct = ls(dom, svc.sock, *args), ls(dom, "off", *args)
+        assert (via.returncode, via.stdout, via.stderr) == \
+            (direct.returncode, direct.stdout, direct.stderr), args
+        assert via.returncode == rc, (args, via.stderr)
+    assert [s["name"] for s in json.loads(ls(dom, svc.sock, "snapshot-list", dom.name,
+                                             "--json").stdout)["snapshots"]] == ["s1", "s2"]
+    p = ls(dom, svc.sock, "snapshot-delete", dom.name, "s1", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["action"] in ("merged", "deleted")
+    assert svc.children() == []                  # every command's process has ended
+
+
+def test_the_command_runs_in_a_service_child_on_the_callers_streams_and_cwd(service, tmp_path):
+    svc, dom = service
+    cwd = tmp_path / "somewhere"
+    cwd.mkdir()
+    p = ls(dom, svc.sock, "snapshot-create", dom.name, "s1", "--json",
+           fault="create:before:0:sleep=2", cwd=str(cwd), popen=True)
+    child = _wait_child(svc)
+    assert os.readlink("/proc/%d/cwd" % child) == str(cwd)
+    for fd in (1, 2):                            # the caller's own pipes, not copies
+        assert os.readlink("/proc/%d/fd/%d" % (child, fd)) == \
+            os.readlink("/proc/%d/fd/%d" % (p.pid, fd))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert json.loads(out)["snapshot"] == "s1"
+
+
+def test_a_command_killed_in_the_service_dies_the_same_way_and_recovers(service):
+    svc, dom = service
+    p = ls(dom, svc.sock, "snapshot-create", dom.name, "s1", fault="create:after:0")
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert svc.proc.poll() is None               # the service goes on
+    p = ls(dom, svc.sock, "snapshot-create", dom.name, "s2")
+    assert p.returncode == 1 and "livesnap recover" in p.stderr
+    p = ls(dom, svc.sock, "recover", dom.name, "--json")
+    assert p.returncode == 0, p.stderr
+    names = [s["name"] for s in json.loads(ls(dom, svc.sock, "snapshot-list", dom.name,
+                                              "--json").stdout)["snapshots"]]
+    assert names == ["s1"]
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT])
+def test_signals_to_the_caller_reach_the_command(service, signo):
+    """The same signal at the same point, to a command in its own process and to the
+    service's client, ends both the same way."""
+    svc, dom = service
+    outcomes = []
+    for sock, name in (("off", "a"), (svc.sock, "b")):
+        p = ls(dom, sock, "snapshot-create", dom.name, name, fault="create:before:0:sleep=1.5",
+               popen=True)
+        if sock == "off":
+            time.sleep(1.0)                      # inside the sleep at the fault point
+        else:
+            _wait_child(svc)
+            time.sleep(0.5)
+        p.send_signal(signo)
+        out, err = p.communicate(timeout=60)
+        listed = json.loads(ls(dom, "off", "snapshot-list", dom.name, "--json").stdout)
+        outcomes.append((p.returncode, name in [s["name"] for s in listed["snapshots"]]))
+        if p.returncode != 0:
+            ls(dom, "off", "recover", dom.name)
+    assert outcomes[0] == outcomes[1]
+    assert svc.children() == []
+
+
+def test_the_domain_lock_holds_across_the_service_and_direct_commands(service):
+    svc, dom = service
+    first = ls(dom, svc.sock, "snapshot-create", dom.name, "s1",
+               fault="create:before:0:sleep=2", popen=True)
+    _wait_child(svc)
+    for sock in (svc.sock, "off"):
+        p = ls(dom, sock, "snapshot-create", dom.name, "s2")
+        assert p.returncode == 1 and "another livesnap command" in p.stderr, p.stderr
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+
+
+def test_no_service_listening_means_the_command_runs_itself(tmp_path, make_dom):
+    dom = make_dom(ndisks=1)
+    dead = str(tmp_path / "dead.sock")
+    svc = Service(dead, dom.env())
+    svc.proc.kill()                              # leaves its socket file behind
+    svc.proc.wait()
+    assert os.path.exists(dead)
+    p = ls(dom, dead, "snapshot-create", dom.name, "s1", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["snapshot"] == "s1"
+    p = ls(dom, str(tmp_path / "missing.sock"), "snapshot-list", dom.name, "--json")
+    assert p.returncode == 0
+    again = Service(dead, dom.env())             # a new service replaces the stale socket
+    try:
+        assert ls(dom, dead, "snapshot-list", dom.name).returncode == 0
+    finally:
+        assert again.stop()[0] == 0
+
+
+def test_a_service_whose_code_changed_on_disk_steps_aside(tmp_path, make_dom):
+    dom = make_dom(ndisks=1)
+    copy = tmp_path / "pkg"
+    shutil.copytree(os.path.join(ROOT, "livesnap"), str(copy / "livesnap"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    sock = str(tmp_path / "s.sock")
+    svc = Service(sock, dom.env(), pythonpath=str(copy))
+    try:
+        p = ls(dom, sock, "snapshot-create", dom.name, "s1", fault="create:before:0:sleep=1",
+               pythonpath=str(copy), popen=True)
+        _wait_child(svc)
+        later = time.time() + 5
+        os.utime(str(copy / "livesnap" / "cli" / "output.py"), (later, later))
+        # served by this process itself: same answer, the service no longer takes commands
+        p2 = ls(dom, sock, "snapshot-list", dom.name, "--json", pythonpath=str(copy))
+        assert p2.returncode == 0, p2.stderr
+        assert svc.proc.poll() is None          # it waits for its running command
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert svc.proc.wait(timeout=30) == 0    # then exits, removing its socket
+        assert not os.path.exists(sock)
+        listed = json.loads(ls(dom, sock, "snapshot-list", dom.name, "--json",
+                               pythonpath=str(copy)).stdout)
+        assert [s["name"] for s in listed["snapshots"]] == ["s1"]
+    finally:
+        svc.stop()
+
+
+def _children_of(ppid):
+    out = []
+    for n in os.listdir("/proc"):
+        if n.isdigit():
+            try:
+                with open("/proc/%s/stat" % n) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == ppid:
+                out.append(int(n))
+    return out
