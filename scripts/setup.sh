@@ -9,7 +9,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   python3 python3-venv python3-pip python3-libvirt python3-lxml python3-libvhdi
-  busybox-static cpio lvm2 mount util-linux
+  busybox-static cpio lvm2 mount util-linux systemd
 )
 
 missing=()

@@ -1,10 +1,11 @@
-"""Putting an executable into a system directory (hooks, plugins) and taking it away."""
+"""Putting a file into a system directory (hooks, plugins, systemd units) and taking it
+away."""
 import os
 
 
-def install_executable(directory, name, text):
-    """Write ``text`` to ``directory/name`` with mode 0755, atomically (temp file, fsync,
-    rename), creating the directory if needed. Returns the path; OSError propagates."""
+def install_executable(directory, name, text, mode=0o755):
+    """Write ``text`` to ``directory/name`` with ``mode`` (0755), atomically (temp file,
+    fsync, rename), creating the directory if needed. Returns the path; OSError propagates."""
     import tempfile  # only installs need it
     target = os.path.join(directory, name)
     if not os.path.isdir(directory):
@@ -15,7 +16,7 @@ def install_executable(directory, name, text):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, mode)
         os.rename(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

@@ -62,12 +62,13 @@ def build_parser(argv=None):
     parser.add_argument("--version", action="version", version="livesnap " + livesnap.__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_options()
-    from livesnap.cli import install, install_plugin, snapshot
+    from livesnap.cli import install, install_plugin, install_service, snapshot
     from livesnap import service
     snapshot.register(sub, common)
     install.register(sub, common)
     install_plugin.register(sub, common)
     service.register(sub, common)
+    install_service.register(sub, common)
     if argv is not None and _command(argv) not in (None, "vhd"):
         sub.add_parser("vhd", help=VHD_HELP)
     else:

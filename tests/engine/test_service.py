@@ -226,6 +226,53 @@ def test_a_service_whose_code_changed_on_disk_steps_aside(tmp_path, make_dom):
         svc.stop()
 
 
+def test_install_service_writes_socket_activated_units(tmp_path, make_dom):
+    dom = make_dom(ndisks=1)
+    units = tmp_path / "units"
+    sock = str(tmp_path / "run" / "livesnap.sock")
+    p = ls(dom, "off", "install-service", "--unit-dir", str(units), "--socket", sock, "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert sorted(os.path.basename(x) for x in r["installed"]) == ["livesnap.service",
+                                                                   "livesnap.socket"]
+    socket_unit = (units / "livesnap.socket").read_text()
+    service_unit = (units / "livesnap.service").read_text()
+    assert "ListenStream=%s\n" % sock in socket_unit and "SocketMode=0600\n" in socket_unit
+    assert "ExecStart=%s -m livesnap service\n" % sys.executable in service_unit
+    assert "Environment=PYTHONPATH=%s\n" % ROOT in service_unit
+    assert "Environment=LIVESNAP_STATE_DIR=%s\n" % dom.state_dir in service_unit
+    assert oct(os.stat(str(units / "livesnap.socket")).st_mode & 0o777) == "0o644"
+    # socket activation as systemd does it (LISTEN_FDS, fd 3): the service is started by
+    # the first command and serves it
+    activator = subprocess.Popen(
+        ["systemd-socket-activate", "-l", sock, "-E", "PYTHONPATH=" + ROOT,
+         sys.executable, "-m", "livesnap", "service"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 30
+        while not os.path.exists(sock):
+            assert activator.poll() is None and time.monotonic() < end, activator.communicate()
+            time.sleep(0.02)
+        p = ls(dom, sock, "snapshot-create", dom.name, "s1", "--json",
+               fault="create:before:0:sleep=1", popen=True)
+        end = time.monotonic() + 30
+        served = []
+        while p.poll() is None:
+            served += _children_of(activator.pid)
+            time.sleep(0.05)
+        out, err = p.communicate()
+        assert p.returncode == 0 and json.loads(out)["snapshot"] == "s1", err
+        # the activator exec'd the service in its own process, which forked the command
+        with open("/proc/%d/cmdline" % activator.pid, "rb") as f:
+            assert f.read().split(b"\0")[1:4] == [b"-m", b"livesnap", b"service"]
+        assert served, "the command did not run in the socket-activated service"
+    finally:
+        activator.terminate()
+        activator.communicate(timeout=30)
+    p = ls(dom, "off", "install-service", "--unit-dir", str(units), "--uninstall")
+    assert p.returncode == 0 and not os.listdir(str(units))
+
+
 def _children_of(ppid):
     out = []
     for n in os.listdir("/proc"):
