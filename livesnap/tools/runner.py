@@ -23,7 +23,10 @@ def run_rc(argv, input=None, env=None, timeout=None):
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                universal_newlines=True, env=env)
+                                universal_newlines=True, env=env,
+                                # file names are bytes: ones that do not decode survive as
+                                # os.fsdecode would give them, not as a UnicodeDecodeError
+                                errors="surrogateescape")
     except OSError as e:
         return 127, "", str(e)
     try:
