@@ -16,6 +16,10 @@ each really move S MiB (a pull copies only what top lacks). Then, guest running:
   livesnap           livesnap snapshot-delete DOM s1    (commit or pull, livesnap's choice,
                                                           reported from its "merges")
                      livesnap snapshot-create DOM c1
+                     (the livesnap program, run through the livesnap service that this
+                     benchmark starts, as virsh runs through libvirtd)
+  livesnap-direct    the same two commands with LIVESNAP_SERVICE=off: the whole command in
+                     its own process, interpreter start and imports included (extra row)
   virsh-delete       virsh snapshot-delete DOM s1       (libvirt >= 9.0: active commit + pivot)
                      virsh snapshot-create-as DOM c1 --disk-only --atomic
   virsh-blockcommit  virsh blockcommit DOM vda --active --pivot --wait
@@ -26,7 +30,9 @@ each really move S MiB (a pull copies only what top lacks). Then, guest running:
 
 Per operation: wall time of the command (host time.monotonic() around the process) and the
 guest-visible IO stall = WriterGuest.max_gap over that window (largest gap between acknowledged
-writes, guest clock), next to the gap distribution of a quiet window just before. Each scenario
+writes, guest clock), next to the gap distribution of a quiet window just before. livesnap
+frees a large merged-away image after the command returns (datapaths.trash); for its deletes
+the stall window runs until that has ended too (freed_ms), the wall time to the command's end. Each scenario
 ends with guest stop() + testguest.verify of the disk (no acknowledged write lost) and a qemu-io
 pattern check of both S MiB regions (the merge kept the data).
 
@@ -72,7 +78,8 @@ DATA_OFFSET_MIB = 16          # bulk data starts here, well after the guest's ri
 BASE_PATTERN, TOP_PATTERN = 0x5A, 0xA5
 CHUNK_MIB = 32                # qemu-io request size for bulk writes and checks
 DELETE_STALL_TARGET_MS = 50.0
-TOOLS = ("livesnap", "virsh-delete", "virsh-blockcommit", "livesnap-api")
+TOOLS = ("livesnap", "virsh-delete", "virsh-blockcommit", "livesnap-api", "livesnap-direct")
+LIVESNAP_TOOLS = ("livesnap", "livesnap-direct", "livesnap-api")
 
 
 class BenchError(RuntimeError):
@@ -126,8 +133,9 @@ def backing_chain(path):
 class Scenario(object):
     """One fresh domain lsb-* with one disk, the snapshot s1 taken offline by ``tool``."""
 
-    def __init__(self, tool, size_mib, workdir, interval_ms, quiet_s):
+    def __init__(self, tool, size_mib, workdir, interval_ms, quiet_s, service=None):
         self.tool, self.size = tool, size_mib
+        self.service = service if tool == "livesnap" else "off"
         self.dir = tempfile.mkdtemp(prefix="%s-%d-" % (tool, size_mib), dir=workdir)
         self.state_dir = os.path.join(self.dir, "state")
         self.quiet_s = quiet_s
@@ -140,9 +148,9 @@ class Scenario(object):
 
     # -- commands ---------------------------------------------------------------------------
     def livesnap(self, *args):
-        env = dict(os.environ, LIVESNAP_STATE_DIR=self.state_dir)
+        env = dict(os.environ, LIVESNAP_STATE_DIR=self.state_dir, LIVESNAP_SERVICE=self.service)
         env.pop("LIVESNAP_FAULT", None)
-        p = run([sys.executable, "-m", "livesnap.cli.main"] + list(args)
+        p = run([sys.executable, "-m", "livesnap"] + list(args)
                 + ["-c", URI, "--output", "json"], env=env)
         return json.loads(p.stdout)
 
@@ -154,16 +162,31 @@ class Scenario(object):
     def virsh(self, *args):
         return run(["virsh", "-q", "-c", URI] + list(args))
 
-    def timed(self, fn):
-        """Run fn() with the guest writing: wall time and the IO stall in its window."""
+    def trash_left(self):
+        """livesnap's images renamed aside to be freed after the command (datapaths.trash)."""
+        return [n for n in os.listdir(self.dir) if n.endswith(".livesnap-free")]
+
+    def timed(self, fn, background=False):
+        """Run fn() with the guest writing: wall time and the IO stall in its window. With
+        ``background``, the stall window lasts until livesnap's deferred freeing of the
+        merged-away image has ended too (its wall time does not: the command has returned,
+        as virsh's has while ext4 still discards the file it unlinked)."""
         t0 = time.monotonic()
         out = fn()
-        t1 = time.monotonic()
+        t1 = t_end = time.monotonic()
+        freed_ms = None
+        if background:
+            while self.trash_left() and time.monotonic() - t1 < 60:
+                time.sleep(0.005)
+            if self.trash_left():
+                raise BenchError("livesnap's deferred free did not end: %s" % self.trash_left())
+            t_end = time.monotonic()
+            freed_ms = round((t_end - t0) * 1000.0, 1)
         g = self.guest
-        g.wait_acks(3)                 # the gap that spans t1 must have closed
-        gaps = g.gaps(None, t0, t1)
+        g.wait_acks(3)                 # the gap that spans t_end must have closed
+        gaps = g.gaps(None, t0, t_end)
         worst = max(gaps, key=lambda x: x[0]) if gaps else None
-        m = {"wall_ms": round((t1 - t0) * 1000.0, 1),
+        m = {"wall_ms": round((t1 - t0) * 1000.0, 1), "freed_ms": freed_ms,
              "stall_ms": round(worst[0] * 1000.0, 1) if worst else 0.0,
              # where the worst gap began, from the command's start (host clock)
              "stall_at_ms": round((worst[1].host_ts - t0) * 1000.0, 1) if worst else None,
@@ -193,7 +216,7 @@ class Scenario(object):
             g.dom = g.conn.defineXML(g.xml())
         else:
             g.dom = g.conn.defineXML(g.xml())
-            if self.tool in ("livesnap", "livesnap-api"):
+            if self.tool in LIVESNAP_TOOLS:
                 self.livesnap("snapshot-create", self.name, "s1")
                 top = g.disk_sources()["vda"]          # livesnap names the new leaf
                 if backing_chain(top)[1:] != [self.base]:
@@ -218,11 +241,12 @@ class Scenario(object):
         self.result["baseline"] = ms_stats(g.gap_stats(None, t0, t1))
 
     def delete(self):
-        if self.tool in ("livesnap", "livesnap-api"):
-            if self.tool == "livesnap":
-                out, m = self.timed(lambda: self.livesnap("snapshot-delete", self.name, "s1"))
+        if self.tool in LIVESNAP_TOOLS:
+            if self.tool != "livesnap-api":
+                out, m = self.timed(lambda: self.livesnap("snapshot-delete", self.name, "s1"),
+                                    background=True)
             else:
-                out, m = self.timed(lambda: self.api("delete", "s1"))
+                out, m = self.timed(lambda: self.api("delete", "s1"), background=True)
             m["pause_ms"] = out.get("pause_ms")
             m["action"] = out.get("action")
             merges = out.get("merges") or []
@@ -242,7 +266,7 @@ class Scenario(object):
     def create(self):
         self.guest.wait_acks(10)
         c1 = os.path.join(self.dir, "c1.qcow2")
-        if self.tool == "livesnap":
+        if self.tool in ("livesnap", "livesnap-direct"):
             out, m = self.timed(lambda: self.livesnap("snapshot-create", self.name, "c1"))
             m["pause_ms"] = out.get("pause_ms")
             m["command"] = "livesnap snapshot-create"
@@ -250,7 +274,8 @@ class Scenario(object):
             # qemu-img checks): a read-only command on the same domain
             t0 = time.monotonic()
             self.livesnap("snapshot-list", self.name)
-            self.result["livesnap_cli_floor_ms"] = round((time.monotonic() - t0) * 1000.0, 1)
+            self.result["livesnap_cli_floor_ms" + ("" if self.tool == "livesnap" else
+                                                   "_direct")] = round((time.monotonic() - t0) * 1000.0, 1)
         elif self.tool == "livesnap-api":
             out, m = self.timed(lambda: self.api("create", "c1"))
             m["pause_ms"] = out.get("pause_ms")
@@ -295,6 +320,29 @@ class Scenario(object):
         return self.result
 
 
+def start_service(sock):
+    """``livesnap service`` on ``sock``: running once its socket accepts connections."""
+    import socket
+    proc = subprocess.Popen([sys.executable, "-m", "livesnap", "service", "--socket", sock],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.sock = sock
+    end = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise BenchError("livesnap service exited: %s" % proc.returncode)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(sock)
+            return proc
+        except OSError:
+            if time.monotonic() > end:
+                proc.kill()
+                raise BenchError("livesnap service did not listen on %s" % sock)
+            time.sleep(0.05)
+        finally:
+            probe.close()
+
+
 def ms_stats(s):
     return {"n": s["n"], "max_ms": round(s["max"] * 1000, 1),
             "median_ms": round(s["median"] * 1000, 1), "mean_ms": round(s["mean"] * 1000, 1)}
@@ -327,11 +375,13 @@ def summarize(size, runs):
     create = {"livesnap": agg("livesnap", "create"),
               "virsh": agg("virsh-delete", "create"),
               "virsh_no_metadata": agg("virsh-blockcommit", "create"),
-              "livesnap_api": agg("livesnap-api", "create")}
+              "livesnap_api": agg("livesnap-api", "create"),
+              "livesnap_direct": agg("livesnap-direct", "create")}
     delete = {"livesnap": agg("livesnap", "delete"),
               "virsh_snapshot_delete": agg("virsh-delete", "delete"),
               "virsh_blockcommit": agg("virsh-blockcommit", "delete"),
-              "livesnap_api": agg("livesnap-api", "delete")}
+              "livesnap_api": agg("livesnap-api", "delete"),
+              "livesnap_direct": agg("livesnap-direct", "delete")}
     base = [r["baseline"] for r in runs]
     baseline = {"max_ms": max(b["max_ms"] for b in base),
                 "median_ms": round(statistics.median(b["median_ms"] for b in base), 1)}
@@ -346,13 +396,14 @@ def summarize(size, runs):
     create["ratio_vs_virsh_no_metadata"] = rs(create, "virsh_no_metadata")
     delete["ratio_vs_virsh_snapshot_delete"] = rs(delete, "virsh_snapshot_delete")
     delete["ratio_vs_virsh_blockcommit"] = rs(delete, "virsh_blockcommit")
-    if delete["livesnap_api"] is not None and delete["virsh_snapshot_delete"] is not None:
-        # extra information, not a target: livesnap without interpreter start
-        delete["api_ratio_vs_virsh_snapshot_delete"] = {
-            "stall": ratio(delete["livesnap_api"]["stall_ms"],
-                           delete["virsh_snapshot_delete"]["stall_ms"]),
-            "wall": ratio(delete["livesnap_api"]["wall_ms"],
-                          delete["virsh_snapshot_delete"]["wall_ms"])}
+    for row, key in (("livesnap_api", "api"), ("livesnap_direct", "direct")):
+        # extra information, not a target: livesnap in the bench's process, or the whole
+        # command in its own process without the service
+        if delete[row] is not None and delete["virsh_snapshot_delete"] is not None:
+            delete[key + "_ratio_vs_virsh_snapshot_delete"] = {
+                "stall": ratio(delete[row]["stall_ms"],
+                               delete["virsh_snapshot_delete"]["stall_ms"]),
+                "wall": ratio(delete[row]["wall_ms"], delete["virsh_snapshot_delete"]["wall_ms"])}
 
     def le(a, b):
         return None if a is None or b is None else a <= b
@@ -372,9 +423,12 @@ def summarize(size, runs):
         "delete_time_le_blockcommit": le(ls_d.get("wall_ms"),
                                          (delete["virsh_blockcommit"] or {}).get("wall_ms")),
     }
-    floor = [r["livesnap_cli_floor_ms"] for r in runs if "livesnap_cli_floor_ms" in r]
+    def floor(key):
+        vals = [r[key] for r in runs if key in r]
+        return round(statistics.median(vals), 1) if vals else None
     return {"mib": size, "baseline_gap": baseline, "baseline_jitter_ms": round(jitter, 1),
-            "livesnap_cli_floor_ms": round(statistics.median(floor), 1) if floor else None,
+            "livesnap_cli_floor_ms": floor("livesnap_cli_floor_ms"),
+            "livesnap_cli_floor_ms_direct": floor("livesnap_cli_floor_ms_direct"),
             "create": create, "delete": delete, "targets": targets}
 
 
@@ -399,18 +453,22 @@ def main(argv=None):
     ap.add_argument("--sizes", default="16,64,256", help="MiB to move, comma separated")
     ap.add_argument("--repeat", type=int, default=2, help="runs per size and tool")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 16 MiB, one repeat, a short quiet window")
+                    help="smoke run: 16 MiB, one repeat, a short quiet window, no "
+                         "livesnap-direct row")
     ap.add_argument("--interval-ms", type=int, default=10, help="guest pause between writes")
     ap.add_argument("--quiet-s", type=float, default=2.0, help="baseline window before deletes")
-    ap.add_argument("--tools", default=",".join(TOOLS), help=argparse.SUPPRESS)
+    ap.add_argument("--tools", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--out", default=None, help="also write the JSON to this file")
     a = ap.parse_args(argv)
     sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
     repeat = a.repeat
+    tools = list(TOOLS)
     if a.quick:
         sizes, repeat, a.quiet_s = [16], 1, min(a.quiet_s, 1.0)
-    tools = [t for t in a.tools.split(",") if t]
+        tools.remove("livesnap-direct")          # the same commands without the service
+    if a.tools:
+        tools = [t for t in a.tools.split(",") if t]
     for t in tools:
         if t not in TOOLS:
             ap.error("unknown tool %r" % t)
@@ -429,16 +487,23 @@ def main(argv=None):
     workdir = tempfile.mkdtemp(prefix="lsb-online-", dir=a.dir)
     started = time.monotonic()
     runs = []
+    service = None
     try:
+        if "livesnap" in tools:
+            service = start_service(os.path.join(workdir, "run", "livesnap.sock"))
         for rep in range(repeat):
             for size in sizes:
                 for tool in tools:
-                    r = Scenario(tool, size, workdir, a.interval_ms, a.quiet_s).run()
+                    r = Scenario(tool, size, workdir, a.interval_ms, a.quiet_s,
+                                 service and service.sock).run()
                     r["rep"] = rep
                     runs.append(r)
                     print("# %-18s %4d MiB rep %d: delete %s, create %s" % (
                         tool, size, rep, r["delete"], r["create"]), file=sys.stderr)
     finally:
+        if service is not None:
+            service.terminate()
+            service.wait(timeout=60)
         shutil.rmtree(workdir, ignore_errors=True)
 
     summary = [summarize(s, [r for r in runs if r["mib"] == s]) for s in sizes]

@@ -52,3 +52,7 @@ def test_online_bench_quick(tmp_path):
         ls = [r for r in doc["runs"] if r["tool"] == tool][0]
         assert ls["delete"]["action"] == "merged" and len(ls["delete"]["merges"]) == 1
         assert len(ls["delete"]["chain_after"]) == 1        # the merge left one image
+        # the stall window ran on until livesnap's deferred freeing of the image had ended
+        assert ls["delete"]["freed_ms"] >= ls["delete"]["wall_ms"]
+    assert [r for r in doc["runs"] if r["tool"] == "virsh-delete"][0]["delete"]["freed_ms"] \
+        is None
