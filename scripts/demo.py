@@ -4,7 +4,8 @@
 Boots the project's tiny writer guest (two qcow2 disks), snapshots it while it writes,
 branches it by a revert, deletes snapshots all three ways (deleted / merged / hidden, then
 reclaimed), verifies that every acknowledged write and every snapshot survived, and prints a
-table of the guest-visible IO pauses. Cleans up after itself.
+table of the guest-visible IO pauses. The livesnap commands run through a livesnap service
+the demo starts (as `livesnap install-service` sets up on a host). Cleans up after itself.
 """
 import json
 import os
@@ -26,8 +27,7 @@ ROWS = []
 
 
 def livesnap(guest, *args, quiet=False):
-    argv = [sys.executable, "-m", "livesnap.cli.main"] + list(args) + ["--output", "json",
-                                                                       "-c", URI]
+    argv = [sys.executable, "-m", "livesnap"] + list(args) + ["--output", "json", "-c", URI]
     if not quiet:
         print("\n$ livesnap " + " ".join(args))
     t0 = time.monotonic()
@@ -50,15 +50,35 @@ def livesnap(guest, *args, quiet=False):
 
 
 def tree(name):
-    out = subprocess.run([sys.executable, "-m", "livesnap.cli.main", "snapshot-list", name,
+    out = subprocess.run([sys.executable, "-m", "livesnap", "snapshot-list", name,
                           "--tree", "--all", "-c", URI], stdout=subprocess.PIPE, text=True,
                          cwd=HERE).stdout
     print("  " + out.rstrip().replace("\n", "\n  "))
 
 
+def start_service(sock):
+    """``livesnap service`` on ``sock``; the livesnap program finds it by LIVESNAP_SERVICE."""
+    import socket
+    proc = subprocess.Popen([sys.executable, "-m", "livesnap", "service", "--socket", sock],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < end:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(sock)
+            os.environ["LIVESNAP_SERVICE"] = sock
+            break
+        except OSError:
+            time.sleep(0.05)
+        finally:
+            probe.close()
+    return proc          # if it did not start, the commands run in their own processes
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="livesnap-demo-")
     os.environ["LIVESNAP_STATE_DIR"] = os.path.join(tmp, "state")
+    service = start_service(os.path.join(tmp, "run", "livesnap.sock"))
     disks = [(t, create_qcow2(os.path.join(tmp, t + ".qcow2"), 32), "qcow2") for t in ("vda", "vdb")]
     guest = WriterGuest("livesnap-demo-" + uuid.uuid4().hex[:6], disks, ring_mib=RING_MIB,
                         interval_ms=10)
@@ -142,6 +162,8 @@ def main():
         print("\ndemo finished: every acknowledged write and every snapshot verified")
     finally:
         guest.cleanup()
+        service.terminate()
+        service.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
