@@ -123,8 +123,7 @@ def via_service(argv, path):
             if not line:
                 if forward.pid is None:
                     return None                  # refused before starting: run it here
-                sys.stderr.write("livesnap: the service ended before the command did\n")
-                return ("exit", 1)
+                return _orphaned(forward.pid)
             word, _, value = line.decode("ascii", "replace").strip().partition(" ")
             if word == "pid":
                 forward.started(int(value))
@@ -139,6 +138,31 @@ def via_service(argv, path):
             if handler is not None:
                 signal.signal(signo, handler)
         sock.close()
+
+
+def _orphaned(pid):
+    """The service went away while the command ran: the command goes on by itself. Return
+    only when it has ended (a next command must not find the domain still locked), with
+    exit status 1: what it exited with is lost with the service."""
+    import time
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            pass
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break                        # ended, not yet reaped by its new parent
+        except (OSError, IndexError):
+            break
+        time.sleep(0.05)
+    sys.stderr.write("livesnap: the service ended while running this command (pid %d); "
+                     "the command has ended since, its exit status is unknown: see "
+                     "'livesnap snapshot-list' and 'livesnap recover'\n" % pid)
+    return ("exit", 1)
 
 
 def _lines(sock):

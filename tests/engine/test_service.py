@@ -285,3 +285,22 @@ def _children_of(ppid):
             if int(fields[1]) == ppid:
                 out.append(int(n))
     return out
+
+
+def test_a_service_killed_under_a_running_command_leaves_it_to_finish(tmp_path, make_dom):
+    """The command goes on without the service; its caller returns only once it has ended
+    (exit 1: its status is lost), and the domain is consistent and unlocked."""
+    dom = make_dom(ndisks=1)
+    svc = Service(str(tmp_path / "s.sock"), dom.env())
+    p = ls(dom, svc.sock, "snapshot-create", dom.name, "s1", fault="create:before:0:sleep=2",
+           popen=True)
+    child = _wait_child(svc)
+    svc.proc.kill()
+    svc.proc.wait()
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and "(pid %d)" % child in err, err
+    assert not os.path.exists("/proc/%d" % child) or \
+        open("/proc/%d/stat" % child).read().rsplit(")", 1)[1].split()[0] == "Z"
+    listed = json.loads(ls(dom, "off", "snapshot-list", dom.name, "--json").stdout)
+    assert [s["name"] for s in listed["snapshots"]] == ["s1"]
+    assert ls(dom, "off", "snapshot-create", dom.name, "s2").returncode == 0
