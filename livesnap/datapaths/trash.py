@@ -109,7 +109,7 @@ def release(wait=False):
     its threads costs ~10. It has its own session, stdio on /dev/null and no other
     descriptor (``close_fds``): not the domain lock, not the caller's pipes. The caller does
     not wait for it; Python's subprocess module reaps it in a process that lives on."""
-    paths = list(_pending)
+    paths = [os.path.abspath(p) for p in _pending]      # the worker runs in /
     del _pending[:]
     if not paths:
         return None

@@ -95,6 +95,14 @@ def test_the_worker_reports_what_it_could_not_free(tmp_path):
     assert trash.worker([left]) == 0
 
 
+def test_release_of_relative_names_frees_them_in_their_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    left = _big(tmp_path / (".rel" + trash.SUFFIX))
+    trash.sweep(["."])
+    assert trash.release() is not None
+    _wait_gone(left)
+
+
 def test_sweep_frees_what_a_dead_process_left(tmp_path):
     left = _big(tmp_path / (".dom-vda.s1.qcow2" + trash.SUFFIX))
     keep = _big(tmp_path / "dom-vda.qcow2", mib=1)
