@@ -125,7 +125,6 @@ class Service(object):
         self.stamp = code_stamp()
         from livesnap.cli import main
         self.parser = main.build_parser()          # every command's, built once
-        self.served = 0
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -229,7 +228,6 @@ class Service(object):
             self._child(conn, fds, argv, cwd, environ)     # never returns
         for fd in fds:
             os.close(fd)
-        self.served += 1
         self.children[pid] = conn
         self._reply(conn, "pid %d" % pid)
 
