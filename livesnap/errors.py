@@ -15,6 +15,7 @@ Tree::
      +-- Conflict
      |    +-- DuplicateName
      |    +-- Busy                another livesnap command holds the domain
+     |    +-- ServiceRunning      another livesnap service listens on the socket
      |    +-- WrongState          domain running/stopped where the datapath needs the other
      |    +-- InterruptedOperation  an unfinished operation needs ``livesnap recover``
      +-- Interrupted              SIGINT/SIGTERM stopped an operation between two steps
@@ -93,6 +94,11 @@ class Conflict(Error):
 class DuplicateName(Conflict):
     fields = ("domain", "snapshot")
     msg = "domain '{self.domain}' already has a snapshot named '{self.snapshot}'"
+
+
+class ServiceRunning(Conflict):
+    fields = ("socket",)
+    msg = "a livesnap service already listens on {self.socket}"
 
 
 class Busy(Conflict):

@@ -17,7 +17,6 @@ changes (the client then runs the command itself) and exits as soon as its comma
 ended, so that a restart (systemd's socket activation) picks up the new code.
 """
 import array
-import errno
 import logging
 import os
 import selectors
@@ -27,6 +26,7 @@ import struct
 import sys
 
 from livesnap.cli import client
+from livesnap.errors import ServiceRunning
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def listen(path):
         except OSError:
             os.unlink(path)                       # left by a service that died
         else:
-            raise OSError(errno.EADDRINUSE, "a livesnap service already listens", path)
+            raise ServiceRunning(path)
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -304,3 +304,13 @@ def test_a_service_killed_under_a_running_command_leaves_it_to_finish(tmp_path, 
     listed = json.loads(ls(dom, "off", "snapshot-list", dom.name, "--json").stdout)
     assert [s["name"] for s in listed["snapshots"]] == ["s1"]
     assert ls(dom, "off", "snapshot-create", dom.name, "s2").returncode == 0
+
+
+def test_a_second_service_on_the_same_socket_is_refused(service):
+    svc, dom = service
+    p = subprocess.run([sys.executable, "-m", "livesnap", "service", "--socket", svc.sock],
+                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=60)
+    assert p.returncode == 1 and p.stderr == \
+        "error: a livesnap service already listens on %s\n" % svc.sock, p.stderr
+    assert ls(dom, svc.sock, "snapshot-list", dom.name).returncode == 0     # still served
