@@ -15,7 +15,7 @@ Tree::
      +-- Conflict
      |    +-- DuplicateName
      |    +-- Busy                another livesnap command holds the domain
-     |    +-- ServiceRunning      another livesnap service listens on the socket
+     |    +-- ServiceSocket       the service's socket is taken or cannot be made
      |    +-- WrongState          domain running/stopped where the datapath needs the other
      |    +-- InterruptedOperation  an unfinished operation needs ``livesnap recover``
      +-- Interrupted              SIGINT/SIGTERM stopped an operation between two steps
@@ -30,7 +30,6 @@ import logging
 
 # a library logs nothing unless its user configures logging
 logging.getLogger("livesnap").addHandler(logging.NullHandler())
-
 
 
 class Error(Exception):
@@ -96,9 +95,9 @@ class DuplicateName(Conflict):
     msg = "domain '{self.domain}' already has a snapshot named '{self.snapshot}'"
 
 
-class ServiceRunning(Conflict):
-    fields = ("socket",)
-    msg = "a livesnap service already listens on {self.socket}"
+class ServiceSocket(Conflict):
+    fields = ("socket", "reason")
+    msg = "cannot serve on {self.socket}: {self.reason}"
 
 
 class Busy(Conflict):

@@ -26,7 +26,7 @@ import struct
 import sys
 
 from livesnap.cli import client
-from livesnap.errors import ServiceRunning
+from livesnap.errors import ServiceSocket
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def listen(path):
         except OSError:
             os.unlink(path)                       # left by a service that died
         else:
-            raise ServiceRunning(path)
+            raise ServiceSocket(path, "a livesnap service already listens there")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -351,7 +351,10 @@ def run(args):
     path = None
     if sock is None:
         path = args.socket or client.socket_path() or client.DEFAULT_SOCKET
-        sock = listen(path)
+        try:
+            sock = listen(path)
+        except OSError as e:
+            raise ServiceSocket(path, e.strerror or str(e))
     log.info("livesnap service on %s (%d modules preloaded)", path or "fd 3", len(loaded))
     return Service(sock, path).serve()
 

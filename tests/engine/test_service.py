@@ -312,5 +312,12 @@ def test_a_second_service_on_the_same_socket_is_refused(service):
                        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        timeout=60)
     assert p.returncode == 1 and p.stderr == \
-        "error: a livesnap service already listens on %s\n" % svc.sock, p.stderr
+        "error: cannot serve on %s: a livesnap service already listens there\n" % svc.sock, \
+        p.stderr
     assert ls(dom, svc.sock, "snapshot-list", dom.name).returncode == 0     # still served
+    blocked = os.path.join(os.path.dirname(svc.sock), "file")
+    open(blocked, "w").close()
+    p = subprocess.run([sys.executable, "-m", "livesnap", "service", "--socket",
+                        os.path.join(blocked, "s.sock")], cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith("error: cannot serve on "), p.stderr
