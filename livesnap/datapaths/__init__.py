@@ -71,16 +71,29 @@ def unlink(path):
     unlinked. (The steps cost about what the discards cost, ~0.8 ms per MiB here; they are
     paid by livesnap instead of by the guest.)
     """
+    slow = _slow_to_free(path)
+    if slow is None:
+        return
+    if slow:
+        trash.empty(path, TRUNCATE_STEP)
+        log.info("removed %s", path)
+    else:
+        _unlink_now(path)
+
+
+def _slow_to_free(path):
+    """Whether freeing ``path`` would cost a discard in one journal commit (a file larger
+    than two steps on a file system that discards on free); None when it is gone."""
     try:
         size = os.stat(path).st_size
     except OSError as e:
         if e.errno == errno.ENOENT:
-            return
+            return None
         raise
-    if size > 2 * TRUNCATE_STEP and discards_on_free(path):
-        trash.empty(path, TRUNCATE_STEP)
-        log.info("removed %s", path)
-        return
+    return size > 2 * TRUNCATE_STEP and discards_on_free(path)
+
+
+def _unlink_now(path):
     try:
         os.unlink(path)
         log.info("removed %s", path)
@@ -93,17 +106,12 @@ def free(path):
     """Remove an image merged away on a running domain. A large one on a file system that
     discards on free is renamed aside and freed after the command, in small synced steps
     (``trash``): its wall time then holds neither the discard nor a guest stall behind it.
-    Elsewhere, ``unlink``."""
-    try:
-        size = os.stat(path).st_size
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return
-        raise
-    if size > 2 * TRUNCATE_STEP and discards_on_free(path):
+    Elsewhere it is unlinked at once."""
+    slow = _slow_to_free(path)
+    if slow:
         trash.put(path)
-    else:
-        unlink(path)
+    elif slow is not None:
+        _unlink_now(path)
 
 
 class Namer(object):
