@@ -6,6 +6,7 @@ and libvirt create) is read without starting qemu-img; whatever it does not vouc
 odd, damaged or truncated images included -- is read, and diagnosed, by qemu-img."""
 import collections
 import os
+import stat
 
 from livesnap import qcow2
 from livesnap.tools import qemu_img
@@ -52,12 +53,11 @@ def chain(path, fmt):
 MAX_CHAIN = 256
 
 
-def _qcow2_info(path, header):
+def _qcow2_info(path, header, st=None):
     path = os.path.abspath(path)
-    backing = None
-    if header.backing:
-        backing = os.path.normpath(os.path.join(os.path.dirname(path), header.backing))
-    return ImageInfo(path, "qcow2", backing, os.stat(path).st_blocks * 512, header.size)
+    st = st or os.stat(path)
+    return ImageInfo(path, "qcow2", qemu_img.resolve_backing(header.backing, path),
+                     st.st_blocks * 512, header.size)
 
 
 def _plain_qcow2_chain(path):
@@ -74,7 +74,7 @@ def _plain_qcow2_chain(path):
             st = os.stat(p)
         except OSError:
             return None
-        if fmt == "raw" and stat_is_file(st):
+        if fmt == "raw" and stat.S_ISREG(st.st_mode):
             out.append(ImageInfo(p, "raw", None, st.st_blocks * 512, st.st_size))
             return out
         if fmt != "qcow2":
@@ -82,12 +82,7 @@ def _plain_qcow2_chain(path):
         h = qcow2.read_header(p)
         if h is None:
             return None
-        e = _qcow2_info(p, h)
+        e = _qcow2_info(p, h, st)
         out.append(e)
         p, fmt = e.backing, h.backing_format
     return out
-
-
-def stat_is_file(st):
-    import stat
-    return stat.S_ISREG(st.st_mode)

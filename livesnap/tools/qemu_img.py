@@ -46,12 +46,18 @@ def info(path, backing_chain=False, force_share=False):
 
 def backing_path(entry, image_path):
     """The absolute path of an info entry's backing file, or None."""
-    backing = entry.get("full-backing-filename") or entry.get("backing-filename")
-    if not backing:
+    return resolve_backing(entry.get("full-backing-filename") or entry.get("backing-filename"),
+                           image_path)
+
+
+def resolve_backing(name, image_path):
+    """A backing file name as an image records it, as an absolute path (a relative one is
+    relative to the image's directory, as QEMU opens it), or None."""
+    if not name:
         return None
-    if not os.path.isabs(backing):
-        backing = os.path.join(os.path.dirname(os.path.abspath(image_path)), backing)
-    return os.path.normpath(backing)
+    if not os.path.isabs(name):
+        name = os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+    return os.path.normpath(name)
 
 
 def create(path, fmt="qcow2", size=None, backing=None, backing_fmt=None):
