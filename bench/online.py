@@ -322,25 +322,15 @@ class Scenario(object):
 
 def start_service(sock):
     """``livesnap service`` on ``sock``: running once its socket accepts connections."""
-    import socket
+    from livesnap import service
     proc = subprocess.Popen([sys.executable, "-m", "livesnap", "service", "--socket", sock],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.sock = sock
-    end = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise BenchError("livesnap service exited: %s" % proc.returncode)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(sock)
-            return proc
-        except OSError:
-            if time.monotonic() > end:
-                proc.kill()
-                raise BenchError("livesnap service did not listen on %s" % sock)
-            time.sleep(0.05)
-        finally:
-            probe.close()
+    if not service.wait_listening(sock, proc):
+        proc.kill()
+        raise BenchError("livesnap service did not listen on %s (exit status %s)"
+                         % (sock, proc.wait()))
+    return proc
 
 
 def ms_stats(s):

@@ -24,6 +24,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 
 from livesnap.cli import client
 from livesnap.errors import ServiceSocket
@@ -58,26 +59,48 @@ def warm_up():
 def code_stamp():
     """The modification times of livesnap's loaded modules: when one changes on disk, the
     service's copy is out of date."""
-    stamp = {}
-    for name, mod in list(sys.modules.items()):
-        path = getattr(mod, "__file__", None)
-        if (name == "livesnap" or name.startswith("livesnap.")) and path:
-            try:
-                stamp[path] = os.stat(path).st_mtime_ns
-            except OSError:
-                stamp[path] = None
-    return stamp
+    return {mod.__file__: _mtime(mod.__file__) for name, mod in list(sys.modules.items())
+            if (name == "livesnap" or name.startswith("livesnap."))
+            and getattr(mod, "__file__", None)}
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 def _stale(stamp):
+    """The first module file whose modification time is no longer the stamp's, or None."""
     for path, mtime in stamp.items():
-        try:
-            now = os.stat(path).st_mtime_ns
-        except OSError:
-            now = None
-        if now != mtime:
+        if _mtime(path) != mtime:
             return path
     return None
+
+
+def listening(path):
+    """Whether a service accepts connections at ``path`` (a probe: it sends nothing, which
+    the service takes for no request)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def wait_listening(path, proc, timeout=60.0):
+    """For a caller that started ``livesnap service`` as the child process ``proc``: wait
+    until it listens at ``path``. False when it exited or did not listen in time."""
+    end = time.monotonic() + timeout
+    while not listening(path):
+        if proc.poll() is not None or time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def listen(path):
@@ -87,15 +110,9 @@ def listen(path):
     if d and not os.path.isdir(d):
         os.makedirs(d, 0o700)
     if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)                       # left by a service that died
-        else:
+        if listening(path):
             raise ServiceSocket(path, "a livesnap service already listens there")
-        finally:
-            probe.close()
+        os.unlink(path)                           # left by a service that died
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
@@ -286,9 +303,9 @@ class Service(object):
         rc = 1
         try:
             signal.set_wakeup_fd(-1)
-            for signo in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for signo in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(signo, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, signal.default_int_handler)   # as in any program
             self.sel.close()
             self.sock.close()
             conn.close()
@@ -296,10 +313,7 @@ class Service(object):
                 other.close()
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
-            for fd in fds:
-                if fd > 2:
-                    os.close(fd)
-            _close_from(3)                         # the selector's pipe, anything else
+            _close_from(3)                         # the received fds, the selector's pipe
             sys.stdin = open(0, "r", closefd=False)
             sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
             sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")

@@ -58,20 +58,11 @@ def tree(name):
 
 def start_service(sock):
     """``livesnap service`` on ``sock``; the livesnap program finds it by LIVESNAP_SERVICE."""
-    import socket
+    from livesnap import service
     proc = subprocess.Popen([sys.executable, "-m", "livesnap", "service", "--socket", sock],
                             cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    end = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < end:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(sock)
-            os.environ["LIVESNAP_SERVICE"] = sock
-            break
-        except OSError:
-            time.sleep(0.05)
-        finally:
-            probe.close()
+    if service.wait_listening(sock, proc):
+        os.environ["LIVESNAP_SERVICE"] = sock
     return proc          # if it did not start, the commands run in their own processes
 
 

@@ -1,16 +1,15 @@
 """Shared fixtures: a libvirt connection to the real libvirtd, shut-off domains in tmp_path;
 a volume group of the LVM stand-in."""
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
 import pytest
 
 from helpers import ROOT, URI, Dom
+from livesnap import service
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,20 +24,9 @@ def livesnap_service(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "livesnap", "service", "--socket", sock],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    end = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, proc.communicate()
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(sock)
-            break
-        except OSError:
-            if time.monotonic() > end:
-                proc.kill()
-                raise AssertionError("the livesnap service did not listen")
-            time.sleep(0.05)
-        finally:
-            probe.close()
+    if not service.wait_listening(sock, proc):
+        proc.kill()
+        raise AssertionError("the livesnap service did not listen: %s" % (proc.communicate(),))
     os.environ["LIVESNAP_SERVICE"] = sock
     try:
         yield sock

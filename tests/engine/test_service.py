@@ -5,12 +5,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from livesnap.service import wait_listening
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,23 +26,9 @@ class Service(object):
             [sys.executable, "-m", "livesnap", "service", "--socket", sock],
             env=self.env, cwd=pythonpath or ROOT, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
-        end = time.monotonic() + 30
-        while not self.listening():
-            assert self.proc.poll() is None, self.proc.communicate()
-            if time.monotonic() > end:
-                self.proc.kill()
-                raise AssertionError("the service did not listen")
-            time.sleep(0.02)
-
-    def listening(self):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(self.sock)
-            return True
-        except OSError:
-            return False
-        finally:
-            probe.close()
+        if not wait_listening(sock, self.proc, timeout=30):
+            self.proc.kill()
+            raise AssertionError("the service did not listen: %s" % (self.proc.communicate(),))
 
     def children(self):
         """pids whose parent is the service."""
