@@ -109,12 +109,17 @@ def _text(r):
     return ["%s was not installed" % r["path"]]
 
 
+def chosen_state_dir(args):
+    """The state directory an installed file is given: --state-dir, $LIVESNAP_STATE_DIR,
+    or the default."""
+    return args.state_dir or os.environ.get("LIVESNAP_STATE_DIR") or DEFAULT_STATE_DIR
+
+
 def run(args):
     if args.uninstall:
         r = uninstall(args.hooks_dir)
     else:
-        state_dir = args.state_dir or os.environ.get("LIVESNAP_STATE_DIR") or DEFAULT_STATE_DIR
-        r = install(args.hooks_dir, state_dir, args.connect)
+        r = install(args.hooks_dir, chosen_state_dir(args), args.connect)
     output.emit(args, r, _text)
     return 0
 

@@ -9,7 +9,7 @@ import sys
 
 from livesnap.cli import install_files, output
 from livesnap.cli.client import DEFAULT_SOCKET
-from livesnap.cli.install import DEFAULT_STATE_DIR, InstallError
+from livesnap.cli.install import InstallError, chosen_state_dir
 
 SOCKET_UNIT = """[Unit]
 Description=livesnap service socket (online VM disk snapshots)
@@ -89,8 +89,7 @@ def run(args):
     if args.uninstall:
         r = uninstall(args.unit_dir)
     else:
-        state_dir = args.state_dir or os.environ.get("LIVESNAP_STATE_DIR") or DEFAULT_STATE_DIR
-        r = install(args.unit_dir, args.socket, state_dir)
+        r = install(args.unit_dir, args.socket, chosen_state_dir(args))
     output.emit(args, r, _text)
     return 0
 
