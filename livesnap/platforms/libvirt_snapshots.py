@@ -83,9 +83,11 @@ def _x(text):
             .replace("'", "&apos;").replace('"', "&quot;"))
 
 
-def snapshot_xml(domain, name, description, created, parent, images, running):
+def snapshot_xml(domain, name, description, created, parent, images, state):
     """A disk-only snapshot definition naming ``images`` ({target: (path, fmt)}) as the
-    snapshot's point-in-time images, both in <disks> and in the embedded <domain>."""
+    snapshot's point-in-time images, both in <disks> and in the embedded <domain>.
+    ``state``: the domain's state when taken, as libvirt records it ("disk-snapshot" for a
+    running domain, "shutoff" for a stopped one)."""
     dom = domain_xml.parse_for_edit(domain.xml(inactive=True))
     domain_xml.set_disk_sources(dom, images)
     disks = "".join("<disk name='%s' snapshot='external' type='file'><driver type='%s'/>"
@@ -94,7 +96,7 @@ def snapshot_xml(domain, name, description, created, parent, images, running):
     return ("<domainsnapshot><name>%s</name><description>%s</description>"
             "<state>%s</state>%s<creationTime>%d</creationTime><memory snapshot='no'/>"
             "<disks>%s</disks>%s</domainsnapshot>"
-            % (_x(name), _x(description or ""), "disk-snapshot" if running else "shutoff",
+            % (_x(name), _x(description or ""), _x(state),
                "<parent><name>%s</name></parent>" % _x(parent) if parent else "",
                _epoch(created), disks, domain_xml.to_string(dom)))
 
@@ -146,18 +148,26 @@ def sync(domain, tree):
                 progressed = True
                 nodes = tree.snapshot_nodes(s.name)
                 images = {t: (tree.nodes[n].path, tree.nodes[n].fmt) for t, n in nodes.items()}
-                if (s.name in have and (s.name == current) == (s.name == their_current)
-                        and _same(parse(have[s.name].getXMLDesc(0)), s.description, parent,
+                theirs = parse(have[s.name].getXMLDesc(0)) if s.name in have else None
+                if (theirs is not None and (s.name == current) == (s.name == their_current)
+                        and _same(theirs, s.description, parent,
                                   {t: p for t, (p, _) in images.items()})):
                     continue
                 flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
                 if s.name == current:
                     flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
-                if running is None:
-                    running = domain.is_running()
+                if theirs is not None and theirs.state:
+                    # libvirt refuses a redefinition that changes a snapshot between disk
+                    # only ("disk-snapshot") and full system ("shutoff", ...): keep the
+                    # state it was taken in, not the domain's state now
+                    state = theirs.state
+                else:
+                    if running is None:
+                        running = domain.is_running()
+                    state = "disk-snapshot" if running else "shutoff"
                 domain.dom.snapshotCreateXML(
                     snapshot_xml(domain, s.name, s.description, s.created, parent, images,
-                                 running), flags)
+                                 state), flags)
             if not progressed:
                 raise DatapathError(reason="snapshot parents of %s form no tree" % domain.name)
     except libvirt.libvirtError as e:

@@ -127,3 +127,33 @@ def test_metadata_rewritten_only_where_it_changed(make_dom):
     assert virsh("snapshot-current", dom.name, "--name").stdout.strip() == "d"
     assert virsh_tree(dom) == livesnap_tree(dom) == {"a": None, "c": "a", "d": "c"}
     assert dom.json("check", dom.name)["ok"]
+
+
+def snapshot_state(dom, name):
+    from xml.etree import ElementTree
+    return ElementTree.fromstring(virsh("snapshot-dumpxml", dom.name, name).stdout) \
+        .findtext("state")
+
+
+def test_snapshot_taken_shut_off_stays_in_step_once_the_domain_runs(make_dom):
+    """libvirt records the state a snapshot was taken in ("shutoff" or "disk-snapshot") and
+    refuses a redefinition that changes it; taking one while running makes the shut-off
+    one's definition change (it stops being current), and merging it changes its child's."""
+    dom = make_dom(ndisks=1)
+    dom.json("snapshot-create", dom.name, "off1")
+    dom.dom.create()                  # no bootable disk: the firmware idles, QEMU runs
+    dom.json("snapshot-create", dom.name, "on1")
+    assert virsh_tree(dom) == livesnap_tree(dom) == {"off1": None, "on1": "off1"}
+    assert virsh("snapshot-current", dom.name, "--name").stdout.strip() == "on1"
+    assert (snapshot_state(dom, "off1"), snapshot_state(dom, "on1")) == \
+        ("shutoff", "disk-snapshot")
+    dom.json("snapshot-create", dom.name, "on2")
+    r = dom.json("snapshot-delete", dom.name, "off1")   # merged with its one child, live
+    assert r["action"] == "merged"
+    assert virsh_tree(dom) == livesnap_tree(dom) == {"on1": None, "on2": "on1"}
+    assert dom.json("check", dom.name)["ok"]
+    dom.dom.destroy()
+    dom.json("snapshot-create", dom.name, "off2")       # shut off again: after on2
+    assert virsh_tree(dom) == livesnap_tree(dom) == {"on1": None, "on2": "on1",
+                                                      "off2": "on2"}
+    assert snapshot_state(dom, "off2") == "shutoff"
