@@ -229,6 +229,9 @@ class Scenario(object):
         if self.guest.disk_sources()["vda"] != self.top:
             raise BenchError("domain %s is not on %s" % (self.name, self.top))
         fill(self.top, TOP_PATTERN, DATA_OFFSET_MIB + self.size, self.size)
+        # the fills went through the host's page cache: write them back now, or their
+        # writeback (up to 2*S MiB, 30 s after) lands in whichever command is timed next
+        os.sync()
 
     def start(self):
         g = self.guest
