@@ -17,6 +17,7 @@ changes (the client then runs the command itself) and exits as soon as its comma
 ended, so that a restart (systemd's socket activation) picks up the new code.
 """
 import array
+import fcntl
 import logging
 import os
 import selectors
@@ -301,11 +302,15 @@ class Service(object):
 
     def _child(self, conn, fds, argv, cwd, environ):
         rc = 1
+        report = None
         try:
             signal.set_wakeup_fd(-1)
             for signo in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(signo, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)   # as in any program
+            # the caller's connection, above the received descriptors and 0-2, not inherited
+            # by what the command runs: the command answers "exit N" on it itself
+            report = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, max(fds + [2]) + 1)
             self.sel.close()
             self.sock.close()
             conn.close()
@@ -313,7 +318,7 @@ class Service(object):
                 other.close()
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
-            _close_from(3)                         # the received fds, the selector's pipe
+            _close_from(3, keep=report)            # the received fds, the selector's pipe
             sys.stdin = open(0, "r", closefd=False)
             sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
             sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
@@ -340,17 +345,37 @@ class Service(object):
                 pass
             rc = 1
         finally:
-            os._exit(rc if isinstance(rc, int) else 1)
+            rc = rc if isinstance(rc, int) else 1
+            if report is not None:
+                _answer(report, rc)
+            os._exit(rc)
 
 
 def _nothing(signo, frame):
     """SIGCHLD's handler: the wake-up fd is what wakes the loop."""
 
 
-def _close_from(low):
+def _answer(report, rc):
+    """The command's own "exit N" to its caller, once its output is written: its copies of
+    the caller's streams are closed first (a reader of the caller's output sees its end
+    when the caller exits). The caller returns without waiting for this process to be torn
+    down and reaped; the service's own answer after the reaping then finds it gone. (A
+    command killed by a signal never gets here: the service answers "signal N".)"""
+    for fd in (0, 1, 2):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        os.write(report, ("exit %d\n" % rc).encode("ascii"))
+    except OSError:
+        pass                                       # the caller is gone
+
+
+def _close_from(low, keep=None):
     for n in os.listdir("/proc/self/fd"):
         fd = int(n)
-        if fd >= low:
+        if fd >= low and fd != keep:
             try:
                 os.close(fd)
             except OSError:
