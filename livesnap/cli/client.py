@@ -141,9 +141,10 @@ def via_service(argv, path):
 
 
 def _orphaned(pid):
-    """The service went away while the command ran: the command goes on by itself. Return
-    only when it has ended (a next command must not find the domain still locked), with
-    exit status 1: what it exited with is lost with the service."""
+    """The connection ended without an answer: the service went away and the command then
+    died without answering (a command answers "exit N" itself; a signal's death is
+    answered by the service). Return only when it has ended (a next command must not find
+    the domain still locked), with exit status 1."""
     import time
     while True:
         try:
