@@ -139,6 +139,7 @@ class Service(object):
         self.sock = sock
         self.path = path
         self.children = {}            # pid -> the client's connection
+        self.spare = None             # (pid, channel): a process forked ahead of a command
         self.stale = None
         self.stamp = code_stamp()
         from livesnap.cli import main
@@ -168,6 +169,8 @@ class Service(object):
                     self._close_listener()         # new commands run in their own process
                 if self.sock is None and not self.children:
                     break
+                if self.sock is not None and self.spare is None:
+                    self._fork_spare()
                 for key, _ in sel.select():
                     if key.data == "signal":
                         try:
@@ -187,6 +190,7 @@ class Service(object):
         return 0
 
     def _close_listener(self):
+        self._drop_spare()
         if self.sock is None:
             return
         try:
@@ -218,7 +222,7 @@ class Service(object):
                 log.warning("refused a request of uid %d", uid)
                 conn.close()
                 return
-            body, fds = self._receive(conn)
+            body, fds = _receive(conn)
             if body is None:                       # a probe: connected, sent nothing
                 conn.close()
                 return
@@ -241,38 +245,81 @@ class Service(object):
                 os.close(fd)
             conn.close()
             return
-        pid = os.fork()
-        if pid == 0:
-            self._child(conn, fds, argv, cwd, environ)     # never returns
+        pid = self._hand_to_spare(conn, fds, body)
+        if pid is None:
+            pid = os.fork()
+            if pid == 0:
+                self._child(conn, fds, argv, cwd, environ)     # never returns
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
         self._reply(conn, "pid %d" % pid)
 
-    def _receive(self, conn):
-        fds = array.array("i")
-        data, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(16 * fds.itemsize))
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[:len(payload) - (len(payload) % fds.itemsize)])
-        fds = list(fds)
-        if not data and not fds:
-            return None, []
-        head, sep, rest = data.partition(b"\n")
-        if not sep:
-            raise ValueError("no request header")
-        want = int(head)
-        if want > MAX_REQUEST:
-            raise ValueError("request too large")
-        chunks = [rest]
-        got = len(rest)
-        while got < want:
-            more = conn.recv(min(65536, want - got))
-            if not more:
-                raise ValueError("truncated request")
-            chunks.append(more)
-            got += len(more)
-        return b"".join(chunks), fds
+    # -- the spare: the next command's process, forked while the service is idle -----------
+
+    def _fork_spare(self):
+        """Fork the process the next command will run in, now rather than on its request
+        (forking a process with libvirt and lxml loaded takes a few ms)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            self._spare(theirs)                    # never returns
+        theirs.close()
+        self.spare = (pid, ours)
+
+    def _drop_spare(self):
+        """The spare ends when its channel closes."""
+        if self.spare is not None:
+            self.spare[1].close()
+            self.spare = None
+
+    def _hand_to_spare(self, conn, fds, body):
+        """Pass a request to the spare: the caller's connection and streams, and the request
+        itself. Returns the spare's pid, or None (no spare, or it is gone: fork then)."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        pid, chan = spare
+        try:
+            chan.settimeout(REQUEST_TIMEOUT)
+            chan.sendmsg([str(len(body)).encode() + b"\n" + body],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                           struct.pack("%di" % (1 + len(fds)), conn.fileno(), *fds))])
+        except OSError as e:
+            log.warning("the spare process %d is gone (%s): forking", pid, e)
+            return None
+        finally:
+            chan.close()
+        return pid
+
+    def _spare(self, chan):
+        """In the spare: wait for a request from the service, then run it as ``_child``
+        would have in a process forked for it. Ends when the service closes the channel
+        (it stops, its code changed, it died)."""
+        try:
+            signal.set_wakeup_fd(-1)
+            for signo in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                signal.signal(signo, signal.SIG_DFL)
+            # nothing of the service's while waiting: not its listener (a caller would wait
+            # on a dead service's socket), not the running commands' connections; the
+            # objects are closed (a later close() of theirs would hit a reused number)
+            self.sel.close()
+            self.sock.close()
+            for other in self.children.values():
+                other.close()
+            _close_from(3, keep=chan.fileno())     # the signal pipe
+            try:
+                body, fds = _receive(chan)
+            finally:
+                chan.close()
+            if body is None or len(fds) != 4:
+                os._exit(0)
+            argv, cwd, environ = client.decode_request(body)
+        except BaseException:
+            os._exit(0)
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fds[0])
+        self._child(conn, fds[1:], argv, cwd, environ)     # never returns
 
     def _reply(self, conn, line):
         try:
@@ -289,6 +336,8 @@ class Service(object):
                 return
             if pid == 0:
                 return
+            if self.spare is not None and self.spare[0] == pid:
+                self._drop_spare()                 # a spare that died: the next is forked
             conn = self.children.pop(pid, None)
             if conn is None:
                 continue
@@ -353,6 +402,40 @@ class Service(object):
 
 def _nothing(signo, frame):
     """SIGCHLD's handler: the wake-up fd is what wakes the loop."""
+
+
+def _receive(conn):
+    """A request: (body, descriptors) read from ``conn``, or (None, []) when the peer sent
+    nothing (a probe, or a channel closed). Descriptors received with a malformed request
+    are closed before the ValueError."""
+    fds = array.array("i")
+    data, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(16 * fds.itemsize))
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - (len(payload) % fds.itemsize)])
+    fds = list(fds)
+    if not data and not fds:
+        return None, []
+    try:
+        head, sep, rest = data.partition(b"\n")
+        if not sep:
+            raise ValueError("no request header")
+        want = int(head)
+        if want > MAX_REQUEST:
+            raise ValueError("request too large")
+        chunks = [rest]
+        got = len(rest)
+        while got < want:
+            more = conn.recv(min(65536, want - got))
+            if not more:
+                raise ValueError("truncated request")
+            chunks.append(more)
+            got += len(more)
+    except (OSError, ValueError):
+        for fd in fds:
+            os.close(fd)
+        raise
+    return b"".join(chunks), fds
 
 
 def _answer(report, rc):

@@ -34,6 +34,14 @@ class Service(object):
         """pids whose parent is the service."""
         return _children_of(self.proc.pid)
 
+    def commands(self):
+        """The service's children running a command (on the caller's streams)."""
+        return _commands_of(self.proc.pid)
+
+    def spares(self):
+        """The service's children waiting for a command (still on the service's streams)."""
+        return [p for p in self.children() if p not in self.commands()]
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -69,11 +77,19 @@ def ls(dom, sock, *args, fault=None, cwd=ROOT, popen=False, pythonpath=None):
 
 def _wait_child(svc, timeout=30):
     end = time.monotonic() + timeout
-    while not svc.children():
+    while not svc.commands():
         assert time.monotonic() < end, "no command started in the service"
         time.sleep(0.01)
-    (pid,) = svc.children()
+    (pid,) = svc.commands()
     return pid
+
+
+def _wait_spare(svc, timeout=30):
+    end = time.monotonic() + timeout
+    while len(svc.spares()) != 1:
+        assert time.monotonic() < end, "no spare process: %s" % svc.children()
+        time.sleep(0.01)
+    return svc.spares()[0]
 
 
 def test_commands_through_the_service_answer_as_in_their_own_process(service):
@@ -98,7 +114,7 @@ def test_commands_through_the_service_answer_as_in_their_own_process(service):
                                              "--json").stdout)["snapshots"]] == ["s1", "s2"]
     p = ls(dom, svc.sock, "snapshot-delete", dom.name, "s1", "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["action"] in ("merged", "deleted")
-    assert svc.children() == []                  # every command's process has ended
+    assert svc.commands() == []                  # every command's process has ended
 
 
 def test_the_command_runs_in_a_service_child_on_the_callers_streams_and_cwd(service, tmp_path):
@@ -152,7 +168,7 @@ def test_signals_to_the_caller_reach_the_command(service, signo):
         if p.returncode != 0:
             ls(dom, "off", "recover", dom.name)
     assert outcomes[0] == outcomes[1]
-    assert svc.children() == []
+    assert svc.commands() == []
 
 
 def test_the_domain_lock_holds_across_the_service_and_direct_commands(service):
@@ -245,7 +261,7 @@ def test_install_service_writes_socket_activated_units(tmp_path, make_dom):
         end = time.monotonic() + 30
         served = []
         while p.poll() is None:
-            served += _children_of(activator.pid)
+            served += _commands_of(activator.pid)
             time.sleep(0.05)
         out, err = p.communicate()
         assert p.returncode == 0 and json.loads(out)["snapshot"] == "s1", err
@@ -258,6 +274,23 @@ def test_install_service_writes_socket_activated_units(tmp_path, make_dom):
         activator.communicate(timeout=30)
     p = ls(dom, "off", "install-service", "--unit-dir", str(units), "--uninstall")
     assert p.returncode == 0 and not os.listdir(str(units))
+
+
+def _commands_of(ppid):
+    """Children of ``ppid`` whose standard output is not ``ppid``'s own: running a command
+    on its caller's streams (a spare process still has the service's)."""
+    try:
+        mine = os.readlink("/proc/%d/fd/1" % ppid)
+    except OSError:
+        return []
+    out = []
+    for pid in _children_of(ppid):
+        try:
+            if os.readlink("/proc/%d/fd/1" % pid) != mine:
+                out.append(pid)
+        except OSError:
+            pass
+    return out
 
 
 def _children_of(ppid):
@@ -318,3 +351,33 @@ def test_a_second_service_on_the_same_socket_is_refused(service):
                         os.path.join(blocked, "s.sock")], cwd=ROOT, stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True, timeout=60)
     assert p.returncode == 1 and p.stderr.startswith("error: cannot serve on "), p.stderr
+
+
+def test_the_next_command_runs_in_a_process_forked_ahead(service):
+    """The service forks the next command's process while idle (a spare); a command runs in
+    it, a new spare is forked; a spare that died is replaced; none outlives the service."""
+    svc, dom = service
+    spare = _wait_spare(svc)
+    p = ls(dom, svc.sock, "snapshot-create", dom.name, "s1", "--json",
+           fault="create:before:0:sleep=1", popen=True)
+    assert _wait_child(svc) == spare
+    following = _wait_spare(svc)                 # forked while the command runs
+    assert following != spare
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and json.loads(out)["snapshot"] == "s1", err
+    os.kill(following, signal.SIGKILL)
+    p = ls(dom, svc.sock, "snapshot-list", dom.name, "--json")
+    assert p.returncode == 0, p.stderr
+    assert [s["name"] for s in json.loads(p.stdout)["snapshots"]] == ["s1"]
+    last = _wait_spare(svc)
+    assert last not in (spare, following)
+    rc, err = svc.stop()
+    assert rc == 0, err
+    end = time.monotonic() + 10
+    while os.path.exists("/proc/%d" % last) and time.monotonic() < end:
+        with open("/proc/%d/stat" % last) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    else:
+        assert not os.path.exists("/proc/%d" % last), "the spare outlived the service"
