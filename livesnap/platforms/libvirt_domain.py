@@ -4,6 +4,7 @@ Every ``libvirt.libvirtError`` is translated here into livesnap's errors (``from
 no-op error handler keeps libvirt from printing to stderr.
 """
 import logging
+import os
 import threading
 import time
 
@@ -14,6 +15,9 @@ log = logging.getLogger(__name__)
 
 _handler_registered = False
 _event_loop = None
+_event_loop_pid = None
+# how often a block job's state is read when no events arrive (a forked process)
+POLL_WITHOUT_EVENTS = 0.02
 
 
 def _libvirt():
@@ -27,10 +31,12 @@ def _libvirt():
 
 def _start_event_loop():
     """libvirt delivers domain events (block jobs) only to a registered event loop, which
-    must exist before the connection is opened."""
-    global _event_loop
+    must exist before the connection is opened. (Not in a process forked from one that
+    ran it: see ``events_delivered``.)"""
+    global _event_loop, _event_loop_pid
     if _event_loop is not None:
         return
+    _event_loop_pid = os.getpid()
     libvirt = _libvirt()
     libvirt.virEventRegisterDefaultImpl()
 
@@ -40,6 +46,13 @@ def _start_event_loop():
 
     _event_loop = threading.Thread(target=loop, name="libvirt-events", daemon=True)
     _event_loop.start()
+
+
+def events_delivered():
+    """Whether this process gets libvirt's events. A process forked from one whose event
+    loop ran does not: the loop's thread is not in it, and libvirt's loop (a GLib main
+    context, held by that thread) cannot be run by another."""
+    return _event_loop_pid is None or _event_loop_pid == os.getpid()
 
 
 def open_connection(uri=None):
@@ -305,6 +318,8 @@ class JobWatcher(object):
         of the job state says so (a safety net for events sent before we listened).
         Returns the status seen, or None on timeout."""
         deadline = time.monotonic() + timeout
+        if not events_delivered():
+            poll = min(poll, POLL_WITHOUT_EVENTS)
         with self.cond:
             while True:
                 for d, s in self.events:
