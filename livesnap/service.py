@@ -3,16 +3,18 @@ interpreter's start-up and the imports for each (as libvirtd spares virsh its ow
 
 It imports livesnap and libvirt's bindings once, listens on a Unix socket (mode 0600, in a
 0700 directory; or the socket systemd passes, ``LISTEN_FDS``), and for each request of
-``livesnap.cli.client`` forks one process that runs the command exactly as the client would
-have: the client's stdin/stdout/stderr (received with SCM_RIGHTS), argv, working directory
-and environment. The service reports the command's pid, then its exit status or the signal
-that ended it, to the client. Each command is its own process, so a command that crashes or
-is killed (``LIVESNAP_FAULT``) leaves the service as it was; the per-domain lock and the
+``livesnap.cli.client`` runs the command in one process of its own, exactly as the client
+would have: the client's stdin/stdout/stderr (received with SCM_RIGHTS), argv, working
+directory and environment. That process is forked ahead, while the service is idle (the
+spare), and handed the request. The service reports the command's pid to the client; the
+command answers its exit status itself once done, and the service reports the signal that
+ended a command that did not. Each command is its own process, so a command that crashes
+or is killed (``LIVESNAP_FAULT``) leaves the service as it was; the per-domain lock and the
 journal work as for any other livesnap process.
 
-The service never connects to libvirt itself: each command's process opens its own
-connection after the fork. It is single-threaded (a fork is safe: no other thread holds a
-lock), refuses peers of another user, and stops serving when livesnap's code on disk
+The service never connects to libvirt itself (libvirt's event loop would not survive the
+fork): each command's process opens its own connection. It is single-threaded (a fork is
+safe: no other thread holds a lock), refuses peers of another user, and stops serving when livesnap's code on disk
 changes (the client then runs the command itself) and exits as soon as its commands have
 ended, so that a restart (systemd's socket activation) picks up the new code.
 """
