@@ -65,7 +65,7 @@ def test_release_frees_in_a_detached_process_holding_no_inherited_descriptor(
     """The worker holds neither the domain lock nor the caller's pipes: only /dev/null on
     0-2 (it is stalled at its fault point while this test looks at it)."""
     monkeypatch.setattr(datapaths, "discards_on_free", lambda p: True)
-    monkeypatch.setenv("LIVESNAP_FAULT", "trash:emptying:0:sleep=1.5")
+    monkeypatch.setenv("LIVESNAP_FAULT", "trash:emptying:0:sleep=3")
     lock_path = str(tmp_path / "dom.lock")
     img = _big(tmp_path / "img.qcow2")
     r, w = os.pipe()
@@ -75,8 +75,21 @@ def test_release_frees_in_a_detached_process_holding_no_inherited_descriptor(
         hidden = trash.pending()[0]
         pid = trash.release()
     assert pid is not None and trash.pending() == []
-    fds = {n: os.readlink("/proc/%d/fd/%s" % (pid, n)) for n in os.listdir("/proc/%d/fd" % pid)}
-    assert fds == {"0": "/dev/null", "1": "/dev/null", "2": "/dev/null"}, fds
+    # while it starts, the interpreter has files of its own open for a moment (the loader's
+    # libc.so.6, a module's source): wait for it to settle; an inherited one would stay
+    want = {"0": "/dev/null", "1": "/dev/null", "2": "/dev/null"}
+    deadline = time.monotonic() + 2.5
+    while True:
+        fds = {}
+        for n in os.listdir("/proc/%d/fd" % pid):
+            try:
+                fds[n] = os.readlink("/proc/%d/fd/%s" % (pid, n))
+            except OSError:                         # closed meanwhile
+                pass
+        if fds == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert fds == want, fds
     assert os.getsid(pid) == pid                # its own session
     with DomainLock(lock_path, "dom"):          # the next command may lock the domain now
         assert os.path.exists(hidden)           # while the file is still being freed
