@@ -14,9 +14,10 @@ journal work as for any other livesnap process.
 
 The service never connects to libvirt itself (libvirt's event loop would not survive the
 fork): each command's process opens its own connection. It is single-threaded (a fork is
-safe: no other thread holds a lock), refuses peers of another user, and stops serving when livesnap's code on disk
-changes (the client then runs the command itself) and exits as soon as its commands have
-ended, so that a restart (systemd's socket activation) picks up the new code.
+safe: no other thread holds a lock), refuses peers of another user, and stops serving when
+livesnap's code on disk changes (the client then runs the command itself) and exits as soon
+as its commands have ended, so that a restart (systemd's socket activation) picks up the
+new code.
 """
 import array
 import fcntl
@@ -35,6 +36,9 @@ from livesnap.errors import ServiceSocket
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
+# spares that die unused (or cannot be forked) before the service stops making them and
+# forks each command's process on its request
+SPARE_FAILURES = 3
 REQUEST_TIMEOUT = 5.0
 
 # imported once, before any command: what a snapshot command imports
@@ -142,6 +146,7 @@ class Service(object):
         self.path = path
         self.children = {}            # pid -> the client's connection
         self.spare = None             # (pid, channel): a process forked ahead of a command
+        self.spare_failures = 0
         self.stale = None
         self.stamp = code_stamp()
         from livesnap.cli import main
@@ -171,7 +176,8 @@ class Service(object):
                     self._close_listener()         # new commands run in their own process
                 if self.sock is None and not self.children:
                     break
-                if self.sock is not None and self.spare is None:
+                if (self.sock is not None and self.spare is None
+                        and self.spare_failures < SPARE_FAILURES):
                     self._fork_spare()
                 for key, _ in sel.select():
                     if key.data == "signal":
@@ -263,12 +269,23 @@ class Service(object):
         """Fork the process the next command will run in, now rather than on its request
         (forking a process with libvirt and lxml loaded takes a few ms)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            ours.close()
+            theirs.close()
+            self._spare_failed("cannot fork a spare process: %s" % e)
+            return
         if pid == 0:
             ours.close()
             self._spare(theirs)                    # never returns
         theirs.close()
         self.spare = (pid, ours)
+
+    def _spare_failed(self, what):
+        self.spare_failures += 1
+        log.warning("%s%s", what, "" if self.spare_failures < SPARE_FAILURES else
+                    "; no more spares: each command's process is forked on its request")
 
     def _drop_spare(self):
         """The spare ends when its channel closes."""
@@ -283,11 +300,16 @@ class Service(object):
         if spare is None:
             return None
         pid, chan = spare
+        message = str(len(body)).encode() + b"\n" + body
         try:
             chan.settimeout(REQUEST_TIMEOUT)
-            chan.sendmsg([str(len(body)).encode() + b"\n" + body],
-                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                           struct.pack("%di" % (1 + len(fds)), conn.fileno(), *fds))])
+            sent = chan.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(
+                "%di" % (1 + len(fds)), conn.fileno(), *fds))])
+            if sent < len(message):
+                # only then: the spare closes its end once it has the whole request, and a
+                # send, even of nothing, to a closed end fails: that must not make the
+                # service fork the command a second time
+                chan.sendall(message[sent:])
         except OSError as e:
             log.warning("the spare process %d is gone (%s): forking", pid, e)
             return None
@@ -315,12 +337,22 @@ class Service(object):
                 body, fds = _receive(chan)
             finally:
                 chan.close()
-            if body is None or len(fds) != 4:
-                os._exit(0)
-            argv, cwd, environ = client.decode_request(body)
         except BaseException:
-            os._exit(0)
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fds[0])
+            os._exit(1)
+        if body is None:
+            os._exit(0)                            # never handed a command
+        try:
+            argv, cwd, environ = client.decode_request(body)
+            if len(fds) != 4:
+                raise ValueError("expected 4 descriptors, got %d" % len(fds))
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fds[0])
+        except BaseException as e:                 # the service checked it: not expected
+            if len(fds) == 4:
+                try:
+                    os.write(fds[3], ("livesnap: %s\n" % (e,)).encode("utf-8", "replace"))
+                except OSError:
+                    pass
+            os._exit(1)                            # the caller is told "exit 1"
         self._child(conn, fds[1:], argv, cwd, environ)     # never returns
 
     def _reply(self, conn, line):
@@ -339,7 +371,8 @@ class Service(object):
             if pid == 0:
                 return
             if self.spare is not None and self.spare[0] == pid:
-                self._drop_spare()                 # a spare that died: the next is forked
+                self._drop_spare()                 # a spare that died unused
+                self._spare_failed("the spare process %d died (status %d)" % (pid, status))
             conn = self.children.pop(pid, None)
             if conn is None:
                 continue

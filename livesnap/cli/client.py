@@ -114,7 +114,9 @@ def via_service(argv, path):
             old[signo] = signal.signal(signo, forward)
         fds = struct.pack("3i", 0, 1, 2)
         try:
-            sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            sent = sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            if sent < len(request):
+                sock.sendall(request[sent:])       # what did not fit in one message
         except OSError:
             return None
         lines = _lines(sock)

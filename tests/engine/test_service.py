@@ -381,3 +381,21 @@ def test_the_next_command_runs_in_a_process_forked_ahead(service):
         time.sleep(0.01)
     else:
         assert not os.path.exists("/proc/%d" % last), "the spare outlived the service"
+
+
+def test_a_request_larger_than_a_socket_buffer_arrives_whole(service):
+    """An environment of ~360 KiB (more than one message over a Unix socket carries) reaches
+    the command whole: the last variable, the state directory, still counts."""
+    svc, dom = service
+    ls(dom, svc.sock, "snapshot-create", dom.name, "s1")
+    env = dict(dom.env(), LIVESNAP_SERVICE=svc.sock)
+    big = {"LIVESNAP_TEST_PAD%d" % i: "x" * (120 * 1024) for i in range(3)}
+    state = env.pop("LIVESNAP_STATE_DIR")
+    env.update(big)
+    env["LIVESNAP_STATE_DIR"] = state                # after the padding
+    p = subprocess.run([sys.executable, "-m", "livesnap", "snapshot-list", dom.name, "--json"],
+                       env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert [s["name"] for s in json.loads(p.stdout)["snapshots"]] == ["s1"]
+    assert len(svc.commands()) == 0 and svc.proc.poll() is None
