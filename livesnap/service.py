@@ -147,6 +147,7 @@ class Service(object):
         self.children = {}            # pid -> the client's connection
         self.spare = None             # (pid, channel): a process forked ahead of a command
         self.spare_failures = 0
+        self.left = False             # in a process forked from it: see _leave_service
         self.stale = None
         self.stamp = code_stamp()
         from livesnap.cli import main
@@ -300,7 +301,7 @@ class Service(object):
         if spare is None:
             return None
         pid, chan = spare
-        message = str(len(body)).encode() + b"\n" + body
+        message = client.framed(body)
         try:
             chan.settimeout(REQUEST_TIMEOUT)
             sent = chan.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(
@@ -322,17 +323,10 @@ class Service(object):
         would have in a process forked for it. Ends when the service closes the channel
         (it stops, its code changed, it died)."""
         try:
-            signal.set_wakeup_fd(-1)
-            for signo in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-                signal.signal(signo, signal.SIG_DFL)
-            # nothing of the service's while waiting: not its listener (a caller would wait
-            # on a dead service's socket), not the running commands' connections; the
-            # objects are closed (a later close() of theirs would hit a reused number)
-            self.sel.close()
-            self.sock.close()
-            for other in self.children.values():
-                other.close()
-            _close_from(3, keep=chan.fileno())     # the signal pipe
+            # not the service's listener while waiting (a caller would wait on a dead
+            # service's socket), nor its signal pipe
+            self._leave_service()
+            _close_from(3, keep=chan.fileno())
             try:
                 body, fds = _receive(chan)
             finally:
@@ -384,22 +378,33 @@ class Service(object):
 
     # -- one command ------------------------------------------------------------------------
 
+    def _leave_service(self):
+        """In a process forked from the service (a spare, a command): the signals as a
+        program's, and nothing of the service's open: its listener, selector, the running
+        commands' connections. The objects are closed, not only their descriptors (a later
+        close() of theirs would hit a reused number). Once per process: a spare leaves
+        before it waits, then runs its command."""
+        if self.left:
+            return
+        self.left = True
+        signal.set_wakeup_fd(-1)
+        for signo in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(signo, signal.SIG_DFL)
+        self.sel.close()
+        self.sock.close()
+        for other in self.children.values():
+            other.close()
+
     def _child(self, conn, fds, argv, cwd, environ):
         rc = 1
         report = None
         try:
-            signal.set_wakeup_fd(-1)
-            for signo in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(signo, signal.SIG_DFL)
+            self._leave_service()
             signal.signal(signal.SIGINT, signal.default_int_handler)   # as in any program
             # the caller's connection, above the received descriptors and 0-2, not inherited
             # by what the command runs: the command answers "exit N" on it itself
             report = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, max(fds + [2]) + 1)
-            self.sel.close()
-            self.sock.close()
             conn.close()
-            for other in self.children.values():
-                other.close()
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
             _close_from(3, keep=report)            # the received fds, the selector's pipe

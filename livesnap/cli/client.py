@@ -41,7 +41,12 @@ def encode_request(argv, cwd, environ):
     fields = [MAGIC, os.fsencode(cwd), str(len(argv)).encode()]
     fields += [os.fsencode(a) for a in argv]
     fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in environ.items()]
-    body = b"\0".join(fields)
+    return framed(b"\0".join(fields))
+
+
+def framed(body):
+    """A request body as it travels on a socket: its length, a newline, the body (what
+    ``livesnap.service`` reads back)."""
     return str(len(body)).encode() + b"\n" + body
 
 
