@@ -312,7 +312,7 @@ class Service(object):
                 # service fork the command a second time
                 chan.sendall(message[sent:])
         except OSError as e:
-            log.warning("the spare process %d is gone (%s): forking", pid, e)
+            self._spare_failed("the spare process %d is gone (%s): forking" % (pid, e))
             return None
         finally:
             chan.close()
@@ -357,7 +357,8 @@ class Service(object):
             pass                                   # the client is gone
 
     def _reap(self):
-        while self.children:
+        """Every ended child: a command (its caller is answered) or a spare."""
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
