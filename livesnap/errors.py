@@ -18,6 +18,8 @@ Tree::
      |    +-- ServiceSocket       the service's socket is taken or cannot be made
      |    +-- WrongState          domain running/stopped where the datapath needs the other
      |    +-- InterruptedOperation  an unfinished operation needs ``livesnap recover``
+     |    +-- ImageInUse          an image livesnap would change has another user
+     |    +-- ImageShared         one image twice in one domain's chains
      +-- Interrupted              SIGINT/SIGTERM stopped an operation between two steps
      +-- BadImage                 corrupt header, missing backing file, cycle, wrong parent
      |    +-- ChainTooDeep
@@ -114,6 +116,26 @@ class InterruptedOperation(Conflict):
     fields = ("domain", "op_id", "op")
     msg = ("domain '{self.domain}' has an interrupted operation #{self.op_id} ({self.op}); "
            "run 'livesnap recover {self.domain}' first")
+
+
+class ImageInUse(Conflict):
+    fields = ("path", "users", "reason")
+    msg = "image {self.path} is also used by {self.users_text}: {self.reason}"
+
+    @property
+    def users_text(self):
+        return ", ".join(self.users)
+
+
+class ImageShared(Conflict):
+    fields = ("domain", "path", "disks")
+    msg = ("domain '{self.domain}' uses the image {self.path} in more than one disk's chain "
+           "({self.disks_text}); livesnap refuses to work on it: a merge or delete for one disk "
+           "would change or remove what the other reads")
+
+    @property
+    def disks_text(self):
+        return ", ".join(self.disks)
 
 
 class Interrupted(Error):

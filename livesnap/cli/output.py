@@ -35,7 +35,13 @@ def text_delete(r):
     lines = ["snapshot %s %s%s" % (r["snapshot"], verb, _pause(r))]
     if r.get("reclaimed"):
         lines.append("reclaimed: " + ", ".join(r["reclaimed"]))
+    lines += _in_use(r)
     return lines
+
+
+def _in_use(r):
+    return ["kept %s: also used by %s" % (k["image"], ", ".join(k["users"]))
+            for k in r.get("in_use") or []]
 
 
 def text_revert(r):
@@ -46,6 +52,7 @@ def text_revert(r):
         lines.append("the previous state is kept as snapshot %s" % r["kept"])
     if r.get("reclaimed"):
         lines.append("reclaimed: " + ", ".join(r["reclaimed"]))
+    lines += _in_use(r)
     return lines
 
 
@@ -109,7 +116,8 @@ def text_recover(r):
 
 
 def text_check(r):
+    notes = ["  note: " + n for n in r.get("notes") or []]
     if r["ok"]:
-        return ["%s: catalog and images agree" % r["domain"]]
+        return ["%s: catalog and images agree" % r["domain"]] + notes
     return ["%s: %d problem(s)" % (r["domain"], len(r["problems"]))] + \
-           ["  " + p for p in r["problems"]]
+           ["  " + p for p in r["problems"]] + notes

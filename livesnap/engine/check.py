@@ -90,6 +90,8 @@ def check(engine, s):
                      if n.id not in opaque and os.path.exists(n.path) for p in vhd.check(n.path)]
     if s.domain.kind == "libvirt":
         problems += _check_libvirt_metadata(s, tree)
+    sharing, notes = _sharing(engine, s, tree)
+    problems += sharing
     known = {n.path for n in tree.nodes.values()}
     for directory, prefix, suffix in sorted(_own_file_patterns(s.domain, tree)):
         for entry in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
@@ -97,8 +99,36 @@ def check(engine, s):
             if entry.startswith(prefix) and entry.endswith(suffix) and path not in known:
                 problems.append("image %s looks like livesnap's but the catalog does not "
                                 "know it" % path)
+    in_use = set(engine._users(s, tree)) if tree.reclaimable() else set()
     return {"domain": s.domain.name, "ok": not problems, "problems": problems,
-            "reclaimable": [tree.nodes[n].snapshot for n in tree.reclaimable()]}
+            "notes": notes,
+            "reclaimable": [tree.nodes[n].snapshot for n in tree.reclaimable()
+                            if tree.nodes[n].path not in in_use]}
+
+
+def _sharing(engine, s, tree):
+    """(problems, notes) about images with another user: one image in two disks' chains
+    of the domain, or an image the domain writes that something else reads, is a problem;
+    a frozen image something else reads is a note (livesnap keeps it while it is read)."""
+    from livesnap.engine import users
+    from livesnap.model.tree import ACTIVE
+    problems = [str(e) for e in (users.ImageShared(s.domain.name, path, disks)
+                                 for path, disks in users.shared_within(tree))]
+    notes = []
+    found = engine._users(s, tree)
+    for n in sorted(tree.nodes.values(), key=lambda n: n.path):
+        who = found.get(n.path)
+        if not who:
+            continue
+        if n.state == ACTIVE:
+            problems.append("image %s, which disk %s of '%s' writes, is also read by %s"
+                            % (n.path, n.disk, s.domain.name, ", ".join(who)))
+        else:
+            what = ("snapshot %s" % n.snapshot) if n.snapshot else n.state
+            notes.append("image %s (%s, disk %s) is also used by %s: livesnap never merges "
+                         "into it or deletes it while it is" % (n.path, what, n.disk,
+                                                               ", ".join(who)))
+    return problems, notes
 
 
 def _check_libvirt_metadata(session, tree):

@@ -16,7 +16,7 @@ from livesnap.catalog import Catalog
 from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths import trash
 from livesnap.datapaths.offline import OfflineDatapath
-from livesnap.engine import adopt, check, faults
+from livesnap.engine import adopt, check, faults, users
 from livesnap.engine.names import check_snapshot_name
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
                              PathOutsideStorage, UsageError, WrongState)
@@ -100,6 +100,7 @@ class Engine(object):
         cat, domain = session.catalog, session.domain
         if cat.is_empty():
             tree = self._adopt(domain)
+            users.refuse_shared(domain, tree)       # before the catalog keeps it
             cat.save_tree(tree)
             if tree.snapshots:
                 self._sync_metadata(session, tree)
@@ -124,6 +125,7 @@ class Engine(object):
             raise problem
         for problem in tree.validate():
             raise BadImage(self.state_dir, "catalog is inconsistent: %s" % problem)
+        users.refuse_shared(domain, tree)
 
     # -- preflight ---------------------------------------------------------------------------
 
@@ -155,7 +157,11 @@ class Engine(object):
             if amount > available:
                 raise NoSpace(directory, amount, available)
 
-    def _planner(self, session, datapath=None):
+    def _users(self, session, tree):
+        """{image path: [user, ...]} of the tree's images something else reads."""
+        return users.find(session.domain, tree, self.storage_dirs)
+
+    def _planner(self, session, datapath=None, users=None):
         if session.domain.kind == "xen":
             from livesnap.datapaths.vhd_files import TapdiskNamer
             namer = TapdiskNamer(getattr(session.domain, "image_names", "name"))
@@ -163,7 +169,8 @@ class Engine(object):
             namer = LibvirtNamer(session.domain.name)
         return P.Planner(session.domain.name, namer, max_depth=self.max_depth,
                          merge_ops=getattr(datapath, "merge_ops", None),
-                         needs_internal=getattr(datapath, "needs_internal", None))
+                         needs_internal=getattr(datapath, "needs_internal", None),
+                         users=users)
 
     def _sync_metadata(self, session, tree):
         """Keep libvirt's snapshot list (XAPI: its VDI records) in step; a failure here does
@@ -268,7 +275,9 @@ class Engine(object):
             if self.quiesce:
                 self._check_quiesce(s.domain)
             tree = self.load(s, datapath=datapath)
-            plan = self._planner(s, datapath).create(tree, name, now_iso(), description, disks)
+            found = self._users(s, tree) if tree.reclaimable() else None
+            plan = self._planner(s, datapath, found).create(tree, name, now_iso(), description,
+                                                            disks)
             if self.quiesce:
                 plan.steps[0]["quiesce"] = True    # recover then knows to thaw
             result = self._run(s, datapath, plan, dry_run)
@@ -292,7 +301,7 @@ class Engine(object):
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
-            plan = self._planner(s, datapath).delete(tree, name)
+            plan = self._planner(s, datapath, self._users(s, tree)).delete(tree, name)
             return self._run(s, datapath, plan, dry_run)
 
     def revert(self, domain, name, keep_current=None, dry_run=False):
@@ -309,7 +318,8 @@ class Engine(object):
                                                                            s.domain.name))
             datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
-            plan = self._planner(s, datapath).revert(tree, name, now_iso(), keep_current)
+            plan = self._planner(s, datapath, self._users(s, tree)).revert(
+                tree, name, now_iso(), keep_current)
             return self._run(s, datapath, plan, dry_run)
 
     def reclaim(self, domain, dry_run=False):
@@ -318,7 +328,7 @@ class Engine(object):
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
-            plan = self._planner(s, datapath).reclaim(tree)
+            plan = self._planner(s, datapath, self._users(s, tree)).reclaim(tree)
             if not plan.steps:
                 return dict(plan.result, pause_ms=None)
             return self._run(s, datapath, plan, dry_run)

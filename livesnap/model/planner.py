@@ -25,6 +25,12 @@ Steps:
                      images, so a merge that involves the active leaf first moves its data
                      into a frozen image this way (a pause of milliseconds).
 
+Images with other users: ``users`` ({image path: [user, ...]}, found by the caller) names the
+images something outside the tree reads (another domain's disk, an image backing onto
+them). Such an image is never written or deleted: a node whose removal or merge would touch
+one is hidden instead (kept, deleted logically) and is not reclaimed while the user is
+there; a revert that would delete such an active leaf is refused.
+
 Deferred reclaim: an unnamed hidden node whose only child is the active leaf is left as it is
 on a datapath that needs an internal snapshot to merge with the active leaf (merging it would
 only make another such node); it is reclaimed as soon as its child is frozen by the next
@@ -32,7 +38,7 @@ snapshot, or offline.
 
 The planner is pure: new node ids and image paths come from functions the caller passes.
 """
-from livesnap.errors import ChainTooDeep, DuplicateName, SnapshotNotFound, UsageError
+from livesnap.errors import ChainTooDeep, DuplicateName, ImageInUse, SnapshotNotFound, UsageError
 from livesnap.model.tree import ACTIVE, HIDDEN, SNAPSHOT, Node, Snapshot
 
 DEFAULT_MAX_DEPTH = 30
@@ -132,7 +138,7 @@ class Planner(object):
     """
 
     def __init__(self, domain, namer, new_id=new_node_id, max_depth=DEFAULT_MAX_DEPTH,
-                 merge_ops=None, needs_internal=None):
+                 merge_ops=None, needs_internal=None, users=None):
         self.domain = domain
         self.namer = namer
         self.new_id = new_id
@@ -142,6 +148,9 @@ class Planner(object):
         # needs_internal(tree, child) -> True when a merge with ``child`` (the active leaf)
         # needs an internal snapshot first
         self.needs_internal = needs_internal
+        # {image path: [user, ...]}: images something outside the tree reads
+        self.users = users or {}
+        self.in_use = []            # [{"image", "users"}] kept for their users, this plan
 
     def _add(self, tree, steps, step):
         apply(tree, step)
@@ -203,11 +212,17 @@ class Planner(object):
         else:
             action = "deleted"
         return Plan("delete", self.domain, steps,
-                    {"snapshot": name, "action": action, "reclaimed": reclaimed})
+                    {"snapshot": name, "action": action, "reclaimed": reclaimed,
+                     "in_use": self.in_use})
 
     def _drop_node(self, work, steps, nid):
         """Plan the removal of one snapshot or hidden node by the child rule."""
         kids = work.children(nid)
+        if self._in_use(work, nid):
+            if work.nodes[nid].state != HIDDEN:
+                self._add(work, steps, {"op": "hide", "node": nid, "disk": work.nodes[nid].disk,
+                                        "path": work.nodes[nid].path})
+            return "hidden"
         if not kids:
             self._add(work, steps, self._remove_step(work, nid))
             return "deleted"
@@ -218,6 +233,20 @@ class Planner(object):
             self._add(work, steps, {"op": "hide", "node": nid, "disk": work.nodes[nid].disk,
                                     "path": work.nodes[nid].path})
         return "hidden"
+
+    def _in_use(self, work, nid):
+        """The other users of the images a removal or merge of ``nid`` would write or delete
+        (its own, and its only child's: commit deletes the child's image, pull writes it),
+        noted in ``self.in_use``; [] when there are none."""
+        kids = work.children(nid)
+        found = []
+        for i in [nid] + (kids if len(kids) == 1 else []):
+            path = work.nodes[i].path
+            if self.users.get(path):
+                found.append(path)
+                if all(k["image"] != path for k in self.in_use):
+                    self.in_use.append({"image": path, "users": list(self.users[path])})
+        return found
 
     def _remove_step(self, work, nid):
         n = work.nodes[nid]
@@ -274,7 +303,8 @@ class Planner(object):
         """
         reclaimed = []
         while True:
-            todo = [n for n in work.reclaimable() if not self._deferred(work, n)]
+            todo = [n for n in work.reclaimable()
+                    if not self._deferred(work, n) and not self._in_use(work, n)]
             if not todo:
                 return reclaimed
             nid = todo[0]
@@ -290,7 +320,7 @@ class Planner(object):
         work = tree.copy()
         steps = []
         reclaimed = self._cascade(work, steps)
-        return Plan("reclaim", self.domain, steps, {"reclaimed": reclaimed})
+        return Plan("reclaim", self.domain, steps, {"reclaimed": reclaimed, "in_use": self.in_use})
 
     # revert ------------------------------------------------------------------------------
 
@@ -316,6 +346,10 @@ class Planner(object):
                             "created": created, "description": "kept by revert to %s" % name,
                             "path": work.nodes[old].path, "kept_path": paths.get("kept")}
             else:
+                old_path = work.nodes[old].path
+                if self.users.get(old_path):
+                    raise ImageInUse(old_path, list(self.users[old_path]),
+                                     "a revert without --keep-current would delete it")
                 old_step = self._remove_step(work, old)
             if paths["leaf"] == work.nodes[old].path:
                 # the datapath keeps the disk's path: the old leaf makes room first
@@ -326,7 +360,8 @@ class Planner(object):
                 self._add(work, steps, old_step)
         reclaimed = self._cascade(work, steps)
         return Plan("revert", self.domain, steps,
-                    {"snapshot": name, "kept": keep_current, "reclaimed": reclaimed})
+                    {"snapshot": name, "kept": keep_current, "reclaimed": reclaimed,
+                     "in_use": self.in_use})
 
 
 def plan_summary(plan):

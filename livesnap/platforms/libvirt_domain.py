@@ -140,6 +140,29 @@ class Domain(object):
     def disks(self, inactive=False):
         return domain_xml.disks(domain_xml.parse(self.xml(inactive=inactive)))
 
+    def other_domains_xml(self):
+        """[(name, [xml, ...])] of every other domain on the connection, running or not,
+        persistent or transient: a running persistent one's live and next-boot XML (their
+        disks may differ). A domain gone meanwhile is left out."""
+        libvirt = _libvirt()
+        try:
+            doms = self.conn.listAllDomains(0)
+        except libvirt.libvirtError as e:
+            raise DatapathError(reason="cannot list the domains of the connection: %s"
+                                % e.get_error_message())
+        out = []
+        for d in doms:
+            try:
+                if d.UUIDString() == self.uuid:
+                    continue
+                xmls = [d.XMLDesc(0)]
+                if d.isActive() and d.isPersistent():
+                    xmls.append(d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                out.append((d.name(), xmls))
+            except libvirt.libvirtError:
+                continue
+        return out
+
     def set_disk_sources(self, sources):
         """Rewrite the persistent definition so the disks in ``sources`` ({target: (path, fmt)})
         use those images; one defineXML, so all disks change at once."""

@@ -87,6 +87,9 @@ class XenLibvirtDomain(XenDomainBase):
             out.append(d._replace(path=os.path.abspath(d.path)) if d.path else d)
         return out
 
+    def other_domains_xml(self):
+        return self.libvirt_domain.other_domains_xml()
+
 
 def is_xen_domain(disks):
     """A domain whose disks are VHD images is served by tapdisk: a Xen domain."""
