@@ -90,7 +90,8 @@ def check(engine, s):
                      if n.id not in opaque and os.path.exists(n.path) for p in vhd.check(n.path)]
     if s.domain.kind == "libvirt":
         problems += _check_libvirt_metadata(s, tree)
-    sharing, notes = _sharing(engine, s, tree)
+    found = engine._users(s, tree)
+    sharing, notes = _sharing(s, tree, found)
     problems += sharing
     known = {n.path for n in tree.nodes.values()}
     for directory, prefix, suffix in sorted(_own_file_patterns(s.domain, tree)):
@@ -99,14 +100,13 @@ def check(engine, s):
             if entry.startswith(prefix) and entry.endswith(suffix) and path not in known:
                 problems.append("image %s looks like livesnap's but the catalog does not "
                                 "know it" % path)
-    in_use = set(engine._users(s, tree)) if tree.reclaimable() else set()
     return {"domain": s.domain.name, "ok": not problems, "problems": problems,
             "notes": notes,
             "reclaimable": [tree.nodes[n].snapshot for n in tree.reclaimable()
-                            if tree.nodes[n].path not in in_use]}
+                            if tree.nodes[n].path not in found]}
 
 
-def _sharing(engine, s, tree):
+def _sharing(s, tree, found):
     """(problems, notes) about images with another user: one image in two disks' chains
     of the domain, or an image the domain writes that something else reads, is a problem;
     a frozen image something else reads is a note (livesnap keeps it while it is read)."""
@@ -115,7 +115,6 @@ def _sharing(engine, s, tree):
     problems = [str(e) for e in (users.ImageShared(s.domain.name, path, disks)
                                  for path, disks in users.shared_within(tree))]
     notes = []
-    found = engine._users(s, tree)
     for n in sorted(tree.nodes.values(), key=lambda n: n.path):
         who = found.get(n.path)
         if not who:

@@ -292,3 +292,23 @@ def test_two_disks_on_one_template_are_accepted(tmp_path, domains):
     a.json("snapshot-delete", a.name, "s1")
     assert sha(base) == before
     assert a.json("check", a.name)["ok"]
+
+
+def test_another_disk_of_the_same_domain_that_livesnap_does_not_manage(golden):
+    """A read-only disk of A itself (not snapshottable, not in the catalog) backs onto the
+    snapshot's image."""
+    from lxml import etree
+    a, gold, img = golden
+    clone = linked_clone(str(img / "ro.qcow2"), gold)
+    root = etree.fromstring(a.dom.XMLDesc(2))
+    disk = etree.fromstring("<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+                            "<source file='%s'/><target dev='vdb' bus='virtio'/><readonly/>"
+                            "</disk>" % clone)
+    root.find("devices").append(disk)
+    a.dom = a.conn.defineXML(etree.tostring(root, encoding="unicode"))
+    before = sha(gold)
+    r = a.json("snapshot-delete", a.name, "golden")
+    assert r["action"] == "hidden"
+    assert any("disk vdb" in u and a.name in u for u in r["in_use"][0]["users"]), r
+    assert sha(gold) == before and reads(clone, 0x11, 0, 8 << 20)
+    assert a_reads_its_own(a)
