@@ -218,10 +218,13 @@ class Planner(object):
     def _drop_node(self, work, steps, nid):
         """Plan the removal of one snapshot or hidden node by the child rule."""
         kids = work.children(nid)
-        if self._in_use(work, nid):
+        used = self._in_use(work, nid)
+        if used:
             if work.nodes[nid].state != HIDDEN:
+                users = [u for p in used for u in self.users[p]]
                 self._add(work, steps, {"op": "hide", "node": nid, "disk": work.nodes[nid].disk,
-                                        "path": work.nodes[nid].path})
+                                        "path": work.nodes[nid].path,
+                                        "users": sorted(set(users))})
             return "hidden"
         if not kids:
             self._add(work, steps, self._remove_step(work, nid))
@@ -379,6 +382,9 @@ def plan_summary(plan):
                             s["child_path"], s["bytes"]))
         elif op == "remove":
             lines.append("remove %s: delete %s (%s)" % (s["disk"], s["node"][:8], s["path"]))
+        elif op == "hide" and s.get("users"):
+            lines.append("hide %s: %s (%s) is kept: also used by %s"
+                         % (s["disk"], s["node"][:8], s["path"], ", ".join(s["users"])))
         elif op == "hide":
             lines.append("hide %s: %s (%s) keeps its children" % (s["disk"], s["node"][:8],
                                                                    s["path"]))

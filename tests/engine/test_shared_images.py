@@ -114,6 +114,10 @@ def test_golden_image_issue_example_text(golden, domains):
     a, gold, img = golden
     b_img = linked_clone(str(img / "b.qcow2"), gold)
     domains([("vda", b_img)], img)
+    before = sha(gold)
+    plan = a.cli("snapshot-delete", a.name, "golden", "--dry-run").stdout
+    assert "is kept: also used by domain" in plan, plan
+    assert sha(gold) == before
     out = a.cli("snapshot-delete", a.name, "golden").stdout
     assert "kept %s: also used by domain" % gold in out, out
     assert reads(b_img, 0x11, 0, 1 << 20)
