@@ -316,3 +316,19 @@ def test_another_disk_of_the_same_domain_that_livesnap_does_not_manage(golden):
     assert any("disk vdb" in u and a.name in u for u in r["in_use"][0]["users"]), r
     assert sha(gold) == before and reads(clone, 0x11, 0, 8 << 20)
     assert a_reads_its_own(a)
+
+
+def test_golden_image_while_the_domain_runs(golden, domains):
+    """The same on the live datapath (block jobs in A's QEMU): nothing is committed into
+    the image B's clone reads."""
+    a, gold, img = golden
+    b_img = linked_clone(str(img / "b.qcow2"), gold)
+    b = domains([("vda", b_img)], img)
+    a.dom.create()
+    before = sha(gold)
+    r = a.json("snapshot-delete", a.name, "golden")
+    assert r["datapath"] == "libvirt-live" and r["action"] == "hidden", r
+    assert any(b.name in u for u in r["in_use"][0]["users"]), r
+    assert sha(gold) == before and reads(b_img, 0x11, 0, 8 << 20)
+    a.dom.destroy()
+    assert a_reads_its_own(a)
