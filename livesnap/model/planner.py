@@ -340,6 +340,7 @@ class Planner(object):
             old = work.active[d]
             base = work.nodes[targets[d]]
             paths = self.namer(work, d, "revert", name, keep=keep_current)
+            self._refuse_used_leaf(work.nodes[old], keep_current, paths.get("kept"))
             new_leaf = {"op": "new_leaf", "disk": d, "parent": base.id,
                         "parent_path": base.path, "parent_fmt": base.fmt,
                         "leaf": self.new_id(), "leaf_path": paths["leaf"],
@@ -349,10 +350,6 @@ class Planner(object):
                             "created": created, "description": "kept by revert to %s" % name,
                             "path": work.nodes[old].path, "kept_path": paths.get("kept")}
             else:
-                old_path = work.nodes[old].path
-                if self.users.get(old_path):
-                    raise ImageInUse(old_path, list(self.users[old_path]),
-                                     "a revert without --keep-current would delete it")
                 old_step = self._remove_step(work, old)
             if paths["leaf"] == work.nodes[old].path:
                 # the datapath keeps the disk's path: the old leaf makes room first
@@ -365,6 +362,19 @@ class Planner(object):
         return Plan("revert", self.domain, steps,
                     {"snapshot": name, "kept": keep_current, "reclaimed": reclaimed,
                      "in_use": self.in_use})
+
+
+    def _refuse_used_leaf(self, leaf, keep_current, kept_path):
+        """A revert deletes the old active leaf, or (on a datapath that keeps leaves at
+        fixed paths) moves it: refused when something else reads it."""
+        who = self.users.get(leaf.path)
+        if not who:
+            return
+        if keep_current is None:
+            raise ImageInUse(leaf.path, list(who), "a revert without --keep-current would "
+                                                   "delete it")
+        if kept_path and kept_path != leaf.path:
+            raise ImageInUse(leaf.path, list(who), "a revert would move it to %s" % kept_path)
 
 
 def plan_summary(plan):

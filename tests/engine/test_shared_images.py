@@ -254,6 +254,10 @@ def test_revert_would_delete_a_leaf_another_domain_reads(golden, domains):
     proc = a.cli("snapshot-revert", a.name, "golden", expect=1)
     assert proc.stderr.startswith("error: ") and c.name in proc.stderr and leaf in proc.stderr
     assert a.fingerprint() == before
+    # keeping the current state keeps the leaf where it is: allowed
+    leaf_sum = sha(leaf)
+    a.json("snapshot-revert", a.name, "golden", "--keep-current", "mine")
+    assert sha(leaf) == leaf_sum and reads(c.sources()["vda"], 0x22, 0, 1 << 20)
 
 
 @pytest.mark.parametrize("how", ["same-path", "hardlink", "symlink", "overlay"])
