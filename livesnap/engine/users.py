@@ -3,8 +3,9 @@
 livesnap's catalog knows the children it made. Other users it finds before it plans a
 merge or a removal: the disks and backing chains of every other domain on the connection
 (running or not), the domain's own disks that livesnap does not manage, and every image in
-the storage directories (those of the tree's images and ``--storage-dir``) whose backing
-chain, read from its header alone, reaches one of the tree's images.
+the storage directories (those of the tree's images and ``--storage-dir``; for an LVHD
+volume group its active LVs) whose backing chain, read from its header alone, reaches one
+of the tree's images.
 
 An image one of them reads is never written or deleted: the planner keeps its node (hidden)
 instead. One image twice in one domain's chains (the same file, a hard link, a symlink) is
@@ -143,8 +144,6 @@ def _directory_chains(tree, storage_dirs, seen, ours):
     dirs = {os.path.dirname(n.path) for n in tree.nodes.values()}
     dirs.update(storage_dirs or ())
     for directory in sorted(dirs):
-        if directory.startswith("/dev/"):
-            continue                    # LVs: inactive ones cannot be read (not scanned)
         try:
             entries = sorted(os.listdir(directory))
         except OSError:
@@ -157,7 +156,9 @@ def _directory_chains(tree, storage_dirs, seen, ours):
                 st = os.stat(path)
             except OSError:
                 continue
-            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+            # files, and the LVs of a volume group (/dev/<vg>: only active ones are there)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)) or \
+                    (st.st_dev, st.st_ino) in seen:
                 continue
             parent = _backing_of(path)
             if parent is None:
