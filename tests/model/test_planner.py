@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from livesnap.errors import ChainTooDeep, DuplicateName, SnapshotNotFound, UsageError
+from livesnap.errors import (ChainTooDeep, DuplicateName, ImageInUse, SnapshotNotFound,
+                             UsageError)
 from livesnap.model import planner as P
 from livesnap.model.tree import ACTIVE, BASE, HIDDEN, SNAPSHOT, Node, Tree
 
@@ -309,3 +310,98 @@ def test_tapdisk_merges_with_the_active_leaf_through_an_internal_snapshot():
     assert [s["op"] for s in plan.steps][:2] == ["keep_leaf", "new_leaf"]
     sim.execute(plan)
     assert sim.tree.nodes[sim.tree.active["vda"]].path == leaf_path
+
+
+def users_of(sim, targets):
+    """{path: [user]} as the engine finds them: each clone reads its image and all below."""
+    by_path = {n.path: n.id for n in sim.tree.nodes.values()}
+    out = {}
+    for i, target in enumerate(targets):
+        for nid in sim.tree.chain(by_path[target]):
+            out.setdefault(sim.tree.nodes[nid].path, []).append("clone%d" % i)
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops, st.lists(st.integers(0, 1000), max_size=8), st.booleans(),
+       st.sampled_from(["libvirt", "tapdisk"]))
+def test_images_other_users_read_are_never_written_or_deleted(seq, clones, with_base, policy):
+    """Images outside the tree (clones) back onto frozen images as the sequence goes: no
+    step ever writes or deletes what a clone reads, and the snapshots stay intact."""
+    sim = Sim(with_base=with_base, policy=policy)
+    snaps, targets, frozen = {}, [], {}
+    live = {d: sim.read(sim.tree.active[d]) for d in DISKS}
+    clones = list(clones)
+    n = 0
+    for kind, pick, block in seq:
+        n += 1
+        names = sorted(snaps)
+        candidates = sorted(x.path for x in sim.tree.nodes.values() if x.state != ACTIVE)
+        if clones and candidates and pick % 4 == 0:
+            target = candidates[clones.pop() % len(candidates)]
+            targets.append(target)
+            by_path = {x.path: x.id for x in sim.tree.nodes.values()}
+            for nid in sim.tree.chain(by_path[target]):
+                p = sim.tree.nodes[nid].path
+                frozen[p] = dict(sim.data[p])
+        sim.planner.users = users_of(sim, targets)
+        sim.planner.in_use = []
+        if kind == "write":
+            d = DISKS[pick % 2]
+            sim.write(d, block, "w%d" % n)
+            live[d] = sim.read(sim.tree.active[d])
+        elif kind == "create":
+            name = "s%d" % n
+            sim.execute(sim.planner.create(sim.tree, name, n))
+            snaps[name] = {d: dict(live[d]) for d in DISKS}
+        elif kind == "delete" and names:
+            name = names[pick % len(names)]
+            plan = sim.planner.delete(sim.tree, name)
+            sim.execute(plan)
+            del snaps[name]
+        elif kind in ("revert", "revert_keep") and names:
+            name = names[pick % len(names)]
+            keep = "k%d" % n if kind == "revert_keep" else None
+            sim.execute(sim.planner.revert(sim.tree, name, n, keep_current=keep))
+            if keep:
+                snaps[keep] = {d: dict(live[d]) for d in snaps[name]}
+            for d in snaps[name]:
+                live[d] = dict(snaps[name][d])
+        for p, content in frozen.items():
+            assert sim.data.get(p) == content, p
+        for name, disks in snaps.items():
+            nodes = sim.tree.snapshot_nodes(name)
+            for d, content in disks.items():
+                assert sim.read(nodes[d]) == content, (name, d)
+        for d, content in live.items():
+            assert sim.read(sim.tree.active[d]) == content
+        assert set(sim.data) == {x.path for x in sim.tree.nodes.values()}
+    # once the clones are gone, everything kept for them is reclaimed
+    sim.planner.users = {}
+    for name in sorted(snaps):
+        sim.execute(sim.planner.delete(sim.tree, name))
+    sim.execute(sim.planner.reclaim(sim.tree))
+    assert all(x.state in (ACTIVE, BASE) or (x.state == HIDDEN and x.snapshot is None)
+               for x in sim.tree.nodes.values())
+
+
+def test_a_used_image_is_kept_and_says_by_whom():
+    sim = Sim(with_base=False)
+    sim.write("vda", 0, "a")
+    sim.execute(sim.planner.create(sim.tree, "golden", 1))
+    gold = sim.tree.nodes[sim.tree.snapshot_nodes("golden")["vda"]].path
+    sim.planner.users = {gold: ["domain 'b' disk vda"]}
+    plan = sim.planner.delete(sim.tree, "golden")
+    assert plan.result["action"] == "hidden"
+    assert plan.result["in_use"] == [{"image": gold, "users": ["domain 'b' disk vda"]}]
+    assert "also used by domain 'b' disk vda" in " ".join(P.plan_summary(plan))
+    sim.execute(plan)
+    assert sim.planner.reclaim(sim.tree).steps == []
+    # a revert that would delete a leaf someone reads is refused
+    leaf = sim.tree.nodes[sim.tree.active["vda"]].path
+    sim.execute(sim.planner.create(sim.tree, "s2", 2))
+    leaf = sim.tree.nodes[sim.tree.active["vda"]].path
+    sim.planner.users = {leaf: ["image /x"]}
+    with pytest.raises(ImageInUse) as e:
+        sim.planner.revert(sim.tree, "s2", 3)
+    assert leaf in str(e.value) and "image /x" in str(e.value)
