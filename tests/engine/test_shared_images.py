@@ -336,3 +336,21 @@ def test_golden_image_while_the_domain_runs(golden, domains):
     assert sha(gold) == before and reads(b_img, 0x11, 0, 8 << 20)
     a.dom.destroy()
     assert a_reads_its_own(a)
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_clone_through_another_name_of_the_image(golden, domains, tmp_path, link):
+    """B's clone names the golden image by a symlink or a hard link in a directory livesnap
+    does not scan: the same file all the same."""
+    a, gold, img = golden
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    alias = str(other / "template.qcow2")
+    (os.symlink if link == "symlink" else os.link)(gold, alias)
+    b_img = linked_clone(str(other / "b.qcow2"), alias)
+    b = domains([("vda", b_img)], other)
+    before = sha(gold)
+    r = a.json("snapshot-delete", a.name, "golden")
+    assert r["action"] == "hidden" and any(b.name in u for u in r["in_use"][0]["users"]), r
+    assert sha(gold) == before and reads(b_img, 0x11, 0, 8 << 20)
+    assert a_reads_its_own(a)
