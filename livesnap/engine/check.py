@@ -109,15 +109,16 @@ def check(engine, s):
 def _sharing(s, tree, found):
     """(problems, notes) about images with another user: one image in two disks' chains
     of the domain, or an image the domain writes that something else reads, is a problem;
-    a frozen image something else reads is a note (livesnap keeps it while it is read)."""
+    a snapshot's or hidden image something else reads is a note (livesnap keeps it while it
+    is read); a base (a template under the disk, never written by livesnap) is not named."""
     from livesnap.engine import users
-    from livesnap.model.tree import ACTIVE
+    from livesnap.model.tree import ACTIVE, BASE
     problems = [str(e) for e in (users.ImageShared(s.domain.name, path, disks)
                                  for path, disks in users.shared_within(tree))]
     notes = []
     for n in sorted(tree.nodes.values(), key=lambda n: n.path):
         who = found.get(n.path)
-        if not who:
+        if not who or n.state == BASE:
             continue
         if n.state == ACTIVE:
             problems.append("image %s, which disk %s of '%s' writes, is also read by %s"

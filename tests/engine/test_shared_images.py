@@ -354,3 +354,16 @@ def test_clone_through_another_name_of_the_image(golden, domains, tmp_path, link
     assert r["action"] == "hidden" and any(b.name in u for u in r["in_use"][0]["users"]), r
     assert sha(gold) == before and reads(b_img, 0x11, 0, 8 << 20)
     assert a_reads_its_own(a)
+
+
+def test_check_is_quiet_about_a_shared_template(tmp_path, domains):
+    """Two domains over one template: a base livesnap never writes, no note."""
+    img = tmp_path / "img"
+    img.mkdir()
+    base = str(img / "base.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", base, "16M")
+    a = domains([("vda", linked_clone(str(img / "a.qcow2"), base))], img)
+    domains([("vda", linked_clone(str(img / "b.qcow2"), base))], img)
+    a.json("snapshot-create", a.name, "s1")
+    r = a.json("check", a.name)
+    assert r["ok"] and r["notes"] == [], r
