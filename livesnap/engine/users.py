@@ -75,7 +75,6 @@ def find(domain, tree, storage_dirs=()):
                 labels = users.setdefault(tree.nodes[anc].path, [])
                 if label not in labels:
                     labels.append(label)
-            return
 
     seen = set(ours)
     for label, paths in _domain_chains(domain, tree):
@@ -89,7 +88,6 @@ def find(domain, tree, storage_dirs=()):
 def _domain_chains(domain, tree):
     """(label, [path, ...]) of each disk of another domain, and of this domain's disks the
     tree does not hold, each with its backing chain (from the XML and from the headers)."""
-    docs = []
     own = []
     for inactive in (False, True):
         try:
@@ -104,8 +102,7 @@ def _domain_chains(domain, tree):
             yield ("domain '%s' disk %s (%s)" % (domain.name, d.target, d.path),
                    _disk_chain(d.path, d.fmt, []))
     others = getattr(domain, "other_domains_xml", None)
-    if others is not None:
-        docs = others()
+    docs = others() if others is not None else []
     from livesnap.platforms import domain_xml
     for name, xmls in docs:
         done = set()
