@@ -24,6 +24,7 @@ Tree::
      |    +-- PathOutsideStorage
      +-- NoSpace
      +-- DatapathError            pausing, block jobs, retargeting
+     |    +-- NotOurFile          a name livesnap would delete or truncate is not its file
      +-- CatalogError             the SQLite catalog is unusable or from a newer livesnap
 """
 import logging
@@ -145,6 +146,11 @@ class NoSpace(Error):
 
 class DatapathError(Error):
     fields = ("reason",)
+
+
+class NotOurFile(DatapathError):
+    fields = ("path", "reason")
+    msg = "{self.path} is not a file livesnap made ({self.reason}): left alone"
 
 
 class CatalogError(Error):

@@ -43,6 +43,7 @@ class Session(object):
         self.catalog = catalog
         self.tree = None
         self.datapath = None
+        self.dry_run = False         # a --dry-run changes nothing: no trash is freed either
 
 
 class Engine(object):
@@ -74,6 +75,8 @@ class Engine(object):
         """The datapath follows the domain's state: block jobs in QEMU while it runs,
         qemu-img while it is shut off; on Xen, tapdisk while it serves the disks, the VHD
         engine directly when it does not."""
+        from livesnap.datapaths import own_files
+        own_files.set_roots(self.storage_dirs)      # what a datapath may delete lies inside
         if domain.kind == "xen":
             from livesnap.datapaths import vhd_files
             if domain.is_running():
@@ -239,6 +242,7 @@ class Engine(object):
     def _run(self, session, datapath, plan, dry_run):
         result = dict(plan.result)
         if dry_run:
+            session.dry_run = True
             result["dry_run"] = True
             result["plan"] = P.plan_summary(plan)
             result["steps"] = plan.steps
@@ -425,11 +429,12 @@ class _SessionContext(object):
         if self.lock:
             self.lock.__exit__(*exc)
             tree = self.session.tree
-            if tree is not None:
+            if tree is not None and not self.session.dry_run:
                 # images merged away by this command, and any a dead process left behind
                 # beside this domain's images, are freed after it (datapaths.trash)
                 trash.sweep(os.path.dirname(n.path) for n in tree.nodes.values())
-            trash.release()
+            if not self.session.dry_run:
+                trash.release()
         return False
 
 
