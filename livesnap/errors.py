@@ -22,6 +22,7 @@ Tree::
      +-- BadImage                 corrupt header, missing backing file, cycle, wrong parent
      |    +-- ChainTooDeep
      |    +-- PathOutsideStorage
+     |    +-- DataFileImage       a qcow2 image with an external data file
      +-- NoSpace
      +-- DatapathError            pausing, block jobs, retargeting
      |    +-- NotOurFile          a name livesnap would delete or truncate is not its file
@@ -136,6 +137,14 @@ class ChainTooDeep(BadImage):
 class PathOutsideStorage(BadImage):
     fields = ("path", "storage")
     msg = "{self.path} is outside the storage directory {self.storage}"
+
+
+class DataFileImage(BadImage):
+    fields = ("path", "data_file")
+    msg = ("bad image {self.path}: it keeps its data in an external data file "
+           "({self.data_file}); livesnap does not manage qcow2 images with a data_file (the "
+           "data file would be left behind when the image is merged away): refused before "
+           "any change")
 
 
 class NoSpace(Error):

@@ -20,6 +20,7 @@ from livesnap.engine import adopt, check, faults
 from livesnap.engine.names import check_snapshot_name
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
                              PathOutsideStorage, UsageError, WrongState)
+from livesnap.errors import DataFileImage
 from livesnap.lock import DomainLock
 from livesnap.model import planner as P
 from livesnap.model.tree import HIDDEN
@@ -93,6 +94,21 @@ class Engine(object):
             real = os.path.realpath(path)
             if not any(real == d or real.startswith(d + os.sep) for d in self.storage_dirs):
                 raise PathOutsideStorage(path, ":".join(self.storage_dirs))
+        self._check_data_file(path)
+
+    def _check_data_file(self, path):
+        """A qcow2 image with an external data file is refused (its data file outside the
+        storage directories, or named relative to whichever directory QEMU runs in:
+        ``PathOutsideStorage`` for the data file)."""
+        from livesnap import qcow2
+        data = qcow2.data_file(path)
+        if data is None:
+            return
+        if data and self.storage_dirs:
+            real = os.path.realpath(data) if os.path.isabs(data) else data
+            if not any(real == d or real.startswith(d + os.sep) for d in self.storage_dirs):
+                raise PathOutsideStorage(data, ":".join(self.storage_dirs))
+        raise DataFileImage(path, data or "named only in QEMU's options")
 
     # -- loading and validating the tree ---------------------------------------------------
 
