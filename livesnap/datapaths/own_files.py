@@ -13,9 +13,10 @@ truncated only when it is, at that moment, a file livesnap could have made:
   descriptor after it, the same inode both times), with one link (``st_nlink == 1``: no
   hard link to a file elsewhere), on its directory's device (nothing mounted over it),
   owned by this process's user or by the directory's owner;
-* when storage directories are set (``--storage-dir``; ``set_roots``), the directory
-  opened lies inside one: a directory component swapped for a link after preflight is
-  caught here.
+* the directory opened is the one preflight saw (``pin``: its device and inode, recorded
+  when the engine validated the tree), and, when storage directories are set
+  (``--storage-dir``; ``set_roots``), lies inside one: a directory component swapped for
+  a link after preflight is caught here.
 
 Anything else raises ``NotOurFile``; callers that free images log it as a warning and leave
 the name alone (the image is gone from the catalog; what is at its name is not livesnap's).
@@ -31,18 +32,38 @@ import stat
 from livesnap.errors import NotOurFile
 
 _roots = []
+_pinned = {}
 
 
 def set_roots(dirs):
     """The storage directories (real paths) every directory opened must lie inside; empty:
-    no bound (no ``--storage-dir``)."""
+    no bound (no ``--storage-dir``). Forgets the directories pinned so far (a new command)."""
     _roots[:] = [os.path.realpath(d) for d in dirs or ()]
+    _pinned.clear()
+
+
+def pin(directories):
+    """Record what each directory is now (preflight): a later open of the same path must
+    reach the same directory."""
+    for d in directories:
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        _pinned[os.path.abspath(d)] = (st.st_dev, st.st_ino)
 
 
 def _open_dir(path):
     """(directory descriptor, name) for ``path``."""
     directory, name = os.path.split(os.path.abspath(path))
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    want = _pinned.get(directory)
+    if want is not None:
+        st = os.fstat(dfd)
+        if (st.st_dev, st.st_ino) != want:
+            os.close(dfd)
+            raise NotOurFile(path, "its directory %s is not the one preflight saw (a link "
+                             "planted since?)" % directory)
     if _roots:
         try:
             real = os.readlink("/proc/self/fd/%d" % dfd)

@@ -76,8 +76,6 @@ class Engine(object):
         """The datapath follows the domain's state: block jobs in QEMU while it runs,
         qemu-img while it is shut off; on Xen, tapdisk while it serves the disks, the VHD
         engine directly when it does not."""
-        from livesnap.datapaths import own_files
-        own_files.set_roots(self.storage_dirs)      # what a datapath may delete lies inside
         if domain.kind == "xen":
             from livesnap.datapaths import vhd_files
             if domain.is_running():
@@ -139,6 +137,8 @@ class Engine(object):
             opaque = set(tree.active.values())
         for n in tree.nodes.values():
             self._check_storage(n.path)
+        from livesnap.datapaths import own_files
+        own_files.pin(os.path.dirname(n.path) for n in tree.nodes.values())
         for problem in check.image_problems(domain, tree, opaque):
             raise problem
         for problem in tree.validate():
@@ -420,6 +420,8 @@ class _SessionContext(object):
         self.session = None
 
     def __enter__(self):
+        from livesnap.datapaths import own_files
+        own_files.set_roots(self.engine.storage_dirs)   # what a command may delete lies inside
         domain = self.engine.lookup(self.ident)
         state_dir = self.engine.state_dir
         if not os.path.isdir(state_dir):

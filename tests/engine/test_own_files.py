@@ -177,6 +177,26 @@ def test_a_directory_swapped_for_a_link_after_preflight_is_not_followed(tmp_path
     assert os.path.getsize(victim) == MiB
 
 
+def test_a_directory_swapped_after_preflight_is_not_entered_without_storage_dirs(tmp_path):
+    """Preflight pins the image directories it saw: a directory replaced by a link to
+    another one holding a file of the same name is not entered later."""
+    (tmp_path / "vm").mkdir()
+    _big(tmp_path / "vm" / "dom-vda.s1.qcow2", 1)
+    other = tmp_path / "other"
+    other.mkdir()
+    victim = _big(other / "dom-vda.s1.qcow2", 1)
+    own_files.pin([str(tmp_path / "vm")])
+    os.rename(str(tmp_path / "vm"), str(tmp_path / "vm.old"))
+    os.symlink(str(other), str(tmp_path / "vm"))
+    for how in (datapaths.unlink, datapaths.free):
+        how(str(tmp_path / "vm" / "dom-vda.s1.qcow2"))
+        assert os.path.getsize(victim) == MiB
+    os.unlink(str(tmp_path / "vm"))
+    os.rename(str(tmp_path / "vm.old"), str(tmp_path / "vm"))
+    datapaths.unlink(str(tmp_path / "vm" / "dom-vda.s1.qcow2"))      # the pinned one: fine
+    assert not os.path.exists(str(tmp_path / "vm" / "dom-vda.s1.qcow2"))
+
+
 def test_a_name_planted_at_a_new_image_is_not_written_through(tmp_path):
     """Creating an overlay never opens through a link planted at its name."""
     victim = _big(tmp_path / "victim", 1)
