@@ -24,8 +24,10 @@ Tree::
      +-- BadImage                 corrupt header, missing backing file, cycle, wrong parent
      |    +-- ChainTooDeep
      |    +-- PathOutsideStorage
+     |    +-- DataFileImage       a qcow2 image with an external data file
      +-- NoSpace
      +-- DatapathError            pausing, block jobs, retargeting
+     |    +-- NotOurFile          a name livesnap would delete or truncate is not its file
      +-- CatalogError             the SQLite catalog is unusable or from a newer livesnap
 """
 import logging
@@ -159,6 +161,14 @@ class PathOutsideStorage(BadImage):
     msg = "{self.path} is outside the storage directory {self.storage}"
 
 
+class DataFileImage(BadImage):
+    fields = ("path", "data_file")
+    msg = ("bad image {self.path}: it keeps its data in an external data file "
+           "({self.data_file}); livesnap does not manage qcow2 images with a data_file (the "
+           "data file would be left behind when the image is merged away): refused before "
+           "any change")
+
+
 class NoSpace(Error):
     fields = ("path", "needed", "available")
     msg = ("not enough space for {self.path}: {self.needed} bytes needed, "
@@ -167,6 +177,11 @@ class NoSpace(Error):
 
 class DatapathError(Error):
     fields = ("reason",)
+
+
+class NotOurFile(DatapathError):
+    fields = ("path", "reason")
+    msg = "{self.path} is not a file livesnap made ({self.reason}): left alone"
 
 
 class CatalogError(Error):

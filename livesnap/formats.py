@@ -18,6 +18,7 @@ def info(path, fmt):
     """One image: its format, absolute backing path (or None), allocated bytes, size."""
     if fmt == "vhd":
         from livesnap import vhd
+        _check_vhd_footers(path)
         q = vhd.query(path)
         return ImageInfo(os.path.abspath(path), "vhd",
                          os.path.abspath(q.parent) if q.parent else None,
@@ -51,6 +52,17 @@ def chain(path, fmt):
 
 
 MAX_CHAIN = 256
+
+
+def _check_vhd_footers(path):
+    """A VHD whose primary footer (or, the primary sound, whose backup copy) is damaged is
+    refused, as ``vhd-util check`` refuses it, rather than read through the other copy and
+    frozen into a snapshot: ``VhdCorrupt`` (a ``BadImage``)."""
+    from livesnap import vhd
+    from livesnap.vhd.check import footer_copies_problem
+    problem = footer_copies_problem(path)
+    if problem is not None:
+        raise vhd.VhdCorrupt(os.path.abspath(path), problem)
 
 
 def _qcow2_info(path, header, st=None):

@@ -8,6 +8,9 @@ its format recorded in the header, and tables that lie inside the file. Anything
 an odd, damaged or truncated header included -- returns None, and the caller asks
 ``qemu-img``, whose answer (or error) stays the reference. Layout: QEMU's
 docs/interop/qcow2.txt.
+
+``data_file(path)`` reads one thing more: the external data file an image names, which the
+engine refuses (an image's data outside its file: left behind when the image is deleted).
 """
 import os
 import struct
@@ -17,6 +20,8 @@ V2_HEADER = 72
 V3_MIN_HEADER = 104
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_NAMES = 0x6803F857
+EXT_DATA_FILE = 0x44415441
+EXTERNAL_DATA_FILE = 1 << 2                 # incompatible feature bit
 EXT_END = 0
 DIRTY = 1
 MAX_BACKING_NAME = 1023
@@ -107,3 +112,41 @@ def _extensions(first, offset, end):
             return None
         found[kind] = first[offset + 8:offset + 8 + length]
         offset += 8 + ((length + 7) & ~7)
+
+
+def data_file(path):
+    """The external data file a qcow2 image names (its ``data_file``) as written (QEMU 7.2
+    opens a relative name relative to the opening process's working directory, not the
+    image's), or None: not a qcow2 image, no data file, or a header this reader cannot
+    follow that far. A version 3 image with the "external data file" feature but no name
+    for it gives ``""``: QEMU then needs the name from its options."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(V3_MIN_HEADER)
+            if len(head) < V3_MIN_HEADER or head[:4] != MAGIC:
+                return None
+            version, backing_offset, _bs, cluster_bits = struct.unpack(">IQII", head[4:24])
+            if version != 3 or not 9 <= cluster_bits <= 21:
+                return None
+            incompatible, _c, _a, _r, header_length = struct.unpack(">QQQII", head[72:104])
+            cluster = 1 << cluster_bits
+            if not V3_MIN_HEADER <= header_length <= cluster:
+                return None
+            f.seek(0)
+            first = f.read(cluster)
+    except (OSError, struct.error):
+        return None
+    end = min(backing_offset or len(first), len(first))
+    offset = header_length
+    name = None
+    while offset + 8 <= end:
+        kind, length = struct.unpack(">II", first[offset:offset + 8])
+        if kind == EXT_END or length > end - offset - 8:
+            break
+        if kind == EXT_DATA_FILE:
+            name = os.fsdecode(first[offset + 8:offset + 8 + length])
+            break
+        offset += 8 + ((length + 7) & ~7)
+    if not incompatible & EXTERNAL_DATA_FILE and name is None:
+        return None
+    return name or ""

@@ -9,7 +9,8 @@ import errno
 import logging
 import os
 
-from livesnap.datapaths import trash
+from livesnap.datapaths import own_files, trash
+from livesnap.errors import NotOurFile
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +71,28 @@ def unlink(path):
     bench/online.py). Elsewhere freeing blocks costs no such commit, and the file is simply
     unlinked. (The steps cost about what the discards cost, ~0.8 ms per MiB here; they are
     paid by livesnap instead of by the guest.)
+
+    Only a file livesnap made is truncated or unlinked (``own_files``); whatever else is at
+    the name (a link, a hard link, a device, another user's file) is left, with a warning.
     """
-    slow = _slow_to_free(path)
-    if slow is None:
-        return
-    if slow:
-        trash.empty(path, TRUNCATE_STEP)
-        log.info("removed %s", path)
-    else:
-        _unlink_now(path)
+    try:
+        slow = _slow_to_free(path)
+        if slow is None:
+            return
+        if slow:
+            if trash.empty(path, TRUNCATE_STEP):
+                log.info("removed %s", path)
+        else:
+            _unlink_now(path)
+    except NotOurFile as e:
+        log.warning("%s", e)
 
 
 def _slow_to_free(path):
     """Whether freeing ``path`` would cost a discard in one journal commit (a file larger
     than two steps on a file system that discards on free); None when it is gone."""
     try:
-        size = os.stat(path).st_size
+        size = os.lstat(path).st_size
     except OSError as e:
         if e.errno == errno.ENOENT:
             return None
@@ -94,24 +101,23 @@ def _slow_to_free(path):
 
 
 def _unlink_now(path):
-    try:
-        os.unlink(path)
+    if own_files.remove(path):
         log.info("removed %s", path)
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise
 
 
 def free(path):
     """Remove an image merged away on a running domain. A large one on a file system that
     discards on free is renamed aside and freed after the command, in small synced steps
     (``trash``): its wall time then holds neither the discard nor a guest stall behind it.
-    Elsewhere it is unlinked at once."""
-    slow = _slow_to_free(path)
-    if slow:
-        trash.put(path)
-    elif slow is not None:
-        _unlink_now(path)
+    Elsewhere it is unlinked at once. Only a file livesnap made (``unlink``)."""
+    try:
+        slow = _slow_to_free(path)
+        if slow:
+            trash.put(path)
+        elif slow is not None:
+            _unlink_now(path)
+    except NotOurFile as e:
+        log.warning("%s", e)
 
 
 class Namer(object):
@@ -124,7 +130,7 @@ class Namer(object):
         """``base + ext``, or ``base-N + ext`` when that is taken."""
         known = {n.path for n in tree.nodes.values()} | self.handed_out
         path, n = base + ext, 1
-        while path in known or os.path.exists(path):
+        while path in known or os.path.lexists(path):
             n += 1
             path = "%s-%d%s" % (base, n, ext)
         self.handed_out.add(path)

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 
-from livesnap.datapaths import Datapath, free, unlink
+from livesnap.datapaths import Datapath, free, own_files, unlink
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap.engine import faults
 from livesnap.errors import DatapathError
@@ -69,8 +69,8 @@ class LibvirtLiveDatapath(Datapath):
                 raise DatapathError(reason="disk %s of %s is on %s, not on %s: changed outside "
                                            "livesnap" % (it["disk"], self.domain.name,
                                                          live[it["disk"]][0], it["frozen_path"]))
-            if os.path.exists(it["leaf_path"]):
-                os.unlink(it["leaf_path"])              # leftover of an attempt: unused
+            own_files.remove(it["leaf_path"])           # leftover of an attempt: unused
+            own_files.create(it["leaf_path"])           # 0600, never through a link
             qemu_img.create(it["leaf_path"], "qcow2", backing=it["frozen_path"],
                             backing_fmt=it["frozen_fmt"])
         targets = {it["disk"] for it in items}

@@ -7,7 +7,7 @@ re-run after a crash finishes it.
 import logging
 import os
 
-from livesnap.datapaths import Datapath, unlink
+from livesnap.datapaths import Datapath, own_files, unlink
 from livesnap.tools import qemu_img
 
 log = logging.getLogger(__name__)
@@ -26,11 +26,14 @@ class OfflineDatapath(Datapath):
         return qemu_img.backing_path(qemu_img.info(path), path)
 
     def _new_overlay(self, path, backing, backing_fmt, in_use):
-        """Create (or re-create) an empty overlay unless the domain already uses it."""
+        """Create (or re-create) an empty overlay unless the domain already uses it: a new
+        file of mode 0600, made by livesnap (``own_files.create``: never through a link
+        planted at its name), then filled by qemu-img."""
         if path in in_use and os.path.exists(path):
             return
-        if os.path.exists(path):
-            os.unlink(path)          # a leftover of a crashed attempt: nothing uses it yet
+        # a leftover of a crashed attempt (nothing uses it yet); not ours: NotOurFile
+        own_files.remove(path)
+        own_files.create(path)
         qemu_img.create(path, "qcow2", backing=backing, backing_fmt=backing_fmt)
 
     def do_snapshot(self, step):

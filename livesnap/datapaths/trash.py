@@ -14,6 +14,10 @@ module moves that work out of the command's wall time:
   command on a domain with images in those directories frees it.
 
 A file being freed is held under ``flock``, so two sweeps never free the same file twice.
+Only a file livesnap made is renamed, truncated or unlinked (``own_files``: a regular file
+with one link, opened without following a link, on its directory's device, owned by root
+or the directory's owner): anything else under a trash name (a planted link, hard link,
+FIFO, device, directory, another user's file) is left alone with a warning.
 The detached process inherits no descriptor (not the domain lock, not the caller's pipes):
 the command's caller sees it end when its own work ends.
 """
@@ -22,6 +26,9 @@ import fcntl
 import logging
 import os
 import sys
+
+from livesnap.datapaths import own_files
+from livesnap.errors import NotOurFile
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +47,16 @@ def put(path):
     """Rename ``path`` to its trash name and queue it; a file already gone is fine (a step
     re-run after a crash). Returns the trash name, or None."""
     new = trash_name(path)
-    try:
-        os.rename(path, new)
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return None
-        raise
+    f = own_files.open_own(path)                 # NotOurFile: left where it is
+    if f is None:
+        return None
+    with f:
+        try:
+            f.rename(os.path.basename(new))
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
     log.info("removed %s (its blocks are freed after the command)", path)
     _pending.append(new)
     return new
@@ -56,7 +67,8 @@ def pending():
 
 
 def sweep(dirs):
-    """Queue trash files left in ``dirs`` by an earlier process that did not finish."""
+    """Queue trash files left in ``dirs`` by an earlier process that did not finish; what is
+    under a trash name but not a file livesnap made is left alone, with a warning."""
     for d in sorted(set(dirs)):
         try:
             names = os.listdir(d)
@@ -65,19 +77,25 @@ def sweep(dirs):
         for n in names:
             if n.startswith(".") and n.endswith(SUFFIX):
                 p = os.path.join(d, n)
-                if p not in _pending:
-                    _pending.append(p)
+                if p in _pending:
+                    continue
+                try:
+                    if not own_files.inspect(p):
+                        continue
+                except (NotOurFile, OSError) as e:
+                    log.warning("not freed: %s", e)
+                    continue
+                _pending.append(p)
 
 
 def empty(path, step=STEP):
     """Shrink ``path`` in ``step`` synced steps, then unlink it. False when another process
-    is freeing it (its lock is held) or it is gone."""
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
+    is freeing it (its lock is held) or it is gone; NotOurFile (nothing changed) when it is
+    not a file livesnap made."""
+    f = own_files.open_own(path, os.O_WRONLY)
+    if f is None:
+        return False
+    fd = f.fd
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -91,13 +109,13 @@ def empty(path, step=STEP):
             os.ftruncate(fd, size)
             os.fsync(fd)
         try:
-            os.unlink(path)
+            f.unlink()
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise
         return True
     finally:
-        os.close(fd)
+        f.close()
 
 
 def release(wait=False):
@@ -115,7 +133,10 @@ def release(wait=False):
         return None
     if wait:
         for p in paths:
-            empty(p)
+            try:
+                empty(p)
+            except NotOurFile as e:
+                log.warning("not freed: %s", e)
         return None
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -138,6 +159,6 @@ def worker(paths):
         faults.point("trash", "emptying", 0)
         try:
             empty(p)
-        except OSError:
+        except (OSError, NotOurFile):
             rc = 1
     return rc

@@ -23,7 +23,7 @@ import contextlib
 import os
 
 from livesnap import vhd
-from livesnap.datapaths import unlink
+from livesnap.datapaths import own_files, unlink
 from livesnap.engine import faults
 from livesnap.tools import lvm
 from livesnap.vhd.image import set_physical_size
@@ -57,10 +57,15 @@ class FileStorage(object):
 
     def create_child(self, path, parent, leaf=True):
         """A new empty VHD at ``path`` whose parent is ``parent`` (a half-made one from a
-        crash is replaced)."""
-        if os.path.exists(path):
-            os.unlink(path)
-        vhd.snapshot(path, parent)
+        crash is replaced; a name that is not livesnap's file: NotOurFile). Mode 0600, as
+        created (umask 077 around it: the VHD engine creates files 0644 as vhd-util does),
+        whatever the mode of the leaf it replaces: never wider."""
+        own_files.remove(path)
+        old = os.umask(0o077)
+        try:
+            vhd.snapshot(path, parent)
+        finally:
+            os.umask(old)
         _fsync_dir(path)
 
     def freeze(self, path, readonly=True):

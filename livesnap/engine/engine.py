@@ -20,6 +20,7 @@ from livesnap.engine import adopt, check, faults, users
 from livesnap.engine.names import check_snapshot_name
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
                              PathOutsideStorage, UsageError, WrongState)
+from livesnap.errors import DataFileImage
 from livesnap.lock import DomainLock
 from livesnap.model import planner as P
 from livesnap.model.tree import HIDDEN
@@ -43,6 +44,7 @@ class Session(object):
         self.catalog = catalog
         self.tree = None
         self.datapath = None
+        self.dry_run = False         # a --dry-run changes nothing: no trash is freed either
 
 
 class Engine(object):
@@ -90,6 +92,21 @@ class Engine(object):
             real = os.path.realpath(path)
             if not any(real == d or real.startswith(d + os.sep) for d in self.storage_dirs):
                 raise PathOutsideStorage(path, ":".join(self.storage_dirs))
+        self._check_data_file(path)
+
+    def _check_data_file(self, path):
+        """A qcow2 image with an external data file is refused (its data file outside the
+        storage directories, or named relative to whichever directory QEMU runs in:
+        ``PathOutsideStorage`` for the data file)."""
+        from livesnap import qcow2
+        data = qcow2.data_file(path)
+        if data is None:
+            return
+        if data and self.storage_dirs:
+            real = os.path.realpath(data) if os.path.isabs(data) else data
+            if not any(real == d or real.startswith(d + os.sep) for d in self.storage_dirs):
+                raise PathOutsideStorage(data, ":".join(self.storage_dirs))
+        raise DataFileImage(path, data or "named only in QEMU's options")
 
     # -- loading and validating the tree ---------------------------------------------------
 
@@ -121,6 +138,8 @@ class Engine(object):
             opaque = set(tree.active.values())
         for n in tree.nodes.values():
             self._check_storage(n.path)
+        from livesnap.datapaths import own_files
+        own_files.pin(os.path.dirname(n.path) for n in tree.nodes.values())
         for problem in check.image_problems(domain, tree, opaque):
             raise problem
         for problem in tree.validate():
@@ -246,6 +265,7 @@ class Engine(object):
     def _run(self, session, datapath, plan, dry_run):
         result = dict(plan.result)
         if dry_run:
+            session.dry_run = True
             result["dry_run"] = True
             result["plan"] = P.plan_summary(plan)
             result["steps"] = plan.steps
@@ -410,6 +430,8 @@ class _SessionContext(object):
         self.session = None
 
     def __enter__(self):
+        from livesnap.datapaths import own_files
+        own_files.set_roots(self.engine.storage_dirs)   # what a command may delete lies inside
         domain = self.engine.lookup(self.ident)
         state_dir = self.engine.state_dir
         if not os.path.isdir(state_dir):
@@ -435,11 +457,12 @@ class _SessionContext(object):
         if self.lock:
             self.lock.__exit__(*exc)
             tree = self.session.tree
-            if tree is not None:
+            if tree is not None and not self.session.dry_run:
                 # images merged away by this command, and any a dead process left behind
                 # beside this domain's images, are freed after it (datapaths.trash)
                 trash.sweep(os.path.dirname(n.path) for n in tree.nodes.values())
-            trash.release()
+            if not self.session.dry_run:
+                trash.release()
         return False
 
 

@@ -61,7 +61,8 @@ def resolve_backing(name, image_path):
 
 
 def create(path, fmt="qcow2", size=None, backing=None, backing_fmt=None):
-    """Create an image readable and writable by its owner only (mode 0600)."""
+    """Create an image readable and writable by its owner only (mode 0600: qemu-img creates
+    it under umask 077; an empty file already at ``path`` keeps its mode)."""
     argv = [_bin(), "create", "-q", "-f", fmt]
     if backing is not None:
         argv += ["-b", backing, "-F", backing_fmt or "qcow2"]
@@ -77,7 +78,6 @@ def create(path, fmt="qcow2", size=None, backing=None, backing_fmt=None):
         raise
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
 
 
 def commit(top, base):

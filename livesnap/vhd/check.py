@@ -279,6 +279,47 @@ def check(path, ignore_missing_footer=False, ignore_parent_uuid=False, ignore_ti
     return problems
 
 
+def footer_copies_problem(path):
+    """What ``vhd-util check`` says of the two footer copies of ``path`` and libvhd's open
+    passes over in silence (it reads the backup at 0 when the primary is unusable): a primary
+    footer that is there (its cookie at the end) but damaged (its checksum), or, on a
+    dynamic or differencing disk whose primary is sound, a damaged or missing backup copy.
+    None when neither. A primary that is absent altogether (no cookie: the state of a leaf
+    tapdisk holds open) is not this function's to judge."""
+    path = os.path.abspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise from_oserror(path, e)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size < 1024:
+            return None
+        primary = os.pread(fd, 512, size - 512)
+        backup = os.pread(fd, 512, 0)
+    except OSError as e:
+        raise from_oserror(path, e)
+    finally:
+        os.close(fd)
+    if primary[:8] == fmt.FOOTER_COOKIE:
+        perr = footer_problem(primary)
+        if perr:
+            return ("primary footer invalid (%s); libvhd would read the backup copy instead "
+                    "and vhd-util check fails: repair it first (vhd-util repair -n %s)"
+                    % (perr, path))
+        if fmt.Footer.unpack(primary).type == fmt.TYPE_FIXED:
+            return None                        # its offset 0 holds data, not a copy
+        if backup[:8] == fmt.FOOTER_COOKIE or backup[:8] == fmt.POISON_COOKIE:
+            berr = footer_problem(backup)
+            if berr:
+                return ("backup footer invalid (%s) and vhd-util check fails: repair it first "
+                        "(vhd-util repair -n %s)" % (berr, path))
+        elif backup != primary:
+            return ("backup footer invalid (no footer at offset 0) and vhd-util check fails: "
+                    "repair it first (vhd-util repair -n %s)" % path)
+    return None
+
+
 def repair(path, use_backup=False):
     """Rewrite the footer like ``vhd-util repair``: take the primary footer (or the 511-byte
     short one, or the backup at 0; ``use_backup`` forces the backup), give it a UUID if null,
