@@ -23,6 +23,7 @@ Tree::
      |    +-- ChainTooDeep
      |    +-- PathOutsideStorage
      +-- NoSpace
+     +-- UnusablePath             a new image's path the file system or LVM cannot hold
      +-- DatapathError            pausing, block jobs, retargeting
      +-- CatalogError             the SQLite catalog is unusable or from a newer livesnap
 """
@@ -141,6 +142,11 @@ class NoSpace(Error):
     fields = ("path", "needed", "available")
     msg = ("not enough space for {self.path}: {self.needed} bytes needed, "
            "{self.available} available")
+
+
+class UnusablePath(Error):
+    fields = ("path", "reason")
+    msg = "cannot create an image at {self.path}: {self.reason}"
 
 
 class DatapathError(Error):

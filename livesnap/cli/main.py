@@ -102,7 +102,8 @@ def main(argv=None, parser=None):
     except Error as e:
         if getattr(args, "debug", False):
             log.exception("command failed")
-        sys.stderr.write("error: %s\n" % e)
+        from livesnap.engine.names import printable
+        sys.stderr.write("error: %s\n" % printable(e))     # one line, no raw controls
         if isinstance(e, Interrupted):
             return 128 + e.signo
         return 2 if isinstance(e, UsageError) else 1
