@@ -211,3 +211,53 @@ def test_text_rule():
         assert names.text_problem(bad) is not None, repr(bad)
     assert names.printable("a\x1b[0m\u202eb\n") == "a\\x1b[0m\\u202eb\\x0a"
     assert names.xml_text("a\x1bb\nc") == "a\\x1bb\nc"
+
+
+@pytest.mark.parametrize("bad", ["tab\there", "c1\x85here", "bidi\u202eereh"])
+def test_domain_names_with_control_characters_give_no_image_names(conn, tmp_path, bad):
+    """Variant: libvirt takes these domain names, but an image named after them would carry
+    the character into file names, logs and terminals: refused before anything changes."""
+    import uuid
+    d = NamedDom(conn, tmp_path, bad + "-" + uuid.uuid4().hex[:8])
+    try:
+        d.json("snapshot-list", d.name)
+        err = refused(d, ["snapshot-create", d.name, "s1"], ["cannot create an image at",
+                                                             "U+"])
+        assert not any(c in err for c in "\t\x85\u202e")
+        assert journal(d) == []
+    finally:
+        d.destroy()
+
+
+def test_domain_names_with_shell_and_qemu_punctuation_work(conn, tmp_path):
+    """Variant: what is only punctuation (space, quotes, comma, colon) is a file name like
+    any other: create, merge, revert and check work."""
+    import uuid
+    d = NamedDom(conn, tmp_path, "we'ird \"name\",a:b-" + uuid.uuid4().hex[:8])
+    try:
+        d.json("snapshot-create", d.name, "s1")
+        d.write("vda", 1, 0)
+        d.json("snapshot-create", d.name, "s2")
+        d.json("snapshot-delete", d.name, "s1")
+        d.json("snapshot-revert", d.name, "s2", "--keep-current", "k")
+        assert d.json("check", d.name)["ok"]
+    finally:
+        d.destroy()
+
+
+def test_log_lines_carry_no_raw_control_characters(dom):
+    """Variant: log lines (--debug) and recover's report name a snapshot an older catalog
+    holds with C1 and bidi characters (XML holds them, so libvirt does): escaped like any
+    other output."""
+    db = sqlite3.connect(os.path.join(dom.state_dir, dom.dom.UUIDString() + ".db"))
+    bad = "s1\x85\x9b8m\u202e"
+    db.execute("UPDATE snapshots SET name=? WHERE name='s1'", (bad,))
+    db.execute("UPDATE nodes SET snapshot=? WHERE snapshot='s1'", (bad,))
+    db.commit()
+    db.close()
+    proc = dom.cli("recover", dom.name, "--debug", expect=0)
+    assert "defined s1\\x85\\x9b8m\\u202e" in proc.stdout, (proc.stdout, proc.stderr)
+    assert "s1\\x85\\x9b8m\\u202e" in proc.stderr
+    for text in (proc.stdout, proc.stderr):
+        assert not any(c in text for c in "\x85\x9b\u202e"), text
+    assert libvirt_names(dom) == [bad]
