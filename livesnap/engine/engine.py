@@ -375,15 +375,22 @@ class Engine(object):
 
     def _roll_back_impossible(self, s, datapath, op, plan, index, path, problem):
         """An operation journaled with an image path that can never exist (an older
-        livesnap did not check): back to "before" when its first step is the one that
-        needs it and nothing of that step took effect; otherwise a clear error."""
+        livesnap did not check): back to "before" when no step is marked done and nothing
+        of the first step took effect (no image renamed; when a later step needs the path,
+        the domain's disks still the catalog's); otherwise a clear error."""
         step = plan.steps[0]
-        renamed = [it["frozen_path"] for it in step.get("items") or [step]
-                   if it.get("frozen_path") and it["frozen_path"] != it.get("leaf_path")
-                   and os.path.lexists(it["frozen_path"]) and
-                   it["frozen_path"] not in {n.path for n in s.catalog.load_tree()
-                                             .nodes.values()}]
-        if index != 0 or op.steps_done != 0 or renamed or \
+        # an image renamed by the step (the VHD datapaths' frozen or kept leaf) is an effect
+        # "before" cannot take back here
+        known = {n.path for n in s.catalog.load_tree().nodes.values()}
+        targets = [it.get("frozen_path") for it in step.get("items") or [step]]
+        renamed = [p for p in targets + [step.get("kept_path")]
+                   if p and p not in known and os.path.lexists(p)]
+        tree = s.catalog.load_tree()
+        sources = {d.target: d.path for d in s.domain.disks()}
+        # a later step needs the path: step 0 must have left the domain's disks as they were
+        untouched = index == 0 or all(sources.get(disk) == tree.nodes[nid].path
+                                      for disk, nid in tree.active.items())
+        if op.steps_done != 0 or renamed or not untouched or \
                 step["op"] not in ("snapshot", "new_leaf", "internal_snapshot", "keep_leaf"):
             raise UnusablePath(names.printable(path), "%s; operation #%d (%s) needs it at step "
                                "%d of %d and cannot be finished by livesnap"
@@ -392,11 +399,12 @@ class Engine(object):
         datapath.abandon(step)
         s.catalog.finish(op.id, "rolled-back", reason)
         log.warning("operation #%d (%s) rolled back: %s", op.id, op.op, reason)
+        healed = datapath.heal() if hasattr(datapath, "heal") else []     # nothing paused
         s.tree = s.catalog.load_tree()
         self._sync_metadata(s, s.tree)
         return {"domain": s.domain.name, "recovered": op.id, "op": op.op,
                 "steps_done_before": op.steps_done, "steps": len(plan.steps),
-                "result": plan.result, "unpaused": [], "rolled_back": True,
+                "result": plan.result, "unpaused": healed, "rolled_back": True,
                 "reason": reason}
 
     def snapshot_list(self, domain, include_hidden=False):

@@ -261,3 +261,59 @@ def test_log_lines_carry_no_raw_control_characters(dom):
     for text in (proc.stdout, proc.stderr):
         assert not any(c in text for c in "\x85\x9b\u202e"), text
     assert libvirt_names(dom) == [bad]
+
+
+def test_recover_rolls_back_a_revert_whose_later_step_cannot_be(make_dom):
+    """Variant: a revert of two disks journaled with the second disk's new leaf impossible
+    (step 3 of 4); its first step's new leaf was made (the crash came after it), the
+    domain's disks not yet changed: back to "before", the made leaf removed."""
+    from livesnap.catalog import Catalog
+    from livesnap.model.planner import Plan
+    d = make_dom(ndisks=2)
+    d.json("snapshot-create", d.name, "s1")
+    d.write("vda", 1, 0)
+    plan = d.json("snapshot-revert", d.name, "s1", "--dry-run")
+    steps = plan["steps"]
+    assert [s["op"] for s in steps] == ["new_leaf", "remove", "new_leaf", "remove"]
+    steps[2]["leaf_path"] = os.path.join(d.dir, "x" * 300 + ".qcow2")
+    before = d.fingerprint()
+    qemu_img("create", "-q", "-f", "qcow2", "-b", steps[0]["parent_path"], "-F", "qcow2",
+             steps[0]["leaf_path"])
+    cat = Catalog.for_domain(d.state_dir, d.dom.UUIDString(), d.name)
+    op_id = cat.begin(Plan("revert", d.name, steps, {"snapshot": "s1"}))
+    cat.close()
+    proc = d.cli("recover", d.name)
+    assert proc.stdout.startswith("rolled back operation #%d (revert)" % op_id), proc.stdout
+    after = d.fingerprint()
+    assert after["files"] == before["files"] and after["xml"] == before["xml"]
+    assert d.json("check", d.name)["ok"]
+
+
+def test_recover_that_cannot_go_back_says_so_in_one_line(make_dom):
+    """Variant: the first step is marked done (the domain's disk already changed) and a
+    later one needs a path that cannot exist: one clear error, no traceback."""
+    from livesnap.catalog import Catalog
+    from livesnap.model.planner import Plan
+    d = make_dom(ndisks=2)
+    d.json("snapshot-create", d.name, "s1")
+    plan = d.json("snapshot-revert", d.name, "s1", "--dry-run")
+    steps = plan["steps"]
+    steps[2]["leaf_path"] = os.path.join(d.dir, "x" * 300 + ".qcow2")
+    cat = Catalog.for_domain(d.state_dir, d.dom.UUIDString(), d.name)
+    op_id = cat.begin(Plan("revert", d.name, steps, {"snapshot": "s1"}))
+    cat.close()
+    # step 1 (the first new leaf) carried out and marked done by hand, as livesnap would
+    from livesnap.engine.engine import Engine
+    eng = Engine(connect="qemu:///system", state_dir=d.state_dir)
+    with eng._session(d.name) as s:
+        dp = eng.datapath_for(s.domain)
+        eng.load(s, datapath=dp)
+        dp.run(steps[0])
+        tree = s.catalog.load_tree()
+        from livesnap.model import planner
+        planner.apply(tree, steps[0])
+        s.catalog.step_done(op_id, 0, tree)
+    proc = d.cli("recover", d.name, expect=1)
+    err = proc.stderr.strip()
+    assert err.startswith("error: cannot create an image at") and len(err.splitlines()) == 1
+    assert "operation #%d (revert)" % op_id in err and "cannot be finished" in err

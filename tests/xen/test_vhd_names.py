@@ -15,13 +15,13 @@ SIZE = 8 << 20
 class LongVhdVm(Cli):
     """A stopped Xen VM (vhd-offline datapath) whose one disk has a 200-byte file name."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, stem=196):
         self.dir = str(tmp_path / "sr")
         os.makedirs(self.dir)
         self.state_dir = str(tmp_path / "state")
         self.name = "xvm-" + uuid.uuid4().hex[:6]
         self.uuid = str(uuid.uuid4())
-        self.path = os.path.join(self.dir, "v" * 196 + ".vhd")
+        self.path = os.path.join(self.dir, "v" * stem + ".vhd")
         vhd.create(self.path, SIZE)
         self.xml = str(tmp_path / "vm.xml")
         with open(self.xml, "w") as f:
@@ -67,4 +67,25 @@ def test_vhd_names_too_long_are_refused_before_anything(xen, tmp_path):
     vm.json("snapshot-revert", vm.name, "s" * 30, "--keep-current", "k")
     names = sorted(s["name"] for s in vm.json("snapshot-list", vm.name)["snapshots"])
     assert names == ["k", "s" * 30]
+    assert vm.json("check", vm.name)["ok"]
+
+
+def test_internal_image_name_too_long_is_refused_on_tapdisk(xen, tmp_path):
+    """Variant: on tapdisk a merge with the active leaf first freezes it as an internal
+    image ``<stem>.internal-<8 hex>.vhd``, 256 bytes here (the snapshot's image 240): the
+    delete is refused before any pause or rename, the guest keeps writing."""
+    vm = LongVhdVm(tmp_path, stem=234)
+    td = xen.create(vm.path)
+    xen.wait_acks(td, 3)
+    vm.json("snapshot-create", vm.name, "s")                 # 234 + 1 + 1 + 4 = 240: fits
+    frozen = vm.json("snapshot-list", vm.name)["snapshots"][0]["disks"][0]["image"]
+    before_files = sorted(os.listdir(vm.dir))
+    acks = xen.acked(td)
+    proc = vm.cli("snapshot-delete", vm.name, "s", expect=1)
+    assert proc.stderr.startswith("error: cannot create an image at") and \
+        "internal-" in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert sorted(os.listdir(vm.dir)) == before_files
+    assert [s["name"] for s in vm.json("snapshot-list", vm.name)["snapshots"]] == ["s"]
+    assert os.path.exists(frozen)
+    xen.wait_acks(td, acks + 3)                                # not left paused
     assert vm.json("check", vm.name)["ok"]
