@@ -381,11 +381,11 @@ class Engine(object):
         step = plan.steps[0]
         # an image renamed by the step (the VHD datapaths' frozen or kept leaf) is an effect
         # "before" cannot take back here
-        known = {n.path for n in s.catalog.load_tree().nodes.values()}
+        tree = s.catalog.load_tree()
+        known = {n.path for n in tree.nodes.values()}
         targets = [it.get("frozen_path") for it in step.get("items") or [step]]
         renamed = [p for p in targets + [step.get("kept_path")]
                    if p and p not in known and os.path.lexists(p)]
-        tree = s.catalog.load_tree()
         sources = {d.target: d.path for d in s.domain.disks()}
         # a later step needs the path: step 0 must have left the domain's disks as they were
         untouched = index == 0 or all(sources.get(disk) == tree.nodes[nid].path
