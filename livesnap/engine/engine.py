@@ -191,8 +191,8 @@ class Engine(object):
         try:
             libvirt_snapshots.sync(session.domain, tree, session.catalog.known_names())
         except Error as e:
-            log.warning("libvirt snapshot metadata of %s not updated: %s (run 'livesnap check "
-                        "%s')", session.domain.name, e, session.domain.name)
+            log.warning("libvirt snapshot metadata of %s not updated: %s ('livesnap recover "
+                        "%s' brings it in step)", session.domain.name, e, session.domain.name)
 
     def _no_interrupted(self, session):
         op = session.catalog.unfinished()
