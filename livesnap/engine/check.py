@@ -108,8 +108,9 @@ def _check_libvirt_metadata(session, tree):
     except Error as e:
         return [str(e)]
     ours = {x.name: tree.snapshot_parent(x.name) for x in tree.visible_snapshots()}
-    known = session.catalog.known_names()
-    foreign = sorted(n for n in theirs if n not in ours and n not in known)
+    extra = [n for n in theirs if n not in ours]
+    known = session.catalog.known_names() if extra else set()
+    foreign = sorted(n for n in extra if n not in known)
     theirs = {n: p for n, p in theirs.items() if n not in foreign}
     problems = []
     if theirs != ours:

@@ -189,7 +189,7 @@ class Engine(object):
             return
         from livesnap.platforms import libvirt_snapshots
         try:
-            libvirt_snapshots.sync(session.domain, tree, session.catalog.known_names())
+            libvirt_snapshots.sync(session.domain, tree, session.catalog.known_names)
         except Error as e:
             log.warning("libvirt snapshot metadata of %s not updated: %s ('livesnap recover "
                         "%s' brings it in step)", session.domain.name, e, session.domain.name)
@@ -368,7 +368,7 @@ class Engine(object):
             return []
         from livesnap.platforms import libvirt_snapshots
         tree = self.load(s, validate=False)
-        changed = libvirt_snapshots.sync(s.domain, tree, s.catalog.known_names())
+        changed = libvirt_snapshots.sync(s.domain, tree, s.catalog.known_names)
         for change, name in changed:
             log.info("libvirt's snapshot metadata of %s: %s %s", s.domain.name, change, name)
         return [list(c) for c in changed]

@@ -124,8 +124,9 @@ def sync(domain, tree, ours=None):
     current snapshot; nothing else (hidden snapshots are livesnap's business). Returns what
     it changed: ``[("deleted" | "defined", name)]``.
 
-    ``ours``: the names livesnap has had for this domain (``Catalog.known_names``); a
-    libvirt snapshot with another name was not made by livesnap and is left alone (None:
+    ``ours``: the names livesnap has had for this domain, or a function that returns them
+    (``Catalog.known_names``, called only when libvirt has a name the tree does not show);
+    a libvirt snapshot with another name was not made by livesnap and is left alone (None:
     every name is livesnap's).
 
     Only what differs is written: a snapshot libvirt lacks, or whose parent, description
@@ -138,7 +139,10 @@ def sync(domain, tree, ours=None):
     try:
         changed = []
         have = {s.getName(): s for s in domain.dom.listAllSnapshots(0)}
-        for name in sorted(set(have) - want):
+        extra = sorted(set(have) - want)
+        if extra and callable(ours):
+            ours = ours()
+        for name in extra:
             if ours is not None and name not in ours:
                 have.pop(name)
                 continue                    # not livesnap's: left as it is
