@@ -274,7 +274,7 @@ class Engine(object):
 
     def create(self, domain, name, description="", disks=None, dry_run=False):
         check_snapshot_name(name)
-        check_description(description)
+        description = check_description("" if description is None else description)
         with self._session(domain) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
