@@ -178,6 +178,16 @@ class Catalog(object):
             return None
         return Operation(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5])
 
+    def known_names(self):
+        """Every snapshot name livesnap has had for this domain: the tree's, and those of
+        every operation that took effect (a snapshot deleted, merged away or kept)."""
+        names = {r[0] for r in self.db.execute("SELECT name FROM snapshots")}
+        for (plan,) in self.db.execute("SELECT plan FROM operations WHERE steps_done > 0"):
+            for step in json.loads(plan).get("steps", []):
+                if step.get("name"):
+                    names.add(step["name"])
+        return names
+
     def history(self, limit=20):
         rows = self.db.execute("SELECT id, op, plan, steps_done, status, error FROM operations "
                                "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()

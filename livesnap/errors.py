@@ -26,6 +26,7 @@ Tree::
      |    +-- PathOutsideStorage
      |    +-- DataFileImage       a qcow2 image with an external data file
      +-- NoSpace
+     +-- UnusablePath             a new image's path the file system or LVM cannot hold
      +-- DatapathError            pausing, block jobs, retargeting
      |    +-- NotOurFile          a name livesnap would delete or truncate is not its file
      +-- CatalogError             the SQLite catalog is unusable or from a newer livesnap
@@ -173,6 +174,11 @@ class NoSpace(Error):
     fields = ("path", "needed", "available")
     msg = ("not enough space for {self.path}: {self.needed} bytes needed, "
            "{self.available} available")
+
+
+class UnusablePath(Error):
+    fields = ("path", "reason")
+    msg = "cannot create an image at {self.path}: {self.reason}"
 
 
 class DatapathError(Error):

@@ -77,14 +77,29 @@ def build_parser(argv=None):
     return parser
 
 
+class _PrintableFormatter(logging.Formatter):
+    """A log line never carries a raw control character (a name from libvirt or an older
+    catalog); a traceback under --debug keeps its lines."""
+
+    def formatMessage(self, record):
+        from livesnap.engine.names import printable
+        return printable(super(_PrintableFormatter, self).formatMessage(record))
+
+    def formatException(self, exc_info):
+        from livesnap.engine.names import printable
+        text = super(_PrintableFormatter, self).formatException(exc_info)
+        return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def setup_logging(args):
     level = logging.WARNING
     if getattr(args, "debug", False):
         level = logging.DEBUG
     elif getattr(args, "quiet", False):
         level = logging.ERROR
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     log.debug("livesnap %s argv=%s", livesnap.__version__, sys.argv)
 
 
@@ -102,7 +117,8 @@ def main(argv=None, parser=None):
     except Error as e:
         if getattr(args, "debug", False):
             log.exception("command failed")
-        sys.stderr.write("error: %s\n" % e)
+        from livesnap.engine.names import printable
+        sys.stderr.write("error: %s\n" % printable(e))     # one line, no raw controls
         if isinstance(e, Interrupted):
             return 128 + e.signo
         return 2 if isinstance(e, UsageError) else 1

@@ -2,14 +2,18 @@
 import json
 import sys
 
+from livesnap.engine.names import printable
+
 
 def emit(args, result, text_fn):
     if getattr(args, "output", "text") == "json":
         json.dump(result, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:
+        # names and descriptions come from catalogs and libvirt: no raw control character
+        # reaches the terminal
         for line in text_fn(result):
-            print(line)
+            print(printable(line))
 
 
 def _pause(result):
@@ -109,6 +113,11 @@ def _tree_lines(r):
 
 
 def text_recover(r):
+    if r.get("rolled_back"):
+        return ["rolled back operation #%d (%s): %s" % (r["recovered"], r["op"], r["reason"])]
+    if r["recovered"] is None and r.get("metadata"):
+        return ["libvirt's snapshot metadata of %s brought in step with livesnap's catalog: %s"
+                % (r["domain"], ", ".join("%s %s" % (c, n) for c, n in r["metadata"]))]
     if r["recovered"] is None:
         return ["nothing to recover for %s" % r["domain"]]
     return ["finished operation #%d (%s): steps %d..%d carried out"

@@ -94,8 +94,8 @@ def _slow_to_free(path):
     try:
         size = os.lstat(path).st_size
     except OSError as e:
-        if e.errno == errno.ENOENT:
-            return None
+        if e.errno in (errno.ENOENT, errno.ENAMETOOLONG):
+            return None                 # gone, or a name too long ever to have existed
         raise
     return size > 2 * TRUNCATE_STEP and discards_on_free(path)
 

@@ -138,10 +138,20 @@ def _check_libvirt_metadata(session, tree):
     except Error as e:
         return [str(e)]
     ours = {x.name: tree.snapshot_parent(x.name) for x in tree.visible_snapshots()}
+    extra = [n for n in theirs if n not in ours]
+    known = session.catalog.known_names() if extra else set()
+    foreign = sorted(n for n in extra if n not in known)
+    theirs = {n: p for n, p in theirs.items() if n not in foreign}
+    problems = []
     if theirs != ours:
-        return ["libvirt's snapshot metadata %s differs from livesnap's snapshots %s"
-                % (sorted(theirs.items()), sorted(ours.items()))]
-    return []
+        problems.append("libvirt's snapshot metadata %s differs from livesnap's snapshots %s: "
+                        "'livesnap recover %s' brings it in step"
+                        % (sorted(theirs.items()), sorted(ours.items()), session.domain.name))
+    for name in foreign:
+        problems.append("libvirt has a snapshot %r that livesnap did not make; livesnap leaves "
+                        "it alone ('virsh snapshot-delete --metadata %s %s' removes its "
+                        "definition)" % (name, session.domain.name, name))
+    return problems
 
 
 def _own_file_patterns(domain, tree):

@@ -16,10 +16,10 @@ from livesnap.catalog import Catalog
 from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths import trash
 from livesnap.datapaths.offline import OfflineDatapath
-from livesnap.engine import adopt, check, faults, users
-from livesnap.engine.names import check_snapshot_name
+from livesnap.engine import adopt, check, faults, names, users
+from livesnap.engine.names import check_description, check_snapshot_name
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
-                             PathOutsideStorage, UsageError, WrongState)
+                             PathOutsideStorage, UnusablePath, UsageError, WrongState)
 from livesnap.errors import DataFileImage
 from livesnap.lock import DomainLock
 from livesnap.model import planner as P
@@ -180,6 +180,16 @@ class Engine(object):
         """{image path: [user, ...]} of the tree's images something else reads."""
         return users.find(session.domain, tree, self.storage_dirs)
 
+    def _preflight_paths(self, session, plan):
+        """Every image path the plan creates (new leaves, renamed frozen images, kept
+        leaves, internal images) is one the file system or LVM can hold, in a directory that
+        takes new files: checked before anything is journaled."""
+        existing = [n.path for n in session.tree.nodes.values()] if session.tree else []
+        for path in names.new_paths(plan.steps, existing):
+            problem = names.path_problem(path) or names.place_problem(path)
+            if problem is not None:
+                raise UnusablePath(names.printable(path), problem)
+
     def _planner(self, session, datapath=None, users=None):
         if session.domain.kind == "xen":
             from livesnap.datapaths.vhd_files import TapdiskNamer
@@ -205,10 +215,10 @@ class Engine(object):
             return
         from livesnap.platforms import libvirt_snapshots
         try:
-            libvirt_snapshots.sync(session.domain, tree)
+            libvirt_snapshots.sync(session.domain, tree, session.catalog.known_names)
         except Error as e:
-            log.warning("libvirt snapshot metadata of %s not updated: %s (run 'livesnap check "
-                        "%s')", session.domain.name, e, session.domain.name)
+            log.warning("libvirt snapshot metadata of %s not updated: %s ('livesnap recover "
+                        "%s' brings it in step)", session.domain.name, e, session.domain.name)
 
     def _no_interrupted(self, session):
         op = session.catalog.unfinished()
@@ -264,6 +274,7 @@ class Engine(object):
 
     def _run(self, session, datapath, plan, dry_run):
         result = dict(plan.result)
+        self._preflight_paths(session, plan)
         if dry_run:
             session.dry_run = True
             result["dry_run"] = True
@@ -275,6 +286,7 @@ class Engine(object):
         plan.result["datapath"] = datapath.name     # the hook reads which datapath it needs
         op_id = session.catalog.begin(plan)
         pauses, merges = self._execute(session, datapath, plan, op_id)
+        faults.point(plan.op, "committed", 0)
         self._sync_metadata(session, session.tree)
         # every pause of the guest's IO, and the longest one (what the guest felt most)
         result["pauses"] = pauses
@@ -289,6 +301,7 @@ class Engine(object):
 
     def create(self, domain, name, description="", disks=None, dry_run=False):
         check_snapshot_name(name)
+        description = check_description("" if description is None else description)
         with self._session(domain) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
@@ -359,8 +372,12 @@ class Engine(object):
             datapath = s.datapath = self.datapath_for(s.domain)
             if op is None:
                 healed = datapath.heal() if hasattr(datapath, "heal") else []
-                return {"domain": s.domain.name, "recovered": None, "unpaused": healed}
+                return {"domain": s.domain.name, "recovered": None, "unpaused": healed,
+                        "metadata": self._bring_metadata_in_step(s)}
             plan = P.Plan.from_dict(op.plan)
+            impossible = _impossible_path(plan, op.steps_done, s.catalog.load_tree())
+            if impossible is not None:
+                return self._roll_back_impossible(s, datapath, op, plan, *impossible)
             log.info("recovering operation #%d (%s) from step %d of %d", op.id, op.op,
                      op.steps_done, len(plan.steps))
             self._execute(s, datapath, plan, op.id, start=op.steps_done)
@@ -371,6 +388,54 @@ class Engine(object):
             return {"domain": s.domain.name, "recovered": op.id, "op": op.op,
                     "steps_done_before": op.steps_done, "steps": len(plan.steps),
                     "result": plan.result, "unpaused": healed}
+
+    def _bring_metadata_in_step(self, s):
+        """libvirt's snapshot metadata made to show the catalog's snapshots again where it
+        differs (a crash between the catalog's commit and its update, a definition removed
+        by hand); snapshots livesnap never had are left alone. What changed, as
+        ``[[change, name]]``; a failure is the command's error."""
+        if s.domain.kind != "libvirt":
+            return []
+        from livesnap.platforms import libvirt_snapshots
+        tree = self.load(s, validate=False)
+        changed = libvirt_snapshots.sync(s.domain, tree, s.catalog.known_names)
+        for change, name in changed:
+            log.info("libvirt's snapshot metadata of %s: %s %s", s.domain.name, change, name)
+        return [list(c) for c in changed]
+
+    def _roll_back_impossible(self, s, datapath, op, plan, index, path, problem):
+        """An operation journaled with an image path that can never exist (an older
+        livesnap did not check): back to "before" when no step is marked done and nothing
+        of the first step took effect (no image renamed; when a later step needs the path,
+        the domain's disks still the catalog's); otherwise a clear error."""
+        step = plan.steps[0]
+        # an image renamed by the step (the VHD datapaths' frozen or kept leaf) is an effect
+        # "before" cannot take back here
+        tree = s.catalog.load_tree()
+        known = {n.path for n in tree.nodes.values()}
+        targets = [it.get("frozen_path") for it in step.get("items") or [step]]
+        renamed = [p for p in targets + [step.get("kept_path")]
+                   if p and p not in known and os.path.lexists(p)]
+        sources = {d.target: d.path for d in s.domain.disks()}
+        # a later step needs the path: step 0 must have left the domain's disks as they were
+        untouched = index == 0 or all(sources.get(disk) == tree.nodes[nid].path
+                                      for disk, nid in tree.active.items())
+        if op.steps_done != 0 or renamed or not untouched or \
+                step["op"] not in ("snapshot", "new_leaf", "internal_snapshot", "keep_leaf"):
+            raise UnusablePath(names.printable(path), "%s; operation #%d (%s) needs it at step "
+                               "%d of %d and cannot be finished by livesnap"
+                               % (problem, op.id, op.op, index + 1, len(plan.steps)))
+        reason = "cannot create an image at %s: %s" % (names.printable(path), problem)
+        datapath.abandon(step)
+        s.catalog.finish(op.id, "rolled-back", reason)
+        log.warning("operation #%d (%s) rolled back: %s", op.id, op.op, reason)
+        healed = datapath.heal() if hasattr(datapath, "heal") else []     # nothing paused
+        s.tree = s.catalog.load_tree()
+        self._sync_metadata(s, s.tree)
+        return {"domain": s.domain.name, "recovered": op.id, "op": op.op,
+                "steps_done_before": op.steps_done, "steps": len(plan.steps),
+                "result": plan.result, "unpaused": healed, "rolled_back": True,
+                "reason": reason}
 
     def snapshot_list(self, domain, include_hidden=False):
         with self._session(domain, lock=False) as s:
@@ -398,6 +463,18 @@ class Engine(object):
             if s.domain.kind == "xen":
                 s.datapath = self.datapath_for(s.domain)      # it makes the images readable
             return check.check(self, s)
+
+
+def _impossible_path(plan, start, tree):
+    """(step index, path, why) of the first image path that steps ``start``.. of ``plan``
+    would create and that can never exist, or None."""
+    existing = {n.path for n in tree.nodes.values()}
+    for i in range(start, len(plan.steps)):
+        for path in names.new_paths([plan.steps[i]], existing):
+            problem = names.path_problem(path)
+            if problem is not None:
+                return i, path, problem
+    return None
 
 
 def _leaf_cost(path):

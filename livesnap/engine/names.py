@@ -1,9 +1,31 @@
-"""What a snapshot name may be: it becomes part of image file names, so no path syntax."""
+"""What names, descriptions and new image paths may be.
+
+A snapshot name becomes part of image file names, so no path syntax. A description is kept
+in the catalog, in libvirt's snapshot XML and in XAPI's records, and shown on terminals: one
+rule (``text_problem``) for what none of them can hold safely, used by the engine, the CLI
+and the XAPI plugin alike. A new image's path must be one the file system (or LVM) can hold,
+checked before an operation is journaled (``path_problem``).
+"""
+import os
 import re
 
 from livesnap.errors import UsageError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@-]{0,99}\Z")
+DESCRIPTION_MAX = 1024            # characters (the XAPI plugin's limit for any argument)
+
+# What XML 1.0 cannot hold (C0 controls but tab, newline and carriage return; lone
+# surrogates; U+FFFE, U+FFFF), what a terminal acts on instead of printing (every C0 and C1
+# control, DEL) and what reorders the text shown around it (bidi embeddings, overrides and
+# isolates). A description is one line: newline and carriage return are refused too (XML
+# turns a carriage return into a newline, so it would not come back as it was given).
+UNSAFE_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+                       "\ud800-\udfff\ufffe\uffff]")
+# on output every control character goes, tab included (it breaks columns)
+UNPRINTABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+                            "\ud800-\udfff\ufffe\uffff]")
+# what XML 1.0 cannot hold at all
+NOT_XML_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def check_snapshot_name(name):
@@ -11,3 +33,138 @@ def check_snapshot_name(name):
         raise UsageError(reason="invalid snapshot name %r: use 1-100 letters, digits and . _ + @ -, "
                                 "starting with a letter or digit" % (name,))
     return name
+
+
+def text_problem(text, max_chars=DESCRIPTION_MAX):
+    """Why ``text`` cannot be a description (or a name) livesnap keeps, or None."""
+    if not isinstance(text, str):
+        return "it is not text"
+    if len(text) > max_chars:
+        return "it is %d characters long (at most %d)" % (len(text), max_chars)
+    bad = UNSAFE_RE.search(text)
+    if bad:
+        return ("it contains U+%04X at position %d (no control characters, line breaks, "
+                "bidirectional overrides or isolates, surrogates or non-characters)"
+                % (ord(bad.group()), bad.start() + 1))
+    return None
+
+
+def check_description(text):
+    problem = text_problem(text)
+    if problem is not None:
+        raise UsageError(reason="invalid description: %s" % problem)
+    return text
+
+
+def printable(text):
+    """``text`` with every control character (and bidi override, lone surrogate and
+    non-character) shown as an escape (``\\x1b``, ``\\u202e``): what goes to a terminal
+    never carries raw control characters, whatever an older catalog holds."""
+    def escape(m):
+        c = ord(m.group())
+        return "\\x%02x" % c if c < 0x100 else "\\u%04x" % c
+    return UNPRINTABLE_RE.sub(escape, str(text))
+
+
+def xml_text(text):
+    """``text`` with what XML 1.0 cannot hold escaped as in ``printable`` (what libvirt is
+    given from a catalog written before descriptions were checked)."""
+    return NOT_XML_RE.sub(lambda m: printable(m.group()), text)
+
+
+# -- new image paths -----------------------------------------------------------------------
+
+LV_NAME_MAX = 127
+LV_NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]*\Z")
+
+
+def _room_for_trash():
+    """Bytes a file name needs beyond itself: an image is renamed to its trash name
+    (``.<name>.livesnap-free``) when it is freed in the background."""
+    from livesnap.datapaths.trash import SUFFIX
+    return len(b".") + len(SUFFIX.encode())
+
+
+def _pathconf(directory, name, default):
+    try:
+        return os.pathconf(directory, name)
+    except (OSError, ValueError):
+        return default
+
+
+def path_problem(path):
+    """Why an image cannot be created at ``path`` whatever the state of the host (its name
+    is too long for the file system or LVM, or holds characters no tool can take), or None.
+    These paths can never exist: a journaled step that needs one cannot be carried out."""
+    if not isinstance(path, str) or not os.path.isabs(path):
+        return "it is not an absolute path"
+    bad = UNPRINTABLE_RE.search(path)
+    if bad:
+        return "it contains the control character U+%04X" % ord(bad.group())
+    try:
+        raw = os.fsencode(path)
+    except UnicodeError:
+        return "it cannot be encoded for the file system"
+    from livesnap.tools import lvm
+    lv = lvm.split_path(path)
+    if lv is not None:
+        name = lv[1]
+        if len(name) > LV_NAME_MAX:
+            return ("its LV name is %d characters long; LVM allows at most %d"
+                    % (len(name), LV_NAME_MAX))
+        if not LV_NAME_RE.match(name) or name in (".", ".."):
+            return "%r is not a name LVM allows for an LV" % name
+        return None
+    directory, base = os.path.split(raw)
+    extra = _room_for_trash()
+    name_max = _pathconf(directory if os.path.isdir(directory) else b"/", "PC_NAME_MAX", 255)
+    path_max = _pathconf(directory if os.path.isdir(directory) else b"/", "PC_PATH_MAX", 4096)
+    if len(base) + extra > name_max:
+        return ("its file name is %d bytes long; image names in %s may be at most %d bytes "
+                "(%d the file system allows, less %d for livesnap's trash name)"
+                % (len(base), printable(os.fsdecode(directory)), name_max - extra, name_max,
+                   extra))
+    if len(raw) + extra >= path_max:
+        return ("it is %d bytes long; paths may be at most %d bytes (PATH_MAX %d, less %d "
+                "for livesnap's trash name)" % (len(raw), path_max - extra - 1, path_max,
+                                                 extra))
+    return None
+
+
+def place_problem(path):
+    """Why an image cannot be created at ``path`` on this host now (its directory is missing
+    or not writable), or None. Not for LV paths (LVM makes their device nodes)."""
+    from livesnap.tools import lvm
+    if lvm.split_path(path) is not None:
+        return None
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        return "its directory %s does not exist" % printable(directory)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "its directory %s is not writable" % printable(directory)
+    return None
+
+
+def new_paths(steps, existing=()):
+    """Every image path ``steps`` create or rename an image to (paths in ``existing``, the
+    tree's images before the plan, are not new), in order, without repeats."""
+    out = []
+    existing = set(existing)
+
+    def add(p):
+        if p and p not in existing and p not in out:
+            out.append(p)
+    for step in steps:
+        op = step["op"]
+        if op == "snapshot":
+            for it in step["items"]:
+                add(it["frozen_path"])
+                add(it["leaf_path"])
+        elif op == "internal_snapshot":
+            add(step["frozen_path"])
+            add(step["leaf_path"])
+        elif op == "new_leaf":
+            add(step["leaf_path"])
+        elif op == "keep_leaf":
+            add(step.get("kept_path"))
+    return out

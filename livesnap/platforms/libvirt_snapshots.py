@@ -11,6 +11,7 @@ import collections
 import datetime
 import logging
 
+from livesnap.engine.names import xml_text
 from livesnap.errors import DatapathError, UsageError
 from livesnap.platforms import domain_xml
 
@@ -96,7 +97,7 @@ def snapshot_xml(domain, name, description, created, parent, images, state):
     return ("<domainsnapshot><name>%s</name><description>%s</description>"
             "<state>%s</state>%s<creationTime>%d</creationTime><memory snapshot='no'/>"
             "<disks>%s</disks>%s</domainsnapshot>"
-            % (_x(name), _x(description or ""), _x(state),
+            % (_x(name), _x(xml_text(description or "")), _x(state),
                "<parent><name>%s</name></parent>" % _x(parent) if parent else "",
                _epoch(created), disks, domain_xml.to_string(dom)))
 
@@ -110,16 +111,23 @@ def _current_name(domain):
 
 def _same(theirs, description, parent, images):
     """libvirt's definition ``theirs`` (a ``LibvirtSnapshot``) already says what a redefine
-    would: the parent, the description and the point-in-time images ({target: path}), in
-    <disks> and in the embedded domain."""
-    return (theirs.parent == parent and theirs.description == (description or "")
+    would: the parent, the description (as XML can hold it: an older catalog may have
+    what it cannot) and the point-in-time images ({target: path}), in <disks> and in the
+    embedded domain."""
+    return (theirs.parent == parent and theirs.description == xml_text(description or "")
             and theirs.images == images
             and {t: p for t, (_, p) in theirs.disks.items()} == images)
 
 
-def sync(domain, tree):
+def sync(domain, tree, ours=None):
     """Make libvirt's snapshot metadata show livesnap's visible snapshots, parents and
-    current snapshot; nothing else (hidden snapshots are livesnap's business).
+    current snapshot; nothing else (hidden snapshots are livesnap's business). Returns what
+    it changed: ``[("deleted" | "defined", name)]``.
+
+    ``ours``: the names livesnap has had for this domain, or a function that returns them
+    (``Catalog.known_names``, called only when libvirt has a name the tree does not show);
+    a libvirt snapshot with another name was not made by livesnap and is left alone (None:
+    every name is livesnap's).
 
     Only what differs is written: a snapshot libvirt lacks, or whose parent, description
     or images changed (REDEFINE), the snapshot that becomes current, and the one that
@@ -129,9 +137,17 @@ def sync(domain, tree):
     visible = tree.visible_snapshots()
     want = {s.name for s in visible}
     try:
+        changed = []
         have = {s.getName(): s for s in domain.dom.listAllSnapshots(0)}
-        for name in sorted(set(have) - want):
+        extra = sorted(set(have) - want)
+        if extra and callable(ours):
+            ours = ours()
+        for name in extra:
+            if ours is not None and name not in ours:
+                have.pop(name)
+                continue                    # not livesnap's: left as it is
             have.pop(name).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+            changed.append(("deleted", name))
         current = tree.current_snapshot()
         their_current = _current_name(domain) if have else None
         running = None
@@ -168,8 +184,10 @@ def sync(domain, tree):
                 domain.dom.snapshotCreateXML(
                     snapshot_xml(domain, s.name, s.description, s.created, parent, images,
                                  state), flags)
+                changed.append(("defined", s.name))
             if not progressed:
                 raise DatapathError(reason="snapshot parents of %s form no tree" % domain.name)
+        return changed
     except libvirt.libvirtError as e:
         raise DatapathError(reason="cannot update libvirt's snapshot metadata of %s: %s"
                             % (domain.name, e.get_error_message()))

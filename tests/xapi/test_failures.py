@@ -130,6 +130,7 @@ def test_every_livesnap_error_has_its_code():
         errors.ChainTooDeep("/p", 31, 30): "BAD_IMAGE",
         errors.PathOutsideStorage("/p", "/s"): "BAD_IMAGE",
         errors.NoSpace("/d", 10, 1): "NO_SPACE",
+        errors.UnusablePath("/p", "r"): "UNUSABLE_PATH",
         errors.DatapathError(reason="r"): "DATAPATH_ERROR",
         PauseTimeout("pause", 1, 2, "/p", "r"): "DATAPATH_ERROR",
         errors.CommandFailed(["x"], 1, "", "e"): "COMMAND_FAILED",

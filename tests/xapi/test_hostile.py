@@ -24,6 +24,13 @@ CASES = [
     ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": BIG}),
     ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": "a\x7fb"}),
     ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": "one\r\ntwo"}),
+    # issue 16: one rule with the CLI and the API (livesnap.engine.names.text_problem);
+    # what XML-RPC cannot carry (ESC, U+FFFE) never reaches the plugin
+    ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": "c1 \x85 next line"}),
+    ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": "csi \x9b31m"}),
+    ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": "bidi \u202e gnp.exe"}),
+    ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": "isolate \u2067 x"}),
+    ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": "two\nlines"}),
     ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "disks": "../../etc/passwd"}),
     ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "disks": "xvda;reboot"}),
     ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "disks": "xvda,xvda"}),
