@@ -24,7 +24,7 @@ import os
 
 from livesnap import vhd
 from livesnap.datapaths import unlink
-from livesnap.engine import faults
+from livesnap import faults
 from livesnap.tools import lvm
 from livesnap.vhd.edit import set_physical_size
 

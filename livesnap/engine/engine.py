@@ -16,7 +16,8 @@ from livesnap.catalog import Catalog
 from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths import trash
 from livesnap.datapaths.offline import OfflineDatapath
-from livesnap.engine import adopt, check, faults
+from livesnap import faults
+from livesnap.engine import adopt, check
 from livesnap.engine.names import check_snapshot_name
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
                              PathOutsideStorage, UsageError, WrongState)
