@@ -1,3 +1,7 @@
+# pyproject.toml holds the same metadata (PEP 621) and the build system (PEP 517): pip builds
+# from it, and `pip install -e .` gets the lean console script. This file keeps data_files, which
+# pyproject cannot state, and serves setuptools older than 61 (a dom0's Python 3.6), which reads
+# only setup.py. tests/test_packaging.py checks that the two agree.
 from setuptools import find_packages, setup
 
 setup(
