@@ -14,23 +14,18 @@ import zipfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _setup_kwargs():
+def _legacy_metadata():
+    """setup.py's LEGACY_METADATA (what setuptools < 61 reads instead of pyproject.toml)."""
     tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
-    (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
-               and getattr(n.func, "id", None) == "setup"]
-    out = {}
-    for kw in call.keywords:
-        try:
-            out[kw.arg] = ast.literal_eval(kw.value)
-        except ValueError:          # packages=find_packages(...)
-            out[kw.arg] = ast.dump(kw.value)
-    return out
+    (value,) = [n.value for n in tree.body if isinstance(n, ast.Assign)
+                and [t.id for t in n.targets] == ["LEGACY_METADATA"]]
+    return {kw.arg: ast.literal_eval(kw.value) for kw in value.keywords}
 
 
 def test_pyproject_and_setup_py_agree():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
-    kw = _setup_kwargs()
+    kw = _legacy_metadata()
     assert project["name"] == kw["name"]
     assert project["version"] == kw["version"]
     assert project["description"] == kw["description"]
