@@ -1,7 +1,7 @@
 # livesnap: `make test` and `make demo` set up everything they need (Debian 12 / Ubuntu, root).
 PY := .venv/bin/python
 
-.PHONY: setup daemons test demo bench clean
+.PHONY: setup daemons lint test demo bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -9,7 +9,11 @@ setup:
 daemons: setup
 	bash scripts/start-libvirtd.sh
 
-test: daemons
+# the architecture's contracts (.importlinter, docs/architecture.md): about a second
+lint: setup
+	.venv/bin/lint-imports --no-logo
+
+test: daemons lint
 	$(PY) -m pytest -q --durations=20 tests
 
 demo: daemons
@@ -19,4 +23,4 @@ bench: daemons
 	$(PY) bench/vhd_coalesce.py
 
 clean:
-	rm -rf .venv build .pytest_cache .hypothesis
+	rm -rf .venv build .pytest_cache .hypothesis .import_linter_cache

@@ -59,20 +59,17 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from testguest import WriterGuest, verify  # noqa: E402
+import harness  # the checkout on sys.path: first
+from harness import ROOT, BenchError, ratio, run
+from testguest import WriterGuest, verify
 
 URI = "qemu:///system"
-MiB = 1 << 20
 RING_MIB = 1
 DATA_OFFSET_MIB = 16          # bulk data starts here, well after the guest's ring
 BASE_PATTERN, TOP_PATTERN = 0x5A, 0xA5
@@ -80,19 +77,6 @@ CHUNK_MIB = 32                # qemu-io request size for bulk writes and checks
 DELETE_STALL_TARGET_MS = 50.0
 TOOLS = ("livesnap", "virsh-delete", "virsh-blockcommit", "livesnap-api", "livesnap-direct")
 LIVESNAP_TOOLS = ("livesnap", "livesnap-direct", "livesnap-api")
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-def run(cmd, env=None, check=True):
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       universal_newlines=True, env=env, cwd=ROOT)
-    if check and p.returncode != 0:
-        raise BenchError("%s failed (%d): %s %s" % (" ".join(cmd), p.returncode,
-                                                     p.stdout.strip(), p.stderr.strip()))
-    return p
 
 
 def disk_mib(size_mib):
@@ -341,14 +325,6 @@ def ms_stats(s):
             "median_ms": round(s["median"] * 1000, 1), "mean_ms": round(s["mean"] * 1000, 1)}
 
 
-def ratio(a, b):
-    if a is None or b is None:
-        return None
-    if b == 0:
-        return None if a else 1.0
-    return round(a / float(b), 3)
-
-
 def summarize(size, runs):
     """Per tool over repeats: median wall time, worst stall; ratios livesnap / native; targets."""
     def agg(tool, phase):
@@ -443,18 +419,16 @@ def versions():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="16,64,256", help="MiB to move, comma separated")
-    ap.add_argument("--repeat", type=int, default=2, help="runs per size and tool")
+    harness.add_run_options(ap, "tool")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 16 MiB, one repeat, a short quiet window, no "
                          "livesnap-direct row")
     ap.add_argument("--interval-ms", type=int, default=10, help="guest pause between writes")
     ap.add_argument("--quiet-s", type=float, default=2.0, help="baseline window before deletes")
     ap.add_argument("--tools", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
-    ap.add_argument("--out", default=None, help="also write the JSON to this file")
+    harness.add_output_options(ap)
     a = ap.parse_args(argv)
-    sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
+    sizes = harness.sizes_of(a)
     repeat = a.repeat
     tools = list(TOOLS)
     if a.quick:
@@ -476,7 +450,7 @@ def main(argv=None):
         import livesnap.datapaths.libvirt_live  # noqa: F401
         import livesnap.platforms.libvirt_snapshots  # noqa: F401
     # SIGTERM unwinds like Ctrl-C, so the lsb-* domains and the images are always removed
-    signal.signal(signal.SIGTERM, lambda signo, frame: sys.exit(128 + signo))
+    harness.unwind_on_sigterm()
     workdir = tempfile.mkdtemp(prefix="lsb-online-", dir=a.dir)
     started = time.monotonic()
     runs = []
@@ -524,12 +498,7 @@ def main(argv=None):
         "runs": runs,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    text = json.dumps(doc, indent=2, sort_keys=False)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    return 0 if doc["verified"] else 1
+    return harness.emit(doc, a.out)
 
 
 if __name__ == "__main__":

@@ -82,11 +82,11 @@ class _PrintableFormatter(logging.Formatter):
     catalog); a traceback under --debug keeps its lines."""
 
     def formatMessage(self, record):
-        from livesnap.engine.names import printable
+        from livesnap.text import printable
         return printable(super(_PrintableFormatter, self).formatMessage(record))
 
     def formatException(self, exc_info):
-        from livesnap.engine.names import printable
+        from livesnap.text import printable
         text = super(_PrintableFormatter, self).formatException(exc_info)
         return "\n".join(printable(line) for line in text.split("\n"))
 
@@ -117,7 +117,7 @@ def main(argv=None, parser=None):
     except Error as e:
         if getattr(args, "debug", False):
             log.exception("command failed")
-        from livesnap.engine.names import printable
+        from livesnap.text import printable
         sys.stderr.write("error: %s\n" % printable(e))     # one line, no raw controls
         if isinstance(e, Interrupted):
             return 128 + e.signo

@@ -2,7 +2,7 @@
 import json
 import sys
 
-from livesnap.engine.names import printable
+from livesnap.text import printable
 
 
 def emit(args, result, text_fn):

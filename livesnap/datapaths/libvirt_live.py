@@ -21,7 +21,7 @@ import threading
 
 from livesnap.datapaths import Datapath, free, own_files, unlink
 from livesnap.datapaths.offline import OfflineDatapath
-from livesnap.engine import faults
+from livesnap import faults
 from livesnap.errors import DatapathError
 from livesnap.tools import qemu_img
 

@@ -153,7 +153,7 @@ def worker(paths):
     """The detached process's work: free each file (a test may stall it at the fault point
     ``trash:emptying:0``). Exit status 1 when a file could not be freed (the next sweep
     will)."""
-    from livesnap.engine import faults
+    from livesnap import faults
     rc = 0
     for p in paths:
         faults.point("trash", "emptying", 0)

@@ -28,7 +28,7 @@ import uuid
 from livesnap import vhd
 from livesnap.datapaths import Datapath, Namer
 from livesnap.datapaths.vhd_storage import Activation, for_path as storage, merge_extra
-from livesnap.engine import faults
+from livesnap import faults
 from livesnap.errors import DatapathError
 from livesnap.tools import lvm, tap_ctl
 

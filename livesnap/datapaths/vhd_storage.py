@@ -24,9 +24,9 @@ import os
 
 from livesnap import vhd
 from livesnap.datapaths import own_files, unlink
-from livesnap.engine import faults
+from livesnap import faults
 from livesnap.tools import lvm
-from livesnap.vhd.image import set_physical_size
+from livesnap.vhd.edit import set_physical_size
 
 MARGIN = 1 << 20
 

@@ -16,8 +16,9 @@ from livesnap.catalog import Catalog
 from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths import trash
 from livesnap.datapaths.offline import OfflineDatapath
-from livesnap.engine import adopt, check, faults, names, users
-from livesnap.engine.names import check_description, check_snapshot_name
+from livesnap import faults
+from livesnap.engine import adopt, check, names, users
+from livesnap.text import check_description, check_snapshot_name
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
                              PathOutsideStorage, UnusablePath, UsageError, WrongState)
 from livesnap.errors import DataFileImage

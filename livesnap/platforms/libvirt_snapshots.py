@@ -11,7 +11,7 @@ import collections
 import datetime
 import logging
 
-from livesnap.engine.names import xml_text
+from livesnap.text import xml_text
 from livesnap.errors import DatapathError, UsageError
 from livesnap.platforms import domain_xml
 

@@ -42,8 +42,10 @@ from livesnap.vhd.check import check, repair
 from livesnap.vhd.errors import (VhdChainLoop, VhdChainTooDeep, VhdCorrupt, VhdError,
                                  VhdIOError, VhdMissing, VhdNameTooLong, VhdNoSpace,
                                  VhdParentMismatch, VhdRange, VhdUnsupported)
-from livesnap.vhd.image import (Image, Info, RawImage, chain_paths, create, grow, open_image,
-                                query, read, set_hidden, set_marker, set_parent, snapshot, write)
+from livesnap.vhd.create import create, snapshot
+from livesnap.vhd.edit import grow, set_hidden, set_marker, set_parent
+from livesnap.vhd.fileio import RawImage
+from livesnap.vhd.image import Image, Info, chain_paths, open_image, query, read, write
 from livesnap.vhd.merge import coalesce, pull
 
 __all__ = [

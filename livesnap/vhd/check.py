@@ -4,7 +4,8 @@ import struct
 
 from livesnap.vhd import format as fmt
 from livesnap.vhd.errors import VhdCorrupt, VhdError, from_oserror
-from livesnap.vhd.image import Image, footer_problem
+from livesnap.vhd.image import Image
+from livesnap.vhd.ondisk import footer_problem
 
 TIME_SLACK = 300
 

@@ -12,8 +12,10 @@ import time
 from livesnap.vhd import format as fmt
 from livesnap.vhd.check import check, repair
 from livesnap.vhd.errors import VhdError, from_oserror
-from livesnap.vhd.image import (create, drop_data, grow, open_image, set_hidden, set_marker,
-                                set_parent, set_physical_size, snapshot)
+from livesnap.vhd.create import create, snapshot
+from livesnap.vhd.edit import (drop_data, grow, set_hidden, set_marker, set_parent,
+                               set_physical_size)
+from livesnap.vhd.image import open_image
 from livesnap.vhd.merge import coalesce, pull
 
 MiB = 1 << 20

@@ -11,7 +11,9 @@ import os
 
 from livesnap.vhd import format as fmt
 from livesnap.vhd.errors import VhdParentMismatch, VhdRange, VhdUnsupported, from_oserror
-from livesnap.vhd.image import Image, RawImage, set_parent
+from livesnap.vhd.edit import set_parent
+from livesnap.vhd.fileio import RawImage
+from livesnap.vhd.image import Image
 
 log = logging.getLogger(__name__)
 

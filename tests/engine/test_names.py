@@ -9,6 +9,7 @@ import sqlite3
 import pytest
 
 from helpers import Dom, domain_xml, qemu_img
+from livesnap import text
 from livesnap.engine import names
 from livesnap.errors import UsageError
 
@@ -206,11 +207,11 @@ def test_an_older_catalogs_control_characters_are_escaped_and_libvirt_kept_in_st
 
 
 def test_text_rule():
-    assert names.text_problem("kernel 6.1, before the upgrade\t(ok)") is None
+    assert text.text_problem("kernel 6.1, before the upgrade\t(ok)") is None
     for bad in BAD_DESCRIPTIONS + ["\ud800", "\uffff", "\u2069"]:
-        assert names.text_problem(bad) is not None, repr(bad)
-    assert names.printable("a\x1b[0m\u202eb\n") == "a\\x1b[0m\\u202eb\\x0a"
-    assert names.xml_text("a\x1bb\nc") == "a\\x1bb\nc"
+        assert text.text_problem(bad) is not None, repr(bad)
+    assert text.printable("a\x1b[0m\u202eb\n") == "a\\x1b[0m\\u202eb\\x0a"
+    assert text.xml_text("a\x1bb\nc") == "a\\x1bb\nc"
 
 
 @pytest.mark.parametrize("bad", ["tab\there", "c1\x85here", "bidi\u202eereh"])

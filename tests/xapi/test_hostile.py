@@ -24,7 +24,7 @@ CASES = [
     ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": BIG}),
     ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": "a\x7fb"}),
     ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": "one\r\ntwo"}),
-    # issue 16: one rule with the CLI and the API (livesnap.engine.names.text_problem);
+    # issue 16: one rule with the CLI and the API (livesnap.text.text_problem);
     # what XML-RPC cannot carry (ESC, U+FFFE) never reaches the plugin
     ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": "c1 \x85 next line"}),
     ("snapshot_create", {"vm_uuid": "VM", "name": "s1", "description": "csi \x9b31m"}),
