@@ -5,7 +5,7 @@ are in ``livesnap.text``.
 import os
 import re
 
-from livesnap.text import printable
+from livesnap.text import UNPRINTABLE_RE, printable
 
 # -- new image paths -----------------------------------------------------------------------
 
