@@ -2,7 +2,8 @@
 # Build the real blktap (tapdisk, tap-ctl, vhd-util) from ../shared/upstream for the Xen tests,
 # plus the LD_PRELOAD shim that lets tapdisk start without CAP_SYS_RESOURCE (see
 # testxen/preload/memlock_shim.c). The result lives in a cache directory keyed by the archive's
-# sha256, so a second run does not rebuild. Prints the prefix (bin/ sbin/ libexec/ lib/).
+# sha256, so a second run does not rebuild. Prints the prefix (bin/vhd-util, sbin/tap-ctl,
+# libexec/tapdisk, lib/memlock_shim.so, testbed/tap-ctl: tap-ctl with the shim preloaded).
 # Idempotent; run as root (installs missing build dependencies with apt).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -67,7 +68,15 @@ if [ ! -f "$shim" ] || [ "$shim_src" -nt "$shim" ]; then
   mv "$shim.tmp" "$shim"
 fi
 
-for t in sbin/tap-ctl bin/vhd-util libexec/tapdisk lib/memlock_shim.so; do
+# tap-ctl with the shim preloaded (tap-ctl execs libexec/tapdisk, which inherits it): what the
+# tests point livesnap's TAP_CTL at.
+mkdir -p "$prefix/testbed"
+printf '#!/bin/sh\nLD_PRELOAD=%s/lib/memlock_shim.so exec %s/sbin/tap-ctl "$@"\n' \
+  "$prefix" "$prefix" > "$prefix/testbed/tap-ctl.tmp"
+chmod 755 "$prefix/testbed/tap-ctl.tmp"
+mv "$prefix/testbed/tap-ctl.tmp" "$prefix/testbed/tap-ctl"
+
+for t in sbin/tap-ctl bin/vhd-util libexec/tapdisk lib/memlock_shim.so testbed/tap-ctl; do
   if [ ! -e "$prefix/$t" ]; then
     echo "build-blktap: $prefix/$t missing after the build" >&2
     exit 1
