@@ -68,14 +68,20 @@ def vhd_util_bin():
     return os.path.join(prefix(), "bin", "vhd-util")
 
 
+# tapdisk's resume retry pause (10 x 1 s upstream) in ms per second: see memlock_shim.c
+RETRY_MS = "100"
+
+
 def env():
-    """The variables that point livesnap at the real tools."""
-    return {"TAP_CTL": tap_ctl_bin(), "VHD_UTIL": vhd_util_bin()}
+    """The variables that point livesnap at the real tools (and shorten tapdisk's resume
+    retry pause, testxen/preload/memlock_shim.c)."""
+    return {"TAP_CTL": tap_ctl_bin(), "VHD_UTIL": vhd_util_bin(),
+            "TESTXEN_TAPDISK_RETRY_MS": RETRY_MS}
 
 
-def _run(argv, timeout=120):
+def _run(argv, timeout=120, env=None):
     p = subprocess.run([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       universal_newlines=True, timeout=timeout)
+                       universal_newlines=True, timeout=timeout, env=env)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -86,7 +92,7 @@ def vhd_util(*args):
 
 def tap_ctl(*args):
     """(rc, stdout, stderr) of the real tap-ctl."""
-    return _run([tap_ctl_bin()] + list(args), timeout=60)
+    return _run([tap_ctl_bin()] + list(args), timeout=60, env=dict(os.environ, **env()))
 
 
 def check(path):

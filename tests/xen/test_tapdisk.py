@@ -97,14 +97,15 @@ def test_unpause_refuses_a_size_change(xen, tmp_path):
 
 
 def test_unpause_retries_until_the_leaf_appears(xen, tmp_path):
-    """tapdisk retries a failed reopen 10 times, 1 s apart (tapdisk-vbd.c)."""
+    """tapdisk retries a failed reopen 10 times, 1 s apart (tapdisk-vbd.c; here 0.1 s apart:
+    TESTXEN_TAPDISK_RETRY_MS)."""
     leaf, away = str(tmp_path / "leaf.vhd"), str(tmp_path / "away.vhd")
     blktap.create(leaf, 16 * MiB)
     disk = xen.create(leaf)
     xen.wait_acks(disk, 5)
     tap_ctl.pause(disk.pid, disk.minor)
     os.rename(leaf, away)
-    t = threading.Timer(0.3, os.rename, (away, leaf))
+    t = threading.Timer(0.25, os.rename, (away, leaf))
     t.start()
     try:
         tap_ctl.unpause(disk.pid, disk.minor, leaf)
