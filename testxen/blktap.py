@@ -181,7 +181,18 @@ def destroy(pid, minor):
         rc = -1
     if rc != 0 and _alive(pid):
         kill(pid, minor)
+    _reaped(pid, minor)
     return rc
+
+
+def _reaped(pid, minor, timeout=10.0):
+    """After a destroy: once the tapdisk is gone, remove its minor's ID file if tap-ctl left
+    it (it does when the tapdisk was paused: the minor would stay taken)."""
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not _alive(pid):
+        _forget(pid, minor)
 
 
 def kill(pid, minor):
@@ -306,6 +317,7 @@ class Tapdisks(object):
         rc, out, err = tap_ctl("destroy", "-p", pid, "-m", minor)
         if rc == 0:
             self.disks.pop((pid, minor), None)
+            _reaped(pid, minor)
         return rc, out, err
 
     def close(self):
