@@ -28,7 +28,8 @@ if [ ! -f "$stamp" ]; then
   deps=(autoconf automake libtool make gcc libaio-dev libxen-dev uuid-dev zlib1g-dev libssl-dev)
   missing=()
   for p in "${deps[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+      || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     echo "build-blktap: installing ${missing[*]}" >&2

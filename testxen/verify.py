@@ -1,7 +1,7 @@
 """Check the guest's view against the disk: every acknowledged record is in the image, whole.
 
-The ack log of a guest (``testxen.guest``, or the benchmark's tapdisk stand-in) holds ``RUN <run id hex> slots=N
-stride=S size=B path=P``, then ``ACK <seq> <monotonic ns>`` per acknowledged write (plus
+The ack log of a guest (``testxen.guest``, or the benchmark's tapdisk stand-in) holds
+``RUN <run id hex> slots=N stride=S size=B path=P``, then ``ACK <seq> <monotonic ns>`` per acknowledged write (plus
 ``ERR`` and ``STATE`` lines). Slot = seq % slots, at byte slot * stride of the disk.
 
 * ``verify(ack_log, path, until_ns=None, exact=False, via="tapdisk")`` reads the chain of
