@@ -335,7 +335,7 @@ class Vm(object):
                            universal_newlines=True, timeout=120)
         if p.returncode != 0:
             raise BenchError("tap-ctl close failed (%d): %s" % (p.returncode, p.stderr))
-        rep = txverify.assert_intact(self.ack_log, self.leaf)
+        rep = txverify.assert_intact(self.ack_log, self.leaf, via="livesnap")
         self.result["acked_writes"] = rep.acked
         b_holder = self.images["k"] if self.kind == "delete_hide" else self.leaf
         self.check_region(self.leaf, b"A", DATA_OFFSET_MIB)

@@ -23,6 +23,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+bash scripts/build-blktap.sh >/dev/null  # real tapdisk/tap-ctl/vhd-util for tests/xen
+
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi

@@ -1,5 +1,9 @@
 """A ``tap-ctl``-compatible command for the tapdisk stand-in (``testxen/tap-ctl``).
 
+Used only by the benchmark (bench/xen.py); the tests run the real tap-ctl (testxen/blktap.py).
+It follows blktap's control/tap-ctl.c: list's non-tty format, pause -t failing with EINVAL,
+exit codes as positive errnos.
+
 Verbs (options as blktap's tap-ctl; exit 0 or a positive errno, as ``tap-ctl`` does)::
 
     create -a vhd:PATH [-R]            spawn a tapdisk stand-in, allocate a minor, open PATH;

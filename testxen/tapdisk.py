@@ -1,5 +1,11 @@
 """A tapdisk stand-in (XEN-NOTES.md §8): one daemon process per disk.
 
+Used only by the benchmark (bench/xen.py, tests/bench/test_xen_bench.py), which measures
+livesnap's pause windows with a writer inside the tapdisk; tests/xen and tests/xapi run the
+real blktap tapdisk (testxen/blktap.py). It follows tapdisk's behaviour as read from blktap
+drivers/tapdisk-vbd.c and control/tap-ctl.c: pause drains and closes the chain, unpause
+reopens strictly (EMEDIUMTYPE on a size change), requests queue while paused.
+
 It opens the VHD chain of a leaf through ``livesnap.vhd.open_image(path, writable=True)``, so
 BAT, bitmaps and batmap are cached in memory and the leaf's primary footer and batmap are stale on
 disk while it is open, exactly as with tapdisk. Inside it runs the **guest**: a writer thread that
@@ -25,9 +31,7 @@ connection, one JSON reply line (``{"rc": 0, ...}``; rc is a positive errno on f
 While paused no file of the chain is open. The registry entry ``tapdisk<pid>.<minor>.json`` is
 written before the daemon reports ready and removed when it exits.
 
-Record (4096 bytes): ``>4s16sQIQ`` magic ``TXWR``, run id, seq, slot, write time (ns), then a
-fill derived from (run id, seq), then a CRC-32 of everything before it in the last 4 bytes.
-Slot = seq % slots, at byte offset slot * stride.
+Records: testxen/records.py.
 """
 import argparse
 import errno
@@ -36,53 +40,17 @@ import os
 import select
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
 import uuid
-import zlib
 
 from livesnap.vhd import VhdError, open_image
+from testxen.records import (  # noqa: F401  (re-exported)
+    HEADER, MAGIC, RECORD_SIZE, TornRecord, make_record, parse_record)
 
-MAGIC = b"TXWR"
-RECORD_SIZE = 4096
-HEADER = struct.Struct(">4s16sQIQ")
 RUNNING, PAUSE_REQUESTED, PAUSED = 0x0, 0x10, 0x20
 DEFAULT_RUN_DIR = "/run/testxen"
-
-
-class TornRecord(ValueError):
-    pass
-
-
-def make_record(run_id, seq, slot, now_ns=None):
-    if now_ns is None:
-        now_ns = time.monotonic_ns()
-    head = HEADER.pack(MAGIC, run_id, seq, slot, now_ns)
-    fill_unit = struct.pack(">Q", seq) + run_id[:8]
-    n = RECORD_SIZE - len(head) - 4
-    fill = (fill_unit * (n // len(fill_unit) + 1))[:n]
-    body = head + fill
-    return body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
-
-
-def parse_record(buf):
-    """(run_id, seq, slot) of a record, None for an all-zero (never written) slot; a record
-    that is neither raises ``TornRecord``."""
-    if len(buf) != RECORD_SIZE:
-        raise TornRecord("short record (%d bytes)" % len(buf))
-    if not any(buf):
-        return None
-    magic, run_id, seq, slot, _ = HEADER.unpack_from(buf)
-    if magic != MAGIC:
-        raise TornRecord("bad magic %r" % magic)
-    (crc,) = struct.unpack_from(">I", buf, RECORD_SIZE - 4)
-    if zlib.crc32(buf[:-4]) & 0xFFFFFFFF != crc:
-        raise TornRecord("bad CRC (seq %d slot %d)" % (seq, slot))
-    if make_record(run_id, seq, slot, HEADER.unpack_from(buf)[4]) != bytes(buf):
-        raise TornRecord("fill does not match seq %d" % seq)
-    return run_id, seq, slot
 
 
 def names(run_dir, pid, minor):

@@ -1,7 +1,8 @@
 """Fixtures for the XAPI plugin tests: the XAPI stand-in (``testxen/xapi.py``) on a UNIX socket,
-a VM with two VHD disks on a file SR, the tapdisk stand-in (``testxen/tap-ctl``) to serve them,
-and the plugin run exactly as xapi runs it: the plugin file itself with one argv holding the
-XML-RPC methodCall, its reply read from stdout."""
+a VM with two VHD disks on a file SR, served by real tapdisks (blktap, testxen/blktap.py) with
+a guest writing through them over NBD, and the plugin run exactly as xapi runs it: the plugin
+file itself with one argv holding the XML-RPC methodCall, its reply read from stdout. livesnap
+runs the real tap-ctl and vhd-util (TAP_CTL, VHD_UTIL)."""
 import json
 import os
 import shutil
@@ -12,19 +13,16 @@ import xmlrpc.client
 
 import pytest
 
-from livesnap import vhd
-from livesnap.tools import tap_ctl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TESTXEN = os.path.join(ROOT, "testxen")
-TAP_CTL = os.path.join(TESTXEN, "tap-ctl")
 PLUGIN = os.path.join(ROOT, "xapi_plugin", "livesnap")
 SIZE = 8 << 20
 
 if TESTXEN not in sys.path:
     sys.path.insert(0, TESTXEN)          # XenAPIPlugin (stand-in) for in-process imports
 
-from testxen import tapctl  # noqa: E402
+from testxen import blktap  # noqa: E402
 from testxen.xapi import Xapi  # noqa: E402
 
 
@@ -41,7 +39,7 @@ def xenapi_lib(tmp_path_factory):
 
 
 class World(object):
-    """The stand-in world of one test: xapi, tapdisks, SR, state dir."""
+    """The world of one test: the xapi stand-in, real tapdisks, SR, state dir."""
 
     def __init__(self, base, xenapi_lib):
         self.base = base
@@ -59,7 +57,7 @@ class World(object):
         os.makedirs(self.xapi.sr_dir(self.sr))
         self.xapi.serve(self.socket)
         self.session = self.xapi.login()
-        self.pids = set()
+        self.tapdisks = blktap.Tapdisks(self.run_dir)
 
     def env(self, **extra):
         env = dict(os.environ)
@@ -68,7 +66,8 @@ class World(object):
                     "LIVESNAP_STATE_DIR": self.state_dir,
                     "LIVESNAP_SR_MOUNT_BASE": self.sr_base,
                     "LIVESNAP_SM_LOCK_DIR": self.sm_lock_dir,
-                    "TAP_CTL": TAP_CTL, "TESTXEN_RUN_DIR": self.run_dir})
+                    "TESTXEN_RUN_DIR": self.run_dir})
+        env.update(blktap.env())
         env.update(extra)
         return env
 
@@ -122,19 +121,16 @@ class World(object):
             vg_lv = lvm.split_path(path)
             if vg_lv:
                 lvm.lvcreate(vg_lv[0], vg_lv[1], lvm.full_size(SIZE))
-            vhd.create(path, SIZE)
+            blktap.create(path, SIZE)
             self.xapi.add_vbd(vm, vdi, userdevice=str(i))
             paths["xvd" + "abcdefgh"[i]] = path
         return Vm(self, vm, paths)
 
     def tap_ctl(self, *args):
-        p = subprocess.run([TAP_CTL] + [str(a) for a in args], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
-                           env=self.env())
-        return p.returncode, p.stdout, p.stderr
+        return blktap.tap_ctl(*args)
 
     def kill_all(self):
-        tapctl.kill_all(self.run_dir, self.pids)
+        self.tapdisks.close()
 
     def snapshot_of_files(self):
         """Names, sizes and mtimes of every file under the SR and the state dir."""
@@ -160,44 +156,44 @@ class Vm(object):
         return self.world.xapi.record("VM", self.ref)["uuid"]
 
     def start(self):
-        """Serve the disks with the tapdisk stand-in (its writer is the guest); Running."""
+        """Serve the disks with real tapdisks, a guest writing through each; Running."""
+        from livesnap.tools import tap_ctl
+        tds = self.world.tapdisks
         for t, p in self.paths.items():
-            rc, out, err = self.world.tap_ctl("create", "-a", "vhd:%s" % p)
-            assert rc == 0, err
-            minor = int(out.strip()[len("/dev/xen/blktap-2/tapdev"):])
-            disk, = [d for d in tap_ctl.parse_list(self.world.tap_ctl("list")[1])
-                     if d.minor == minor]
-            self.world.pids.add(disk.pid)
-            self.tapdisks[t] = disk
+            pid, minor = tds.create(p)
+            self.tapdisks[t] = tap_ctl.parse_list(self.world.tap_ctl("list", "-m", minor)[1])[0]
+        for td in self.tapdisks.values():
+            tds.wait_acks(td.pid, td.minor, 3)
         self.world.xapi.record("VM", self.ref)["power_state"] = "Running"
 
     def ack_log(self, t):
         td = self.tapdisks[t]
-        return os.path.join(self.world.run_dir, "tapdisk%d.%d.ack" % (td.pid, td.minor))
+        return self.world.tapdisks.ack_log(td.pid, td.minor)
 
     def stop(self):
-        """Close the tapdisks; every acknowledged write is in the disk; Halted."""
+        """Stop the guests, close the tapdisks; every acknowledged write is in the disk (read
+        through a fresh real tapdisk), ``vhd-util check`` passes; Halted."""
         from testxen.verify import assert_intact
         for t, td in self.tapdisks.items():
             log = self.ack_log(t)
-            rc, out, err = self.world.tap_ctl("destroy", "-p", td.pid, "-m", td.minor)
+            rc, out, err = self.world.tapdisks.destroy(td.pid, td.minor)
             assert rc == 0, err
             assert_intact(log, self.paths[t])
-            assert vhd.check(self.paths[t]) == []
+            assert blktap.check(self.paths[t]) == []
         self.tapdisks = {}
         self.world.xapi.record("VM", self.ref)["power_state"] = "Halted"
 
 
 @pytest.fixture
 def world(xenapi_lib, monkeypatch):
+    try:
+        blktap.prefix()
+    except blktap.MissingBuild as e:
+        pytest.fail(str(e), pytrace=False)
     base = "/tmp/xs-" + uuid.uuid4().hex[:10]      # short, and no "_" (XenAPI's UDS naming)
     os.makedirs(base)
-    monkeypatch.setenv("TESTXEN_WRITER_INTERVAL", "0.003")
-    monkeypatch.setenv("TESTXEN_SLOTS", "8")
-    monkeypatch.setenv("TESTXEN_STRIDE", str(1 << 20))
-    monkeypatch.setenv("TESTXEN_RETRY_INTERVAL", "0.05")
-    monkeypatch.setenv("TESTXEN_MAX_LIFETIME", "120")
-    monkeypatch.setenv("TAP_CTL", TAP_CTL)
+    for k, v in blktap.env().items():
+        monkeypatch.setenv(k, v)
     w = World(base, xenapi_lib)
     monkeypatch.setenv("TESTXEN_RUN_DIR", w.run_dir)
     try:

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-
-from livesnap import vhd
+from testxen import blktap
+from testxen.defects import LVHD_LOCATOR
 
 
 def names(listing):
@@ -50,7 +50,7 @@ def test_life_cycle_running_then_halted(world):
     r = world.ok("recover", vm_uuid=vm.uuid)
     assert r["recovered"] is None and r["domain"] == "vm1"
     for p in vm.paths.values():
-        assert vhd.check(p) == []
+        assert blktap.check(p) == []
 
 
 def test_changes_wait_for_sms_sr_lock(world):
@@ -91,7 +91,7 @@ def test_changes_wait_for_sms_sr_lock(world):
     assert json.loads(reply["Value"])["snapshot"] == "s1"
 
 
-@pytest.fixture(params=["ext", "lvm"])
+@pytest.fixture(params=["ext", pytest.param("lvm", marks=LVHD_LOCATOR)])
 def sr_of(request, world):
     if request.param == "ext":
         return world.sr
@@ -117,7 +117,7 @@ def test_xapi_records_follow_the_chains(world, sr_of):
         recs = vdis()
         assert set(recs) == set(images)                 # no image unknown to XAPI, no ghost
         for u, path in images.items():
-            parent = vhd.query(path).parent
+            parent = blktap.query(path)["parent"]
             assert recs[u]["sm_config"].get("vhd-parent") == (image_uuid(parent) if parent
                                                                else None)
         return recs
@@ -162,26 +162,27 @@ def test_suspended_vm_snapshots_offline_but_does_not_revert(world):
     same afterwards, which its saved memory expects); a revert would change what the disks
     read under that memory, so it is refused with the xe commands that make it safe."""
     vm = world.add_vm()
-    vhd.write(vm.paths["xvda"], 0, b"\x5a" * 4096)
+    blktap.write(vm.paths["xvda"], 0, b"\x5a" * 4096)
     world.xapi.record("VM", vm.ref)["power_state"] = "Suspended"
     r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
     assert r["datapath"] == "vhd-offline"
-    vhd.write(vm.paths["xvda"], 0, b"\xa5" * 4096)
-    before = {t: vhd.read(p, 0, 8192) for t, p in vm.paths.items()}
+    blktap.write(vm.paths["xvda"], 0, b"\xa5" * 4096)
+    before = {t: blktap.read(p, 0, 8192) for t, p in vm.paths.items()}
     desc = world.fail("snapshot_revert", {"vm_uuid": vm.uuid, "name": "s1"},
                       "LIVESNAP_WRONG_STATE")
     assert "suspended" in desc[1] and "xe vm-resume uuid=%s" % vm.uuid in desc[1]
-    assert {t: vhd.read(p, 0, 8192) for t, p in vm.paths.items()} == before
+    assert {t: blktap.read(p, 0, 8192) for t, p in vm.paths.items()} == before
     r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
     assert r["action"] == "merged"
-    assert {t: vhd.read(p, 0, 8192) for t, p in vm.paths.items()} == before
+    assert {t: blktap.read(p, 0, 8192) for t, p in vm.paths.items()} == before
     world.xapi.record("VM", vm.ref)["power_state"] = "Halted"
     world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
-    vhd.write(vm.paths["xvda"], 0, b"\x00" * 4096)
+    blktap.write(vm.paths["xvda"], 0, b"\x00" * 4096)
     world.ok("snapshot_revert", vm_uuid=vm.uuid, name="s2")
-    assert vhd.read(vm.paths["xvda"], 0, 4096) == b"\xa5" * 4096
+    assert blktap.read(vm.paths["xvda"], 0, 4096) == b"\xa5" * 4096
 
 
+@LVHD_LOCATOR
 def test_lvhd_halted_vm_with_inactive_lvs(world, lvm_vg):
     """On LVHD SM keeps a detached VDI's LVs inactive (no device). livesnap activates the
     chain it needs for an offline operation and leaves every LV of the VM inactive again."""
@@ -189,7 +190,7 @@ def test_lvhd_halted_vm_with_inactive_lvs(world, lvm_vg):
     vg = lvm_vg.name
     sr = world.add_lvm_sr(lvm_vg)
     vm = world.add_vm(sr=sr)
-    vhd.write(vm.paths["xvda"], 0, b"\x11" * 4096)
+    blktap.write(vm.paths["xvda"], 0, b"\x11" * 4096)
 
     def devices():
         return sorted(os.listdir(os.path.join("/dev", vg)))
@@ -205,7 +206,7 @@ def test_lvhd_halted_vm_with_inactive_lvs(world, lvm_vg):
     assert devices() == []
     for name in lvm_vg.loops():
         lvm.activate(vg, name)
-    vhd.write(vm.paths["xvda"], 0, b"\x22" * 4096)
+    blktap.write(vm.paths["xvda"], 0, b"\x22" * 4096)
     deactivate_all()
     world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
     assert devices() == []
@@ -217,12 +218,12 @@ def test_lvhd_halted_vm_with_inactive_lvs(world, lvm_vg):
     assert sorted(s["name"] for s in listing["snapshots"]) == ["k", "s1"]
     for name in lvm_vg.loops():
         lvm.activate(vg, name)
-    assert vhd.read(vm.paths["xvda"], 0, 4096) == b"\x11" * 4096       # reverted to s1
+    assert blktap.read(vm.paths["xvda"], 0, 4096) == b"\x11" * 4096       # reverted to s1
     k = [s for s in listing["snapshots"] if s["name"] == "k"][0]
     kimg = [d["image"] for d in k["disks"] if d["target"] == "xvda"][0]
-    assert vhd.read(kimg, 0, 4096) == b"\x22" * 4096
+    assert blktap.read(kimg, 0, 4096) == b"\x22" * 4096
     for p in set(lvm.lv_path(vg, n) for n in lvm_vg.loops()):
-        assert vhd.check(p) == [], p
+        assert blktap.check(p) == [], p
     # XAPI knows every image, inactive or not
     recs = {rec["uuid"] for rec in world.xapi.objects["VDI"].values() if rec["SR"] == sr}
     assert recs == set(world.xapi.sr_images(sr))

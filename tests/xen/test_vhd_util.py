@@ -1,4 +1,6 @@
-"""The vhd-util wrapper against ``livesnap vhd`` (and output parsing of vhd-util's formats)."""
+"""The vhd-util wrapper against the real vhd-util (blktap, scripts/build-blktap.sh) and against
+``livesnap vhd`` (livesnap's own compatible command, used where no vhd-util is installed), and
+output parsing of vhd-util's formats. Images one side writes the other reads."""
 import errno
 import os
 import sys
@@ -12,9 +14,17 @@ from livesnap.tools import vhd_util
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def livesnap_vhd(monkeypatch):
-    monkeypatch.setenv("VHD_UTIL", "%s -m livesnap.vhd" % sys.executable)
+@pytest.fixture(autouse=True, params=["real", "livesnap"])
+def livesnap_vhd(request, monkeypatch):
+    if request.param == "real":
+        from testxen import blktap
+        try:
+            monkeypatch.setenv("VHD_UTIL", blktap.vhd_util_bin())
+        except blktap.MissingBuild as e:
+            pytest.fail(str(e), pytrace=False)
+    else:
+        monkeypatch.setenv("VHD_UTIL", "%s -m livesnap.vhd" % sys.executable)
+    return request.param
 
 
 def test_binary_choice(monkeypatch, tmp_path):
