@@ -147,6 +147,10 @@ class Sm(object):
         ``gatherLeafCoalesceable``'s filters) and ``findGarbage`` return."""
         return self.run("classify", sr)
 
+    def lvhd_init(self, sr):
+        """The SR's MGT volume, as SM's LVHDSR makes it (see ``_lvhd_init``)."""
+        return self.run("lvhd-init", sr)
+
     def gc(self, sr):
         """One real GC run to its end (cleanup ``_gc(session, sr, dryRun=False,
         immediate=True)``: the loop the SMGC service runs, without the 5-minute quiet
@@ -275,6 +279,36 @@ def _setup(cfg):
     import blktap2
     SR.TAPDISK_UTIL = os.path.join(sbindir, "td-util")
     blktap2.TapCtl.PATH = os.path.join(sbindir, "tap-ctl")
+    # LVHD: SM runs LVM as /usr/sbin/<cmd>; here every LVM command goes to the LVM stand-in
+    # (testxen/lvm.py: real LVM metadata, loop devices behind /dev/mapper nodes for
+    # activation), and libvhd's own `lvs`/`vgs` (vhd-util scan -l) find it first on PATH.
+    # SM serialises its LVM commands through the fairlock service (a systemd socket unit);
+    # the stand-in serialises its commands itself, so that lock is a no-op here.
+    wrappers = os.path.join(state, "lvm-bin")
+    if not os.path.isdir(wrappers):
+        os.makedirs(wrappers + ".tmp", exist_ok=True)
+        standin = os.path.join(ROOT, "testxen", "lvm")
+        for c in ("lvs", "vgs", "pvs", "lvdisplay", "lvcreate", "lvremove", "lvrename",
+                  "lvresize", "lvextend", "lvchange"):
+            w = os.path.join(wrappers + ".tmp", c)
+            with open(w, "w") as f:
+                f.write('#!/bin/sh\nexec %s %s "$@"\n' % (standin, c))
+            os.chmod(w, 0o755)
+        os.rename(wrappers + ".tmp", wrappers)
+    os.environ["PATH"] = wrappers + os.pathsep + os.environ["PATH"]
+    import lvutil
+    lvutil.LVM_BIN = wrappers
+
+    class NoFairlock(object):
+        def __init__(self, name):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    lvutil.Fairlock = NoFairlock
     import cleanup
     cleanup.NON_PERSISTENT_DIR = os.path.join(state, "nonpersistent")
     cleanup.VAR_RUN = state + "/"
@@ -321,6 +355,31 @@ def _sm_scan(cfg):
     return out
 
 
+def _lvhd_init(cfg):
+    """What SM's LVHDSR.create/attach leave in the VG besides the VDIs' LVs: the ``MGT``
+    metadata LV (4 MiB), written by SM's own ``LVHDSR.updateSRMetadata`` from the SR's and
+    VDIs' XAPI records."""
+    import cleanup
+    import lvhdutil
+    import lvmcache
+    import LVHDSR
+    vg = lvhdutil.VG_PREFIX + cfg["sr_uuid"]
+    cache = lvmcache.LVMCache(vg)
+    cache.create(LVHDSR.LVHDSR.MDVOLUME_NAME, 4 * 1024 * 1024)
+    cache.activateNoRefcount(LVHDSR.LVHDSR.MDVOLUME_NAME)
+    session = cleanup.XAPI.getSession()
+    try:
+        sr = LVHDSR.LVHDSR.__new__(LVHDSR.LVHDSR)
+        sr.uuid = cfg["sr_uuid"]
+        sr.session = session
+        sr.sr_ref = session.xenapi.SR.get_by_uuid(sr.uuid)
+        sr.mdpath = os.path.join(lvhdutil.VG_LOCATION, vg, LVHDSR.LVHDSR.MDVOLUME_NAME)
+        sr.updateSRMetadata("thick")
+    finally:
+        session.xenapi.session.logout()
+    return {"mgt": sr.mdpath}
+
+
 def _classify(cleanup, sr):
     vdis = {}
     for u, v in sr.vdis.items():
@@ -343,6 +402,8 @@ def main(argv):
         os.makedirs(os.path.join(cfg["state"], d), exist_ok=True)
     if action == "scan":
         result = _sm_scan(cfg)
+    elif action == "lvhd-init":
+        result = _lvhd_init(cfg)
     elif action in ("classify", "gc"):
         if action == "gc":
             cleanup._gc(None, cfg["sr_uuid"], dryRun=False, immediate=True)

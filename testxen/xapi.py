@@ -93,7 +93,8 @@ class Xapi(object):
         return self.objects[cls][ref]
 
     def add_sr(self, type="ext", **fields):
-        f = {"name_label": "SR " + type, "type": type, "shared": False, "PBDs": [],
+        f = {"name_label": "SR " + type, "name_description": "", "type": type,
+             "shared": False, "PBDs": [],
              "VDIs": [], "sm_config": {}, "content_type": "user",
              "physical_size": "0", "physical_utilisation": "0", "virtual_allocation": "0"}
         f.update(fields)
@@ -124,6 +125,7 @@ class Xapi(object):
              "is_a_snapshot": False, "snapshot_of": NULL_REF, "snapshots": [],
              "snapshot_time": "19700101T00:00:00Z", "on_boot": "persist",
              "allow_caching": False, "storage_lock": False, "xenstore_data": {},
+             "name_description": "", "metadata_of_pool": NULL_REF,
              "sm_config": {"vdi_type": vdi_type} if vdi_type else {}}
         f.update(fields)
         ref = self._add("VDI", f)
