@@ -33,8 +33,13 @@ relink, rename, hide, journal and XAPI record steps of a GC pass) is SM's code u
 
 Pausing: SM pauses a VDI through ``host.call_plugin(host, "tapdisk-pause", ...)`` on every
 host listed in the VDI's ``sm_config`` as ``host_<ref>``; a VDI with no such key is not
-attached and its pause is only the ``paused`` key (blktap2.VDI.tap_pause). The tests run the
-GC with the VM's disks detached (no ``host_`` keys), as on a host whose VM is halted.
+attached and its pause is only the ``paused`` key (blktap2.VDI.tap_pause). SM's plugin
+(``drivers/tapdisk-pause``) finds the tapdisk through blktap2's sysfs/minor bookkeeping of an
+SM attach, which does not exist here; ``tapdisk_pause_plugin`` serves the same calls on this
+host from the real ``tap-ctl``: the tapdisk whose image is the VDI's path is paused
+(``tap-ctl pause``), unpaused with ``-a vhd:<path>`` (tapdisk reopens the chain by path, as
+the plugin's unpause does) or both (``refresh``); no tapdisk for the path is success, as in
+the plugin ("not attached on this host"). LVM activation of the plugin's unpause is not done.
 """
 import glob
 import hashlib
@@ -236,6 +241,28 @@ class Blktap(object):
                        "nbd+unix:///?socket=/run/blktap-control/nbd%d.%d" % (pid, minor)])
         finally:
             self._close(pid, minor)
+
+
+def tapdisk_pause_plugin(blktap, xapi):
+    """A ``host.call_plugin(host, "tapdisk-pause", fn, args)`` handler for the XAPI stand-in
+    (``xapi.builtin_plugins["tapdisk-pause"] = ...``), see the module's docstring."""
+    def plugin(fn, args):
+        vdi = [r for r, rec in xapi.objects["VDI"].items() if rec["uuid"] == args["vdi_uuid"]]
+        if not vdi:
+            return "True"
+        path = xapi.vdi_path(vdi[0])
+        out = blktap._run([blktap.tap_ctl_path, "list"]).stdout
+        for line in out.splitlines():
+            f = dict(w.split("=", 1) for w in line.split() if "=" in w)
+            if f.get("args") != "vhd:" + path:
+                continue
+            pid_minor = ["-p", f["pid"], "-m", f["minor"]]
+            if fn in ("pause", "refresh"):
+                blktap._run([blktap.tap_ctl_path, "pause"] + pid_minor)
+            if fn in ("unpause", "refresh"):
+                blktap._run([blktap.tap_ctl_path, "unpause"] + pid_minor + ["-a", "vhd:" + path])
+        return "True"
+    return plugin
 
 
 # -- the SM process -----------------------------------------------------------------------------

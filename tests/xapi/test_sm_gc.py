@@ -118,6 +118,36 @@ def test_control_sm_layout_gc_coalesces_base_copies(world, blktap, sm):
     assert "paused" not in x.record("VDI", ref)["sm_config"]
 
 
+def test_control_sm_layout_online_leaf_coalesce_through_real_tapdisk(world, blktap, sm):
+    """The leaf of SM's layout attached (``sm_config host_<ref>=RW``) and served by a real
+    tapdisk: SM's GC pauses it through the tapdisk-pause plugin (here: the real tap-ctl),
+    leaf-coalesces, renames the merged base to the leaf's name and unpauses, and the same
+    tapdisk, reopened on the new chain, serves what it served before, and takes writes."""
+    x = world.xapi
+    x.builtin_plugins["tapdisk-pause"] = smmod.tapdisk_pause_plugin(blktap, x)
+    ref, bases, before = _sm_layout(world, blktap, 1)
+    path = x.vdi_path(ref)
+    x.record("VDI", ref)["sm_config"]["host_" + x.host] = "RW"
+    pid, minor = blktap._served(path, False)
+    try:
+        after = sm.gc(world.sr)
+        assert list(after["vdis"]) == [x.record("VDI", ref)["uuid"]], after
+        log = sm.log()
+        assert "Calling tap-pause on host" in log and "Calling tap-unpause on host" in log
+        sock = "nbd+unix:///?socket=/run/blktap-control/nbd%d.%d" % (pid, minor)
+        out = os.path.join(world.base, "served.raw")
+        blktap._run(["qemu-img", "dd", "-f", "raw", "-O", "raw", "if=" + sock, "of=" + out,
+                     "bs=1M"])
+        with open(out, "rb") as f:
+            assert f.read() == before
+        blktap._run(["qemu-io", "-f", "raw", "-c", "write -P 171 0 65536", sock])
+    finally:
+        blktap._close(pid, minor)
+    assert blktap.read(path)[:65536] == b"\xab" * 65536
+    assert blktap.read(path)[65536:] == before[65536:]
+    assert "paused" not in x.record("VDI", ref)["sm_config"]
+
+
 # -- livesnap's operations, each followed by a real GC pass ------------------------------------
 
 class Scenario(object):
