@@ -4,10 +4,19 @@ with XAPI's reply format: ``{'Status': 'Success', 'Value': v}`` or ``{'Status': 
 'ErrorDescription': [code, ...]}`` (XEN-NOTES.md §3, §4.1).
 
 Served: ``session.login_with_password``, ``session.logout``, ``session.get_this_host``,
-``host.get_all``, ``host.call_plugin``; ``VM|VBD|VDI|SR .get_record``, ``.get_by_uuid``,
-``.get_all``, ``.get_all_records``, ``.get_<field>``; ``VM.get_by_name_label``; ``SR.scan``
-(``scan``: records follow the VHD images, as SM's scan); ``VDI.set_name_label|name_description``,
-``VDI.add_to_other_config``, ``VDI.remove_from_other_config``. Every call but
+``host.get_all``, ``host.call_plugin``; for ``VM|VBD|VDI|SR|host|PBD|pool|host_metrics|task|
+message``: ``.get_record``, ``.get_by_uuid``, ``.get_all``, ``.get_all_records``,
+``.get_all_records_where`` (the ``field "NAME" = "VALUE"`` form SM uses), ``.get_<field>``;
+``VM.get_by_name_label``; ``SR.scan`` (``scan``: records follow the VHD images, as SM's scan);
+``set_<field>``/``add_to_<map>``/``remove_from_<map>`` for the fields in ``SETTABLE``
+(VDI ``sm_config``, ``other_config``, ``managed``, ``read_only``, ``is_a_snapshot``,
+``snapshot_of``...; SR ``sm_config``/``other_config``...); ``VDI.forget``/``db_forget``;
+``SR.update``; ``task.create|cancel|destroy``; ``message.create|destroy``; ``Async.<call>``
+(a finished task); ``event.from``. What SM's GC (cleanup.py) calls is served with xapi's
+semantics (datamodel: a record's relations kept both ways, map keys unique, forget keeps
+the storage); ``VDI.snapshot`` would need an SM driver behind it and fails as a backend
+error. Records are created as xapi creates them for a plugged local SR (one attached PBD
+on this host, the host enabled and live, a pool whose master is this host). Every call but
 login needs a live session (``SESSION_INVALID`` otherwise). ``host.call_plugin`` runs a plugin
 from ``plugins_dir`` the way xapi does (xapi_plugins.ml): the file named exactly ``plugin``,
 one argv holding the XML-RPC methodCall, no shell; the reply read from its stdout; a non-zero
