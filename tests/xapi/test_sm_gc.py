@@ -450,3 +450,29 @@ def test_lvhd_delete_with_no_child(lvhd_scenario):
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LOCATORS)
 def test_lvhd_revert(lvhd_scenario):
     _revert(lvhd_scenario, lvhd_scenario.gc_and_check)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "issue 13 item 5 (observed): after snapshot_create there is no VM snapshot record, and "
+    "the snapshot's VDI (made by SR.scan) has is_a_snapshot=false and no snapshot_of; SM's "
+    "own scan sees the snapshot's image as a visible VDI that is the parent of the VM's "
+    "leaf, an interior node SM's model never has"))
+def test_file_sr_snapshot_in_xapis_model(scenario):
+    """What XenCenter and ``xe vm-snapshot-list`` read: a VM snapshot record
+    (is_a_snapshot, snapshot_of the VM) whose disks are VDIs with is_a_snapshot and
+    snapshot_of their VDI; and in SM's scan every visible VDI a leaf."""
+    sc = scenario
+    x = sc.world.xapi
+    sc.write()
+    r = sc.ok("snapshot_create", name="s1")
+    image_uuid = os.path.basename(r["disks"][0]["image"])[:-len(".vhd")]
+    disk_ref, = [ref for ref, rec in x.objects["VDI"].items()
+                 if rec["uuid"] == os.path.basename(sc.disk)[:-len(".vhd")]]
+    scan = sc.sm.scan(sc.sr)
+    visible_parents = {v["parent"] for v in scan.values() if v["parent"]}
+    assert not [u for u in visible_parents if not scan[u]["hidden"]], scan
+    vms = [rec for rec in x.objects["VM"].values()
+           if rec["is_a_snapshot"] and rec["snapshot_of"] == sc.vm.ref]
+    assert len(vms) == 1, "no VM snapshot record"
+    snap_vdi, = [rec for rec in x.objects["VDI"].values() if rec["uuid"] == image_uuid]
+    assert snap_vdi["is_a_snapshot"] is True and snap_vdi["snapshot_of"] == disk_ref
