@@ -142,8 +142,9 @@ class Sm(object):
         return json.loads(p.stdout.strip().splitlines()[-1])
 
     def scan(self, sr):
-        """SM's own SR scan (FileSR ``_loadvdis``): {uuid: {parent, hidden, read_only}} of
-        the VDIs SM would introduce to XAPI (hidden leaves left out, as SM does)."""
+        """SM's own SR scan (FileSR / LVHDSR ``_loadvdis``): {uuid: {parent, hidden,
+        read_only}} of the VDIs SM would introduce to XAPI (hidden leaves left out, as SM
+        does)."""
         return self.run("scan", sr)
 
     def classify(self, sr):
@@ -353,12 +354,27 @@ def _setup(cfg):
 
 
 def _sm_scan(cfg):
-    """FileSR._loadvdis on an SR object made without SRCommand (only what _loadvdis and
-    FileVDI.load read)."""
-    import FileSR
-    sr = FileSR.FileSR.__new__(FileSR.FileSR)
-    sr.uuid = cfg["sr_uuid"]
-    sr.path = cfg["sr_path"]
+    """FileSR._loadvdis / LVHDSR._loadvdis (the driver's scan: the VDIs SR.scan introduces)
+    on an SR object made without SRCommand: only the fields _loadvdis and the VDI's load
+    read (the SR attached on its master, not in legacy mode)."""
+    if cfg["sr_type"] in ("lvm", "lvmoiscsi", "lvmohba"):
+        import LVHDSR
+        import lvhdutil
+        import lvmcache
+        from lvmanager import LVActivator
+        sr = LVHDSR.LVHDSR.__new__(LVHDSR.LVHDSR)
+        sr.uuid = cfg["sr_uuid"]
+        sr.vgname = lvhdutil.VG_PREFIX + sr.uuid
+        sr.path = os.path.join(lvhdutil.VG_LOCATION, sr.vgname)
+        sr.lvmCache = lvmcache.LVMCache(sr.vgname)
+        sr.lvActivator = LVActivator(sr.uuid, sr.lvmCache)
+        sr.legacyMode = False
+        sr.isMaster = True
+    else:
+        import FileSR
+        sr = FileSR.FileSR.__new__(FileSR.FileSR)
+        sr.uuid = cfg["sr_uuid"]
+        sr.path = cfg["sr_path"]
     sr.vdis = {}
     sr.sr_ref = None
     sr.session = None

@@ -396,6 +396,9 @@ def test_control_lvhd_sm_layout_gc_coalesces_base_copies(world, blktap, sm, lvm_
     ref, bases, before = _sm_layout_lvhd(world, blktap, sr, lvm_vg, 2)
     sm.lvhd_init(sr)
     leaf_uuid = x.record("VDI", ref)["uuid"]
+    scan = sm.scan(sr)                      # LVHDSR._loadvdis
+    assert scan[leaf_uuid]["parent"] == bases[1] and scan[leaf_uuid]["hidden"] is False
+    assert scan[bases[0]]["hidden"] is True and scan[bases[0]]["read_only"] is True
     view = sm.classify(sr)
     assert view["coalesceable"] == [bases[1]], view
     assert view["leaf_coalesceable"] == [leaf_uuid] and view["garbage"] == [], view
