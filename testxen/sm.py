@@ -394,6 +394,7 @@ def _sm_scan(cfg):
     for u, v in sr.vdis.items():
         out[u] = {"parent": v.parent or None, "hidden": bool(v.hidden),
                   "read_only": bool(v.read_only), "managed": not v.hidden,
+                  "size": int(v.size), "utilisation": int(v.utilisation),
                   "is_a_snapshot": bool(getattr(v, "is_a_snapshot", False))}
     return out
 

@@ -69,6 +69,7 @@ class Xapi(object):
         # host plugins served in-process: {name: f(fn, args) -> str} (for plugins that act on
         # this host's tapdisks, e.g. SM's tapdisk-pause, see testxen/sm.py)
         self.builtin_plugins = {}
+        self.scanner = None                # SR.scan's source of truth, see scan()
         self.lock = threading.Lock()
         self.server = None
         self.thread = None
@@ -454,35 +455,49 @@ class Xapi(object):
     def scan(self, sr):
         """New images become VDI records (hidden ones unmanaged), every record's
         ``sm_config.vhd-parent`` and sizes follow its image, records of vanished images that
-        no VBD uses are forgotten."""
-        from livesnap import vhd
-        images = self.sr_images(sr)
+        no VBD uses are forgotten. With ``scanner`` set (``f(sr) -> {uuid: {parent, hidden,
+        read_only, size, utilisation}}``, e.g. SM's own driver scan, testxen/sm.py) the
+        images and what they say are SM's; else they are read here with livesnap's VHD
+        engine."""
+        found = self.scanner(sr) if self.scanner is not None else self._scan_images(sr)
         by_uuid = {rec["location"]: ref for ref, rec in self.objects["VDI"].items()
                    if rec["SR"] == sr}
+        for u, info in found.items():
+            facts = {"virtual_size": str(info["size"]),
+                     "physical_utilisation": str(info["utilisation"]),
+                     "managed": not info["hidden"]}
+            if "read_only" in info:
+                facts["read_only"] = info["read_only"]
+            ref = by_uuid.get(u)
+            if ref is None:
+                ref = self.add_vdi(sr, info["size"], uuid=u, location=u, name_label="")
+            rec = self.record("VDI", ref)
+            rec.update(facts)
+            rec["sm_config"].pop("vhd-parent", None)
+            if info["parent"]:
+                rec["sm_config"]["vhd-parent"] = info["parent"]
+            self._event("VDI", "mod", ref)
+        for u, ref in by_uuid.items():
+            rec = self.record("VDI", ref)
+            if u not in found and not rec["VBDs"]:
+                self._del("VDI", ref)
+                self.record("SR", sr)["VDIs"].remove(ref)
+
+    def _scan_images(self, sr):
+        from livesnap import vhd
         loops = {}
         if self.record("SR", sr)["type"] in ("lvm", "lvmoiscsi", "lvmohba"):
             from testxen import lvm as standin
             loops = standin.Vg(os.environ["TESTXEN_LVM_ROOT"]).loops()
-        for u, path in images.items():
+        out = {}
+        for u, path in self.sr_images(sr).items():
             with vhd.open_image(loops.get(os.path.basename(path), path), chain=False) as img:
                 parent = img.parent_candidates()[0] if img.is_differencing else None
-                facts = {"virtual_size": str(img.virtual_size),
-                         "physical_utilisation": str(img.physical_size),
-                         "managed": not img.hidden}
-            ref = by_uuid.get(u)
-            if ref is None:
-                ref = self.add_vdi(sr, img.virtual_size, uuid=u, location=u, name_label="")
-            rec = self.record("VDI", ref)
-            rec.update(facts)
-            rec["sm_config"].pop("vhd-parent", None)
-            if parent is not None:
-                rec["sm_config"]["vhd-parent"] = os.path.basename(parent).replace(
-                    "VHD-", "").replace(".vhd", "")
-        for u, ref in by_uuid.items():
-            rec = self.record("VDI", ref)
-            if u not in images and not rec["VBDs"]:
-                self._del("VDI", ref)
-                self.record("SR", sr)["VDIs"].remove(ref)
+                out[u] = {"size": img.virtual_size, "utilisation": img.physical_size,
+                          "hidden": img.hidden,
+                          "parent": os.path.basename(parent).replace("VHD-", "").replace(
+                              ".vhd", "") if parent else None}
+        return out
 
     @staticmethod
     def _nargs(method, args, n):

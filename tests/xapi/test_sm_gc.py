@@ -4,7 +4,8 @@ over what livesnap leaves on an SR, with the real vhd-util and the real tapdisk
 calls served by the XAPI stand-in, then every snapshot must read what it read when it was
 taken and the VM's disk what was written to it (reads through the real tapdisk).
 
-The VM is halted while SM works (its disks detached: SM's pause is then only the
+``SR.scan``, which livesnap's plugin calls after each operation, runs SM's own driver scan
+(FileSR/LVHDSR ``_loadvdis``) for the XAPI records. The VM is halted while SM works (its disks detached: SM's pause is then only the
 ``sm_config`` key, as on a host); livesnap runs offline; the data is written through the real
 tapdisk. A control SR laid out as SM lays it out (vhd-util snapshot, hidden base copies,
 XAPI records as SM writes them) shows the harness doing SM's documented work.
@@ -236,6 +237,7 @@ class Scenario(object):
 
 @pytest.fixture
 def scenario(world, blktap, sm):
+    world.xapi.scanner = sm.scan         # SR.scan (livesnap calls it) runs SM's own scan
     return Scenario(world, blktap, sm, world.sr)
 
 
@@ -344,6 +346,7 @@ def lvhd_scenario(world, blktap, sm, lvm_vg):
     sr = world.add_lvm_sr(lvm_vg)
     sc = Scenario(world, blktap, sm, sr)
     sm.lvhd_init(sr)
+    world.xapi.scanner = sm.scan
     return sc
 
 
