@@ -24,7 +24,9 @@ command from LVM's own report (``lvs``, keyed by the LV's UUID, which a rename k
 So a VHD on such an LV has a real block device's fixed size (its footer at the device's end,
 no growth past it), which is what a bug in inflate/deflate would run into.
 
-Usage: ``$LVM <lvcreate|lvrename|lvresize|lvremove|lvchange|lvs|vgs> ARGS`` (as ``lvm``).
+Usage: ``$LVM <lvcreate|lvrename|lvresize|lvremove|lvchange|lvs|vgs> ARGS`` (as ``lvm``), or
+``testxen/lvm-bin/<command> ARGS`` (links named as LVM's commands in ``/usr/sbin``, for SM's
+``lvutil`` and libvhd's ``lvm-util``, which run them by name).
 State lives in ``$TESTXEN_LVM_ROOT`` (``make_vg`` creates it); links go under
 ``$TESTXEN_LVM_DEV`` (default ``/dev``).
 """
@@ -291,6 +293,8 @@ def libvhd_report(vg, cmd, args):
 
 
 def main(argv):
+    if os.path.basename(argv[0]) in COMMANDS:        # testxen/lvm-bin/<cmd>: as /usr/sbin/<cmd>
+        argv = [argv[0], os.path.basename(argv[0])] + list(argv[1:])
     if len(argv) < 2 or argv[1] not in COMMANDS:
         sys.stderr.write("usage: lvm {%s} ARGS\n" % "|".join(COMMANDS))
         return 2

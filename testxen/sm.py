@@ -28,6 +28,10 @@ so SM's module globals (GC locks, the loop's state) start fresh as in SM's own G
 * ``cleanup.VDI.POLL_INTERVAL`` (1 s: how often the GC polls its forked coalesce) is 0.05 s,
   so each coalesce does not cost a second; no decision depends on it.
 
+SM's ``lvutil._lvmBugCleanup`` runs the real ``dmsetup``, which finds no device-mapper in
+this kernel, and removes what it takes for leftovers of a deactivated LV (its
+``/dev/mapper`` node and ``/dev/<vg>/<lv>`` link), as it would on a host.
+
 Everything else (which VHDs are coalesceable, leaf-coalesceable, garbage; the coalesce,
 relink, rename, hide, journal and XAPI record steps of a GC pass) is SM's code unchanged.
 
@@ -170,17 +174,25 @@ class Blktap(object):
     ``qemu-io``, the QEMU NBD client), so data goes through libvhd's own chain resolution."""
 
     def __init__(self, prefix):
+        """``vhd-util scan -l`` (libvhd's lvm-util) runs ``vgs``/``lvs`` by name: the LVM
+        stand-in's (testxen/lvm-bin) come first on PATH."""
         self.prefix = prefix
         self.vhd_util = os.path.join(prefix, "bin", "vhd-util")
         self.tap_ctl_path = os.path.join(prefix, "sbin", "tap-ctl")
         shim = os.path.join(prefix, "lib", "memlock_shim.so")
-        self.env = dict(os.environ)
-        if os.path.exists(shim):                    # tapdisk's mlockall in a container
-            self.env["LD_PRELOAD"] = shim
+        self.shim = shim if os.path.exists(shim) else None
+
+    def env(self):
+        env = dict(os.environ)                       # now: a test may have set LVM's root
+        env["PATH"] = os.pathsep.join([os.path.join(ROOT, "testxen", "lvm-bin"),
+                                       env.get("PATH", "")])
+        if self.shim:                                # tapdisk's mlockall in a container
+            env["LD_PRELOAD"] = self.shim
+        return env
 
     def _run(self, argv, check=True):
         p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           universal_newlines=True, env=self.env, timeout=120)
+                           universal_newlines=True, env=self.env(), timeout=120)
         if check and p.returncode != 0:
             raise RuntimeError("%s: rc %d: %s %s" % (" ".join(argv), p.returncode, p.stdout,
                                                      p.stderr))
@@ -220,7 +232,8 @@ class Blktap(object):
         """The whole virtual disk as the real tapdisk reads it (chain resolved)."""
         pid, minor = self._served(path, True)
         try:
-            out = tempfile.mktemp(prefix="tapread-")
+            fd, out = tempfile.mkstemp(prefix="tapread-")
+            os.close(fd)
             try:
                 self._run(["qemu-img", "dd", "-f", "raw", "-O", "raw",
                            "if=nbd+unix:///?socket=/run/blktap-control/nbd%d.%d" % (pid, minor),
@@ -312,17 +325,7 @@ def _setup(cfg):
     # activation), and libvhd's own `lvs`/`vgs` (vhd-util scan -l) find it first on PATH.
     # SM serialises its LVM commands through the fairlock service (a systemd socket unit);
     # the stand-in serialises its commands itself, so that lock is a no-op here.
-    wrappers = os.path.join(state, "lvm-bin")
-    if not os.path.isdir(wrappers):
-        os.makedirs(wrappers + ".tmp", exist_ok=True)
-        standin = os.path.join(ROOT, "testxen", "lvm")
-        for c in ("lvs", "vgs", "pvs", "lvdisplay", "lvcreate", "lvremove", "lvrename",
-                  "lvresize", "lvextend", "lvchange"):
-            w = os.path.join(wrappers + ".tmp", c)
-            with open(w, "w") as f:
-                f.write('#!/bin/sh\nexec %s %s "$@"\n' % (standin, c))
-            os.chmod(w, 0o755)
-        os.rename(wrappers + ".tmp", wrappers)
+    wrappers = os.path.join(ROOT, "testxen", "lvm-bin")
     os.environ["PATH"] = wrappers + os.pathsep + os.environ["PATH"]
     import lvutil
     lvutil.LVM_BIN = wrappers

@@ -422,6 +422,35 @@ def test_control_lvhd_sm_layout_gc_coalesces_base_copies(world, blktap, sm, lvm_
     assert "vhd-parent" not in x.record("VDI", ref)["sm_config"]
 
 
+def test_lvhd_devices_as_on_a_host(blktap, lvm_vg):
+    """The LVM stand-in's layout is the dom0 one libvhd expects: /dev/VG/LV links to the
+    /dev/mapper node (dm's name), a child made by the real vhd-util carries the locator SM's
+    children carry (./VG_XenStorage--<sr>-VHD--<uuid>) and resolves, and vhd-util scan -l
+    (SM's LVHD scan) reads LVs without a device too, as it reads them from the PV on a host."""
+    from livesnap.tools import lvm
+    vg = lvm_vg.name
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    for u in (a, b):
+        lvm.lvcreate(vg, "VHD-" + u, lvm.full_size(SIZE))
+    pa, pb = "/dev/%s/VHD-%s" % (vg, a), "/dev/%s/VHD-%s" % (vg, b)
+    node = "/dev/mapper/%s-VHD--%s" % (vg.replace("-", "--"), a.replace("-", "--"))
+    assert os.readlink(pa) == node
+    assert os.stat(node).st_rdev == os.stat(lvm_vg.loops()["VHD-" + a]).st_rdev
+    blktap.vhd("create", "-n", pa, "-s", SIZE // MiB)
+    blktap.vhd("snapshot", "-n", pb, "-p", pa)
+    assert blktap.parent(pb) == node
+    assert "./" + os.path.basename(node) in blktap.vhd("read", "-p", "-n", pb).stdout
+    assert blktap.check(pb) is None
+    for u in (a, b):
+        lvm.activate(vg, "VHD-" + u, False)
+    assert not os.path.exists(pa) and not os.path.exists(node)
+    out = blktap.vhd("scan", "-f", "-m", "VHD-*", "-l", vg).stdout
+    lines = {ln.split()[0]: ln for ln in out.splitlines()}
+    assert "parent=VHD-%s" % a in lines["vhd=VHD-%s" % b], out
+    lvm.lvrename(vg, "VHD-" + a, "VHD-x")
+    assert not os.path.exists(node)
+
+
 ISSUE13_LOCATORS = (
     "issue 13 item 2 (observed after the first snapshot_create): livesnap writes the parent "
     "locator ./VHD-<uuid>; libvhd resolves it next to the child's real path, "
