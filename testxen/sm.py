@@ -226,7 +226,22 @@ class Blktap(object):
         return pid, minor
 
     def _close(self, pid, minor):
+        """``tap-ctl destroy``; then, the tapdisk gone, its minor's ID file removed if tap-ctl
+        left it (it does for a tapdisk that was paused: the minor would stay taken)."""
         self._run([self.tap_ctl_path, "destroy", "-p", str(pid), "-m", str(minor)])
+        deadline = time.monotonic() + 10
+        while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+            try:
+                with open("/proc/%d/stat" % pid) as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except OSError:
+                break
+            time.sleep(0.01)
+        try:
+            os.unlink("/run/blktap-control/tapdisk/tapdisk-%d" % minor)
+        except OSError:
+            pass
 
     def read(self, path):
         """The whole virtual disk as the real tapdisk reads it (chain resolved)."""
