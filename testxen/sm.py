@@ -154,7 +154,8 @@ class Sm(object):
     def classify(self, sr):
         """The GC's view (cleanup.SR scan, no action): every VHD with its parent, hidden
         flag and children; what ``isCoalesceable``, ``isLeafCoalesceable`` (with
-        ``gatherLeafCoalesceable``'s filters) and ``findGarbage`` return."""
+        ``gatherLeafCoalesceable``'s filters and the SR's coalesce/leaf-coalesce switches)
+        and ``findGarbage`` return."""
         return self.run("classify", sr)
 
     def lvhd_init(self, sr):
@@ -448,10 +449,15 @@ def _classify(cleanup, sr):
         vdis[u] = {"parent": v.parent.uuid if v.parent else None, "hidden": bool(v.hidden),
                    "children": sorted(c.uuid for c in v.children),
                    "scan_error": bool(v.scanError)}
+    # the SR's switches as findCoalesceable / findLeafCoalesceable read them
+    # (other-config:coalesce=false, leaf-coalesce=false: nothing is picked)
     leaf = []
-    sr.gatherLeafCoalesceable(leaf)
+    if not sr.leafCoalesceForbidden():
+        sr.gatherLeafCoalesceable(leaf)
+    coalesce_off = sr.xapi.srRecord["other_config"].get(cleanup.VDI.DB_COALESCE) == "false"
     return {"vdis": vdis,
-            "coalesceable": sorted(u for u, v in sr.vdis.items() if v.isCoalesceable()),
+            "coalesceable": [] if coalesce_off else sorted(
+                u for u, v in sr.vdis.items() if v.isCoalesceable()),
             "leaf_coalesceable": sorted(v.uuid for v in leaf),
             "garbage": sorted(v.uuid for v in sr.findGarbage())}
 

@@ -5,10 +5,13 @@ calls served by the XAPI stand-in, then every snapshot must read what it read wh
 taken and the VM's disk what was written to it (reads through the real tapdisk).
 
 ``SR.scan``, which livesnap's plugin calls after each operation, runs SM's own driver scan
-(FileSR/LVHDSR ``_loadvdis``) for the XAPI records. The VM is halted while SM works (its disks detached: SM's pause is then only the
-``sm_config`` key, as on a host); livesnap runs offline; the data is written through the real
-tapdisk. A control SR laid out as SM lays it out (vhd-util snapshot, hidden base copies,
-XAPI records as SM writes them) shows the harness doing SM's documented work.
+(FileSR/LVHDSR ``_loadvdis``) for the XAPI records. The VM is halted while SM works (its
+disks detached: SM's pause is then only the ``sm_config`` key, as on a host); livesnap runs
+offline, or online with the VM started between GC passes; offline data is written through
+the real tapdisk. After a delete SM must find nothing to coalesce. Control SRs laid out as
+SM lays them out (vhd-util snapshot, hidden base copies, XAPI records as SM writes them;
+file and LVHD; an attached leaf served by a real tapdisk) show the harness doing SM's
+documented work.
 
 Expected failures are the defects of issue 13 ("XAPI: snapshots in SM's model"); each
 xfail says what was observed."""
@@ -205,9 +208,11 @@ class Scenario(object):
         listing = self.ok("snapshot_list")
         return {s["name"]: s["disks"][0]["image"] for s in listing["snapshots"]}
 
-    def gc_and_check(self):
+    def gc_and_check(self, after_delete=False):
         """SM's GC to its end, then: every snapshot reads what it read when taken, the disk
-        what was written, every image livesnap lists is sound to the real vhd-util."""
+        what was written, every image livesnap lists is sound to the real vhd-util. After a
+        delete SM must find nothing to coalesce: livesnap's delete leaves the state SM's own
+        GC would reach (issue 13)."""
         if self.online:
             self.vm.stop()                  # every acknowledged guest write is in the disk
         self.activate()
@@ -215,6 +220,10 @@ class Scenario(object):
         assert problem is None, "the real vhd-util cannot open the disk's chain: %s" % problem
         disk_before = self.blktap.read(self.disk)
         view = self.sm.classify(self.sr)          # what the GC is about to act on
+        if after_delete:
+            assert view["coalesceable"] == view["leaf_coalesceable"] == [], (
+                "after a delete SM still finds work: coalesceable %s, leaf-coalesceable %s"
+                % (view["coalesceable"], view["leaf_coalesceable"]))
         self.sm.gc(self.sr)
         images = self.images()
         self.activate()
@@ -245,7 +254,7 @@ def _delete_one_child(sc, gc):
     """s1 then s2; delete s1 (one child: s2's image)."""
     sc.write(); sc.create("s1"); gc()
     sc.write(); sc.create("s2"); gc()
-    sc.write(); sc.ok("snapshot_delete", name="s1"); del sc.expected["s1"]; gc()
+    sc.write(); sc.ok("snapshot_delete", name="s1"); del sc.expected["s1"]; gc(after_delete=True)
 
 
 def _delete_newest(sc, gc):
@@ -253,7 +262,7 @@ def _delete_newest(sc, gc):
     image between s1 and the leaf until the next snapshot)."""
     sc.write(); sc.create("s1"); gc()
     sc.write(); sc.create("s2"); gc()
-    sc.write(); sc.ok("snapshot_delete", name="s2"); del sc.expected["s2"]; gc()
+    sc.write(); sc.ok("snapshot_delete", name="s2"); del sc.expected["s2"]; gc(after_delete=True)
     sc.write(); sc.create("s3"); gc()
 
 
@@ -265,8 +274,8 @@ def _delete_two_children(sc, gc):
     sc.ok("snapshot_revert", name="s1", keep_current="k1")
     sc.expected["k1"] = sc.blktap.read(sc.images()["k1"])
     gc()
-    sc.write(); sc.ok("snapshot_delete", name="s1"); del sc.expected["s1"]; gc()
-    sc.write(); sc.ok("snapshot_delete", name="k1"); del sc.expected["k1"]; gc()
+    sc.write(); sc.ok("snapshot_delete", name="s1"); del sc.expected["s1"]; gc(after_delete=True)
+    sc.write(); sc.ok("snapshot_delete", name="k1"); del sc.expected["k1"]; gc(after_delete=True)
 
 
 def _delete_no_child(sc, gc):
@@ -276,7 +285,7 @@ def _delete_no_child(sc, gc):
     sc.ok("snapshot_revert", name="s1", keep_current="k1")
     sc.expected["k1"] = sc.blktap.read(sc.images()["k1"])
     gc()
-    sc.ok("snapshot_delete", name="k1"); del sc.expected["k1"]; gc()
+    sc.ok("snapshot_delete", name="k1"); del sc.expected["k1"]; gc(after_delete=True)
 
 
 def _revert(sc, gc):
@@ -324,8 +333,8 @@ def test_file_sr_revert(scenario):
     "issue 13 item 1, after a delete (observed with the SR's leaf-coalesce switched off, so "
     "that the first defect does not hide it): deleting the newest snapshot of a running VM "
     "leaves livesnap's internal image (hidden, one child: the leaf) under the older "
-    "snapshot s1; SM's GC finds it isCoalesceable and coalesces it into s1's image: s1 "
-    "then reads guest data written after it was taken"))
+    "snapshot s1; SM finds it isCoalesceable right after the delete, and its GC coalesces "
+    "it into s1's image: s1 then reads guest data written after it was taken"))
 def test_file_sr_online_delete_newest_without_leaf_coalesce(scenario):
     scenario.world.xapi.record("SR", scenario.sr)["other_config"]["leaf-coalesce"] = "false"
     scenario.start()
