@@ -7,8 +7,12 @@ extents, free space, permissions and every refusal and error message are LVM's o
 activation would give, a block device per LV at ``/dev/<vg>/<lv>``, is made after each
 command from LVM's own report (``lvs``, keyed by the LV's UUID, which a rename keeps):
 
-* a new LV gets a sparse data file of exactly its size and a loop device over it, and the
-  link ``<dev>/<vg>/<lv>`` -> ``/dev/loopN`` (as udev links a dm device);
+* a new LV gets a sparse data file of exactly its size and a loop device over it, a block
+  device node ``<dev>/mapper/<vg>-<lv>`` (device-mapper's name: each ``-`` in VG and LV
+  doubled) with the loop's device number, and the link ``<dev>/<vg>/<lv>`` -> that node, as
+  LVM lays them out in XenServer's dom0 (no udev: LVM makes the ``/dev/mapper`` nodes and the
+  ``/dev/<vg>/<lv>`` links itself). So libvhd, which resolves a VHD's parent locator relative
+  to the real path of the child, looks in ``/dev/mapper`` as on a host;
 * a renamed LV keeps its device, only the link moves (an open device stays valid, as with dm);
 * a resized LV's file is truncated/extended and the loop's capacity re-read (``losetup -c``);
   data past a shrink is gone, as on LVM;
@@ -20,20 +24,23 @@ command from LVM's own report (``lvs``, keyed by the LV's UUID, which a rename k
 So a VHD on such an LV has a real block device's fixed size (its footer at the device's end,
 no growth past it), which is what a bug in inflate/deflate would run into.
 
-Usage: ``$LVM <lvcreate|lvrename|lvresize|lvremove|lvchange|lvs|vgs> ARGS`` (as ``lvm``).
+Usage: ``$LVM <lvcreate|lvrename|lvresize|lvremove|lvchange|lvs|vgs> ARGS`` (as ``lvm``), or
+``testxen/lvm-bin/<command> ARGS`` (links named as LVM's commands in ``/usr/sbin``, for SM's
+``lvutil`` and libvhd's ``lvm-util``, which run them by name).
 State lives in ``$TESTXEN_LVM_ROOT`` (``make_vg`` creates it); links go under
 ``$TESTXEN_LVM_DEV`` (default ``/dev``).
 """
 import fcntl
 import json
 import os
+import stat
 import subprocess
 import sys
 
 REAL_LVM = "/usr/sbin/lvm"
 COMMANDS = ("lvcreate", "lvrename", "lvresize", "lvextend", "lvreduce", "lvremove", "lvchange",
-            "lvs", "vgs")
-READ_ONLY = ("lvs", "vgs")
+            "lvs", "vgs", "pvs", "lvdisplay")
+READ_ONLY = ("lvs", "vgs", "pvs", "lvdisplay")
 NOISE = ("Activation disabled", "Skipping zeroing", "not zeroed", "leaked on")
 
 
@@ -92,6 +99,30 @@ class Vg(object):
     def link(self, name):
         return os.path.join(dev_root(), self.name, name)
 
+    def mapper(self, name):
+        return os.path.join(dev_root(), "mapper", dm_name(self.name, name))
+
+    def _link_up(self, name, loop):
+        """The dm node (a block device node of the loop's number) and the VG link to it."""
+        node, link = self.mapper(name), self.link(name)
+        os.makedirs(os.path.dirname(node), exist_ok=True)
+        for tmp, make in ((node + ".tmp", lambda t: os.mknod(
+                t, stat.S_IFBLK | 0o660, os.stat(loop).st_rdev)),
+                          (self.link(".%s.tmp" % name), lambda t: os.symlink(node, t))):
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            make(tmp)
+        os.rename(node + ".tmp", node)
+        os.rename(self.link(".%s.tmp" % name), link)
+
+    def _link_down(self, name, loop):
+        _unlink_if_to(self.link(name), self.mapper(name))
+        try:
+            if os.stat(self.mapper(name)).st_rdev == os.stat(loop).st_rdev:
+                os.unlink(self.mapper(name))
+        except OSError:
+            pass
+
     def sync(self, activate=None):
         """Make links, loop devices and data files follow LVM's metadata; ``activate``
         {lv name: bool} records activation changes (LVM with activation disabled keeps
@@ -130,17 +161,13 @@ class Vg(object):
             linked = ent["name"] is not None and os.path.islink(self.link(ent["name"]))
             if ent["name"] != name or linked != ent.get("active", True):
                 if ent["name"] is not None:
-                    _unlink_if_to(self.link(ent["name"]), ent["loop"])
+                    self._link_down(ent["name"], ent["loop"])
                 if ent.get("active", True):
-                    tmp = self.link(".%s.tmp" % name)
-                    if os.path.lexists(tmp):
-                        os.unlink(tmp)
-                    os.symlink(ent["loop"], tmp)
-                    os.rename(tmp, self.link(name))
+                    self._link_up(name, ent["loop"])
                 ent["name"] = name
         for uuid in [u for u in state if u not in seen]:
             ent = state.pop(uuid)
-            _unlink_if_to(self.link(ent["name"]), ent["loop"])
+            self._link_down(ent["name"], ent["loop"])
             subprocess.run(["blockdev", "--setrw", ent["loop"]])
             _losetup(["-d", ent["loop"]], check=False)
             try:
@@ -178,6 +205,12 @@ def _activation(cmd, args, vg):
     if cmd == "lvchange":
         return {a.split("/", 1)[1]: active for a in args if a.startswith(vg + "/")}
     return {}
+
+
+def dm_name(vg, lv):
+    """device-mapper's name of an LV: ``VG_XenStorage-x`` / ``VHD-y`` ->
+    ``VG_XenStorage--x-VHD--y``."""
+    return "%s-%s" % (vg.replace("-", "--"), lv.replace("-", "--"))
 
 
 def _unlink_if_to(link, target):
@@ -221,7 +254,7 @@ def destroy_vg(root):
     """Remove every LV (links, loops, data), the VG, the PV and its loop device."""
     v = Vg(root)
     for ent in v._state().values():
-        _unlink_if_to(v.link(ent["name"]), ent["loop"])
+        v._link_down(ent["name"], ent["loop"])
         subprocess.run(["blockdev", "--setrw", ent["loop"]])
         _losetup(["-d", ent["loop"]], check=False)
     v.lvm("vgremove", ["-f", v.name])
@@ -234,7 +267,34 @@ def destroy_vg(root):
     subprocess.run(["rm", "-rf", root])
 
 
+def libvhd_report(vg, cmd, args):
+    """What libvhd's ``lvm-util`` (``vhd-util scan -l VG``) asks LVM for, answered for the
+    stand-in, or None for any other query. libvhd reads an LV's VHD metadata straight from
+    the PV, at the LV's first segment (``vgs -o ...,pv_name,pe_start``; ``lvs -o
+    ...,devices``), so it reads inactive LVs too. Here an LV's data is its own loop device,
+    so the report names each LV's loop device as a PV of the VG with its data at extent 0:
+    libvhd then reads exactly the LV's bytes, active or not."""
+    opts = [a for a in args if a.startswith("--options=")]
+    if not opts or not ("pe_start" in opts[0] or "devices" in opts[0]):
+        return None
+    rc, out, err = vg.lvm("vgs", ["--noheadings", "--nosuffix", "--units=b",
+                                  "--options=vg_extent_size", vg.name])
+    if rc:
+        return rc, out, err
+    extent = out.split()[0]
+    lvs = sorted((e["name"], e["loop"], e["size"]) for e in vg._state().values())
+    if cmd == "vgs":
+        lines = ["  %s %s %d %d %s 0\n" % (vg.name, extent, len(lvs), len(lvs), loop)
+                 for _, loop, _ in lvs]
+    else:
+        lines = ["  %s %d linear 1 0 %d %s(0)\n" % (name, size, size, loop)
+                 for name, loop, size in lvs]
+    return 0, "".join(lines), ""
+
+
 def main(argv):
+    if os.path.basename(argv[0]) in COMMANDS:        # testxen/lvm-bin/<cmd>: as /usr/sbin/<cmd>
+        argv = [argv[0], os.path.basename(argv[0])] + list(argv[1:])
     if len(argv) < 2 or argv[1] not in COMMANDS:
         sys.stderr.write("usage: lvm {%s} ARGS\n" % "|".join(COMMANDS))
         return 2
@@ -242,7 +302,9 @@ def main(argv):
     if not root:
         sys.stderr.write("TESTXEN_LVM_ROOT is not set\n")
         return 5
-    rc, out, err = Vg(root).run(argv[1], argv[2:])
+    vg = Vg(root)
+    report = libvhd_report(vg, argv[1], argv[2:]) if argv[1] in ("vgs", "lvs") else None
+    rc, out, err = report or vg.run(argv[1], argv[2:])
     sys.stdout.write(out)
     sys.stderr.write(err)
     return rc

@@ -4,10 +4,19 @@ with XAPI's reply format: ``{'Status': 'Success', 'Value': v}`` or ``{'Status': 
 'ErrorDescription': [code, ...]}`` (XEN-NOTES.md §3, §4.1).
 
 Served: ``session.login_with_password``, ``session.logout``, ``session.get_this_host``,
-``host.get_all``, ``host.call_plugin``; ``VM|VBD|VDI|SR .get_record``, ``.get_by_uuid``,
-``.get_all``, ``.get_all_records``, ``.get_<field>``; ``VM.get_by_name_label``; ``SR.scan``
-(``scan``: records follow the VHD images, as SM's scan); ``VDI.set_name_label|name_description``,
-``VDI.add_to_other_config``, ``VDI.remove_from_other_config``. Every call but
+``host.get_all``, ``host.call_plugin``; for ``VM|VBD|VDI|SR|host|PBD|pool|host_metrics|task|
+message``: ``.get_record``, ``.get_by_uuid``, ``.get_all``, ``.get_all_records``,
+``.get_all_records_where`` (the ``field "NAME" = "VALUE"`` form SM uses), ``.get_<field>``;
+``VM.get_by_name_label``; ``SR.scan`` (``scan``: records follow the VHD images, as SM's scan);
+``set_<field>``/``add_to_<map>``/``remove_from_<map>`` for the fields in ``SETTABLE``
+(VDI ``sm_config``, ``other_config``, ``managed``, ``read_only``, ``is_a_snapshot``,
+``snapshot_of``...; SR ``sm_config``/``other_config``...); ``VDI.forget``/``db_forget``;
+``SR.update``; ``task.create|cancel|destroy``; ``message.create|destroy``; ``Async.<call>``
+(a finished task); ``event.from``. What SM's GC (cleanup.py) calls is served with xapi's
+semantics (datamodel: a record's relations kept both ways, map keys unique, forget keeps
+the storage); ``VDI.snapshot`` would need an SM driver behind it and fails as a backend
+error. Records are created as xapi creates them for a plugged local SR (one attached PBD
+on this host, the host enabled and live, a pool whose master is this host). Every call but
 login needs a live session (``SESSION_INVALID`` otherwise). ``host.call_plugin`` runs a plugin
 from ``plugins_dir`` the way xapi does (xapi_plugins.ml): the file named exactly ``plugin``,
 one argv holding the XML-RPC methodCall, no shell; the reply read from its stdout; a non-zero
@@ -32,7 +41,7 @@ import xmlrpc.client
 from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 
 NULL_REF = "OpaqueRef:NULL"
-CLASSES = ("VM", "VBD", "VDI", "SR", "host")
+CLASSES = ("VM", "VBD", "VDI", "SR", "host", "PBD", "pool", "host_metrics", "task", "message")
 
 
 class Failure(Exception):
@@ -57,10 +66,19 @@ class Xapi(object):
         self.objects = {c: {} for c in CLASSES}
         self.sessions = set()
         self.calls = []                    # (method, args without the session)
+        # host plugins served in-process: {name: f(fn, args) -> str} (for plugins that act on
+        # this host's tapdisks, e.g. SM's tapdisk-pause, see testxen/sm.py)
+        self.builtin_plugins = {}
+        self.scanner = None                # SR.scan's source of truth, see scan()
         self.lock = threading.Lock()
         self.server = None
         self.thread = None
-        self.host = self._add("host", {"name_label": "host1", "hostname": "host1"})
+        self.events = []                   # (id, class, operation, ref) for event.from
+        self.metrics = self._add("host_metrics", {"live": True})
+        self.host = self._add("host", {"name_label": "host1", "hostname": "host1",
+                                       "enabled": True, "metrics": self.metrics,
+                                       "PBDs": []})
+        self.pool = self._add("pool", {"name_label": "", "master": self.host})
 
     # -- the model -------------------------------------------------------------------------
 
@@ -69,16 +87,34 @@ class Xapi(object):
         rec = {"uuid": str(uuid.uuid4()), "other_config": {}}
         rec.update(fields)
         self.objects[cls][ref] = rec
+        self._event(cls, "add", ref)
         return ref
+
+    def _event(self, cls, operation, ref):
+        """Record a change for ``event.from`` (xapi: one event per object changed, with a
+        token that orders them)."""
+        self.events.append((len(self.events) + 1, cls, operation, ref))
+
+    def _del(self, cls, ref):
+        del self.objects[cls][ref]
+        self._event(cls, "del", ref)
 
     def record(self, cls, ref):
         return self.objects[cls][ref]
 
     def add_sr(self, type="ext", **fields):
-        f = {"name_label": "SR " + type, "type": type, "shared": False, "PBDs": [],
-             "VDIs": [], "sm_config": {}, "content_type": "user"}
+        f = {"name_label": "SR " + type, "name_description": "", "type": type,
+             "shared": False, "PBDs": [],
+             "VDIs": [], "sm_config": {}, "content_type": "user",
+             "physical_size": "0", "physical_utilisation": "0", "virtual_allocation": "0"}
         f.update(fields)
-        return self._add("SR", f)
+        sr = self._add("SR", f)
+        # plugged on this host, as an SR SM works on is (cleanup.py checks the PBD)
+        pbd = self._add("PBD", {"SR": sr, "host": self.host, "currently_attached": True,
+                                "device_config": {}})
+        self.record("SR", sr)["PBDs"].append(pbd)
+        self.record("host", self.host)["PBDs"].append(pbd)
+        return sr
 
     def sr_dir(self, sr):
         return os.path.join(self.sr_mount_base, self.record("SR", sr)["uuid"])
@@ -97,6 +133,9 @@ class Xapi(object):
              "virtual_size": str(virtual_size), "physical_utilisation": "0", "type": "user",
              "read_only": False, "sharable": False, "managed": True, "missing": False,
              "is_a_snapshot": False, "snapshot_of": NULL_REF, "snapshots": [],
+             "snapshot_time": "19700101T00:00:00Z", "on_boot": "persist",
+             "allow_caching": False, "storage_lock": False, "xenstore_data": {},
+             "name_description": "", "metadata_of_pool": NULL_REF,
              "sm_config": {"vdi_type": vdi_type} if vdi_type else {}}
         f.update(fields)
         ref = self._add("VDI", f)
@@ -155,6 +194,14 @@ class Xapi(object):
             return self.host
         if method == "host.call_plugin":
             return self._call_plugin(session, *args)
+        if method.startswith("Async."):
+            return self._async(method[len("Async."):], session, args)
+        if method == "event.from":
+            return self._event_from(*args)
+        special = self.SPECIAL.get(method)
+        if special is not None:
+            with self.lock:
+                return getattr(self, special)(method, *args)
         if method == "SR.scan":
             self._nargs(method, args, 1)
             if args[0] not in self.objects["SR"]:
@@ -167,8 +214,12 @@ class Xapi(object):
             raise Failure("MESSAGE_METHOD_UNKNOWN", method)
         table = self.objects[cls]
         for prefix in ("set_", "add_to_", "remove_from_"):
-            if op.startswith(prefix) and cls == "VDI":
-                return self._setter(method, table, prefix, op[len(prefix):], args)
+            if op.startswith(prefix) and cls in self.SETTABLE:
+                with self.lock:
+                    return self._setter(method, cls, prefix, op[len(prefix):], args)
+        if op == "get_all_records_where":
+            self._nargs(method, args, 1)
+            return {r: dict(rec) for r, rec in table.items() if _where(args[0], rec)}
         if op == "get_all":
             return list(table)
         if op == "get_all_records":
@@ -195,26 +246,186 @@ class Xapi(object):
             return rec[field]
         raise Failure("MESSAGE_METHOD_UNKNOWN", method)
 
-    SETTABLE = {"name_label", "name_description", "other_config"}
+    # Fields a client may change, per class. VDI: the public setters plus the ones xapi
+    # exposes to SM for its records (VDI.set_managed, set_read_only, set_is_a_snapshot,
+    # set_snapshot_of, set_virtual_size, set_physical_utilisation: datamodel_vdi.ml, "internal"
+    # calls SM's VDI._db_update and LVHDSR make).
+    SETTABLE = {
+        "VDI": {"name_label", "name_description", "other_config", "sm_config", "managed",
+                "read_only", "is_a_snapshot", "snapshot_of", "virtual_size",
+                "physical_utilisation", "on_boot", "allow_caching", "missing"},
+        "SR": {"name_label", "name_description", "other_config", "sm_config",
+               "physical_size", "physical_utilisation", "virtual_allocation"},
+        "VM": {"name_label", "name_description", "other_config"},
+        "task": {"other_config", "progress", "status"},
+    }
 
-    def _setter(self, method, table, prefix, field, args):
-        """``VDI.set_<field>``, ``.add_to_<map>``, ``.remove_from_<map>`` (XAPI: adding a
+    def _setter(self, method, cls, prefix, field, args):
+        """``<cls>.set_<field>``, ``.add_to_<map>``, ``.remove_from_<map>`` (XAPI: adding a
         key that exists fails with MAP_DUPLICATE_KEY; removing a missing key is fine)."""
-        if field not in self.SETTABLE:
+        table = self.objects[cls]
+        if field not in self.SETTABLE[cls]:
             raise Failure("MESSAGE_METHOD_UNKNOWN", method)
         self._nargs(method, args, {"set_": 2, "add_to_": 3, "remove_from_": 2}[prefix])
         if args[0] not in table:
-            raise Failure("HANDLE_INVALID", "VDI", args[0])
+            raise Failure("HANDLE_INVALID", cls, args[0])
         rec = table[args[0]]
         if prefix == "set_":
+            if field == "snapshot_of" and cls == "VDI":
+                self._link_snapshot(args[0], rec.get("snapshot_of", NULL_REF), args[1])
             rec[field] = args[1]
         elif prefix == "add_to_":
             if args[1] in rec[field]:
-                raise Failure("MAP_DUPLICATE_KEY", "VDI", field, args[0], args[1])
+                raise Failure("MAP_DUPLICATE_KEY", cls, field, args[0], args[1])
             rec[field][args[1]] = args[2]
         else:
             rec[field].pop(args[1], None)
+        self._event(cls, "mod", args[0])
         return ""
+
+    def _link_snapshot(self, ref, old, new):
+        """``snapshot_of`` and the original's ``snapshots`` are one relation (xapi keeps the
+        set side from the ref side)."""
+        vdis = self.objects["VDI"]
+        if old in vdis and ref in vdis[old]["snapshots"]:
+            vdis[old]["snapshots"].remove(ref)
+        if new in vdis and ref not in vdis[new]["snapshots"]:
+            vdis[new]["snapshots"].append(ref)
+
+    # -- calls with their own semantics ------------------------------------------------------
+
+    SPECIAL = {
+        "VDI.forget": "_vdi_forget", "VDI.db_forget": "_vdi_forget",
+        "VDI.snapshot": "_vdi_snapshot", "VDI.clone": "_vdi_snapshot",
+        "SR.update": "_sr_update",
+        "task.create": "_task_create", "task.cancel": "_task_cancel",
+        "task.destroy": "_task_destroy",
+        "message.create": "_message_create", "message.destroy": "_message_destroy",
+    }
+
+    def _vdi_forget(self, method, *args):
+        """``VDI.forget`` / ``VDI.db_forget``: the record goes, the storage stays (xapi:
+        "Removes a VDI record from the database"); its VBDs go with it, and it leaves its
+        original's ``snapshots``."""
+        self._nargs(method, args, 1)
+        ref = args[0]
+        if ref not in self.objects["VDI"]:
+            raise Failure("HANDLE_INVALID", "VDI", ref)
+        rec = self.objects["VDI"][ref]
+        self._link_snapshot(ref, rec.get("snapshot_of", NULL_REF), NULL_REF)
+        for other in self.objects["VDI"].values():
+            if ref in other.get("snapshots", ()):
+                other["snapshots"].remove(ref)
+        sr = self.objects["SR"].get(rec["SR"])
+        if sr is not None and ref in sr["VDIs"]:
+            sr["VDIs"].remove(ref)
+        for vbd in list(rec["VBDs"]):
+            vm = self.objects["VM"].get(self.objects["VBD"][vbd]["VM"])
+            if vm is not None and vbd in vm["VBDs"]:
+                vm["VBDs"].remove(vbd)
+            self._del("VBD", vbd)
+        self._del("VDI", ref)
+        return ""
+
+    def _vdi_snapshot(self, method, *args):
+        """On a host xapi hands ``VDI.snapshot``/``clone`` to the SR's SM driver
+        (``vdi_snapshot``: pause, new VHDs, unpause). No SM driver runs behind this stand-in,
+        so the call fails as xapi fails a backend error; SM's GC calls it only for a leaf
+        too big to leaf-coalesce live (> 20 MiB allocated), which the tests avoid."""
+        raise Failure("SR_BACKEND_FAILURE_82", "", "VDI.snapshot has no SM driver in the "
+                      "XAPI stand-in (testxen/xapi.py)", "")
+
+    def _sr_update(self, method, *args):
+        """``SR.update``: xapi asks SM (``sr_update``) for the SR's sizes; here they are
+        read from the SR's directory (file SR) as FileSR does (statvfs, du)."""
+        self._nargs(method, args, 1)
+        sr = args[0]
+        if sr not in self.objects["SR"]:
+            raise Failure("HANDLE_INVALID", "SR", sr)
+        rec = self.objects["SR"][sr]
+        d = self.sr_dir(sr)
+        if rec["type"] not in ("lvm", "lvmoiscsi", "lvmohba") and os.path.isdir(d):
+            st = os.statvfs(d)
+            rec["physical_size"] = str(st.f_blocks * st.f_frsize)
+            rec["physical_utilisation"] = str(sum(
+                os.stat(os.path.join(d, n)).st_blocks * 512 for n in os.listdir(d)
+                if os.path.isfile(os.path.join(d, n))))
+        self._event("SR", "mod", sr)
+        return ""
+
+    def _task_create(self, method, *args):
+        self._nargs(method, args, 2)
+        return self._add("task", {"name_label": args[0], "name_description": args[1],
+                                  "status": "pending", "progress": 0.0, "result": "",
+                                  "error_info": [], "created": "", "finished": ""})
+
+    def _task_cancel(self, method, *args):
+        self._nargs(method, args, 1)
+        t = self.objects["task"].get(args[0])
+        if t is None:
+            raise Failure("HANDLE_INVALID", "task", args[0])
+        if t["status"] == "pending":
+            t["status"] = "cancelled"
+        return ""
+
+    def _task_destroy(self, method, *args):
+        self._nargs(method, args, 1)
+        if args[0] not in self.objects["task"]:
+            raise Failure("HANDLE_INVALID", "task", args[0])
+        self._del("task", args[0])
+        return ""
+
+    def _message_create(self, method, *args):
+        """``message.create(name, priority, class, obj_uuid, body)``: a message ref."""
+        self._nargs(method, args, 5)
+        return self._add("message", {"name": args[0], "priority": str(args[1]),
+                                     "cls": args[2], "obj_uuid": args[3], "body": args[4]})
+
+    def _message_destroy(self, method, *args):
+        self._nargs(method, args, 1)
+        if args[0] not in self.objects["message"]:
+            raise Failure("HANDLE_INVALID", "message", args[0])
+        self._del("message", args[0])
+        return ""
+
+    def _async(self, method, session, args):
+        """``Async.<call>``: a task ref at once (xapi runs the call in the background); here
+        the call has run when the task is returned, its outcome in the task's status,
+        ``result`` and ``error_info``."""
+        task = self._task_create("task.create", "Async." + method, "")
+        try:
+            value = self._call(method, [session] + list(args))
+            result = xmlrpc.client.dumps((value,), allow_none=True) if value != "" else ""
+            self.objects["task"][task].update(status="success", progress=1.0, result=result)
+        except Failure as e:
+            self.objects["task"][task].update(status="failure", progress=1.0,
+                                              error_info=e.description)
+        return task
+
+    def _event_from(self, classes, token, timeout):
+        """``event.from(classes, token, timeout)``: the changes after ``token`` to objects of
+        ``classes`` (``*`` for all), each with its current snapshot, and the token to pass
+        next; waits up to ``timeout`` seconds for one (xapi's semantics; no
+        ``valid_ref_counts``)."""
+        import time
+        start = int(token) if token else 0
+        deadline = time.monotonic() + float(timeout)
+        wanted = {c.lower() for c in classes}
+        while True:
+            with self.lock:
+                out = []
+                for eid, cls, op, ref in self.events[start:]:
+                    if "*" in wanted or cls.lower() in wanted:
+                        ev = {"id": str(eid), "class": cls.lower(), "operation": op,
+                              "ref": ref}
+                        rec = self.objects[cls].get(ref)
+                        if rec is not None:
+                            ev["snapshot"] = dict(rec)
+                        out.append(ev)
+                new_token = str(len(self.events))
+            if out or time.monotonic() >= deadline:
+                return {"events": out, "valid_ref_counts": {}, "token": new_token}
+            time.sleep(0.05)
 
     # -- SR.scan, as SM's FileSR / LVHDSR scan does it for VHD images ------------------------
 
@@ -244,35 +455,49 @@ class Xapi(object):
     def scan(self, sr):
         """New images become VDI records (hidden ones unmanaged), every record's
         ``sm_config.vhd-parent`` and sizes follow its image, records of vanished images that
-        no VBD uses are forgotten."""
-        from livesnap import vhd
-        images = self.sr_images(sr)
+        no VBD uses are forgotten. With ``scanner`` set (``f(sr) -> {uuid: {parent, hidden,
+        read_only, size, utilisation}}``, e.g. SM's own driver scan, testxen/sm.py) the
+        images and what they say are SM's; else they are read here with livesnap's VHD
+        engine."""
+        found = self.scanner(sr) if self.scanner is not None else self._scan_images(sr)
         by_uuid = {rec["location"]: ref for ref, rec in self.objects["VDI"].items()
                    if rec["SR"] == sr}
+        for u, info in found.items():
+            facts = {"virtual_size": str(info["size"]),
+                     "physical_utilisation": str(info["utilisation"]),
+                     "managed": not info["hidden"]}
+            if "read_only" in info:
+                facts["read_only"] = info["read_only"]
+            ref = by_uuid.get(u)
+            if ref is None:
+                ref = self.add_vdi(sr, info["size"], uuid=u, location=u, name_label="")
+            rec = self.record("VDI", ref)
+            rec.update(facts)
+            rec["sm_config"].pop("vhd-parent", None)
+            if info["parent"]:
+                rec["sm_config"]["vhd-parent"] = info["parent"]
+            self._event("VDI", "mod", ref)
+        for u, ref in by_uuid.items():
+            rec = self.record("VDI", ref)
+            if u not in found and not rec["VBDs"]:
+                self._del("VDI", ref)
+                self.record("SR", sr)["VDIs"].remove(ref)
+
+    def _scan_images(self, sr):
+        from livesnap import vhd
         loops = {}
         if self.record("SR", sr)["type"] in ("lvm", "lvmoiscsi", "lvmohba"):
             from testxen import lvm as standin
             loops = standin.Vg(os.environ["TESTXEN_LVM_ROOT"]).loops()
-        for u, path in images.items():
+        out = {}
+        for u, path in self.sr_images(sr).items():
             with vhd.open_image(loops.get(os.path.basename(path), path), chain=False) as img:
                 parent = img.parent_candidates()[0] if img.is_differencing else None
-                facts = {"virtual_size": str(img.virtual_size),
-                         "physical_utilisation": str(img.physical_size),
-                         "managed": not img.hidden}
-            ref = by_uuid.get(u)
-            if ref is None:
-                ref = self.add_vdi(sr, img.virtual_size, uuid=u, location=u, name_label="")
-            rec = self.record("VDI", ref)
-            rec.update(facts)
-            rec["sm_config"].pop("vhd-parent", None)
-            if parent is not None:
-                rec["sm_config"]["vhd-parent"] = os.path.basename(parent).replace(
-                    "VHD-", "").replace(".vhd", "")
-        for u, ref in by_uuid.items():
-            rec = self.record("VDI", ref)
-            if u not in images and not rec["VBDs"]:
-                del self.objects["VDI"][ref]
-                self.record("SR", sr)["VDIs"].remove(ref)
+                out[u] = {"size": img.virtual_size, "utilisation": img.physical_size,
+                          "hidden": img.hidden,
+                          "parent": os.path.basename(parent).replace("VHD-", "").replace(
+                              ".vhd", "") if parent else None}
+        return out
 
     @staticmethod
     def _nargs(method, args, n):
@@ -282,6 +507,8 @@ class Xapi(object):
     def _call_plugin(self, session, host, plugin, fn, args):
         if host not in self.objects["host"]:
             raise Failure("HANDLE_INVALID", "host", host)
+        if plugin in self.builtin_plugins:
+            return self.builtin_plugins[plugin](fn, args)
         if not self.plugins_dir or plugin not in os.listdir(self.plugins_dir):
             raise Failure("XENAPI_MISSING_PLUGIN", plugin)
         argv = [os.path.join(self.plugins_dir, plugin),
@@ -329,6 +556,19 @@ class Xapi(object):
             except OSError:
                 pass
             self.server = None
+
+
+def _where(expr, rec):
+    """xapi's ``get_all_records_where`` for the one form SM uses:
+    ``field "NAME" = "VALUE"`` (values compared as xapi prints them)."""
+    import re
+    m = re.match(r'\s*field\s+"([^"]+)"\s*=\s*"([^"]*)"\s*$', expr)
+    if not m:
+        raise Failure("INVALID_VALUE", "expr", expr)
+    v = rec.get(m.group(1))
+    if isinstance(v, bool):
+        v = "true" if v else "false"
+    return v is not None and str(v) == m.group(2)
 
 
 class _Handler(SimpleXMLRPCRequestHandler):

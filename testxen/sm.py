@@ -1,0 +1,494 @@
+"""The real storage manager's code (xapi-project/sm, ``../shared/upstream/sm-*.tar.gz``) run
+over an SR the tests made, as XAPI runs it on a host: its scan and its garbage collector
+(``drivers/cleanup.py``) with their own logic, the real ``vhd-util`` (``vhdutil.VHD_UTIL``)
+for every VHD read and write, and their XAPI calls served by the XAPI stand-in
+(``testxen/xapi.py``).
+
+SM is never copied into the project: the archive is unpacked once per checksum into a cache
+(``$LIVESNAP_CACHE``, default ``/var/cache/livesnap``, ``sm-<sha256>/``) and imported from
+there. Each SM action runs in its own Python process (``python -m testxen.sm CONFIG ACTION``),
+so SM's module globals (GC locks, the loop's state) start fresh as in SM's own GC process
+(``/usr/libexec/sm/cleanup -g -u <sr>``). What is changed in that process, and why:
+
+* ``XenAPI.xapi_local()`` (SM's session to the local xapi, ``/var/lib/xcp/xapi``) connects to
+  the stand-in's UNIX socket instead;
+* ``util.get_this_host()`` (reads ``INSTALLATION_UUID`` from ``/etc/xensource-inventory``)
+  returns the stand-in's host uuid;
+* ``util.SMlog`` (syslog) appends to a log file the tests show when they fail;
+* SM's state directories, fixed paths on a host, live under the test's directory:
+  ``lock.Lock.BASE_DIR`` (``/var/lock/sm``: the same directory livesnap's SM lock uses in the
+  test, ``LIVESNAP_SM_LOCK_DIR``, so SM and livesnap exclude each other as on a host),
+  ``ipc.IPCFlag.BASE_DIR``, ``refcounter.RefCounter.BASE_DIR``, ``cleanup.NON_PERSISTENT_DIR``
+  and the speed log (``/var/run/<sr>.speed_log``);
+* a file SR's directory is the stand-in's (``cleanup.FileSR.path`` is
+  ``/var/run/sr-mount/<sr>`` on a host, a mount point);
+* blktap's tools are found under the build's prefix (``vhdutil.VHD_UTIL``,
+  ``blktap2.TapCtl.PATH``, ``SR.TAPDISK_UTIL``, and PATH for SM's bare ``vhd-util`` calls),
+  not in ``/usr/bin``/``/usr/sbin``;
+* ``cleanup.VDI.POLL_INTERVAL`` (1 s: how often the GC polls its forked coalesce) is 0.05 s,
+  so each coalesce does not cost a second; no decision depends on it.
+
+SM's ``lvutil._lvmBugCleanup`` runs the real ``dmsetup``, which finds no device-mapper in
+this kernel, and removes what it takes for leftovers of a deactivated LV (its
+``/dev/mapper`` node and ``/dev/<vg>/<lv>`` link), as it would on a host.
+
+Everything else (which VHDs are coalesceable, leaf-coalesceable, garbage; the coalesce,
+relink, rename, hide, journal and XAPI record steps of a GC pass) is SM's code unchanged.
+
+Pausing: SM pauses a VDI through ``host.call_plugin(host, "tapdisk-pause", ...)`` on every
+host listed in the VDI's ``sm_config`` as ``host_<ref>``; a VDI with no such key is not
+attached and its pause is only the ``paused`` key (blktap2.VDI.tap_pause). SM's plugin
+(``drivers/tapdisk-pause``) finds the tapdisk through blktap2's sysfs/minor bookkeeping of an
+SM attach, which does not exist here; ``tapdisk_pause_plugin`` serves the same calls on this
+host from the real ``tap-ctl``: the tapdisk whose image is the VDI's path is paused
+(``tap-ctl pause``), unpaused with ``-a vhd:<path>`` (tapdisk reopens the chain by path, as
+the plugin's unpause does) or both (``refresh``); no tapdisk for the path is success, as in
+the plugin ("not attached on this host"). LVM activation of the plugin's unpause is not done.
+"""
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def upstream_dir():
+    shared = os.environ.get("LIVESNAP_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
+    return os.path.join(shared, "upstream")
+
+
+def archive():
+    found = sorted(glob.glob(os.path.join(upstream_dir(), "sm-*.tar.gz")))
+    if len(found) != 1:
+        raise RuntimeError("expected one sm-*.tar.gz in %s, found %d"
+                           % (upstream_dir(), len(found)))
+    return found[0]
+
+
+def unpack(cache_root=None):
+    """The unpacked SM tree (holding ``drivers/``), unpacked once per archive checksum."""
+    path = archive()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    cache_root = cache_root or os.environ.get("LIVESNAP_CACHE") or "/var/cache/livesnap"
+    dest = os.path.join(cache_root, "sm-" + h.hexdigest())
+    if os.path.isdir(os.path.join(dest, "drivers")):
+        return dest
+    os.makedirs(cache_root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".sm-", dir=cache_root)
+    try:
+        with tarfile.open(path) as t:
+            t.extractall(tmp)
+        top, = [d for d in os.listdir(tmp) if os.path.isdir(os.path.join(tmp, d))]
+        try:
+            os.rename(os.path.join(tmp, top), dest)
+        except OSError:
+            if not os.path.isdir(os.path.join(dest, "drivers")):   # not a concurrent winner
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+class SmError(Exception):
+    def __init__(self, action, rc, out, err, log):
+        Exception.__init__(self, "SM %s failed (rc %s):\n%s\n%s\n--- SMlog (tail) ---\n%s"
+                           % (action, rc, out[-2000:], err[-4000:], log[-6000:]))
+        self.action, self.rc, self.out, self.err, self.log = action, rc, out, err, log
+
+
+class Sm(object):
+    """SM's code for one test: ``state`` is a private directory (locks may be shared, see
+    ``lock_dir``); ``xapi`` the stand-in (its socket path in ``socket``)."""
+
+    def __init__(self, tree, vhd_util, xapi, socket, state, lock_dir=None):
+        self.tree = tree
+        self.vhd_util = vhd_util
+        self.xapi = xapi
+        self.socket = socket
+        self.state = state
+        self.lock_dir = lock_dir or os.path.join(state, "lock")
+        self.log_path = os.path.join(state, "SMlog")
+        os.makedirs(state, exist_ok=True)
+
+    def config(self, sr):
+        rec = self.xapi.record("SR", sr)
+        host = self.xapi.record("host", self.xapi.host)["uuid"]
+        return {"tree": self.tree, "vhd_util": self.vhd_util, "socket": self.socket,
+                "host_uuid": host, "state": self.state, "lock_dir": self.lock_dir,
+                "log": self.log_path, "sr_uuid": rec["uuid"], "sr_type": rec["type"],
+                "sr_path": self.xapi.sr_dir(sr)}
+
+    def log(self):
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def run(self, action, sr, timeout=300):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in sys.path if p])
+        p = subprocess.run([sys.executable, "-m", "testxen.sm", json.dumps(self.config(sr)),
+                            action], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, env=env, timeout=timeout, cwd=ROOT)
+        if p.returncode != 0:
+            raise SmError(action, p.returncode, p.stdout, p.stderr, self.log())
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    def scan(self, sr):
+        """SM's own SR scan (FileSR / LVHDSR ``_loadvdis``): {uuid: {parent, hidden,
+        read_only}} of the VDIs SM would introduce to XAPI (hidden leaves left out, as SM
+        does)."""
+        return self.run("scan", sr)
+
+    def classify(self, sr):
+        """The GC's view (cleanup.SR scan, no action): every VHD with its parent, hidden
+        flag and children; what ``isCoalesceable``, ``isLeafCoalesceable`` (with
+        ``gatherLeafCoalesceable``'s filters and the SR's coalesce/leaf-coalesce switches)
+        and ``findGarbage`` return."""
+        return self.run("classify", sr)
+
+    def lvhd_init(self, sr):
+        """The SR's MGT volume, as SM's LVHDSR makes it (see ``_lvhd_init``)."""
+        return self.run("lvhd-init", sr)
+
+    def gc(self, sr):
+        """One real GC run to its end (cleanup ``_gc(session, sr, dryRun=False,
+        immediate=True)``: the loop the SMGC service runs, without the 5-minute quiet
+        period), then ``classify`` of what it left."""
+        return self.run("gc", sr)
+
+
+class Blktap(object):
+    """The real blktap under ``prefix`` (built by scripts/build-blktap.sh): ``vhd-util``, and
+    ``tap-ctl``/``tapdisk`` serving an image over NBD for reads and writes (``qemu-img dd`` /
+    ``qemu-io``, the QEMU NBD client), so data goes through libvhd's own chain resolution."""
+
+    def __init__(self, prefix):
+        """``vhd-util scan -l`` (libvhd's lvm-util) runs ``vgs``/``lvs`` by name: the LVM
+        stand-in's (testxen/lvm-bin) come first on PATH."""
+        self.prefix = prefix
+        self.vhd_util = os.path.join(prefix, "bin", "vhd-util")
+        self.tap_ctl_path = os.path.join(prefix, "sbin", "tap-ctl")
+        shim = os.path.join(prefix, "lib", "memlock_shim.so")
+        self.shim = shim if os.path.exists(shim) else None
+
+    def env(self):
+        env = dict(os.environ)                       # now: a test may have set LVM's root
+        env["PATH"] = os.pathsep.join([os.path.join(ROOT, "testxen", "lvm-bin"),
+                                       env.get("PATH", "")])
+        if self.shim:                                # tapdisk's mlockall in a container
+            env["LD_PRELOAD"] = self.shim
+        return env
+
+    def _run(self, argv, check=True):
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, env=self.env(), timeout=120)
+        if check and p.returncode != 0:
+            raise RuntimeError("%s: rc %d: %s %s" % (" ".join(argv), p.returncode, p.stdout,
+                                                     p.stderr))
+        return p
+
+    def vhd(self, *args, check=True):
+        return self._run([self.vhd_util] + [str(a) for a in args], check=check)
+
+    def check(self, path):
+        """``vhd-util check -n PATH -p`` (parent locators resolved: libvhd opens the
+        parent by the child's locator). None if sound, else the tool's complaint."""
+        p = self.vhd("check", "-n", path, "-p", check=False)
+        return None if p.returncode == 0 else (p.stdout + p.stderr).strip()
+
+    def parent(self, path):
+        p = self.vhd("query", "-n", path, "-p", check=False)
+        out = (p.stdout + p.stderr).strip()
+        if p.returncode != 0:
+            raise RuntimeError("vhd-util query -p %s: %s" % (path, out))
+        return None if "has no parent" in out else out
+
+    def _served(self, path, readonly):
+        args = [self.tap_ctl_path, "create", "-a", "vhd:" + path]
+        if readonly:
+            args.append("-R")
+        out = self._run(args).stdout.strip()
+        minor = int(out.rsplit("-", 1)[1])
+        line, = [ln for ln in self._run([self.tap_ctl_path, "list", "-m", str(minor)])
+                 .stdout.splitlines() if ("minor=%d " % minor) in ln + " "]
+        pid = int(line.split("pid=")[1].split()[0])
+        return pid, minor
+
+    def _close(self, pid, minor):
+        """``tap-ctl destroy``; then, the tapdisk gone, its minor's ID file removed if tap-ctl
+        left it (it does for a tapdisk that was paused: the minor would stay taken)."""
+        self._run([self.tap_ctl_path, "destroy", "-p", str(pid), "-m", str(minor)])
+        deadline = time.monotonic() + 10
+        while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+            try:
+                with open("/proc/%d/stat" % pid) as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except OSError:
+                break
+            time.sleep(0.01)
+        try:
+            os.unlink("/run/blktap-control/tapdisk/tapdisk-%d" % minor)
+        except OSError:
+            pass
+
+    def read(self, path):
+        """The whole virtual disk as the real tapdisk reads it (chain resolved)."""
+        pid, minor = self._served(path, True)
+        try:
+            fd, out = tempfile.mkstemp(prefix="tapread-")
+            os.close(fd)
+            try:
+                self._run(["qemu-img", "dd", "-f", "raw", "-O", "raw",
+                           "if=nbd+unix:///?socket=/run/blktap-control/nbd%d.%d" % (pid, minor),
+                           "of=" + out, "bs=1M"])
+                with open(out, "rb") as f:
+                    return f.read()
+            finally:
+                if os.path.exists(out):
+                    os.unlink(out)
+        finally:
+            self._close(pid, minor)
+
+    def write(self, path, offset, length, pattern):
+        """Write ``length`` bytes of ``pattern`` at ``offset`` through the real tapdisk."""
+        pid, minor = self._served(path, False)
+        try:
+            self._run(["qemu-io", "-f", "raw", "-c",
+                       "write -P %d %d %d" % (pattern, offset, length),
+                       "nbd+unix:///?socket=/run/blktap-control/nbd%d.%d" % (pid, minor)])
+        finally:
+            self._close(pid, minor)
+
+
+def tapdisk_pause_plugin(blktap, xapi):
+    """A ``host.call_plugin(host, "tapdisk-pause", fn, args)`` handler for the XAPI stand-in
+    (``xapi.builtin_plugins["tapdisk-pause"] = ...``), see the module's docstring."""
+    def plugin(fn, args):
+        vdi = [r for r, rec in xapi.objects["VDI"].items() if rec["uuid"] == args["vdi_uuid"]]
+        if not vdi:
+            return "True"
+        path = xapi.vdi_path(vdi[0])
+        out = blktap._run([blktap.tap_ctl_path, "list"]).stdout
+        for line in out.splitlines():
+            f = dict(w.split("=", 1) for w in line.split() if "=" in w)
+            if f.get("args") != "vhd:" + path:
+                continue
+            pid_minor = ["-p", f["pid"], "-m", f["minor"]]
+            if fn in ("pause", "refresh"):
+                blktap._run([blktap.tap_ctl_path, "pause"] + pid_minor)
+            if fn in ("unpause", "refresh"):
+                blktap._run([blktap.tap_ctl_path, "unpause"] + pid_minor + ["-a", "vhd:" + path])
+        return "True"
+    return plugin
+
+
+# -- the SM process -----------------------------------------------------------------------------
+
+def _setup(cfg):
+    tree = cfg["tree"]
+    sys.path[:0] = [os.path.join(tree, "drivers"), os.path.join(tree, "misc", "fairlock")]
+    import XenAPI
+    socket = cfg["socket"]
+
+    def xapi_local():
+        return XenAPI.Session("http://%s/" % socket.replace("/", "_"),
+                              transport=XenAPI.UDSTransport())
+    XenAPI.xapi_local = xapi_local
+
+    import util
+    log_path = cfg["log"]
+
+    def smlog(message, ident="SM", priority=None, _open=open):
+        with _open(log_path, "a") as f:
+            for line in str(message).split("\n"):
+                f.write("%.3f %s[%d] %s\n" % (time.time(), ident, os.getpid(), line))
+    util.SMlog = smlog
+    util.get_this_host = lambda: cfg["host_uuid"]
+
+    state = cfg["state"]
+    import lock
+    import ipc
+    import refcounter
+    lock.Lock.BASE_DIR = cfg["lock_dir"]
+    ipc.IPCFlag.BASE_DIR = os.path.join(state, "ipc")
+    refcounter.RefCounter.BASE_DIR = os.path.join(state, "refcount")
+    import vhdutil
+    vhdutil.VHD_UTIL = cfg["vhd_util"]
+    # the rest of blktap's tools where SM expects them (/usr/sbin); some of SM's vhd-util
+    # calls go by PATH ("vhd-util key", "vhd-util read"): PATH leads with the real blktap
+    bindir = os.path.dirname(cfg["vhd_util"])
+    sbindir = os.path.join(os.path.dirname(bindir), "sbin")
+    os.environ["PATH"] = os.pathsep.join([bindir, sbindir, os.environ.get("PATH", "")])
+    import SR
+    import blktap2
+    SR.TAPDISK_UTIL = os.path.join(sbindir, "td-util")
+    blktap2.TapCtl.PATH = os.path.join(sbindir, "tap-ctl")
+    # LVHD: SM runs LVM as /usr/sbin/<cmd>; here every LVM command goes to the LVM stand-in
+    # (testxen/lvm.py: real LVM metadata, loop devices behind /dev/mapper nodes for
+    # activation), and libvhd's own `lvs`/`vgs` (vhd-util scan -l) find it first on PATH.
+    # SM serialises its LVM commands through the fairlock service (a systemd socket unit);
+    # the stand-in serialises its commands itself, so that lock is a no-op here.
+    wrappers = os.path.join(ROOT, "testxen", "lvm-bin")
+    os.environ["PATH"] = wrappers + os.pathsep + os.environ["PATH"]
+    import lvutil
+    lvutil.LVM_BIN = wrappers
+
+    class NoFairlock(object):
+        def __init__(self, name):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    lvutil.Fairlock = NoFairlock
+    import cleanup
+    cleanup.NON_PERSISTENT_DIR = os.path.join(state, "nonpersistent")
+    cleanup.VAR_RUN = state + "/"
+    cleanup.SPEED_LOG_ROOT = os.path.join(state, "{uuid}.speed_log")
+    cleanup.VDI.POLL_INTERVAL = 0.05
+    import fjournaler
+    orig_init = cleanup.FileSR.__init__
+
+    def file_sr_init(self, uuid, xapi, createLock, force):
+        orig_init(self, uuid, xapi, createLock, force)
+        self.path = cfg["sr_path"]
+        self.journaler = fjournaler.Journaler(self.path)
+    cleanup.FileSR.__init__ = file_sr_init
+    return cleanup
+
+
+def _sm_scan(cfg):
+    """FileSR._loadvdis / LVHDSR._loadvdis (the driver's scan: the VDIs SR.scan introduces)
+    on an SR object made without SRCommand: only the fields _loadvdis and the VDI's load
+    read (the SR attached on its master, not in legacy mode)."""
+    if cfg["sr_type"] in ("lvm", "lvmoiscsi", "lvmohba"):
+        import LVHDSR
+        import lvhdutil
+        import lvmcache
+        from lvmanager import LVActivator
+        sr = LVHDSR.LVHDSR.__new__(LVHDSR.LVHDSR)
+        sr.uuid = cfg["sr_uuid"]
+        sr.vgname = lvhdutil.VG_PREFIX + sr.uuid
+        sr.path = os.path.join(lvhdutil.VG_LOCATION, sr.vgname)
+        sr.lvmCache = lvmcache.LVMCache(sr.vgname)
+        sr.lvActivator = LVActivator(sr.uuid, sr.lvmCache)
+        sr.legacyMode = False
+        sr.isMaster = True
+    else:
+        import FileSR
+        sr = FileSR.FileSR.__new__(FileSR.FileSR)
+        sr.uuid = cfg["sr_uuid"]
+        sr.path = cfg["sr_path"]
+    sr.vdis = {}
+    sr.sr_ref = None
+    sr.session = None
+    class SrCommand(object):            # SRCommand's fields that FileVDI.load reads
+        cmd = "sr_scan"
+        params = {}
+    import lock
+    sr.srcmd = SrCommand()
+    sr.o_direct = False
+    sr.lock = lock.Lock("sr", sr.uuid)
+    sr.cmd = "sr_scan"
+    sr.sm_config = {}
+    sr.dconf = {}
+    sr.original_srcmd = None
+    sr._loadvdis()
+    out = {}
+    for u, v in sr.vdis.items():
+        out[u] = {"parent": v.parent or None, "hidden": bool(v.hidden),
+                  "read_only": bool(v.read_only), "managed": not v.hidden,
+                  "size": int(v.size), "utilisation": int(v.utilisation),
+                  "is_a_snapshot": bool(getattr(v, "is_a_snapshot", False))}
+    return out
+
+
+def _lvhd_init(cfg):
+    """What SM's LVHDSR.create/attach leave in the VG besides the VDIs' LVs: the ``MGT``
+    metadata LV (4 MiB), written by SM's own ``LVHDSR.updateSRMetadata`` from the SR's and
+    VDIs' XAPI records."""
+    import cleanup
+    import lvhdutil
+    import lvmcache
+    import LVHDSR
+    vg = lvhdutil.VG_PREFIX + cfg["sr_uuid"]
+    cache = lvmcache.LVMCache(vg)
+    cache.create(LVHDSR.LVHDSR.MDVOLUME_NAME, 4 * 1024 * 1024)
+    cache.activateNoRefcount(LVHDSR.LVHDSR.MDVOLUME_NAME)
+    session = cleanup.XAPI.getSession()
+    try:
+        sr = LVHDSR.LVHDSR.__new__(LVHDSR.LVHDSR)
+        sr.uuid = cfg["sr_uuid"]
+        sr.session = session
+        sr.sr_ref = session.xenapi.SR.get_by_uuid(sr.uuid)
+        sr.mdpath = os.path.join(lvhdutil.VG_LOCATION, vg, LVHDSR.LVHDSR.MDVOLUME_NAME)
+        sr.updateSRMetadata("thick")
+    finally:
+        session.xenapi.session.logout()
+    return {"mgt": sr.mdpath}
+
+
+def _classify(cleanup, sr):
+    vdis = {}
+    for u, v in sr.vdis.items():
+        vdis[u] = {"parent": v.parent.uuid if v.parent else None, "hidden": bool(v.hidden),
+                   "children": sorted(c.uuid for c in v.children),
+                   "scan_error": bool(v.scanError)}
+    # the SR's switches as findCoalesceable / findLeafCoalesceable read them
+    # (other-config:coalesce=false, leaf-coalesce=false: nothing is picked)
+    leaf = []
+    if not sr.leafCoalesceForbidden():
+        sr.gatherLeafCoalesceable(leaf)
+    coalesce_off = sr.xapi.srRecord["other_config"].get(cleanup.VDI.DB_COALESCE) == "false"
+    return {"vdis": vdis,
+            "coalesceable": [] if coalesce_off else sorted(
+                u for u, v in sr.vdis.items() if v.isCoalesceable()),
+            "leaf_coalesceable": sorted(v.uuid for v in leaf),
+            "garbage": sorted(v.uuid for v in sr.findGarbage())}
+
+
+def main(argv):
+    cfg = json.loads(argv[1])
+    action = argv[2]
+    cleanup = _setup(cfg)
+    for d in ("ipc", "refcount", "nonpersistent"):
+        os.makedirs(os.path.join(cfg["state"], d), exist_ok=True)
+    if action == "scan":
+        result = _sm_scan(cfg)
+    elif action == "lvhd-init":
+        result = _lvhd_init(cfg)
+    elif action in ("classify", "gc"):
+        if action == "gc":
+            cleanup._gc(None, cfg["sr_uuid"], dryRun=False, immediate=True)
+        session = cleanup.XAPI.getSession()
+        try:
+            sr = cleanup.SR.getInstance(cfg["sr_uuid"], session)
+            sr.scanLocked()
+            result = _classify(cleanup, sr)
+            sr.cleanup()
+        finally:
+            session.xenapi.session.logout()
+    else:
+        raise SystemExit("unknown action %s" % action)
+    sys.stdout.flush()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
