@@ -21,6 +21,7 @@ import uuid
 
 import pytest
 
+from testxen import blktap as txblktap
 from testxen import sm as smmod
 
 MiB = 1 << 20
@@ -28,15 +29,9 @@ SIZE = 4 * MiB            # two 2 MiB VHD blocks
 
 
 def _prefix():
-    p = os.environ.get("LIVESNAP_BLKTAP_PREFIX")
-    if p:
-        return p
-    script = os.path.join(smmod.ROOT, "scripts", "build-blktap.sh")
-    if os.path.exists(script):
-        out = subprocess.run(["bash", script], stdout=subprocess.PIPE, check=True,
-                             universal_newlines=True).stdout.strip().splitlines()
-        return out[-1]
-    pytest.skip("no real blktap: set LIVESNAP_BLKTAP_PREFIX or add scripts/build-blktap.sh")
+    """The real blktap build (testxen.blktap's lookup: LIVESNAP_BLKTAP_PREFIX or the cache
+    scripts/build-blktap.sh fills); a missing build is a failure, never a skip."""
+    return os.environ.get("LIVESNAP_BLKTAP_PREFIX") or txblktap.prefix()
 
 
 @pytest.fixture(scope="session")
