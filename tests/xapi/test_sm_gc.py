@@ -16,7 +16,6 @@ documented work.
 Expected failures are the defects of issue 13 ("XAPI: snapshots in SM's model"); each
 xfail says what was observed."""
 import os
-import subprocess
 import uuid
 
 import pytest
