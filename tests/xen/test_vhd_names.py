@@ -3,7 +3,9 @@
 a leaf kept by ``snapshot-revert --keep-current``."""
 import hashlib
 import os
+import shutil
 import sqlite3
+import tempfile
 import uuid
 
 from helpers import Cli
@@ -15,9 +17,9 @@ SIZE = 8 << 20
 class LongVhdVm(Cli):
     """A stopped Xen VM (vhd-offline datapath) whose one disk has a 200-byte file name."""
 
-    def __init__(self, tmp_path, stem=196):
-        self.dir = str(tmp_path / "sr")
-        os.makedirs(self.dir)
+    def __init__(self, tmp_path, stem=196, sr_dir=None):
+        self.dir = sr_dir or str(tmp_path / "sr")
+        os.makedirs(self.dir, exist_ok=True)
         self.state_dir = str(tmp_path / "state")
         self.name = "xvm-" + uuid.uuid4().hex[:6]
         self.uuid = str(uuid.uuid4())
@@ -73,8 +75,16 @@ def test_vhd_names_too_long_are_refused_before_anything(xen, tmp_path):
 def test_internal_image_name_too_long_is_refused_on_tapdisk(xen, tmp_path):
     """Variant: on tapdisk a merge with the active leaf first freezes it as an internal
     image ``<stem>.internal-<8 hex>.vhd``, 256 bytes here (the snapshot's image 240): the
-    delete is refused before any pause or rename, the guest keeps writing."""
-    vm = LongVhdVm(tmp_path, stem=234)
+    delete is refused before any pause or rename, the guest keeps writing. The SR is a short
+    directory: the real tapdisk takes paths of at most 256 bytes (``vhd:`` included)."""
+    sr = tempfile.mkdtemp(prefix="s", dir="/")
+    try:
+        _internal_image_name_too_long(xen, LongVhdVm(tmp_path, stem=234, sr_dir=sr))
+    finally:
+        shutil.rmtree(sr)
+
+
+def _internal_image_name_too_long(xen, vm):
     td = xen.create(vm.path)
     xen.wait_acks(td, 3)
     vm.json("snapshot-create", vm.name, "s")                 # 234 + 1 + 1 + 4 = 240: fits
