@@ -27,12 +27,12 @@ def evidence(domain, tree, known):
     if domain.kind != "libvirt":
         return [], []
     from livesnap.platforms import libvirt_snapshots
-    snaps = libvirt_snapshots.list_snapshots(domain)
-    names = {s.name for s in snaps}
-    new = [s for s in snaps if s.name not in tree.snapshots]
+    names = libvirt_snapshots.list_names(domain)
+    new = [n for n in names if n not in tree.snapshots]
     if new:
-        had = known()
-        new = [s for s in new if s.name not in had]
+        new = set(new) - set(known())
+        new = [s for s in libvirt_snapshots.list_snapshots(domain) if s.name in new] \
+            if new else []
     gone = sorted(s.name for s in tree.visible_snapshots() if s.name not in names)
     return new, gone
 

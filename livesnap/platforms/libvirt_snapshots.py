@@ -13,6 +13,7 @@ import logging
 
 from livesnap.engine.names import xml_text
 from livesnap.errors import DatapathError, UsageError
+from livesnap.model.tree import HIDDEN
 from livesnap.platforms import domain_xml
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,16 @@ def list_snapshots(domain):
     libvirt = _libvirt()
     try:
         return [parse(s.getXMLDesc(0)) for s in domain.dom.listAllSnapshots(0)]
+    except libvirt.libvirtError as e:
+        raise DatapathError(reason="cannot list libvirt snapshots of %s: %s"
+                            % (domain.name, e.get_error_message()))
+
+
+def list_names(domain):
+    """The names of libvirt's snapshots of ``domain`` (without reading their XML)."""
+    libvirt = _libvirt()
+    try:
+        return [s.getName() for s in domain.dom.listAllSnapshots(0)]
     except libvirt.libvirtError as e:
         raise DatapathError(reason="cannot list libvirt snapshots of %s: %s"
                             % (domain.name, e.get_error_message()))
@@ -126,18 +137,17 @@ def _same(theirs, description, parent, images, overlays):
 
 def overlays(tree, name):
     """{disk: node id} of the images made on top of snapshot ``name``'s images when it was
-    taken, as libvirt's model has them: each node's child on its disk's active chain, else
-    its only child, else the child another snapshot owns (a branch after a revert); a leaf
-    node has none."""
+    taken, as libvirt's model has them: a node's only child, when it is not hidden. Then
+    what ``virsh snapshot-delete`` does (commit that child into the snapshot's image) is
+    what livesnap would do. A node with several children (a branch after a revert), or
+    whose child is a hidden image other images read, names no overlay: libvirt, not finding
+    the snapshot's own image above its parent in the chain, refuses to delete it and
+    changes nothing (livesnap deletes it, logically if need be)."""
     out = {}
     for disk, nid in tree.snapshot_nodes(name).items():
         children = tree.children(nid)
-        if not children:
-            continue
-        live = set(tree.chain(tree.active[disk])) if disk in tree.active else set()
-        on_chain = [c for c in children if c in live]
-        owned = [c for c in children if tree.nodes[c].snapshot]
-        out[disk] = (on_chain or owned or children)[0]
+        if len(children) == 1 and tree.nodes[children[0]].state != HIDDEN:
+            out[disk] = children[0]
     return out
 
 
