@@ -199,3 +199,30 @@ def test_check_repair_refuses_what_it_cannot_explain(make_dom):
     proc = dom.cli("check", dom.name, "--repair", expect=1)
     assert "chains do not match" in proc.stderr, proc.stderr
     assert dom.fingerprint() == before
+
+
+def test_virsh_cannot_merge_a_hidden_image_other_snapshots_read(make_dom):
+    """x's image has one child, a hidden image (a, deleted logically: two children). libvirt
+    must not commit it into x's image (b and k read it): its metadata names no overlay for
+    x, so virsh snapshot-delete refuses and nothing changes."""
+    dom = make_dom(ndisks=1)
+    for i, name in enumerate(("x", "a", "b")):
+        dom.write("vda", 0x30 + i, i * 65536)
+        dom.json("snapshot-create", dom.name, name)
+    dom.write("vda", 0x40, 0)
+    dom.json("snapshot-revert", dom.name, "a", "--keep-current", "k")
+    dom.write("vda", 0x41, 65536)
+    assert dom.json("snapshot-delete", dom.name, "a")["action"] == "hidden"
+    assert livesnap_tree(dom) == virsh_tree(dom) == {"x": None, "b": "x", "k": "b"}
+    digests = snapshot_digests(dom)
+    dom.dom.create()
+    live = dom.digests()
+    files = dom.files()
+    refused = virsh("snapshot-delete", dom.name, "x", check=False)
+    assert refused.returncode != 0, refused.stdout
+    assert dom.files() == files and dom.digests() == live
+    assert snapshot_digests(dom) == digests
+    assert livesnap_tree(dom) == virsh_tree(dom) == {"x": None, "b": "x", "k": "b"}
+    assert dom.json("check", dom.name)["ok"]
+    dom.json("snapshot-delete", dom.name, "x")
+    assert snapshot_digests(dom) == {k: v for k, v in digests.items() if k != "x"}
