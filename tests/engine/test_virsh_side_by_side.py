@@ -106,6 +106,20 @@ def test_virsh_snapshot_after_first_use_is_adopted_and_deleted_by_livesnap(make_
     assert dom.json("check", dom.name)["ok"]
 
 
+def test_virsh_snapshot_of_a_running_domain_after_first_use(make_dom):
+    dom = make_dom(ndisks=2)
+    dom.dom.create()
+    dom.json("snapshot-create", dom.name, "a")
+    virsh_ok("snapshot-create-as", dom.name, "v1", "--disk-only", "--atomic")
+    assert livesnap_tree(dom) == virsh_tree(dom) == {"a": None, "v1": "a"}
+    dom.json("snapshot-create", dom.name, "b")
+    digests = snapshot_digests(dom)
+    assert dom.json("snapshot-delete", dom.name, "v1")["action"] == "merged"
+    assert livesnap_tree(dom) == virsh_tree(dom) == {"a": None, "b": "a"}
+    assert snapshot_digests(dom) == {"a": digests["a"], "b": digests["b"]}
+    assert dom.json("check", dom.name)["ok"]
+
+
 def test_two_virsh_snapshots_then_livesnap_then_the_first_deleted_by_livesnap(make_dom):
     dom = make_dom(ndisks=1)
     dom.json("snapshot-create", dom.name, "a")
