@@ -126,6 +126,10 @@ def text_recover(r):
 
 def text_check(r):
     notes = ["  note: " + n for n in r.get("notes") or []]
+    rep = r.get("repaired")
+    if rep is not None:
+        notes = ["  repaired: adopted %s; gone %s" % (", ".join(rep["adopted"]) or "nothing",
+                                                     ", ".join(rep["gone"]) or "nothing")] + notes
     if r["ok"]:
         return ["%s: catalog and images agree" % r["domain"]] + notes
     return ["%s: %d problem(s)" % (r["domain"], len(r["problems"]))] + \

@@ -52,7 +52,7 @@ def reclaim(args):
 
 
 def check(args):
-    r = _engine(args).check(args.domain)
+    r = _engine(args).check(args.domain, repair=args.repair)
     output.emit(args, r, output.text_check)
     return 0 if r["ok"] else 1
 
@@ -112,4 +112,8 @@ def register(subparsers, common):
     p = subparsers.add_parser("check", parents=[common],
                               help="compare the catalog with the images (exit 1 on a mismatch)")
     p.add_argument("domain")
+    p.add_argument("--repair", action="store_true",
+                   help="first bring the catalog in step with libvirt's snapshot metadata "
+                        "and the images (snapshots made or deleted with virsh), refusing "
+                        "what they do not explain")
     p.set_defaults(func=check)

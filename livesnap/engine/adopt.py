@@ -28,7 +28,7 @@ def _adopted_name(kind, disk, path, taken):
     return out
 
 
-def adopt(domain, max_depth, check_storage):
+def adopt(domain, max_depth, check_storage, snaps=None):
     """The tree of a domain livesnap has not seen.
 
     Each snapshottable disk's image is the active node. External disk-only snapshots
@@ -36,9 +36,15 @@ def adopt(domain, max_depth, check_storage):
     point-in-time data). Images below every snapshot are base nodes; a leaf that is
     neither active nor a snapshot's image (an abandoned branch) is kept as a visible
     snapshot ``orphan-<disk>-<file>`` so that nothing is lost without the user saying so.
+
+    ``snaps``: libvirt's snapshots to adopt, already checked (``follow`` passes them);
+    None: all of libvirt's, refused unless each is external and disk-only.
     """
-    snaps = []
-    if domain.kind == "libvirt":
+    if snaps is not None:
+        pass
+    elif domain.kind != "libvirt":
+        snaps = []
+    else:
         from livesnap.platforms import libvirt_snapshots
         snaps = libvirt_snapshots.list_snapshots(domain)
         libvirt_snapshots.check_adoptable(domain, snaps)

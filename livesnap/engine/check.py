@@ -79,6 +79,9 @@ def check(engine, s):
         problems.append("operation #%d (%s) is unfinished: run 'livesnap recover %s'"
                         % (op.id, op.op, s.domain.name))
     tree = engine.load(s, validate=False, datapath=s.datapath)
+    if s.follow_error:
+        problems.append("changes made outside livesnap cannot be followed: %s"
+                        % s.follow_error)
     problems += tree.validate()
     xen = s.domain.kind == "xen"
     opaque = set(tree.active.values()) if xen and s.domain.is_running() else set()
@@ -100,10 +103,31 @@ def check(engine, s):
             if entry.startswith(prefix) and entry.endswith(suffix) and path not in known:
                 problems.append("image %s looks like livesnap's but the catalog does not "
                                 "know it" % path)
+    if problems and op is None:
+        problems += _repair_hint(engine, s, tree)
     return {"domain": s.domain.name, "ok": not problems, "problems": problems,
             "notes": notes,
             "reclaimable": [tree.nodes[n].snapshot for n in tree.reclaimable()
                             if tree.nodes[n].path not in found]}
+
+
+def _repair_hint(engine, s, tree):
+    """What ``check --repair`` would do about the problems found (it re-reads the catalog
+    from libvirt's metadata and the images), or why it cannot."""
+    from livesnap.engine import follow
+    if s.domain.kind != "libvirt":
+        return []
+    try:
+        followed, changes = follow.reconcile(engine, s, tree)
+    except Error as e:
+        return ["'livesnap check --repair %s' cannot bring the catalog in step: %s"
+                % (s.domain.name, e)]
+    if follow.same(tree, followed):
+        return []
+    return ["the catalog is out of step with libvirt's metadata and the images: 'livesnap "
+            "check --repair %s' brings it in step (adopts %s; records %s as gone)"
+            % (s.domain.name, ", ".join(changes["adopted"]) or "nothing",
+               ", ".join(changes["gone"]) or "nothing")]
 
 
 def _sharing(s, tree, found):

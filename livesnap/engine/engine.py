@@ -46,6 +46,9 @@ class Session(object):
         self.tree = None
         self.datapath = None
         self.dry_run = False         # a --dry-run changes nothing: no trash is freed either
+        self.locked = False          # holds the domain's lock: may write the catalog
+        self.followed = None         # what was followed of changes made with virsh
+        self.follow_error = None     # why they could not be followed
 
 
 class Engine(object):
@@ -122,13 +125,48 @@ class Engine(object):
             cat.save_tree(tree)
             if tree.snapshots:
                 self._sync_metadata(session, tree)
-        tree = cat.load_tree()
+            tree = cat.load_tree()
+        else:
+            tree = self._follow(session, cat.load_tree(), strict=validate)
         if datapath is not None and hasattr(datapath, "prepare"):
             datapath.prepare(tree)           # e.g. activate the LVs of the tree's images
         if validate:
             self._validate(domain, tree, datapath)
         session.tree = tree
         return tree
+
+    def _follow(self, session, tree, strict):
+        """The catalog's tree, or, when libvirt's metadata shows snapshots made or deleted
+        with virsh since livesnap last wrote it and the images changed with them, the tree
+        re-read from both (``follow``): saved when the session holds the lock. What cannot
+        be followed raises when ``strict``, else is kept in ``session.follow_error``."""
+        if session.domain.kind != "libvirt" or session.catalog.unfinished() is not None:
+            return tree
+        from livesnap.engine import follow
+        try:
+            new, gone = follow.evidence(session.domain, tree, session.catalog.known_names)
+            if not new and not gone:
+                return tree
+            if not any(True for _ in check.image_problems(session.domain, tree)):
+                if new:             # an internal or memory snapshot is refused even so
+                    follow.refuse_unmanageable(session.domain, new)
+                return tree
+            followed, changes = follow.reconcile(self, session, tree)
+        except Error as e:
+            if strict:
+                raise
+            session.follow_error = str(e)
+            return tree
+        if follow.same(tree, followed):
+            return tree
+        session.followed = changes
+        if not session.locked:
+            return followed
+        log.info("%s changed outside livesnap: adopted %s, gone %s", session.domain.name,
+                 changes["adopted"] or "nothing", changes["gone"] or "nothing")
+        session.catalog.save_tree(followed)
+        self._sync_metadata(session, followed)
+        return session.catalog.load_tree()
 
     def _validate(self, domain, tree, datapath=None):
         """Every node's image opens, is of the recorded format and has the recorded parent;
@@ -458,12 +496,36 @@ class Engine(object):
         return [{"target": d, "image": tree.nodes[nodes[d]].path, "format": tree.nodes[nodes[d]].fmt}
                 for d in sorted(nodes)]
 
-    def check(self, domain):
-        """Compare the catalog with the images on disk; a list of problems (empty when sound)."""
+    def check(self, domain, repair=False):
+        """Compare the catalog with the images on disk; a list of problems (empty when sound).
+        ``repair``: first bring the catalog in step from libvirt's metadata and the images
+        (``follow.reconcile``; refused with the reason when they do not explain it)."""
         with self._session(domain) as s:
             if s.domain.kind == "xen":
                 s.datapath = self.datapath_for(s.domain)      # it makes the images readable
-            return check.check(self, s)
+            repaired = None
+            if repair:
+                repaired = self._repair(s)
+            r = check.check(self, s)
+            if repair:
+                r["repaired"] = repaired
+            return r
+
+    def _repair(self, s):
+        from livesnap.engine import follow
+        self._no_interrupted(s)
+        if s.catalog.is_empty():
+            return {"adopted": [], "gone": []}
+        tree = s.catalog.load_tree()
+        followed, changes = follow.reconcile(self, s, tree)
+        if not follow.same(tree, followed):
+            s.catalog.save_tree(followed)
+            log.info("catalog of %s repaired: adopted %s, gone %s", s.domain.name,
+                     changes["adopted"] or "nothing", changes["gone"] or "nothing")
+        if s.domain.kind == "libvirt":
+            from livesnap.platforms import libvirt_snapshots
+            libvirt_snapshots.sync(s.domain, s.catalog.load_tree(), s.catalog.known_names)
+        return changes
 
 
 def _impossible_path(plan, start, tree):
@@ -524,6 +586,7 @@ class _SessionContext(object):
                 self.lock.__exit__(None, None, None)
             raise
         self.session = Session(self.engine, domain, catalog)
+        self.session.locked = self.take_lock
         return self.session
 
     def __exit__(self, *exc):

@@ -13,6 +13,7 @@ import logging
 
 from livesnap.text import xml_text
 from livesnap.errors import DatapathError, UsageError
+from livesnap.model.tree import HIDDEN
 from livesnap.platforms import domain_xml
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ def list_snapshots(domain):
                             % (domain.name, e.get_error_message()))
 
 
+def list_names(domain):
+    """The names of libvirt's snapshots of ``domain`` (without reading their XML)."""
+    libvirt = _libvirt()
+    try:
+        return [s.getName() for s in domain.dom.listAllSnapshots(0)]
+    except libvirt.libvirtError as e:
+        raise DatapathError(reason="cannot list libvirt snapshots of %s: %s"
+                            % (domain.name, e.get_error_message()))
+
+
 def check_adoptable(domain, snaps):
     """livesnap adopts external disk-only snapshots; anything else is refused up front."""
     for s in snaps:
@@ -84,16 +95,21 @@ def _x(text):
             .replace("'", "&apos;").replace('"', "&quot;"))
 
 
-def snapshot_xml(domain, name, description, created, parent, images, state):
+def snapshot_xml(domain, name, description, created, parent, images, state, overlays=None):
     """A disk-only snapshot definition naming ``images`` ({target: (path, fmt)}) as the
-    snapshot's point-in-time images, both in <disks> and in the embedded <domain>.
+    snapshot's point-in-time images in the embedded <domain>, and ``overlays`` ({target:
+    (path, fmt)}, the images made on top of them when it was taken) in <disks>, as libvirt
+    records an external snapshot it takes itself: ``virsh snapshot-delete`` (libvirt >= 9.0)
+    looks the overlay up in the disk's chain and commits it into the image below. A disk
+    without an overlay (a leaf snapshot) names its own image in both.
     ``state``: the domain's state when taken, as libvirt records it ("disk-snapshot" for a
     running domain, "shutoff" for a stopped one)."""
     dom = domain_xml.parse_for_edit(domain.xml(inactive=True))
     domain_xml.set_disk_sources(dom, images)
+    overlays = dict(images, **(overlays or {}))
     disks = "".join("<disk name='%s' snapshot='external' type='file'><driver type='%s'/>"
                     "<source file='%s'/></disk>" % (_x(t), _x(f), _x(p))
-                    for t, (p, f) in sorted(images.items()))
+                    for t, (p, f) in sorted(overlays.items()))
     return ("<domainsnapshot><name>%s</name><description>%s</description>"
             "<state>%s</state>%s<creationTime>%d</creationTime><memory snapshot='no'/>"
             "<disks>%s</disks>%s</domainsnapshot>"
@@ -109,14 +125,30 @@ def _current_name(domain):
     return domain.dom.snapshotCurrent(0).getName()
 
 
-def _same(theirs, description, parent, images):
+def _same(theirs, description, parent, images, overlays):
     """libvirt's definition ``theirs`` (a ``LibvirtSnapshot``) already says what a redefine
     would: the parent, the description (as XML can hold it: an older catalog may have
-    what it cannot) and the point-in-time images ({target: path}), in <disks> and in the
-    embedded domain."""
+    what it cannot), the point-in-time images ({target: path}) in the embedded domain and
+    the overlays ({target: path}) in <disks>."""
     return (theirs.parent == parent and theirs.description == xml_text(description or "")
             and theirs.images == images
-            and {t: p for t, (_, p) in theirs.disks.items()} == images)
+            and {t: p for t, (_, p) in theirs.disks.items()} == dict(images, **overlays))
+
+
+def overlays(tree, name):
+    """{disk: node id} of the images made on top of snapshot ``name``'s images when it was
+    taken, as libvirt's model has them: a node's only child, when it is not hidden. Then
+    what ``virsh snapshot-delete`` does (commit that child into the snapshot's image) is
+    what livesnap would do. A node with several children (a branch after a revert), or
+    whose child is a hidden image other images read, names no overlay: libvirt, not finding
+    the snapshot's own image above its parent in the chain, refuses to delete it and
+    changes nothing (livesnap deletes it, logically if need be)."""
+    out = {}
+    for disk, nid in tree.snapshot_nodes(name).items():
+        children = tree.children(nid)
+        if len(children) == 1 and tree.nodes[children[0]].state != HIDDEN:
+            out[disk] = children[0]
+    return out
 
 
 def sync(domain, tree, ours=None):
@@ -164,10 +196,13 @@ def sync(domain, tree, ours=None):
                 progressed = True
                 nodes = tree.snapshot_nodes(s.name)
                 images = {t: (tree.nodes[n].path, tree.nodes[n].fmt) for t, n in nodes.items()}
+                over = {t: (tree.nodes[n].path, tree.nodes[n].fmt)
+                        for t, n in overlays(tree, s.name).items()}
                 theirs = parse(have[s.name].getXMLDesc(0)) if s.name in have else None
                 if (theirs is not None and (s.name == current) == (s.name == their_current)
                         and _same(theirs, s.description, parent,
-                                  {t: p for t, (p, _) in images.items()})):
+                                  {t: p for t, (p, _) in images.items()},
+                                  {t: p for t, (p, _) in over.items()})):
                     continue
                 flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
                 if s.name == current:
@@ -183,7 +218,7 @@ def sync(domain, tree, ours=None):
                     state = "disk-snapshot" if running else "shutoff"
                 domain.dom.snapshotCreateXML(
                     snapshot_xml(domain, s.name, s.description, s.created, parent, images,
-                                 state), flags)
+                                 state, over), flags)
                 changed.append(("defined", s.name))
             if not progressed:
                 raise DatapathError(reason="snapshot parents of %s form no tree" % domain.name)
