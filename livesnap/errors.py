@@ -25,6 +25,7 @@ Tree::
      +-- NoSpace
      +-- DatapathError            pausing, block jobs, retargeting
      +-- CatalogError             the SQLite catalog is unusable or from a newer livesnap
+     +-- StateDirUnusable         the state directory is not a directory, or not writable
 """
 import logging
 
@@ -150,3 +151,8 @@ class DatapathError(Error):
 class CatalogError(Error):
     fields = ("path", "reason")
     msg = "catalog {self.path}: {self.reason}"
+
+
+class StateDirUnusable(Error):
+    fields = ("path", "reason")
+    msg = "state directory {self.path} is unusable: {self.reason}"

@@ -30,7 +30,9 @@ def common_options():
                         help="output format (default: %(default)s)")
     common.add_argument("--json", dest="output", action="store_const", const="json",
                         help="same as --output json")
-    common.add_argument("--state-dir", default=os.environ.get("LIVESNAP_STATE_DIR"),
+    # no default from the environment here: the service builds this parser once for all
+    # its callers; the command resolves it from its caller's (livesnap.statedir.resolve)
+    common.add_argument("--state-dir", default=None,
                         help="catalog directory (default: $LIVESNAP_STATE_DIR or /var/lib/livesnap)")
     common.add_argument("--storage-dir", action="append", metavar="DIR",
                         help="refuse images outside these directories (repeatable)")

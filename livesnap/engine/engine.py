@@ -21,12 +21,13 @@ from livesnap.engine.names import check_snapshot_name
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
                              PathOutsideStorage, UsageError, WrongState)
 from livesnap.lock import DomainLock
+from livesnap import statedir
 from livesnap.model import planner as P
 from livesnap.model.tree import HIDDEN
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = "/var/lib/livesnap"
+DEFAULT_STATE_DIR = statedir.DEFAULT_STATE_DIR
 SPACE_MARGIN = 1 << 20
 
 
@@ -52,7 +53,7 @@ class Engine(object):
         given (e.g. ``XenXmlPlatform``, ``XapiPlatform``)."""
         self.uri = connect
         self.platform = platform
-        self.state_dir = state_dir or os.environ.get("LIVESNAP_STATE_DIR") or DEFAULT_STATE_DIR
+        self.state_dir = statedir.resolve(state_dir)      # this process's environment
         self.max_depth = max_depth
         self.storage_dirs = [os.path.realpath(d) for d in (storage_dirs or [])]
         self.quiesce = quiesce
@@ -401,9 +402,7 @@ class _SessionContext(object):
 
     def __enter__(self):
         domain = self.engine.lookup(self.ident)
-        state_dir = self.engine.state_dir
-        if not os.path.isdir(state_dir):
-            os.makedirs(state_dir, 0o700)
+        state_dir = statedir.ready(self.engine.state_dir)
         if self.take_lock:
             self.lock = DomainLock(os.path.join(state_dir, domain.uuid + ".lock"), domain.name)
             self.lock.__enter__()
