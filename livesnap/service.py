@@ -19,8 +19,10 @@ livesnap's code on disk changes (the client then runs the command itself) and ex
 as its commands have ended, so that a restart (systemd's socket activation) picks up the
 new code.
 """
+import argparse
 import array
 import fcntl
+import io
 import logging
 import os
 import selectors
@@ -141,10 +143,12 @@ def inherited_socket():
 
 
 class Service(object):
-    def __init__(self, sock, path=None):
+    def __init__(self, sock, path=None, request_timeout=REQUEST_TIMEOUT):
         self.sock = sock
         self.path = path
+        self.request_timeout = request_timeout
         self.children = {}            # pid -> the client's connection
+        self.pending = {}             # connection -> _Pending: a request still arriving
         self.spare = None             # (pid, channel): a process forked ahead of a command
         self.spare_failures = 0
         self.left = False             # in a process forked from it: see _leave_service
@@ -180,14 +184,17 @@ class Service(object):
                 if (self.sock is not None and self.spare is None
                         and self.spare_failures < SPARE_FAILURES):
                     self._fork_spare()
-                for key, _ in sel.select():
+                for key, _ in sel.select(self._next_deadline()):
                     if key.data == "signal":
                         try:
                             os.read(rfd, 512)
                         except OSError:
                             pass
+                    elif isinstance(key.data, _Pending):
+                        self._read_request(key.data)
                     elif self.sock is not None:
                         self._accept()
+                self._expire()
         finally:
             sel.close()
             signal.set_wakeup_fd(old_wakeup)
@@ -199,42 +206,116 @@ class Service(object):
         return 0
 
     def _close_listener(self):
+        """No more requests: the socket's name goes first (a new caller finds no service
+        and runs its command itself); callers already connected, queued or with their
+        request still arriving, are told to do the same ("fallback"), never left to find
+        their connection reset. (systemd's socket stays, with its queue, for the next
+        service it starts.)"""
         self._drop_spare()
+        for pending in list(self.pending.values()):
+            self._drop_pending(pending, "fallback stopping")
         if self.sock is None:
             return
         try:
             self.sel.unregister(self.sock)
         except (KeyError, ValueError):
             pass
-        self.sock.close()
-        self.sock = None
         if self.path:                              # not systemd's socket: that stays
             try:
                 os.unlink(self.path)
             except OSError:
                 pass
+            self.sock.setblocking(False)
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:                    # none left (EAGAIN)
+                    break
+                self._reply(conn, "fallback stopping")
+                conn.close()
+        self.sock.close()
+        self.sock = None
 
     def _stop(self, signo, frame):
         self.stopping = True
 
     def _accept(self):
+        """A new connection: a caller of this user is read as its request arrives (a
+        caller that stalls holds up no one: see ``_Pending``); another user's is told
+        "fallback" and closed."""
         try:
             conn, _ = self.sock.accept()
         except OSError:
             return
-        fds = []
         try:
-            conn.settimeout(REQUEST_TIMEOUT)
             uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                       struct.calcsize("3i")))[1]
-            if uid != os.getuid():
-                log.warning("refused a request of uid %d", uid)
-                conn.close()
-                return
-            body, fds = _receive(conn)
-            if body is None:                       # a probe: connected, sent nothing
-                conn.close()
-                return
+        except OSError:
+            conn.close()
+            return
+        if uid != os.getuid():
+            log.warning("refused a request of uid %d", uid)
+            # answered before the close: a caller whose request is already sent (unread
+            # here) then reads the answer, not ECONNRESET
+            self._reply(conn, "fallback refused")
+            conn.close()
+            return
+        conn.setblocking(False)
+        pending = _Pending(conn, time.monotonic() + self.request_timeout)
+        self.pending[conn] = pending
+        self.sel.register(conn, selectors.EVENT_READ, pending)
+
+    def _drop_pending(self, pending, answer=None):
+        del self.pending[pending.conn]
+        try:
+            self.sel.unregister(pending.conn)
+        except (KeyError, ValueError):
+            pass
+        pending.close_fds()
+        if answer:
+            self._reply(pending.conn, answer)
+        pending.conn.close()
+
+    def _next_deadline(self):
+        """select()'s timeout: until the first pending request's deadline, or None."""
+        if not self.pending:
+            return None
+        return max(0.0, min(p.deadline for p in self.pending.values()) - time.monotonic())
+
+    def _expire(self):
+        now = time.monotonic()
+        for pending in list(self.pending.values()):
+            if pending.deadline <= now:
+                log.warning("no whole request within %ss: connection closed",
+                            self.request_timeout)
+                self._drop_pending(pending, "fallback timeout")
+
+    def _read_request(self, pending):
+        try:
+            whole = pending.receive()
+        except (OSError, ValueError) as e:
+            log.warning("bad request: %s", e)
+            self._drop_pending(pending, "fallback bad-request")
+            return
+        if whole is None:                          # a probe: connected, sent nothing
+            self._drop_pending(pending)
+            return
+        if not whole:
+            return                                 # more to come
+        body, fds = pending.body(), pending.fds
+        pending.fds = []
+        self._drop_pending_keep(pending)
+        self._request(pending.conn, body, fds)
+
+    def _drop_pending_keep(self, pending):
+        """The request is whole: the connection leaves the selector, stays open."""
+        del self.pending[pending.conn]
+        self.sel.unregister(pending.conn)
+
+    def _request(self, conn, body, fds):
+        """A whole request: run it in the spare or a process forked for it."""
+        try:
+            conn.settimeout(REQUEST_TIMEOUT)
             argv, cwd, environ = client.decode_request(body)
             if len(fds) != 3:
                 raise ValueError("expected 3 descriptors, got %d" % len(fds))
@@ -242,6 +323,7 @@ class Service(object):
             log.warning("bad request: %s", e)
             for fd in fds:
                 os.close(fd)
+            self._reply(conn, "fallback bad-request")
             conn.close()
             return
         stale = _stale(self.stamp)
@@ -395,6 +477,9 @@ class Service(object):
         self.sock.close()
         for other in self.children.values():
             other.close()
+        for pending in self.pending.values():
+            pending.conn.close()
+            pending.close_fds()
 
     def _child(self, conn, fds, argv, cwd, environ):
         rc = 1
@@ -409,11 +494,9 @@ class Service(object):
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
             _close_from(3, keep=report)            # the received fds, the selector's pipe
-            sys.stdin = open(0, "r", closefd=False)
-            sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
-            sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
             os.environ.clear()
             os.environ.update(environ)
+            sys.stdin, sys.stdout, sys.stderr = _std_streams(environ)
             os.chdir(cwd)
             sys.argv = ["livesnap"] + list(argv)
             root = logging.getLogger()
@@ -439,6 +522,85 @@ class Service(object):
             if report is not None:
                 _answer(report, rc)
             os._exit(rc)
+
+
+class _Pending(object):
+    """A caller's connection whose request is still arriving: read as it comes (the
+    connection is non-blocking and in the service's selector), never waited for, so that a
+    caller that connects and stalls (sends nothing, or half a request) holds up no other
+    command; it is closed at its deadline."""
+
+    def __init__(self, conn, deadline):
+        self.conn = conn
+        self.deadline = deadline
+        self.data = b""
+        self.fds = []
+        self.want = None          # the whole request's length, header included, once known
+
+    def receive(self):
+        """Read what has arrived. True: the request is whole; False: more to come; None:
+        the caller closed without sending anything (a probe). ValueError: malformed."""
+        while True:
+            fds = array.array("i")
+            try:
+                data, anc, flags, _ = self.conn.recvmsg(
+                    65536, socket.CMSG_SPACE(16 * fds.itemsize))
+            except (BlockingIOError, InterruptedError):
+                return False
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[:len(payload) - (len(payload) % fds.itemsize)])
+            self.fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                raise ValueError("too many descriptors")
+            if not data:
+                if not self.data and not self.fds:
+                    return None
+                raise ValueError("truncated request")
+            self.data += data
+            if self.want is None:
+                head, sep, _ = self.data.partition(b"\n")
+                if not sep:
+                    if len(self.data) > 20:
+                        raise ValueError("no request header")
+                    continue
+                if not head.isdigit() or int(head) > MAX_REQUEST:
+                    raise ValueError("bad request length")
+                self.want = len(head) + 1 + int(head)
+            if len(self.data) > self.want:
+                raise ValueError("more than the request")
+            if len(self.data) == self.want:
+                return True
+
+    def body(self):
+        return self.data[self.data.index(b"\n") + 1:]
+
+    def close_fds(self):
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+
+
+def _std_streams(environ):
+    """stdin, stdout, stderr on descriptors 0-2 as the interpreter would have opened them
+    in the caller's environment: PYTHONIOENCODING (``encoding[:errors]``) and
+    PYTHONUNBUFFERED are the caller's, not the service's."""
+    encoding, _, errors = environ.get("PYTHONIOENCODING", "").partition(":")
+    encoding, errors = encoding or None, errors or None
+    unbuffered = bool(environ.get("PYTHONUNBUFFERED"))
+
+    def writer(fd, line_buffering, errors):
+        if unbuffered:
+            return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding=encoding,
+                                    errors=errors, write_through=True)
+        return open(fd, "w", buffering=1 if line_buffering else -1, closefd=False,
+                    encoding=encoding, errors=errors)
+    return (open(0, "r", closefd=False, encoding=encoding, errors=errors),
+            writer(1, os.isatty(1), errors),
+            writer(2, True, errors or "backslashreplace"))
 
 
 def _nothing(signo, frame):
@@ -519,7 +681,7 @@ def run(args):
         except OSError as e:
             raise ServiceSocket(path, e.strerror or str(e))
     log.info("livesnap service on %s (%d modules preloaded)", path or "fd 3", len(loaded))
-    return Service(sock, path).serve()
+    return Service(sock, path, args.request_timeout).serve()
 
 
 def register(subparsers, common):
@@ -530,4 +692,18 @@ def register(subparsers, common):
     p.add_argument("--socket", metavar="PATH",
                    help="listen here (default: $LIVESNAP_SERVICE or %s; with systemd's "
                         "socket activation, the socket passed)" % client.DEFAULT_SOCKET)
+    p.add_argument("--request-timeout", type=_positive_seconds, default=REQUEST_TIMEOUT,
+                   metavar="SECONDS",
+                   help="close a connection whose request has not arrived whole by then "
+                        "(default: %(default)s)")
     p.set_defaults(func=run)
+
+
+def _positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("not a positive number of seconds: %r" % text)
+    return value

@@ -10,7 +10,10 @@ are passed on to the command). Only the interpreter's start-up and the imports a
 per command, as virsh does not start libvirtd per command.
 
 Without a service (no socket, nobody listening, ``LIVESNAP_SERVICE=off``, or a service
-whose code is older than this checkout's), the command runs in this process.
+whose code is older than this checkout's), the command runs in this process. Nor is
+anything sent to a socket whose listener is not root's or this user's (its peer
+credentials): that user would get this process's streams and environment; the command
+then runs here, after a one-line warning.
 
 This module runs before everything else, in every command, so it imports only the
 built-in modules under ``socket`` and ``signal`` (``_socket``, ``_signal``: the wrappers
@@ -114,6 +117,12 @@ def via_service(argv, path):
             sock.connect(path)
         except OSError:
             return None
+        uid = _peer_uid(sock)
+        if uid is None or uid not in (0, os.geteuid()):
+            # another user's: it would get this process's streams and environment
+            sys.stderr.write("livesnap: not using the service at %s: it is run by uid %s, "
+                             "not root or this user; running the command here\n" % (path, uid))
+            return None
         request = encode_request(argv, os.getcwd(), os.environ)
         for signo in FORWARDED:
             old[signo] = signal.signal(signo, forward)
@@ -145,6 +154,15 @@ def via_service(argv, path):
             if handler is not None:
                 signal.signal(signo, handler)
         sock.close()
+
+
+def _peer_uid(sock):
+    """The uid of the process that made the peer socket (the service's listener), or None."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+    except (OSError, AttributeError, struct.error):
+        return None
 
 
 def _orphaned(pid):
@@ -184,6 +202,8 @@ def _lines(sock):
             more = sock.recv(4096)
         except InterruptedError:                 # (retried by Python >= 3.5 anyway)
             continue
+        except OSError:                          # e.g. ECONNRESET: the connection is over
+            more = b""
         if not more:
             while True:
                 yield b""

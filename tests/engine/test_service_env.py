@@ -164,3 +164,20 @@ def test_no_default_is_read_from_the_environment_when_the_parser_is_built(monkey
     without = defaults()
     monkeypatch.setenv(var, ENV_DEFAULTS[var])
     assert defaults() == without
+
+
+@pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "latin-1"},
+                                 {"PYTHONIOENCODING": "ascii:backslashreplace"},
+                                 {"PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}])
+def test_the_callers_python_io_settings_shape_the_output(other_service, env):
+    """The command's standard streams are opened as the interpreter would have opened
+    them in the caller's environment: the same bytes through the service as in-process."""
+    svc, dom = other_service
+    outcomes = []
+    for sock in (svc.sock, "off"):
+        p = subprocess.run([sys.executable, "-m", "livesnap", "snapshot-list", "nö-such-dömain"],
+                           env=dict(dom.env(), LIVESNAP_SERVICE=sock, **env), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        outcomes.append((p.returncode, p.stdout, p.stderr))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] == 1 and outcomes[0][2].startswith(b"error: ")
