@@ -7,6 +7,7 @@ Tree::
 
     Error
      +-- CommandFailed            an external command exited non-zero
+     +-- CommandNotFound          an external command could not be started
      +-- InvalidOutput            an external command printed something we cannot use
      +-- UsageError               arguments that cannot name anything (bad name, bad UUID)
      +-- NotFound
@@ -62,6 +63,18 @@ class CommandFailed(Error):
     def err_line(self):
         text = (self.err or self.out or "").strip()
         return " ".join(text.splitlines()[-3:]) if text else "(no output)"
+
+
+class CommandNotFound(Error):
+    """An external command that could not be started (not installed, not executable): no
+    exit status to report."""
+    fields = ("cmd", "reason")
+
+    @property
+    def msg(self):
+        if self.reason == "No such file or directory":
+            return "command not found: {self.cmd[0]}"
+        return "cannot run {self.cmd[0]}: {self.reason}"
 
 
 class InvalidOutput(Error):

@@ -54,6 +54,9 @@ class Engine(object):
         self.uri = connect
         self.platform = platform
         self.state_dir = statedir.resolve(state_dir)      # this process's environment
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1:
+            raise UsageError(reason="the longest backing chain allowed must be a whole number "
+                                    "of at least 1, not %r" % (max_depth,))
         self.max_depth = max_depth
         self.storage_dirs = [os.path.realpath(d) for d in (storage_dirs or [])]
         self.quiesce = quiesce

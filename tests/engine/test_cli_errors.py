@@ -129,3 +129,98 @@ def test_a_state_dir_without_permission_for_a_non_root_caller(make_dom):
         assert os.listdir(shared) == [] and os.listdir(private) == []
     finally:
         shutil.rmtree(top)
+
+
+def livesnap_to_a_closed_pipe(dom, via, *args, env_extra=None):
+    """The command with its standard output a pipe whose reader has already gone (as
+    ``livesnap ... | head`` once head has exited)."""
+    env = dict(dom.env(), **(env_extra or {}))
+    if via == "own-process" or not os.environ.get("LIVESNAP_SERVICE"):
+        env["LIVESNAP_SERVICE"] = "off"
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, "-m", "livesnap"] + [str(a) for a in args],
+                              env=env, cwd=ROOT, stdout=w, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+    finally:
+        os.close(w)
+
+
+@pytest.mark.parametrize("via", VIA)
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_output_to_a_reader_that_has_gone_ends_quietly(make_dom, via, unbuffered):
+    """JSON, text and --help output into a closed pipe, written at once (PYTHONUNBUFFERED)
+    or at exit: no traceback, no message, exit status 141 (128 + SIGPIPE, documented); a
+    snapshot-create whose output is lost is still done."""
+    dom = make_dom(ndisks=1)
+    env = {"PYTHONUNBUFFERED": unbuffered}
+    for args in (["snapshot-create", dom.name, "s1", "--json"],
+                 ["snapshot-list", dom.name, "--json"], ["snapshot-list", dom.name, "--tree"],
+                 ["snapshot-list", "--help"], ["--help"], ["--version"],
+                 ["check", dom.name, "--json"]):
+        p = livesnap_to_a_closed_pipe(dom, via, *args, env_extra=env)
+        assert (p.returncode, p.stderr) == (141, ""), (args, p.stderr)
+    listed = json.loads(livesnap(dom, via, "snapshot-list", dom.name, "--json").stdout)
+    assert [s["name"] for s in listed["snapshots"]] == ["s1"]
+    # an error is still reported as one (stderr is not the broken pipe)
+    p = livesnap_to_a_closed_pipe(dom, via, "snapshot-list", "no-such-domain-xyz", "--json",
+                                  env_extra=env)
+    assert p.returncode == 1 and p.stderr.startswith("error: "), p.stderr
+
+
+@pytest.mark.parametrize("via", VIA)
+@pytest.mark.parametrize("depth", ["0", "-1", "-30", "1.5", "x"])
+def test_max_depth_below_one_is_a_usage_error(make_dom, via, depth):
+    dom = make_dom(ndisks=1)
+    p = livesnap(dom, via, "snapshot-create", dom.name, "s1", "--max-depth", depth)
+    assert p.returncode == 2 and "--max-depth" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert not os.path.exists(dom.state_dir)
+
+
+def test_max_depth_below_one_is_refused_by_the_engine_too():
+    from livesnap.engine.engine import Engine
+    from livesnap.errors import UsageError
+    for depth in (0, -1, True, 2.5, "3", None):
+        with pytest.raises(UsageError):
+            Engine(max_depth=depth)
+    assert Engine(max_depth=1).max_depth == 1
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_a_tool_that_is_not_installed_is_named_not_given_an_exit_status(make_dom, tmp_path, via):
+    """QEMU_IMG, TAP_CTL (a Xen domain: `tap-ctl list`), tap-ctl not on PATH, a tool that
+    is not executable: "command not found: ..." / "cannot run ...", never "rc=127
+    (EKEYEXPIRED)"."""
+    dom = make_dom(ndisks=1)
+    xml = tmp_path / "xen.xml"
+    xml.write_text(XEN_XML)
+    xen = ["snapshot-create", "lst-xen-nobody", "s1", "--domain-xml", str(xml)]
+    cases = [(["snapshot-create", dom.name, "s1"], {"QEMU_IMG": "/nonexistent/qemu-img"},
+              "error: command not found: /nonexistent/qemu-img\n"),
+             (xen, {"TAP_CTL": "/nonexistent/tap-ctl"},
+              "error: command not found: /nonexistent/tap-ctl\n"),
+             (xen, {"TAP_CTL": "", "PATH": str(tmp_path)}, "error: command not found: tap-ctl\n"),
+             (xen, {"TAP_CTL": str(tmp_path)}, "error: cannot run %s: Permission denied\n"
+              % tmp_path)]
+    for args, env, message in cases:
+        p = livesnap(dom, via, *args, env_extra=env)
+        assert (p.returncode, p.stderr) == (1, message), (env, p.stderr)
+    assert not os.path.exists(dom.state_dir) or not any(
+        f.endswith(".db") and os.path.getsize(os.path.join(dom.state_dir, f)) == 0
+        for f in os.listdir(dom.state_dir))
+
+
+def test_the_runner_never_renders_an_exit_status_as_an_errno():
+    from livesnap.errors import CommandFailed, CommandNotFound
+    from livesnap.tools import runner, tap_ctl
+    with pytest.raises(CommandNotFound) as e:
+        runner.run_rc(["/nonexistent/tap-ctl", "list"])
+    assert str(e.value) == "command not found: /nonexistent/tap-ctl"
+    assert not isinstance(e.value, CommandFailed)  # not the image's fault (BadImage maps those)
+    with pytest.raises(CommandFailed) as e:
+        runner.run(["sh", "-c", "exit 127"])
+    assert "rc=127" in str(e.value) and "EKEY" not in str(e.value)
+    assert "EKEY" not in tap_ctl._reason(127, "", "sh: tap-ctl: not found")
+    assert "(EPROTO)" in tap_ctl._reason(71, "", "")
