@@ -18,6 +18,10 @@ safe: no other thread holds a lock), refuses peers of another user, and stops se
 livesnap's code on disk changes (the client then runs the command itself) and exits as soon
 as its commands have ended, so that a restart (systemd's socket activation) picks up the
 new code.
+
+It is started by ``livesnap.launcher`` (``livesnap service``, its own parser: ``main``); it
+runs the commands with the command table (``livesnap.cli.main``) and reads requests in the
+wire format (``livesnap.wire``); the command line imports nothing of it.
 """
 import argparse
 import array
@@ -32,7 +36,7 @@ import struct
 import sys
 import time
 
-from livesnap.cli import client
+from livesnap import wire
 from livesnap.errors import ServiceSocket
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,7 @@ MAX_REQUEST = 1 << 20
 # forks each command's process on its request
 SPARE_FAILURES = 3
 REQUEST_TIMEOUT = 5.0
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 # imported once, before any command: what a snapshot command imports
 WARM = ("livesnap.cli.main", "livesnap.cli.snapshot", "livesnap.cli.output",
@@ -170,6 +175,7 @@ class Service(object):
         handlers = {signal.SIGCHLD: signal.signal(signal.SIGCHLD, _nothing),
                     signal.SIGTERM: signal.signal(signal.SIGTERM, self._stop),
                     signal.SIGINT: signal.signal(signal.SIGINT, self._stop)}
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)      # (see run())
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, "accept")
         sel.register(rfd, selectors.EVENT_READ, "signal")
@@ -316,7 +322,7 @@ class Service(object):
         """A whole request: run it in the spare or a process forked for it."""
         try:
             conn.settimeout(REQUEST_TIMEOUT)
-            argv, cwd, environ = client.decode_request(body)
+            argv, cwd, environ = wire.decode_request(body)
             if len(fds) != 3:
                 raise ValueError("expected 3 descriptors, got %d" % len(fds))
         except (OSError, ValueError) as e:
@@ -383,7 +389,7 @@ class Service(object):
         if spare is None:
             return None
         pid, chan = spare
-        message = client.framed(body)
+        message = wire.framed(body)
         try:
             chan.settimeout(REQUEST_TIMEOUT)
             sent = chan.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(
@@ -418,7 +424,7 @@ class Service(object):
         if body is None:
             os._exit(0)                            # never handed a command
         try:
-            argv, cwd, environ = client.decode_request(body)
+            argv, cwd, environ = wire.decode_request(body)
             if len(fds) != 4:
                 raise ValueError("expected 4 descriptors, got %d" % len(fds))
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fds[0])
@@ -672,31 +678,44 @@ def run(args):
     """``livesnap service``."""
     logging.getLogger().setLevel(logging.INFO if not args.debug else logging.DEBUG)
     loaded = warm_up()                         # before listening: a socket means ready
+    service = Service(None, None, args.request_timeout)       # its parser built, too
+    # a SIGTERM/SIGINT from the moment there is a socket waits for serve()'s handlers: its
+    # default action would close the listener on callers already queued (ECONNRESET)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     sock = inherited_socket()
     path = None
     if sock is None:
-        path = args.socket or client.socket_path() or client.DEFAULT_SOCKET
+        path = args.socket or wire.socket_path() or wire.DEFAULT_SOCKET
         try:
             sock = listen(path)
         except OSError as e:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             raise ServiceSocket(path, e.strerror or str(e))
     log.info("livesnap service on %s (%d modules preloaded)", path or "fd 3", len(loaded))
-    return Service(sock, path, args.request_timeout).serve()
+    service.sock, service.path = sock, path
+    return service.serve()
 
 
-def register(subparsers, common):
-    p = subparsers.add_parser(
-        "service", parents=[common],
-        help="run resident, serving livesnap commands without the interpreter's start-up "
-             "per command (the livesnap program uses it when its socket exists)")
+def build_parser():
+    """``livesnap service``'s options: the common ones, its socket and request timeout."""
+    from livesnap.cli import main
+    p = argparse.ArgumentParser(prog="livesnap service", parents=[main.common_options()])
     p.add_argument("--socket", metavar="PATH",
                    help="listen here (default: $LIVESNAP_SERVICE or %s; with systemd's "
-                        "socket activation, the socket passed)" % client.DEFAULT_SOCKET)
+                        "socket activation, the socket passed)" % wire.DEFAULT_SOCKET)
     p.add_argument("--request-timeout", type=_positive_seconds, default=REQUEST_TIMEOUT,
                    metavar="SECONDS",
                    help="close a connection whose request has not arrived whole by then "
                         "(default: %(default)s)")
     p.set_defaults(func=run)
+    return p
+
+
+def main(argv):
+    """``livesnap service ARGS`` (from ``livesnap.launcher``): run as any command is, by the
+    command table's ``main`` (logging, errors, exit status). Returns the exit status."""
+    from livesnap.cli import main as commands
+    return commands.finish(commands.main(argv, parser=build_parser()))
 
 
 def _positive_seconds(text):

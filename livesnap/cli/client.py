@@ -25,50 +25,9 @@ import os
 import struct
 import sys
 
-DEFAULT_SOCKET = "/run/livesnap/livesnap.sock"
-MAGIC = b"livesnap-1"
+from livesnap import wire
+
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def socket_path(environ=None):
-    """The service's socket, or None when the service is not to be used."""
-    env = os.environ if environ is None else environ
-    value = env.get("LIVESNAP_SERVICE", "")
-    if value == "off":
-        return None
-    return value or DEFAULT_SOCKET
-
-
-def encode_request(argv, cwd, environ):
-    """NUL-separated fields (none of them can hold a NUL): magic, cwd, argc, argv, env."""
-    fields = [MAGIC, os.fsencode(cwd), str(len(argv)).encode()]
-    fields += [os.fsencode(a) for a in argv]
-    fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in environ.items()]
-    return framed(b"\0".join(fields))
-
-
-def framed(body):
-    """A request body as it travels on a socket: its length, a newline, the body (what
-    ``livesnap.service`` reads back)."""
-    return str(len(body)).encode() + b"\n" + body
-
-
-def decode_request(data):
-    """(argv, cwd, environ) from ``encode_request``'s body; ValueError when malformed."""
-    fields = data.split(b"\0")
-    if fields[0] != MAGIC or len(fields) < 3:
-        raise ValueError("not a livesnap request")
-    cwd = os.fsdecode(fields[1])
-    argc = int(fields[2])
-    argv = [os.fsdecode(a) for a in fields[3:3 + argc]]
-    if len(argv) != argc:
-        raise ValueError("truncated request")
-    environ = {}
-    for kv in fields[3 + argc:]:
-        k, sep, v = kv.partition(b"=")
-        if sep:
-            environ[os.fsdecode(k)] = os.fsdecode(v)
-    return argv, cwd, environ
 
 
 def _command(argv):
@@ -123,7 +82,7 @@ def via_service(argv, path):
             sys.stderr.write("livesnap: not using the service at %s: it is run by uid %s, "
                              "not root or this user; running the command here\n" % (path, uid))
             return None
-        request = encode_request(argv, os.getcwd(), os.environ)
+        request = wire.encode_request(argv, os.getcwd(), os.environ)
         for signo in FORWARDED:
             old[signo] = signal.signal(signo, forward)
         fds = struct.pack("3i", 0, 1, 2)
@@ -211,9 +170,12 @@ def _lines(sock):
 
 
 def run():
-    """Entry point of the ``livesnap`` program."""
+    """The ``livesnap`` program's command (``livesnap.launcher`` starts ``livesnap service``
+    itself): handed to the service, or run in this process."""
     argv = sys.argv[1:]
-    path = socket_path()
+    if argv[:1] == ["service"]:
+        _launch(argv)                            # never returns
+    path = wire.socket_path()
     if path is not None and _command(argv) != "service" and os.path.exists(path):
         outcome = via_service(argv, path)
         if outcome is not None:
@@ -229,6 +191,16 @@ def run():
             os._exit(value)
     from livesnap.cli import main
     main.run()
+
+
+def _launch(argv):
+    """``livesnap service`` reached through this module (a console script installed before
+    ``livesnap.launcher`` was its entry point): this process becomes the launcher, same
+    pid (systemd's LISTEN_PID), same livesnap."""
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import sys; sys.path.insert(0, %r); sys.argv[0] = 'livesnap'; "
+            "from livesnap.launcher import run; run()" % top)
+    os.execv(sys.executable, [sys.executable, "-c", code] + list(argv))
 
 
 if __name__ == "__main__":

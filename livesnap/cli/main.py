@@ -44,6 +44,8 @@ def common_options():
 
 
 VHD_HELP = "VHD tool compatible with vhd-util"
+SERVICE_HELP = ("run resident, serving livesnap commands without the interpreter's start-up "
+                "per command (the livesnap program uses it when its socket exists)")
 
 # the reader of the output went away (``livesnap ... | head``): the command ends quietly
 # with the status of a program killed by SIGPIPE (128 + 13), as command-line tools do
@@ -80,11 +82,11 @@ def build_parser(argv=None):
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_options()
     from livesnap.cli import install, install_plugin, install_service, snapshot
-    from livesnap import service
     snapshot.register(sub, common)
     install.register(sub, common)
     install_plugin.register(sub, common)
-    service.register(sub, common)
+    # listed here; started by livesnap.launcher, with livesnap.service's own parser
+    sub.add_parser("service", help=SERVICE_HELP, add_help=False)
     install_service.register(sub, common)
     if argv is not None and _command(argv) not in (None, "vhd"):
         sub.add_parser("vhd", help=VHD_HELP)
