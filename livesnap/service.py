@@ -159,6 +159,7 @@ class Service(object):
         self.left = False             # in a process forked from it: see _leave_service
         self.stale = None
         self.stamp = code_stamp()
+        self.code = wire.code_dir()
         from livesnap.cli import main
         self.parser = main.build_parser()          # every command's, built once
 
@@ -322,7 +323,7 @@ class Service(object):
         """A whole request: run it in the spare or a process forked for it."""
         try:
             conn.settimeout(REQUEST_TIMEOUT)
-            argv, cwd, environ = wire.decode_request(body)
+            argv, cwd, environ, code = wire.decode_request(body)
             if len(fds) != 3:
                 raise ValueError("expected 3 descriptors, got %d" % len(fds))
         except (OSError, ValueError) as e:
@@ -330,6 +331,14 @@ class Service(object):
             for fd in fds:
                 os.close(fd)
             self._reply(conn, "fallback bad-request")
+            conn.close()
+            return
+        if code != self.code:
+            # the caller's PYTHONPATH or working directory chose another livesnap than
+            # this one: it runs its command with its own code
+            self._reply(conn, "fallback other-code")
+            for fd in fds:
+                os.close(fd)
             conn.close()
             return
         stale = _stale(self.stamp)
@@ -424,7 +433,7 @@ class Service(object):
         if body is None:
             os._exit(0)                            # never handed a command
         try:
-            argv, cwd, environ = wire.decode_request(body)
+            argv, cwd, environ, _ = wire.decode_request(body)
             if len(fds) != 4:
                 raise ValueError("expected 4 descriptors, got %d" % len(fds))
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fds[0])

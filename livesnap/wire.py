@@ -8,7 +8,13 @@ imports it too, and nothing of the client.
 import os
 
 DEFAULT_SOCKET = "/run/livesnap/livesnap.sock"
-MAGIC = b"livesnap-1"
+MAGIC = b"livesnap-2"
+
+
+def code_dir():
+    """The directory of the livesnap package this process runs (the caller's PYTHONPATH
+    and working directory choose it): a service running another one's code steps aside."""
+    return os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
 
 
 def socket_path(environ=None):
@@ -20,9 +26,11 @@ def socket_path(environ=None):
     return value or DEFAULT_SOCKET
 
 
-def encode_request(argv, cwd, environ):
-    """NUL-separated fields (none of them can hold a NUL): magic, cwd, argc, argv, env."""
-    fields = [MAGIC, os.fsencode(cwd), str(len(argv)).encode()]
+def encode_request(argv, cwd, environ, code=None):
+    """NUL-separated fields (none of them can hold a NUL): magic, the caller's livesnap
+    (``code_dir()``), cwd, argc, argv, env."""
+    code = code_dir() if code is None else code
+    fields = [MAGIC, os.fsencode(code), os.fsencode(cwd), str(len(argv)).encode()]
     fields += [os.fsencode(a) for a in argv]
     fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in environ.items()]
     return framed(b"\0".join(fields))
@@ -35,18 +43,20 @@ def framed(body):
 
 
 def decode_request(data):
-    """(argv, cwd, environ) from ``encode_request``'s body; ValueError when malformed."""
+    """(argv, cwd, environ, code) from ``encode_request``'s body; ValueError when
+    malformed."""
     fields = data.split(b"\0")
-    if fields[0] != MAGIC or len(fields) < 3:
+    if fields[0] != MAGIC or len(fields) < 4:
         raise ValueError("not a livesnap request")
-    cwd = os.fsdecode(fields[1])
-    argc = int(fields[2])
-    argv = [os.fsdecode(a) for a in fields[3:3 + argc]]
+    code = os.fsdecode(fields[1])
+    cwd = os.fsdecode(fields[2])
+    argc = int(fields[3])
+    argv = [os.fsdecode(a) for a in fields[4:4 + argc]]
     if len(argv) != argc:
         raise ValueError("truncated request")
     environ = {}
-    for kv in fields[3 + argc:]:
+    for kv in fields[4 + argc:]:
         k, sep, v = kv.partition(b"=")
         if sep:
             environ[os.fsdecode(k)] = os.fsdecode(v)
-    return argv, cwd, environ
+    return argv, cwd, environ, code

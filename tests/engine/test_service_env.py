@@ -3,6 +3,7 @@ caller's, resolved in the command's own process: not the service's, and not one 
 when the service built its parser."""
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -181,3 +182,29 @@ def test_the_callers_python_io_settings_shape_the_output(other_service, env):
         outcomes.append((p.returncode, p.stdout, p.stderr))
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][0] == 1 and outcomes[0][2].startswith(b"error: ")
+
+
+def test_a_caller_running_another_livesnap_runs_its_own_code(other_service, tmp_path):
+    """The caller's PYTHONPATH, or its working directory (python -m), chooses another copy
+    of livesnap than the service's: that copy's code runs the command (its own process),
+    not the service's; the service goes on serving its own callers."""
+    svc, dom = other_service
+    copy = tmp_path / "other"
+    shutil.copytree(os.path.join(ROOT, "livesnap"), str(copy / "livesnap"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    init = copy / "livesnap" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "other-'))
+    base = dict(dom.env(), LIVESNAP_SERVICE=svc.sock)
+    base.pop("PYTHONPATH", None)
+    for env, cwd in ((dict(base, PYTHONPATH=str(copy)), str(tmp_path)), (base, str(copy))):
+        p = subprocess.run([sys.executable, "-m", "livesnap", "--version"], env=env, cwd=cwd,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert p.returncode == 0 and p.stdout.startswith("livesnap other-"), (p.stdout, p.stderr)
+    p = run(base, "--version")
+    assert p.returncode == 0 and not p.stdout.startswith("livesnap other-")
+    first = run(dict(base, LIVESNAP_FAULT="create:before:0:sleep=1"), "snapshot-create",
+                dom.name, "s1", popen=True)
+    _wait_child(svc)                              # still served by the service
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert svc.proc.poll() is None
