@@ -323,7 +323,7 @@ class Service(object):
         """A whole request: run it in the spare or a process forked for it."""
         try:
             conn.settimeout(REQUEST_TIMEOUT)
-            argv, cwd, environ, code = wire.decode_request(body)
+            argv, cwd, environ, code, umask = wire.decode_request(body)
             if len(fds) != 3:
                 raise ValueError("expected 3 descriptors, got %d" % len(fds))
         except (OSError, ValueError) as e:
@@ -355,7 +355,7 @@ class Service(object):
         if pid is None:
             pid = os.fork()
             if pid == 0:
-                self._child(conn, fds, argv, cwd, environ)     # never returns
+                self._child(conn, fds, argv, cwd, environ, umask)     # never returns
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
@@ -433,7 +433,7 @@ class Service(object):
         if body is None:
             os._exit(0)                            # never handed a command
         try:
-            argv, cwd, environ, _ = wire.decode_request(body)
+            argv, cwd, environ, _, umask = wire.decode_request(body)
             if len(fds) != 4:
                 raise ValueError("expected 4 descriptors, got %d" % len(fds))
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fds[0])
@@ -444,7 +444,7 @@ class Service(object):
                 except OSError:
                     pass
             os._exit(1)                            # the caller is told "exit 1"
-        self._child(conn, fds[1:], argv, cwd, environ)     # never returns
+        self._child(conn, fds[1:], argv, cwd, environ, umask)     # never returns
 
     def _reply(self, conn, line):
         try:
@@ -496,7 +496,7 @@ class Service(object):
             pending.conn.close()
             pending.close_fds()
 
-    def _child(self, conn, fds, argv, cwd, environ):
+    def _child(self, conn, fds, argv, cwd, environ, umask):
         rc = 1
         report = None
         try:
@@ -513,6 +513,7 @@ class Service(object):
             os.environ.update(environ)
             sys.stdin, sys.stdout, sys.stderr = _std_streams(environ)
             os.chdir(cwd)
+            os.umask(umask)                        # the files it makes: as the caller's
             sys.argv = ["livesnap"] + list(argv)
             root = logging.getLogger()
             for h in list(root.handlers):

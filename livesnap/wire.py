@@ -26,11 +26,19 @@ def socket_path(environ=None):
     return value or DEFAULT_SOCKET
 
 
-def encode_request(argv, cwd, environ, code=None):
+def current_umask():
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def encode_request(argv, cwd, environ, code=None, umask=None):
     """NUL-separated fields (none of them can hold a NUL): magic, the caller's livesnap
-    (``code_dir()``), cwd, argc, argv, env."""
+    (``code_dir()``), its umask (octal), cwd, argc, argv, env."""
     code = code_dir() if code is None else code
-    fields = [MAGIC, os.fsencode(code), os.fsencode(cwd), str(len(argv)).encode()]
+    umask = current_umask() if umask is None else umask
+    fields = [MAGIC, os.fsencode(code), b"%o" % umask, os.fsencode(cwd),
+              str(len(argv)).encode()]
     fields += [os.fsencode(a) for a in argv]
     fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in environ.items()]
     return framed(b"\0".join(fields))
@@ -43,20 +51,23 @@ def framed(body):
 
 
 def decode_request(data):
-    """(argv, cwd, environ, code) from ``encode_request``'s body; ValueError when
+    """(argv, cwd, environ, code, umask) from ``encode_request``'s body; ValueError when
     malformed."""
     fields = data.split(b"\0")
-    if fields[0] != MAGIC or len(fields) < 4:
+    if fields[0] != MAGIC or len(fields) < 5:
         raise ValueError("not a livesnap request")
     code = os.fsdecode(fields[1])
-    cwd = os.fsdecode(fields[2])
-    argc = int(fields[3])
-    argv = [os.fsdecode(a) for a in fields[4:4 + argc]]
+    umask = int(fields[2], 8)
+    if not 0 <= umask <= 0o777:
+        raise ValueError("not a umask")
+    cwd = os.fsdecode(fields[3])
+    argc = int(fields[4])
+    argv = [os.fsdecode(a) for a in fields[5:5 + argc]]
     if len(argv) != argc:
         raise ValueError("truncated request")
     environ = {}
-    for kv in fields[4 + argc:]:
+    for kv in fields[5 + argc:]:
         k, sep, v = kv.partition(b"=")
         if sep:
             environ[os.fsdecode(k)] = os.fsdecode(v)
-    return argv, cwd, environ, code
+    return argv, cwd, environ, code, umask

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from helpers import URI
+from livesnap.service import wait_listening
 from test_service import ROOT, Service, _wait_child
 
 ENV_DEFAULTS = {"LIVESNAP_STATE_DIR": "/nonexistent/state", "LIBVIRT_DEFAULT_URI": "test:///default",
@@ -208,3 +209,33 @@ def test_a_caller_running_another_livesnap_runs_its_own_code(other_service, tmp_
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert svc.proc.poll() is None
+
+
+@pytest.mark.parametrize("mask", [0o077, 0o027, 0o002])
+def test_files_the_command_makes_follow_the_callers_umask(tmp_path, make_dom, mask):
+    """The service runs with umask 022; the catalog a caller's command creates has the
+    mode the caller's umask gives it (sqlite's 0644 masked), as in its own process."""
+    dom = make_dom(ndisks=1)
+    sock = str(tmp_path / "s.sock")
+    svc = subprocess.Popen([sys.executable, "-m", "livesnap", "service", "--socket", sock],
+                           env=dom.env(), cwd=ROOT, preexec_fn=lambda: os.umask(0o022),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_listening(sock, svc, timeout=60)
+        modes = []
+        for via in (sock, "off"):
+            state = str(tmp_path / ("state-" + os.path.basename(via)))
+            os.makedirs(state, 0o700)
+            p = subprocess.run([sys.executable, "-m", "livesnap", "snapshot-list", dom.name],
+                               env=dict(dom.env(), LIVESNAP_SERVICE=via,
+                                        LIVESNAP_STATE_DIR=state),
+                               cwd=ROOT, preexec_fn=lambda: os.umask(mask),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               timeout=120)
+            assert p.returncode == 0, p.stderr
+            (db,) = [f for f in os.listdir(state) if f.endswith(".db")]
+            modes.append(stat.S_IMODE(os.stat(os.path.join(state, db)).st_mode))
+        assert modes == [0o644 & ~mask] * 2, [oct(m) for m in modes]
+    finally:
+        svc.terminate()
+        svc.communicate(timeout=60)
