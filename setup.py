@@ -11,7 +11,7 @@ LEGACY_METADATA = dict(
     version="0.1.0",
     description="Online VM disk snapshots and child-aware deletion for Xen (VHD) and KVM (qcow2)",
     python_requires=">=3.6",
-    entry_points={"console_scripts": ["livesnap = livesnap.cli.client:run"]},
+    entry_points={"console_scripts": ["livesnap = livesnap.launcher:run"]},
 )
 # setuptools >= 61 takes these from pyproject.toml and warns about (later: refuses) a second copy
 PEP621 = int(setuptools.__version__.split(".")[0]) >= 61

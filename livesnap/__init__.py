@@ -5,6 +5,6 @@ only by the modules that talk to libvirt.
 """
 __version__ = "0.1.0"
 
-# (The package itself imports nothing: the ``livesnap`` program's first module,
-# ``livesnap.cli.client``, starts before anything else. The library's loggers get their
+# (The package itself imports nothing: the ``livesnap`` program's first modules,
+# ``livesnap.launcher`` and ``livesnap.cli.client``, start before anything else. The library's loggers get their
 # NullHandler in ``livesnap.errors``, which every module that logs imports.)

@@ -7,6 +7,7 @@ Tree::
 
     Error
      +-- CommandFailed            an external command exited non-zero
+     +-- CommandNotFound          an external command could not be started
      +-- InvalidOutput            an external command printed something we cannot use
      +-- UsageError               arguments that cannot name anything (bad name, bad UUID)
      +-- NotFound
@@ -30,6 +31,7 @@ Tree::
      +-- DatapathError            pausing, block jobs, retargeting
      |    +-- NotOurFile          a name livesnap would delete or truncate is not its file
      +-- CatalogError             the SQLite catalog is unusable or from a newer livesnap
+     +-- StateDirUnusable         the state directory is not a directory, or not writable
 """
 import logging
 
@@ -66,6 +68,18 @@ class CommandFailed(Error):
     def err_line(self):
         text = (self.err or self.out or "").strip()
         return " ".join(text.splitlines()[-3:]) if text else "(no output)"
+
+
+class CommandNotFound(Error):
+    """An external command that could not be started (not installed, not executable): no
+    exit status to report."""
+    fields = ("cmd", "reason")
+
+    @property
+    def msg(self):
+        if self.reason == "No such file or directory":
+            return "command not found: {self.cmd[0]}"
+        return "cannot run {self.cmd[0]}: {self.reason}"
 
 
 class InvalidOutput(Error):
@@ -193,3 +207,8 @@ class NotOurFile(DatapathError):
 class CatalogError(Error):
     fields = ("path", "reason")
     msg = "catalog {self.path}: {self.reason}"
+
+
+class StateDirUnusable(Error):
+    fields = ("path", "reason")
+    msg = "state directory {self.path} is unusable: {self.reason}"

@@ -3,7 +3,7 @@ import errno
 import fcntl
 import os
 
-from livesnap.errors import Busy
+from livesnap.errors import Busy, StateDirUnusable
 
 
 class DomainLock(object):
@@ -13,7 +13,11 @@ class DomainLock(object):
         self.fd = None
 
     def __enter__(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:                      # read-only, no permission, /proc/self
+            raise StateDirUnusable(os.path.dirname(self.path) or ".", "cannot open the lock "
+                                   "%s: %s" % (os.path.basename(self.path), e.strerror or e))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (IOError, OSError) as e:

@@ -18,9 +18,15 @@ safe: no other thread holds a lock), refuses peers of another user, and stops se
 livesnap's code on disk changes (the client then runs the command itself) and exits as soon
 as its commands have ended, so that a restart (systemd's socket activation) picks up the
 new code.
+
+It is started by ``livesnap.launcher`` (``livesnap service``, its own parser: ``main``); it
+runs the commands with the command table (``livesnap.cli.main``) and reads requests in the
+wire format (``livesnap.wire``); the command line imports nothing of it.
 """
+import argparse
 import array
 import fcntl
+import io
 import logging
 import os
 import selectors
@@ -30,7 +36,7 @@ import struct
 import sys
 import time
 
-from livesnap.cli import client
+from livesnap import wire
 from livesnap.errors import ServiceSocket
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,7 @@ MAX_REQUEST = 1 << 20
 # forks each command's process on its request
 SPARE_FAILURES = 3
 REQUEST_TIMEOUT = 5.0
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 # imported once, before any command: what a snapshot command imports
 WARM = ("livesnap.cli.main", "livesnap.cli.snapshot", "livesnap.cli.output",
@@ -141,15 +148,18 @@ def inherited_socket():
 
 
 class Service(object):
-    def __init__(self, sock, path=None):
+    def __init__(self, sock, path=None, request_timeout=REQUEST_TIMEOUT):
         self.sock = sock
         self.path = path
+        self.request_timeout = request_timeout
         self.children = {}            # pid -> the client's connection
+        self.pending = {}             # connection -> _Pending: a request still arriving
         self.spare = None             # (pid, channel): a process forked ahead of a command
         self.spare_failures = 0
         self.left = False             # in a process forked from it: see _leave_service
         self.stale = None
         self.stamp = code_stamp()
+        self.code = wire.code_dir()
         from livesnap.cli import main
         self.parser = main.build_parser()          # every command's, built once
 
@@ -166,6 +176,7 @@ class Service(object):
         handlers = {signal.SIGCHLD: signal.signal(signal.SIGCHLD, _nothing),
                     signal.SIGTERM: signal.signal(signal.SIGTERM, self._stop),
                     signal.SIGINT: signal.signal(signal.SIGINT, self._stop)}
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)      # (see run())
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, "accept")
         sel.register(rfd, selectors.EVENT_READ, "signal")
@@ -180,14 +191,17 @@ class Service(object):
                 if (self.sock is not None and self.spare is None
                         and self.spare_failures < SPARE_FAILURES):
                     self._fork_spare()
-                for key, _ in sel.select():
+                for key, _ in sel.select(self._next_deadline()):
                     if key.data == "signal":
                         try:
                             os.read(rfd, 512)
                         except OSError:
                             pass
+                    elif isinstance(key.data, _Pending):
+                        self._read_request(key.data)
                     elif self.sock is not None:
                         self._accept()
+                self._expire()
         finally:
             sel.close()
             signal.set_wakeup_fd(old_wakeup)
@@ -199,47 +213,130 @@ class Service(object):
         return 0
 
     def _close_listener(self):
+        """No more requests: the socket's name goes first (a new caller finds no service
+        and runs its command itself); callers already connected, queued or with their
+        request still arriving, are told to do the same ("fallback"), never left to find
+        their connection reset. (systemd's socket stays, with its queue, for the next
+        service it starts.)"""
         self._drop_spare()
+        for pending in list(self.pending.values()):
+            self._drop_pending(pending, "fallback stopping")
         if self.sock is None:
             return
         try:
             self.sel.unregister(self.sock)
         except (KeyError, ValueError):
             pass
-        self.sock.close()
-        self.sock = None
         if self.path:                              # not systemd's socket: that stays
             try:
                 os.unlink(self.path)
             except OSError:
                 pass
+            self.sock.setblocking(False)
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:                    # none left (EAGAIN)
+                    break
+                self._reply(conn, "fallback stopping")
+                conn.close()
+        self.sock.close()
+        self.sock = None
 
     def _stop(self, signo, frame):
         self.stopping = True
 
     def _accept(self):
+        """A new connection: a caller of this user is read as its request arrives (a
+        caller that stalls holds up no one: see ``_Pending``); another user's is told
+        "fallback" and closed."""
         try:
             conn, _ = self.sock.accept()
         except OSError:
             return
-        fds = []
         try:
-            conn.settimeout(REQUEST_TIMEOUT)
             uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                       struct.calcsize("3i")))[1]
-            if uid != os.getuid():
-                log.warning("refused a request of uid %d", uid)
-                conn.close()
-                return
-            body, fds = _receive(conn)
-            if body is None:                       # a probe: connected, sent nothing
-                conn.close()
-                return
-            argv, cwd, environ = client.decode_request(body)
+        except OSError:
+            conn.close()
+            return
+        if uid != os.getuid():
+            log.warning("refused a request of uid %d", uid)
+            # answered before the close: a caller whose request is already sent (unread
+            # here) then reads the answer, not ECONNRESET
+            self._reply(conn, "fallback refused")
+            conn.close()
+            return
+        conn.setblocking(False)
+        pending = _Pending(conn, time.monotonic() + self.request_timeout)
+        self.pending[conn] = pending
+        self.sel.register(conn, selectors.EVENT_READ, pending)
+
+    def _drop_pending(self, pending, answer=None):
+        del self.pending[pending.conn]
+        try:
+            self.sel.unregister(pending.conn)
+        except (KeyError, ValueError):
+            pass
+        pending.close_fds()
+        if answer:
+            self._reply(pending.conn, answer)
+        pending.conn.close()
+
+    def _next_deadline(self):
+        """select()'s timeout: until the first pending request's deadline, or None."""
+        if not self.pending:
+            return None
+        return max(0.0, min(p.deadline for p in self.pending.values()) - time.monotonic())
+
+    def _expire(self):
+        now = time.monotonic()
+        for pending in list(self.pending.values()):
+            if pending.deadline <= now:
+                log.warning("no whole request within %ss: connection closed",
+                            self.request_timeout)
+                self._drop_pending(pending, "fallback timeout")
+
+    def _read_request(self, pending):
+        try:
+            whole = pending.receive()
+        except (OSError, ValueError) as e:
+            log.warning("bad request: %s", e)
+            self._drop_pending(pending, "fallback bad-request")
+            return
+        if whole is None:                          # a probe: connected, sent nothing
+            self._drop_pending(pending)
+            return
+        if not whole:
+            return                                 # more to come
+        body, fds = pending.body(), pending.fds
+        pending.fds = []
+        self._drop_pending_keep(pending)
+        self._request(pending.conn, body, fds)
+
+    def _drop_pending_keep(self, pending):
+        """The request is whole: the connection leaves the selector, stays open."""
+        del self.pending[pending.conn]
+        self.sel.unregister(pending.conn)
+
+    def _request(self, conn, body, fds):
+        """A whole request: run it in the spare or a process forked for it."""
+        try:
+            conn.settimeout(REQUEST_TIMEOUT)
+            argv, cwd, environ, code, umask = wire.decode_request(body)
             if len(fds) != 3:
                 raise ValueError("expected 3 descriptors, got %d" % len(fds))
         except (OSError, ValueError) as e:
             log.warning("bad request: %s", e)
+            for fd in fds:
+                os.close(fd)
+            self._reply(conn, "fallback bad-request")
+            conn.close()
+            return
+        if code != self.code:
+            # the caller's PYTHONPATH or working directory chose another livesnap than
+            # this one: it runs its command with its own code
+            self._reply(conn, "fallback other-code")
             for fd in fds:
                 os.close(fd)
             conn.close()
@@ -258,7 +355,7 @@ class Service(object):
         if pid is None:
             pid = os.fork()
             if pid == 0:
-                self._child(conn, fds, argv, cwd, environ)     # never returns
+                self._child(conn, fds, argv, cwd, environ, umask)     # never returns
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
@@ -301,7 +398,7 @@ class Service(object):
         if spare is None:
             return None
         pid, chan = spare
-        message = client.framed(body)
+        message = wire.framed(body)
         try:
             chan.settimeout(REQUEST_TIMEOUT)
             sent = chan.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(
@@ -336,7 +433,7 @@ class Service(object):
         if body is None:
             os._exit(0)                            # never handed a command
         try:
-            argv, cwd, environ = client.decode_request(body)
+            argv, cwd, environ, _, umask = wire.decode_request(body)
             if len(fds) != 4:
                 raise ValueError("expected 4 descriptors, got %d" % len(fds))
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fds[0])
@@ -347,7 +444,7 @@ class Service(object):
                 except OSError:
                     pass
             os._exit(1)                            # the caller is told "exit 1"
-        self._child(conn, fds[1:], argv, cwd, environ)     # never returns
+        self._child(conn, fds[1:], argv, cwd, environ, umask)     # never returns
 
     def _reply(self, conn, line):
         try:
@@ -395,8 +492,11 @@ class Service(object):
         self.sock.close()
         for other in self.children.values():
             other.close()
+        for pending in self.pending.values():
+            pending.conn.close()
+            pending.close_fds()
 
-    def _child(self, conn, fds, argv, cwd, environ):
+    def _child(self, conn, fds, argv, cwd, environ, umask):
         rc = 1
         report = None
         try:
@@ -409,12 +509,11 @@ class Service(object):
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
             _close_from(3, keep=report)            # the received fds, the selector's pipe
-            sys.stdin = open(0, "r", closefd=False)
-            sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
-            sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
             os.environ.clear()
             os.environ.update(environ)
+            sys.stdin, sys.stdout, sys.stderr = _std_streams(environ)
             os.chdir(cwd)
+            os.umask(umask)                        # the files it makes: as the caller's
             sys.argv = ["livesnap"] + list(argv)
             root = logging.getLogger()
             for h in list(root.handlers):
@@ -439,6 +538,85 @@ class Service(object):
             if report is not None:
                 _answer(report, rc)
             os._exit(rc)
+
+
+class _Pending(object):
+    """A caller's connection whose request is still arriving: read as it comes (the
+    connection is non-blocking and in the service's selector), never waited for, so that a
+    caller that connects and stalls (sends nothing, or half a request) holds up no other
+    command; it is closed at its deadline."""
+
+    def __init__(self, conn, deadline):
+        self.conn = conn
+        self.deadline = deadline
+        self.data = b""
+        self.fds = []
+        self.want = None          # the whole request's length, header included, once known
+
+    def receive(self):
+        """Read what has arrived. True: the request is whole; False: more to come; None:
+        the caller closed without sending anything (a probe). ValueError: malformed."""
+        while True:
+            fds = array.array("i")
+            try:
+                data, anc, flags, _ = self.conn.recvmsg(
+                    65536, socket.CMSG_SPACE(16 * fds.itemsize))
+            except (BlockingIOError, InterruptedError):
+                return False
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[:len(payload) - (len(payload) % fds.itemsize)])
+            self.fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                raise ValueError("too many descriptors")
+            if not data:
+                if not self.data and not self.fds:
+                    return None
+                raise ValueError("truncated request")
+            self.data += data
+            if self.want is None:
+                head, sep, _ = self.data.partition(b"\n")
+                if not sep:
+                    if len(self.data) > 20:
+                        raise ValueError("no request header")
+                    continue
+                if not head.isdigit() or int(head) > MAX_REQUEST:
+                    raise ValueError("bad request length")
+                self.want = len(head) + 1 + int(head)
+            if len(self.data) > self.want:
+                raise ValueError("more than the request")
+            if len(self.data) == self.want:
+                return True
+
+    def body(self):
+        return self.data[self.data.index(b"\n") + 1:]
+
+    def close_fds(self):
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+
+
+def _std_streams(environ):
+    """stdin, stdout, stderr on descriptors 0-2 as the interpreter would have opened them
+    in the caller's environment: PYTHONIOENCODING (``encoding[:errors]``) and
+    PYTHONUNBUFFERED are the caller's, not the service's."""
+    encoding, _, errors = environ.get("PYTHONIOENCODING", "").partition(":")
+    encoding, errors = encoding or None, errors or None
+    unbuffered = bool(environ.get("PYTHONUNBUFFERED"))
+
+    def writer(fd, line_buffering, errors):
+        if unbuffered:
+            return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding=encoding,
+                                    errors=errors, write_through=True)
+        return open(fd, "w", buffering=1 if line_buffering else -1, closefd=False,
+                    encoding=encoding, errors=errors)
+    return (open(0, "r", closefd=False, encoding=encoding, errors=errors),
+            writer(1, os.isatty(1), errors),
+            writer(2, True, errors or "backslashreplace"))
 
 
 def _nothing(signo, frame):
@@ -510,24 +688,51 @@ def run(args):
     """``livesnap service``."""
     logging.getLogger().setLevel(logging.INFO if not args.debug else logging.DEBUG)
     loaded = warm_up()                         # before listening: a socket means ready
+    service = Service(None, None, args.request_timeout)       # its parser built, too
+    # a SIGTERM/SIGINT from the moment there is a socket waits for serve()'s handlers: its
+    # default action would close the listener on callers already queued (ECONNRESET)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     sock = inherited_socket()
     path = None
     if sock is None:
-        path = args.socket or client.socket_path() or client.DEFAULT_SOCKET
+        path = args.socket or wire.socket_path() or wire.DEFAULT_SOCKET
         try:
             sock = listen(path)
         except OSError as e:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             raise ServiceSocket(path, e.strerror or str(e))
     log.info("livesnap service on %s (%d modules preloaded)", path or "fd 3", len(loaded))
-    return Service(sock, path).serve()
+    service.sock, service.path = sock, path
+    return service.serve()
 
 
-def register(subparsers, common):
-    p = subparsers.add_parser(
-        "service", parents=[common],
-        help="run resident, serving livesnap commands without the interpreter's start-up "
-             "per command (the livesnap program uses it when its socket exists)")
+def build_parser():
+    """``livesnap service``'s options: the common ones, its socket and request timeout."""
+    from livesnap.cli import main
+    p = argparse.ArgumentParser(prog="livesnap service", parents=[main.common_options()])
     p.add_argument("--socket", metavar="PATH",
                    help="listen here (default: $LIVESNAP_SERVICE or %s; with systemd's "
-                        "socket activation, the socket passed)" % client.DEFAULT_SOCKET)
+                        "socket activation, the socket passed)" % wire.DEFAULT_SOCKET)
+    p.add_argument("--request-timeout", type=_positive_seconds, default=REQUEST_TIMEOUT,
+                   metavar="SECONDS",
+                   help="close a connection whose request has not arrived whole by then "
+                        "(default: %(default)s)")
     p.set_defaults(func=run)
+    return p
+
+
+def main(argv):
+    """``livesnap service ARGS`` (from ``livesnap.launcher``): run as any command is, by the
+    command table's ``main`` (logging, errors, exit status). Returns the exit status."""
+    from livesnap.cli import main as commands
+    return commands.finish(commands.main(argv, parser=build_parser()))
+
+
+def _positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("not a positive number of seconds: %r" % text)
+    return value

@@ -72,7 +72,7 @@ def test_wheel_and_console_script(tmp_path):
     assert p.returncode == 0, p.stdout
     script = prefix / "bin" / "livesnap"
     text = script.read_text()
-    assert "from livesnap.cli.client import run" in text
+    assert "from livesnap.launcher import run" in text
     assert "pkg_resources" not in text and "EASY-INSTALL" not in text
     assert (prefix / "share" / "livesnap" / "xapi_plugin" / "livesnap").is_file()
     (site,) = glob.glob(str(prefix / "lib" / "python3*" / "site-packages"))
@@ -106,7 +106,7 @@ def test_editable_install_lean_wrapper(tmp_path):
     assert p.returncode == 0, p.stdout
     script = prefix / "bin" / "livesnap"
     text = script.read_text()
-    assert "from livesnap.cli.client import run" in text
+    assert "from livesnap.launcher import run" in text
     assert "pkg_resources" not in text and "EASY-INSTALL" not in text
     (site,) = glob.glob(str(prefix / "lib" / "python3*" / "site-packages"))
     (pth,) = glob.glob(os.path.join(site, "__editable__*livesnap*.pth"))

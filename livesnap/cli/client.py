@@ -10,7 +10,10 @@ are passed on to the command). Only the interpreter's start-up and the imports a
 per command, as virsh does not start libvirtd per command.
 
 Without a service (no socket, nobody listening, ``LIVESNAP_SERVICE=off``, or a service
-whose code is older than this checkout's), the command runs in this process.
+whose code is older than this checkout's), the command runs in this process. Nor is
+anything sent to a socket whose listener is not root's or this user's (its peer
+credentials): that user would get this process's streams and environment; the command
+then runs here, after a one-line warning.
 
 This module runs before everything else, in every command, so it imports only the
 built-in modules under ``socket`` and ``signal`` (``_socket``, ``_signal``: the wrappers
@@ -22,50 +25,9 @@ import os
 import struct
 import sys
 
-DEFAULT_SOCKET = "/run/livesnap/livesnap.sock"
-MAGIC = b"livesnap-1"
+from livesnap import wire
+
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def socket_path(environ=None):
-    """The service's socket, or None when the service is not to be used."""
-    env = os.environ if environ is None else environ
-    value = env.get("LIVESNAP_SERVICE", "")
-    if value == "off":
-        return None
-    return value or DEFAULT_SOCKET
-
-
-def encode_request(argv, cwd, environ):
-    """NUL-separated fields (none of them can hold a NUL): magic, cwd, argc, argv, env."""
-    fields = [MAGIC, os.fsencode(cwd), str(len(argv)).encode()]
-    fields += [os.fsencode(a) for a in argv]
-    fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in environ.items()]
-    return framed(b"\0".join(fields))
-
-
-def framed(body):
-    """A request body as it travels on a socket: its length, a newline, the body (what
-    ``livesnap.service`` reads back)."""
-    return str(len(body)).encode() + b"\n" + body
-
-
-def decode_request(data):
-    """(argv, cwd, environ) from ``encode_request``'s body; ValueError when malformed."""
-    fields = data.split(b"\0")
-    if fields[0] != MAGIC or len(fields) < 3:
-        raise ValueError("not a livesnap request")
-    cwd = os.fsdecode(fields[1])
-    argc = int(fields[2])
-    argv = [os.fsdecode(a) for a in fields[3:3 + argc]]
-    if len(argv) != argc:
-        raise ValueError("truncated request")
-    environ = {}
-    for kv in fields[3 + argc:]:
-        k, sep, v = kv.partition(b"=")
-        if sep:
-            environ[os.fsdecode(k)] = os.fsdecode(v)
-    return argv, cwd, environ
 
 
 def _command(argv):
@@ -114,7 +76,13 @@ def via_service(argv, path):
             sock.connect(path)
         except OSError:
             return None
-        request = encode_request(argv, os.getcwd(), os.environ)
+        uid = _peer_uid(sock)
+        if uid is None or uid not in (0, os.geteuid()):
+            # another user's: it would get this process's streams and environment
+            sys.stderr.write("livesnap: not using the service at %s: it is run by uid %s, "
+                             "not root or this user; running the command here\n" % (path, uid))
+            return None
+        request = wire.encode_request(argv, os.getcwd(), os.environ)
         for signo in FORWARDED:
             old[signo] = signal.signal(signo, forward)
         fds = struct.pack("3i", 0, 1, 2)
@@ -145,6 +113,15 @@ def via_service(argv, path):
             if handler is not None:
                 signal.signal(signo, handler)
         sock.close()
+
+
+def _peer_uid(sock):
+    """The uid of the process that made the peer socket (the service's listener), or None."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+    except (OSError, AttributeError, struct.error):
+        return None
 
 
 def _orphaned(pid):
@@ -184,6 +161,8 @@ def _lines(sock):
             more = sock.recv(4096)
         except InterruptedError:                 # (retried by Python >= 3.5 anyway)
             continue
+        except OSError:                          # e.g. ECONNRESET: the connection is over
+            more = b""
         if not more:
             while True:
                 yield b""
@@ -191,9 +170,12 @@ def _lines(sock):
 
 
 def run():
-    """Entry point of the ``livesnap`` program."""
+    """The ``livesnap`` program's command (``livesnap.launcher`` starts ``livesnap service``
+    itself): handed to the service, or run in this process."""
     argv = sys.argv[1:]
-    path = socket_path()
+    if argv[:1] == ["service"]:
+        _launch(argv)                            # never returns
+    path = wire.socket_path()
     if path is not None and _command(argv) != "service" and os.path.exists(path):
         outcome = via_service(argv, path)
         if outcome is not None:
@@ -209,6 +191,16 @@ def run():
             os._exit(value)
     from livesnap.cli import main
     main.run()
+
+
+def _launch(argv):
+    """``livesnap service`` reached through this module (a console script installed before
+    ``livesnap.launcher`` was its entry point): this process becomes the launcher, same
+    pid (systemd's LISTEN_PID), same livesnap."""
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import sys; sys.path.insert(0, %r); sys.argv[0] = 'livesnap'; "
+            "from livesnap.launcher import run; run()" % top)
+    os.execv(sys.executable, [sys.executable, "-c", code] + list(argv))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ the directory livesnap is imported from, and the libvirt URI.
 import os
 import sys
 
+from livesnap import statedir
 from livesnap.cli import install_files, output
 from livesnap.errors import Error
 
 HOOK_NAME = "livesnap"
 MARKER = "# livesnap-install: "
-DEFAULT_STATE_DIR = "/var/lib/livesnap"
+DEFAULT_STATE_DIR = statedir.DEFAULT_STATE_DIR
 DEFAULT_URI = "qemu:///system"
 
 
@@ -112,7 +113,7 @@ def _text(r):
 def chosen_state_dir(args):
     """The state directory an installed file is given: --state-dir, $LIVESNAP_STATE_DIR,
     or the default."""
-    return args.state_dir or os.environ.get("LIVESNAP_STATE_DIR") or DEFAULT_STATE_DIR
+    return statedir.resolve(args.state_dir)
 
 
 def run(args):

@@ -8,8 +8,8 @@ import os
 import sys
 
 from livesnap.cli import install_files, output
-from livesnap.cli.client import DEFAULT_SOCKET
 from livesnap.cli.install import InstallError, chosen_state_dir
+from livesnap.wire import DEFAULT_SOCKET
 
 SOCKET_UNIT = """[Unit]
 Description=livesnap service socket (online VM disk snapshots)

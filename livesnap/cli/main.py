@@ -30,11 +30,13 @@ def common_options():
                         help="output format (default: %(default)s)")
     common.add_argument("--json", dest="output", action="store_const", const="json",
                         help="same as --output json")
-    common.add_argument("--state-dir", default=os.environ.get("LIVESNAP_STATE_DIR"),
+    # no default from the environment here: the service builds this parser once for all
+    # its callers; the command resolves it from its caller's (livesnap.statedir.resolve)
+    common.add_argument("--state-dir", default=None,
                         help="catalog directory (default: $LIVESNAP_STATE_DIR or /var/lib/livesnap)")
     common.add_argument("--storage-dir", action="append", metavar="DIR",
                         help="refuse images outside these directories (repeatable)")
-    common.add_argument("--max-depth", type=int, default=30,
+    common.add_argument("--max-depth", type=chain_depth, default=30,
                         help="longest backing chain allowed (default: %(default)s)")
     common.add_argument("-d", "--debug", action="store_true", help="log everything to stderr")
     common.add_argument("-q", "--quiet", action="store_true", help="log only errors")
@@ -42,6 +44,23 @@ def common_options():
 
 
 VHD_HELP = "VHD tool compatible with vhd-util"
+SERVICE_HELP = ("run resident, serving livesnap commands without the interpreter's start-up "
+                "per command (the livesnap program uses it when its socket exists)")
+
+# the reader of the output went away (``livesnap ... | head``): the command ends quietly
+# with the status of a program killed by SIGPIPE (128 + 13), as command-line tools do
+EXIT_READER_GONE = 141
+
+
+def chain_depth(text):
+    """``--max-depth``: a whole number of at least 1 (a chain holds its base at least)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of at least 1, not %r" % text)
+    return value
 
 
 def _command(argv):
@@ -63,11 +82,11 @@ def build_parser(argv=None):
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_options()
     from livesnap.cli import install, install_plugin, install_service, snapshot
-    from livesnap import service
     snapshot.register(sub, common)
     install.register(sub, common)
     install_plugin.register(sub, common)
-    service.register(sub, common)
+    # listed here; started by livesnap.launcher, with livesnap.service's own parser
+    sub.add_parser("service", help=SERVICE_HELP, add_help=False)
     install_service.register(sub, common)
     if argv is not None and _command(argv) not in (None, "vhd"):
         sub.add_parser("vhd", help=VHD_HELP)
@@ -107,13 +126,22 @@ def main(argv=None, parser=None):
     """Run one command; ``parser``: one ``build_parser()`` made before (the service's)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = parser or build_parser(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except BrokenPipeError:                        # --help | head
+        return reader_gone()
+    except SystemExit as e:                        # --help, --version, a usage error: done,
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)  # finish() flushes
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
     setup_logging(args)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        if not _stdout_broken():
+            raise
+        return reader_gone()
     except Error as e:
         if getattr(args, "debug", False):
             log.exception("command failed")
@@ -127,6 +155,29 @@ def main(argv=None, parser=None):
         return 130
 
 
+def _stdout_broken():
+    """Whether standard output is a pipe or socket whose reader has gone."""
+    import select
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def reader_gone():
+    """The output's reader has gone: what is still buffered goes to /dev/null (no second
+    BrokenPipeError at exit), and the command ends quietly with ``EXIT_READER_GONE``."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return EXIT_READER_GONE
+
+
 def finish(rc):
     """What a normal exit does before the process ends: threads that are not daemons are
     waited for, logging and the standard streams flushed. Returns the exit status."""
@@ -136,7 +187,9 @@ def finish(rc):
     logging.shutdown()
     try:
         sys.stdout.flush()
-    except (BrokenPipeError, ValueError):
+    except BrokenPipeError:
+        rc = rc or reader_gone()
+    except ValueError:
         rc = rc or 1
     try:
         sys.stderr.flush()

@@ -23,12 +23,13 @@ from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation,
                              PathOutsideStorage, UnusablePath, UsageError, WrongState)
 from livesnap.errors import DataFileImage
 from livesnap.lock import DomainLock
+from livesnap import statedir
 from livesnap.model import planner as P
 from livesnap.model.tree import HIDDEN
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = "/var/lib/livesnap"
+DEFAULT_STATE_DIR = statedir.DEFAULT_STATE_DIR
 SPACE_MARGIN = 1 << 20
 
 
@@ -58,7 +59,10 @@ class Engine(object):
         given (e.g. ``XenXmlPlatform``, ``XapiPlatform``)."""
         self.uri = connect
         self.platform = platform
-        self.state_dir = state_dir or os.environ.get("LIVESNAP_STATE_DIR") or DEFAULT_STATE_DIR
+        self.state_dir = statedir.resolve(state_dir)      # this process's environment
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1:
+            raise UsageError(reason="the longest backing chain allowed must be a whole number "
+                                    "of at least 1, not %r" % (max_depth,))
         self.max_depth = max_depth
         self.storage_dirs = [os.path.realpath(d) for d in (storage_dirs or [])]
         self.quiesce = quiesce
@@ -573,9 +577,7 @@ class _SessionContext(object):
         from livesnap.datapaths import own_files
         own_files.set_roots(self.engine.storage_dirs)   # what a command may delete lies inside
         domain = self.engine.lookup(self.ident)
-        state_dir = self.engine.state_dir
-        if not os.path.isdir(state_dir):
-            os.makedirs(state_dir, 0o700)
+        state_dir = statedir.ready(self.engine.state_dir)
         if self.take_lock:
             self.lock = DomainLock(os.path.join(state_dir, domain.uuid + ".lock"), domain.name)
             self.lock.__enter__()

@@ -3,7 +3,7 @@ import logging
 import os
 import subprocess
 
-from livesnap.errors import CommandFailed
+from livesnap.errors import CommandFailed, CommandNotFound
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,8 @@ def binary(env_name, default):
 def run_rc(argv, input=None, env=None, timeout=None):
     """Run ``argv`` (no shell); return ``(rc, stdout, stderr)`` whatever the exit code.
 
-    A binary that cannot be started gives rc 127, a timeout kills the command and gives rc -9.
+    A binary that cannot be started raises ``CommandNotFound`` (it has no exit status); a
+    timeout kills the command and gives rc -9.
     """
     argv = [str(a) for a in argv]
     log.debug("running %s", argv)
@@ -28,7 +29,7 @@ def run_rc(argv, input=None, env=None, timeout=None):
                                 # os.fsdecode would give them, not as a UnicodeDecodeError
                                 errors="surrogateescape")
     except OSError as e:
-        return 127, "", str(e)
+        raise CommandNotFound(argv, e.strerror or str(e))
     try:
         out, err = proc.communicate(input=input, timeout=timeout)
     except subprocess.TimeoutExpired:

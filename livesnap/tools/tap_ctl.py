@@ -85,7 +85,8 @@ def _bin():
 def _reason(rc, out, err):
     text = (err or out or "").strip()
     text = " ".join(text.splitlines()[-3:]) if text else "(no output)"
-    name = errno.errorcode.get(rc) if rc and rc > 0 else None
+    # tap-ctl exits with an errno; 126 and 127 are a shell's "cannot run", "not found"
+    name = errno.errorcode.get(rc) if rc and 0 < rc < 126 else None
     return "rc=%s%s: %s" % (rc, " (%s)" % name if name else "", text)
 
 

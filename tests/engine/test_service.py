@@ -65,8 +65,9 @@ def ls(dom, sock, *args, fault=None, cwd=ROOT, popen=False, pythonpath=None):
     env = dict(dom.env(), LIVESNAP_SERVICE=sock)
     if fault:
         env["LIVESNAP_FAULT"] = fault
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
+    # this checkout's livesnap, whatever the working directory (a service serves only
+    # callers that run its own code)
+    env["PYTHONPATH"] = pythonpath or ROOT
     cmd = [sys.executable, "-m", "livesnap"] + [str(a) for a in args]
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
@@ -210,12 +211,12 @@ def test_a_service_whose_code_changed_on_disk_steps_aside(tmp_path, make_dom):
     svc = Service(sock, dom.env(), pythonpath=str(copy))
     try:
         p = ls(dom, sock, "snapshot-create", dom.name, "s1", fault="create:before:0:sleep=1",
-               pythonpath=str(copy), popen=True)
+               pythonpath=str(copy), cwd=str(copy), popen=True)
         _wait_child(svc)
         later = time.time() + 5
         os.utime(str(copy / "livesnap" / "cli" / "output.py"), (later, later))
         # served by this process itself: same answer, the service no longer takes commands
-        p2 = ls(dom, sock, "snapshot-list", dom.name, "--json", pythonpath=str(copy))
+        p2 = ls(dom, sock, "snapshot-list", dom.name, "--json", pythonpath=str(copy), cwd=str(copy))
         assert p2.returncode == 0, p2.stderr
         assert svc.proc.poll() is None          # it waits for its running command
         out, err = p.communicate(timeout=60)
@@ -223,7 +224,7 @@ def test_a_service_whose_code_changed_on_disk_steps_aside(tmp_path, make_dom):
         assert svc.proc.wait(timeout=30) == 0    # then exits, removing its socket
         assert not os.path.exists(sock)
         listed = json.loads(ls(dom, sock, "snapshot-list", dom.name, "--json",
-                               pythonpath=str(copy)).stdout)
+                               pythonpath=str(copy), cwd=str(copy)).stdout)
         assert [s["name"] for s in listed["snapshots"]] == ["s1"]
     finally:
         svc.stop()

@@ -90,9 +90,11 @@ def test_bad_image_datapath_and_internal(world):
     world.xapi.record("VM", vm2.ref)["power_state"] = "Halted"
     state_file = os.path.join(world.base, "not-a-dir")
     open(state_file, "w").close()
-    desc = world.fail("snapshot_list", {"vm_uuid": vm2.uuid}, "LIVESNAP_INTERNAL",
+    # (an internal error before: a FileExistsError from makedirs)
+    desc = world.fail("snapshot_list", {"vm_uuid": vm2.uuid}, "LIVESNAP_CATALOG_ERROR",
                       LIVESNAP_STATE_DIR=state_file)
-    assert "Error" in desc[1] and json.loads(desc[2])["error"]
+    assert desc[1] == "state directory %s is unusable: not a directory" % state_file
+    assert json.loads(desc[2])["error"] == "StateDirUnusable"
 
 
 def test_xapi_side_failures(world):
