@@ -17,6 +17,7 @@ import struct
 import sys
 
 from livesnap.vhd import format as fmt
+from livesnap.vhd import paths
 from livesnap.vhd.errors import (VhdChainLoop, VhdChainTooDeep, VhdCorrupt, VhdError, VhdNoSpace,
                                  VhdMissing, VhdNameTooLong, VhdParentMismatch, VhdRange,
                                  VhdUnsupported, from_oserror)
@@ -357,10 +358,8 @@ class Image(object):
 
     def parent_candidates(self):
         """The absolute paths the parent locators name, in order (relative ones resolved
-        against this image's directory), whether they exist or not."""
-        base = os.path.dirname(self.path)
-        return [os.path.normpath(text if os.path.isabs(text) else os.path.join(base, text))
-                for _, _, text in self.parent_locators()]
+        as libvhd does: see paths.resolve), whether they exist or not."""
+        return [paths.resolve(self.path, text) for _, _, text in self.parent_locators()]
 
     def parent_path(self):
         """Absolute path of the parent as blktap resolves it (None for a non-differencing disk)."""
@@ -986,7 +985,7 @@ def snapshot(path, parent_path, max_size=None, raw_parent=False, limit=None, ski
     h, meta = _layout(size, max_size, {"keyhash": keyhash} if keyhash else None)
     h.prt_uuid = puuid
     h.prt_ts = _mtime_vhd(parent_path)
-    name = os.path.basename(parent_path)
+    name = paths.parent_name(parent_path)
     try:
         h.prt_name = fmt.encode_parent_name(name)
     except ValueError:
@@ -1042,7 +1041,7 @@ def set_parent(path, parent_path, raw=False):
         if psize > img.virtual_size:
             raise VhdRange(img.path, "parent %s (%d bytes) is bigger than the child (%d bytes)"
                            % (parent_path, psize, img.virtual_size))
-        name = os.path.basename(parent_path)
+        name = paths.parent_name(parent_path)
         try:
             prt_name = fmt.encode_parent_name(name)
         except ValueError:
