@@ -72,6 +72,8 @@ def test_real_vhd_util_resolves_the_parents_of_a_chain_livesnap_made_on_lvs():
     # livesnap names the chain by the LV paths, as before
     assert r["chain"] == ["/dev/%s/%s" % (vg, n) for n in r["lvs"]]
     assert r["read_ok"]
+    # the real tapdisk opens the chain, and reopens it after a pause (unpause -a)
+    assert r["tapdisk"] == ["0", "0", 0], r["tapdisk"]
     # a delete's reparent (set_parent) writes the same form: the leaf now on the base
     assert r["reparented"]["locators"] == ["./" + m["base"]] * 3
     assert r["reparented"]["query_p"] == [0, "/dev/mapper/" + m["base"]]
@@ -187,6 +189,40 @@ def _locators(path):
         return [text for _, _, text in img.parent_locators()], img.header.parent_name
 
 
+def _tapdisk_open_pause_reopen(leaf):
+    """The real tapdisk opens the chain of ``leaf``, is paused and reopens it with
+    ``unpause -a`` (what livesnap's snapshot does); [state after open, after reopen, rc of the
+    unpause]. Destroyed (killed if need be) before returning."""
+    tap_ctl = os.path.join(os.environ["LIVESNAP_TEST_BLKTAP"], "testbed", "tap-ctl")
+
+    def run(*args):
+        p = subprocess.run([tap_ctl] + [str(a) for a in args], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, universal_newlines=True, timeout=120)
+        return p.returncode, p.stdout
+
+    def state(pid, minor):
+        rc, text = run("list", "-p", pid, "-m", minor)
+        return text.split("state=")[1].split()[0] if "state=" in text else None
+
+    rc, text = run("create", "-a", "vhd:" + leaf)
+    if rc:
+        return ["create failed: %s" % text]
+    line = [l for l in run("list")[1].splitlines() if l.endswith("vhd:" + leaf)]
+    fields = dict(t.split("=", 1) for t in line[0].split() if "=" in t)
+    pid, minor = int(fields["pid"]), int(fields["minor"])
+    try:
+        opened = state(pid, minor)
+        run("pause", "-p", pid, "-m", minor)
+        rc, text = run("unpause", "-p", pid, "-m", minor, "-a", "vhd:" + leaf)
+        return [opened, state(pid, minor), rc]
+    finally:
+        run("destroy", "-p", pid, "-m", minor)
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+
+
 def scenario_chain():
     from livesnap import vhd
     from livesnap.datapaths import vhd_storage
@@ -227,6 +263,7 @@ def scenario_chain():
                              "query_p": h.run("query", "-n", p["leaf"], "-p"),
                              "check_p": h.run("check", "-n", p["leaf"], "-p")}
         vhd.set_parent(p["leaf"], p["mid"])
+        out["tapdisk"] = _tapdisk_open_pause_reopen(p["leaf"])
         # detached: every LV inactive but the leaf (read its locators), then walk
         for k in ("mid", "base"):
             lvm.activate(h.vg, names[k], False)
