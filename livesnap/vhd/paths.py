@@ -102,14 +102,21 @@ def resolve(child_path, text):
     spelled as livesnap names images; whether it exists or not.
 
     An absolute text is itself. A relative one is taken from ``dirname(canonpath(child))``; an
-    LV found so is named ``/dev/<vg>/<lv>``; a file is named through the child's own directory
+    LV found so is named ``/dev/<vg>/<lv>``, and so is a locator holding a device-mapper name
+    of an image on a device libvhd reached by another name; a file is named through the child's own directory
     when that is the same file (``/var/run/...`` stays ``/var/run/...``), else as libvhd
     reaches it."""
     if os.path.isabs(text):
         text = os.path.normpath(text)
         return (lv_path(text) if text.startswith(MAPPER) else None) or text
-    where = os.path.normpath(os.path.join(os.path.dirname(canonpath(child_path)), text))
+    cdir = os.path.dirname(canonpath(child_path))
+    where = os.path.normpath(os.path.join(cdir, text))
     lv = lv_path(where) if where.startswith(MAPPER) else None
+    if lv is None and (cdir + "/").startswith(DEV) and "/" not in os.path.normpath(text):
+        # a device-mapper name next to an image on a device reached by another name
+        # (/dev/dm-N, a loop device): that LV
+        vg_lv = split_mapper_name(os.path.normpath(text))
+        lv = None if vg_lv is None else os.path.join(DEV, vg_lv[0], vg_lv[1])
     if lv is not None:
         return lv
     mine = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(child_path)), text))

@@ -113,6 +113,10 @@ def test_dashes_in_vg_and_lv_names_are_doubled_and_undone():
     for not_lv in ("/dev/mapper/control", "/dev/loop3", "/dev/mapper/a-b-c", "/dev/sda"):
         assert paths.lv_of(not_lv) is None, not_lv
     assert paths.split_mapper_name("VHD-6ca40657-fa30") is None     # an old livesnap locator
+    # an image reached by its loop or dm-N device: a device-mapper name is still that LV
+    assert paths.resolve("/dev/loop5", "./" + name) == "/dev/%s/%s" % (vg, lv)
+    assert paths.resolve("/dev/%s/VHD-x" % vg, "./" + name) == "/dev/%s/%s" % (vg, lv)
+    assert paths.resolve("/dev/%s/VHD-x" % vg, "./VHD-6ca4-fa30") == "/dev/mapper/VHD-6ca4-fa30"
 
 
 # --- the namespace side --------------------------------------------------------------------
