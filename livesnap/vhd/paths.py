@@ -102,10 +102,10 @@ def resolve(child_path, text):
     spelled as livesnap names images; whether it exists or not.
 
     An absolute text is itself. A relative one is taken from ``dirname(canonpath(child))``; an
-    LV found so is named ``/dev/<vg>/<lv>``, and so is a locator holding a device-mapper name
-    of an image on a device libvhd reached by another name; a file is named through the child's own directory
-    when that is the same file (``/var/run/...`` stays ``/var/run/...``), else as libvhd
-    reaches it."""
+    LV found so is named ``/dev/<vg>/<lv>``, and so is a device-mapper name in a locator of an
+    image on a device that libvhd reached by another name; a file is named through the
+    child's own directory when that is the same file (``/var/run/...`` stays
+    ``/var/run/...``), else as libvhd reaches it."""
     if os.path.isabs(text):
         text = os.path.normpath(text)
         return (lv_path(text) if text.startswith(MAPPER) else None) or text
