@@ -119,6 +119,29 @@ def test_dashes_in_vg_and_lv_names_are_doubled_and_undone():
     assert paths.resolve("/dev/%s/VHD-x" % vg, "./VHD-6ca4-fa30") == "/dev/mapper/VHD-6ca4-fa30"
 
 
+def test_file_locators_are_what_vhd_util_writes_through_linked_directories(tmp_path):
+    """On files libvhd resolves symlinks (realpath) before it writes a locator: a parent named
+    through a linked directory gets the locator and parent name vhd-util would give it."""
+    from livesnap import vhd
+    vhd_util = os.path.join(blktap_prefix(), "bin", "vhd-util")
+    sr = tmp_path / "sr"
+    sr.mkdir()
+    (tmp_path / "other").mkdir()
+    os.symlink(str(sr), str(tmp_path / "link"))           # as /var/run -> /run
+    os.symlink(str(sr / "base.vhd"), str(tmp_path / "other" / "named.vhd"))
+    subprocess.check_call([vhd_util, "create", "-n", str(sr / "base.vhd"), "-s", "16"])
+    for i, parent in enumerate((str(tmp_path / "link" / "base.vhd"),
+                                str(tmp_path / "other" / "named.vhd"))):
+        mine, ref = str(sr / ("mine%d.vhd" % i)), str(sr / ("ref%d.vhd" % i))
+        vhd.snapshot(mine, parent)
+        subprocess.check_call([vhd_util, "snapshot", "-n", ref, "-p", parent])
+        assert _locators(mine) == _locators(ref) == (["./base.vhd"] * 3, "base.vhd"), parent
+        p = subprocess.run([vhd_util, "query", "-n", mine, "-p"], stdout=subprocess.PIPE,
+                           universal_newlines=True)
+        assert p.returncode == 0 and p.stdout.strip() == str(sr / "base.vhd")
+        assert vhd.query(mine).parent == str(sr / "base.vhd")
+
+
 # --- the namespace side --------------------------------------------------------------------
 
 LVM_WRAPPER = r'''#!%(python)s
