@@ -17,6 +17,8 @@ import glob
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -207,7 +209,12 @@ class HostLayout(object):
 
     def close(self):
         from testxen import lvm as standin
-        standin.destroy_vg(self.root)
+        try:
+            standin.destroy_vg(self.root)
+        finally:                    # this namespace's mounts, then the directory
+            subprocess.call(["umount", "-l", "/dev"])
+            subprocess.call(["umount", "-l", os.path.join(self.tmp, "ov")])
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _locators(path):
@@ -234,20 +241,44 @@ def _tapdisk_open_pause_reopen(leaf):
     rc, text = run("create", "-a", "vhd:" + leaf)
     if rc:
         return ["create failed: %s" % text]
-    line = [l for l in run("list")[1].splitlines() if l.endswith("vhd:" + leaf)]
-    fields = dict(t.split("=", 1) for t in line[0].split() if "=" in t)
-    pid, minor = int(fields["pid"]), int(fields["minor"])
+    pid = minor = None
     try:
+        minor = int(re.search(r"(\d+)\s*$", text).group(1))   # .../tapdisk-<minor>
+        for _ in range(10):         # tap-ctl list asks every tapdisk here, others' too
+            rc, text = run("list", "-m", minor)
+            fields = dict(t.split("=", 1) for t in text.split() if "=" in t)
+            if rc == 0 and fields.get("args") == "vhd:" + leaf:
+                pid = int(fields["pid"])
+                break
+        else:
+            return ["not listed: %s" % text]
         opened = state(pid, minor)
         run("pause", "-p", pid, "-m", minor)
         rc, text = run("unpause", "-p", pid, "-m", minor, "-a", "vhd:" + leaf)
         return [opened, state(pid, minor), rc]
     finally:
-        run("destroy", "-p", pid, "-m", minor)
+        if pid is None:             # not listed: the tapdisk with our leaf open, by /proc
+            pid = _tapdisk_holding(os.path.realpath(leaf))
+        if pid is not None:
+            if minor is not None:
+                run("destroy", "-p", pid, "-m", minor)
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+
+
+def _tapdisk_holding(device):
+    for fd in glob.glob("/proc/[0-9]*/fd/*"):
         try:
-            os.kill(pid, 9)
-        except OSError:
+            if os.readlink(fd) == device:
+                pid = int(fd.split("/")[2])
+                with open("/proc/%d/comm" % pid) as f:
+                    if f.read().strip() == "tapdisk":
+                        return pid
+        except (OSError, ValueError):
             pass
+    return None
 
 
 def scenario_chain():
