@@ -7,7 +7,9 @@ testbed wrapper that preloads the memlock shim; a missing build fails) on one sp
 look it up with livesnap under another.
 """
 import collections
+import glob
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -42,21 +44,44 @@ class RealTapdisks(object):
 
     def open(self, path):
         """``tap-ctl create -a vhd:PATH``: the new tapdisk, as tap-ctl lists it."""
-        before = {(d.pid, d.minor) for d in tap_ctl.list_()}
-        self.run("create", "-a", "vhd:%s" % path)
-        new = [d for d in tap_ctl.list_() if (d.pid, d.minor) not in before and d.path == path]
+        self.opened.append(os.path.realpath(path))        # found by its open file in close()
+        out = self.run("create", "-a", "vhd:%s" % path)
+        minor = int(re.search(r"(\d+)\s*$", out).group(1))     # .../tapdisk-<minor>
+        new = [d for d in tap_ctl.list_(minor=minor) if d.path == path]
         assert len(new) == 1, new
-        self.opened.append(new[0])
         return new[0]
 
     def close(self):
-        for d in self.opened:
-            subprocess.run([self.tap_ctl_bin, "destroy", "-p", str(d.pid), "-m", str(d.minor)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        """Destroy (then kill) every tapdisk that holds a file this test opened."""
+        for pid, fd_target in _tapdisk_fds():
+            if fd_target not in self.opened:
+                continue
+            for d in [d for d in tap_ctl.list_(pid=pid)]:
+                subprocess.run([self.tap_ctl_bin, "destroy", "-p", str(pid), "-m",
+                                str(d.minor)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               timeout=60)
             try:
-                os.kill(d.pid, 9)
+                os.kill(pid, 9)
             except OSError:
                 pass
+
+
+def _tapdisk_fds():
+    """[(pid, file)] of the open files of every tapdisk process."""
+    out = []
+    for fd in glob.glob("/proc/[0-9]*/fd/*"):
+        try:
+            pid = int(fd.split("/")[2])
+            with open("/proc/%d/comm" % pid) as f:
+                if f.read().strip() != "tapdisk":
+                    continue
+            target = os.readlink(fd)
+            if target.endswith(" (deleted)"):          # run_dir is removed first
+                target = target[:-len(" (deleted)")]
+            out.append((pid, target))
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 @pytest.fixture
