@@ -289,7 +289,8 @@ class TapdiskDatapath(VhdOfflineDatapath):
         if td is None:
             raise DatapathError(reason="no tapdisk serves disk %s (%s) of %s"
                                 % (disk, path, self.domain.name))
-        return td, path
+        # reopened under the name it was opened by (SM finds its tapdisks by that string)
+        return td, td.path or path
 
     @contextlib.contextmanager
     def _paused(self, disks):
@@ -324,7 +325,7 @@ class TapdiskDatapath(VhdOfflineDatapath):
             td = tap_ctl.find(d.path)
             if td is not None and td.state is not None and td.state & tap_ctl.PAUSED \
                     and os.path.exists(d.path):
-                tap_ctl.unpause(td.pid, td.minor, d.path)
+                tap_ctl.unpause(td.pid, td.minor, td.path or d.path)
                 healed.append(d.target)
         return healed
 

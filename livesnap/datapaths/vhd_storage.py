@@ -104,17 +104,21 @@ class LvmStorage(object):
         lvm.lvrename(self.vg, self._lv(old), self._lv(new))
 
     def create_child(self, path, parent, leaf=True):
-        """An LV for the new image (a leaf's full size; a small one otherwise, as it is
-        deflated when frozen), then the VHD on it. An LV left by a crash is reused."""
+        """An LV for the new image, then the VHD on it, as SM's LVHDSR makes a snapshot's
+        children (``_createSnap``): the VHD with its metadata preallocated for 2 TiB
+        (``vhd-util snapshot -S`` ``lvhdutil.MSIZE_MB``: BAT and batmap for that size, so SM's
+        fast resize works), on an LV of the leaf's full size (``calcSizeVHDLV``), or the
+        smallest that holds that metadata (SM's ``thinpr``) otherwise, as it is deflated when
+        frozen. An LV left by a crash is reused."""
         lv = self._lv(path)
-        size = lvm.full_size(_virtual_size(parent)) if leaf else lvm.EXTENT
+        size = lvm.full_size(_virtual_size(parent)) if leaf else lvm.thin_size()
         if not os.path.exists(path):
             lvm.lvcreate(self.vg, lv, size)
         else:
             lvm.set_readonly(self.vg, lv, False)
             if lvm.lv_size(self.vg, lv) < size:
                 lvm.lvresize(self.vg, lv, lvm.round_extent(size))
-        vhd.snapshot(path, parent)
+        vhd.snapshot(path, parent, max_size=max(lvm.MSIZE, _virtual_size(parent)))
 
     def freeze(self, path, readonly=True):
         """Deflate to the VHD's physical size (SM: after the rename to the base copy's

@@ -31,10 +31,15 @@ class XenDomainBase(object):
 
     def tapdisks(self):
         """{target: TapDisk} of the disks a tapdisk serves now."""
-        serving = {os.path.normpath(td.path): td for td in tap_ctl.list_()
-                   if td.path and td.pid is not None}
-        return {d.target: serving[os.path.normpath(d.path)] for d in self.disks()
-                if self.snapshottable(d) and os.path.normpath(d.path) in serving}
+        serving = [td for td in tap_ctl.list_() if td.path and td.pid is not None]
+        out = {}
+        for d in self.disks():
+            if self.snapshottable(d):
+                for td in serving:
+                    if tap_ctl.same_file(td.path, d.path):
+                        out[d.target] = td
+                        break
+        return out
 
     def is_running(self):
         return bool(self.tapdisks())

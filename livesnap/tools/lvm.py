@@ -181,6 +181,12 @@ def full_size(virtual_size, max_size=MSIZE, extent=EXTENT):
                         extent)
 
 
+def thin_size(max_size=MSIZE, extent=EXTENT):
+    """SM LVHDVDI._snapshot's ``thinpr``: the LV size of an empty VHD whose metadata is
+    preallocated for ``max_size`` (a new child not inflated to its full size)."""
+    return round_extent(empty_overhead(max_size), extent)
+
+
 def inflate(vg, lv, path, size=None, extent=EXTENT, vhd=vhd_util):
     """Grow the LV to ``size`` (default: ``full_size`` of the VHD's virtual size), rounded to
     ``extent``, then move the VHD footer to the new end. No-op when the LV (its device,

@@ -123,14 +123,15 @@ def parse_list(text):
 
 
 def list_(pid=None, minor=None, path=None, retries=10, backoff=0.5):
-    """``tap-ctl list [-p PID] [-m MINOR] [-f PATH]`` as ``[TapDisk]``."""
+    """``tap-ctl list [-p PID] [-m MINOR]`` as ``[TapDisk]``; with ``path``, the tapdisks
+    whose image is that file under any spelling (``same_file``). ``tap-ctl list -f`` is not
+    used: it compares strings, and on a host tapdisk is opened on
+    ``/var/run/sr-mount/<sr>/<vdi>.vhd`` while ``/var/run`` is a link to ``/run``."""
     argv = [_bin(), "list"]
     if pid is not None:
         argv += ["-p", str(pid)]
     if minor is not None:
         argv += ["-m", str(minor)]
-    if path is not None:
-        argv += ["-f", path]
     attempt = 0
     while True:
         rc, out, err = runner.run_rc(argv)
@@ -149,13 +150,22 @@ def list_(pid=None, minor=None, path=None, retries=10, backoff=0.5):
     # older tap-ctl builds ignore some filters: apply them here too
     return [d for d in disks
             if (pid is None or d.pid == pid) and (minor is None or d.minor == minor)
-            and (path is None or _same_path(d.path, path))]
+            and (path is None or same_file(d.path, path))]
 
 
-def _same_path(a, b):
+def same_file(a, b):
+    """Whether paths ``a`` and ``b`` name the same image: equal once normalised, else the
+    same file or device (``stat``: symlinked directories, ``/dev/<vg>/<lv>`` and its
+    ``/dev/mapper`` name), else (a path that no longer exists) equal once every symlink is
+    resolved."""
     if a is None or b is None:
         return False
-    return os.path.normpath(a) == os.path.normpath(b)
+    if os.path.normpath(a) == os.path.normpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def find(path):
@@ -229,7 +239,7 @@ def unpause(pid, minor, path=None, type="vhd", timeout=None):
             except TapCtlError:
                 disk = None
             if (disk is not None and disk.state is not None and not disk.state & PAUSED
-                    and (path is None or _same_path(disk.path, path))):
+                    and (path is None or same_file(disk.path, path))):
                 log.info("tapdisk %s/%s already runs %s", pid, minor, disk.path)
                 return disk
             e = UnpauseFailed("unpause", pid, minor, path, _reason(rc, out, err))

@@ -3,6 +3,7 @@ import os
 import struct
 
 from livesnap.vhd import format as fmt
+from livesnap.vhd import paths
 from livesnap.vhd.errors import VhdCorrupt, VhdError, from_oserror
 from livesnap.vhd.image import Image
 from livesnap.vhd.ondisk import footer_problem
@@ -232,7 +233,7 @@ class _Checker(object):
             if os.path.basename(text) != name:
                 self.bad("locator %d (%s) names %r, header names %r"
                          % (i, fmt.code_name(l.code), text, name))
-            cand = text if os.path.isabs(text) else os.path.join(os.path.dirname(self.path), text)
+            cand = paths.resolve(self.path, text)
             if l.code == fmt.PLAT_MACX and not os.path.exists(cand):
                 self.bad("parent %s (locator %d) does not exist" % (cand, i))
             elif resolved is None and os.access(cand, os.R_OK):

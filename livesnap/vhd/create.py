@@ -5,6 +5,7 @@ import os
 import stat
 
 from livesnap.vhd import format as fmt
+from livesnap.vhd import paths
 from livesnap.vhd.errors import (VhdChainTooDeep, VhdError, VhdMissing, VhdNameTooLong, VhdNoSpace,
                                  VhdRange, VhdUnsupported, from_oserror)
 from livesnap.vhd.fileio import RawImage, _fsize, _pwrite
@@ -178,7 +179,7 @@ def snapshot(path, parent_path, max_size=None, raw_parent=False, limit=None, ski
     h, meta = _layout(size, max_size, {"keyhash": keyhash} if keyhash else None)
     h.prt_uuid = puuid
     h.prt_ts = _mtime_vhd(parent_path)
-    name = os.path.basename(parent_path)
+    name = paths.parent_name(parent_path)
     try:
         h.prt_name = fmt.encode_parent_name(name)
     except ValueError:

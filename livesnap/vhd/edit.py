@@ -7,6 +7,7 @@ import struct
 import sys
 
 from livesnap.vhd import format as fmt
+from livesnap.vhd import paths
 from livesnap.vhd.create import _mtime_vhd
 from livesnap.vhd.errors import (VhdChainLoop, VhdError, VhdMissing, VhdNameTooLong, VhdRange,
                                  VhdUnsupported)
@@ -53,7 +54,7 @@ def set_parent(path, parent_path, raw=False):
         if psize > img.virtual_size:
             raise VhdRange(img.path, "parent %s (%d bytes) is bigger than the child (%d bytes)"
                            % (parent_path, psize, img.virtual_size))
-        name = os.path.basename(parent_path)
+        name = paths.parent_name(parent_path)
         try:
             prt_name = fmt.encode_parent_name(name)
         except ValueError:

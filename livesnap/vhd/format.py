@@ -399,13 +399,10 @@ def all_set(bitmap, nbits):
 # --- parent locators ----------------------------------------------------------------------
 
 def relative_path(child_path, parent_path):
-    """The relative path from the child's directory to the parent, './' prefixed like libvhd."""
-    import os.path
-    rel = os.path.relpath(os.path.abspath(parent_path),
-                          os.path.dirname(os.path.abspath(child_path)))
-    if not rel.startswith("../"):
-        rel = "./" + rel
-    return rel
+    """The relative path from the child to the parent, './' prefixed, as libvhd writes it
+    (over libvhd's canonical names: an LV by its /dev/mapper name; see paths.py)."""
+    from livesnap.vhd import paths
+    return paths.relative_path(child_path, parent_path)
 
 
 def encode_locator(code, rel_path):

@@ -17,6 +17,7 @@ import os
 import struct
 
 from livesnap.vhd import format as fmt
+from livesnap.vhd import paths
 from livesnap.vhd.blocks import Blocks
 from livesnap.vhd.errors import (VhdChainLoop, VhdCorrupt, VhdMissing, VhdParentMismatch,
                                  from_oserror)
@@ -106,10 +107,8 @@ class Image(OnDisk, Blocks, Sectors):
 
     def parent_candidates(self):
         """The absolute paths the parent locators name, in order (relative ones resolved
-        against this image's directory), whether they exist or not."""
-        base = os.path.dirname(self.path)
-        return [os.path.normpath(text if os.path.isabs(text) else os.path.join(base, text))
-                for _, _, text in self.parent_locators()]
+        as libvhd does: see paths.resolve), whether they exist or not."""
+        return [paths.resolve(self.path, text) for _, _, text in self.parent_locators()]
 
     def parent_path(self):
         """Absolute path of the parent as blktap resolves it (None for a non-differencing disk)."""
