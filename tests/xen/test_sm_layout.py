@@ -4,9 +4,9 @@ On a host an LVHD image is ``/dev/VG_XenStorage-<sr>/VHD-<vdi>``, a link to the 
 ``/dev/mapper/VG_XenStorage--<sr>-VHD--<vdi>`` also links to, and libvhd resolves a parent
 locator against the ``/dev/mapper`` name (livesnap/vhd/paths.py). Device-mapper does not run
 here, so each test runs in a private mount namespace (``unshare -m``) with an overlay over
-/dev: the LVM stand-in (testxen/lvm.py: real LVM metadata, loop devices) makes
-``/dev/<vg>/<lv>`` -> ``/dev/loopN``, and this file's ``lvm`` wrapper adds
-``/dev/mapper/<dm name>`` -> the same loop device after every LVM command, as udev does. The
+/dev and a /dev/mapper of its own: the LVM stand-in (testxen/lvm.py: real LVM metadata,
+loop devices) makes a block node ``/dev/mapper/<dm name>`` for each active LV and
+``/dev/<vg>/<lv>`` a link to it, as LVM does in XenServer's dom0. The
 real ``vhd-util`` (the blktap build of scripts/build-blktap.sh; a missing build fails) then
 sees what it sees on a host.
 
@@ -146,34 +146,10 @@ def test_file_locators_are_what_vhd_util_writes_through_linked_directories(tmp_p
 
 # --- the namespace side --------------------------------------------------------------------
 
-LVM_WRAPPER = r'''#!%(python)s
-"""The LVM stand-in, then /dev/mapper/<dm name> -> the loop device of every LV that has a
-device (as udev links dm devices), links of gone LVs removed."""
-import os, sys
-sys.path.insert(0, %(root)r)
-from testxen import lvm
-from livesnap.vhd import paths
-rc = lvm.main(sys.argv)
-want = {}
-for vg in os.listdir("/dev"):
-    d = os.path.join("/dev", vg)
-    if not vg.startswith("VG_") or not os.path.isdir(d):
-        continue
-    for lv in os.listdir(d):
-        if os.path.islink(os.path.join(d, lv)) and not lv.startswith("."):
-            want[paths.mapper_name(vg, lv)] = os.readlink(os.path.join(d, lv))
-for name in os.listdir("/dev/mapper"):
-    if want.get(name) != os.readlink(os.path.join("/dev/mapper", name)):
-        os.unlink(os.path.join("/dev/mapper", name))
-for name, target in want.items():
-    if not os.path.lexists(os.path.join("/dev/mapper", name)):
-        os.symlink(target, os.path.join("/dev/mapper", name))
-sys.exit(rc)
-'''
 
 
 class HostLayout(object):
-    """In the namespace: /dev overlaid, a VG of the LVM stand-in with /dev/mapper links."""
+    """In the namespace: /dev overlaid, a VG of the LVM stand-in (its /dev/mapper nodes)."""
 
     def __init__(self):
         self.tmp = tempfile.mkdtemp(prefix="smlayout", dir="/tmp")
@@ -186,13 +162,11 @@ class HostLayout(object):
                                "lowerdir=/dev,upperdir=%s/u,workdir=%s/w" % (ov, ov), "/dev"])
         # a /dev/mapper of our own (others' names, and any made since, stay outside)
         subprocess.check_call(["mount", "-t", "tmpfs", "none", "/dev/mapper"])
-        wrapper = os.path.join(self.tmp, "lvm")
-        with open(wrapper, "w") as f:
-            f.write(LVM_WRAPPER % {"python": sys.executable, "root": ROOT})
-        os.chmod(wrapper, 0o755)
         self.root = os.path.join(self.tmp, "vg")
         os.environ["TESTXEN_LVM_ROOT"] = self.root
-        os.environ["LVM"] = wrapper
+        # the LVM stand-in makes the /dev/mapper nodes and /dev/<vg>/<lv> links itself, as
+        # LVM does in XenServer's dom0 (testxen/lvm.py)
+        os.environ["LVM"] = os.path.join(ROOT, "testxen", "lvm")
         from testxen import lvm as standin
         self.sr = str(uuid.uuid4())
         self.vg = "VG_XenStorage-%s" % self.sr
