@@ -6,7 +6,7 @@ import os
 import pytest
 
 from testxen import blktap
-from testxen.defects import LVHD_LOCATOR
+from testxen.defects import LVHD_KEPT, LVHD_RECORDS
 
 
 def names(listing):
@@ -91,7 +91,7 @@ def test_changes_wait_for_sms_sr_lock(world):
     assert json.loads(reply["Value"])["snapshot"] == "s1"
 
 
-@pytest.fixture(params=["ext", pytest.param("lvm", marks=LVHD_LOCATOR)])
+@pytest.fixture(params=["ext", pytest.param("lvm", marks=LVHD_RECORDS)])
 def sr_of(request, world):
     if request.param == "ext":
         return world.sr
@@ -182,7 +182,7 @@ def test_suspended_vm_snapshots_offline_but_does_not_revert(world):
     assert blktap.read(vm.paths["xvda"], 0, 4096) == b"\xa5" * 4096
 
 
-@LVHD_LOCATOR
+@LVHD_KEPT
 def test_lvhd_halted_vm_with_inactive_lvs(world, lvm_vg):
     """On LVHD SM keeps a detached VDI's LVs inactive (no device). livesnap activates the
     chain it needs for an offline operation and leaves every LV of the VM inactive again."""

@@ -211,10 +211,6 @@ def test_sigkill_loses_no_acknowledged_write(xen, tmp_path):
     verify.assert_intact(xen.ack_log(disk), leaf)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SM opens file-SR tapdisks on /var/run/sr-mount/... (a link to /run); the real tap-ctl "
-    "list -f compares the path string, so livesnap looking under /run/sr-mount finds no tapdisk "
-    "(issue 13, point 3)"))
 def test_a_tapdisk_is_found_under_either_spelling_of_its_path(xen):
     import shutil
     import uuid

@@ -3,7 +3,7 @@ of delete (internal snapshot, online merge, reparent under a pause), and inside 
 after a leaf was renamed; ``livesnap recover`` then leaves no tapdisk paused and no
 acknowledged write lost, and the state is "after"."""
 from livesnap.tools import tap_ctl
-from testxen.defects import LVHD_LOCATOR, OPEN_LEAF_READ
+from testxen.defects import OPEN_LEAF_READ
 
 from test_xen_datapath import digest, lvm_vm, vm  # noqa: F401  (fixtures)
 
@@ -27,7 +27,6 @@ def test_kill_at_every_step_then_recover(vm):
                       minimum=10)
 
 
-@LVHD_LOCATOR
 def test_kill_on_lvhd_then_recover(lvm_vm):
     """On LVs the points where an LV is half done: killed after the rename inside the pause
     (deflate and the new leaf's LV still to do), after a merge target was made writable and

@@ -16,7 +16,7 @@ import pytest
 from helpers import Cli
 from livesnap.tools import lvm, tap_ctl
 from testxen import blktap
-from testxen.defects import LVHD_LOCATOR, OPEN_LEAF_READ
+from testxen.defects import OPEN_LEAF_READ
 from testxen.verify import assert_intact
 
 SIZE = 8 << 20
@@ -164,7 +164,7 @@ def lvm_vm(xen, lvm_vg, tmp_path):
 
 
 @pytest.fixture(params=[pytest.param("file", marks=OPEN_LEAF_READ),
-                        pytest.param("lvm", marks=LVHD_LOCATOR)])
+                        "lvm"])
 def any_vm(request, xen, tmp_path):
     if request.param == "file":
         return XenVm(xen, tmp_path)
@@ -205,7 +205,6 @@ def test_random_sequence_with_the_writer_running(vm):
     random_sequence(vm, runs=3, per_run=11)
 
 
-@LVHD_LOCATOR
 def test_random_sequence_on_lvhd(lvm_vm):
     """The same on LVs: after every operation leaves are full-size and writable, frozen
     images deflated and read-only, no LV left over (XenVm.check_lvs)."""
