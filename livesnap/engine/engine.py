@@ -16,7 +16,7 @@ from livesnap.catalog import Catalog
 from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths import trash
 from livesnap.datapaths.offline import OfflineDatapath
-from livesnap.engine import adopt, check, faults, users
+from livesnap.engine import adopt, check, faults, foreign, users
 from livesnap.engine.names import check_snapshot_name
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
                              PathOutsideStorage, UsageError, WrongState)
@@ -244,6 +244,7 @@ class Engine(object):
         return pauses, merges
 
     def _run(self, session, datapath, plan, dry_run):
+        foreign.refuse_bitmaps(session.domain, plan)
         result = dict(plan.result)
         if dry_run:
             result["dry_run"] = True
@@ -274,6 +275,7 @@ class Engine(object):
             datapath = s.datapath = self.datapath_for(s.domain)
             if self.quiesce:
                 self._check_quiesce(s.domain)
+            foreign.refuse_jobs(s.domain)
             tree = self.load(s, datapath=datapath)
             found = self._users(s, tree) if tree.reclaimable() else None
             plan = self._planner(s, datapath, found).create(tree, name, now_iso(), description,
@@ -300,6 +302,7 @@ class Engine(object):
         with self._session(domain) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
+            foreign.refuse_jobs(s.domain)
             tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath, self._users(s, tree)).delete(tree, name)
             return self._run(s, datapath, plan, dry_run)
@@ -327,6 +330,7 @@ class Engine(object):
         with self._session(domain) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
+            foreign.refuse_jobs(s.domain)
             tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath, self._users(s, tree)).reclaim(tree)
             if not plan.steps:
