@@ -22,6 +22,7 @@ Tree::
      |    +-- ImageShared         one image twice in one domain's chains
      |    +-- ForeignJob          a block or backup job livesnap did not start
      |    +-- BitmapsPresent      checkpoints or dirty bitmaps a merge would lose
+     |    +-- UnsupportedDisks    disks a snapshot would silently leave out
      +-- Interrupted              SIGINT/SIGTERM stopped an operation between two steps
      +-- BadImage                 corrupt header, missing backing file, cycle, wrong parent
      |    +-- ChainTooDeep
@@ -175,6 +176,18 @@ class BitmapsPresent(Conflict):
     @property
     def found_text(self):
         return "; ".join(self.found)
+
+
+class UnsupportedDisks(Conflict):
+    """Disks of the domain livesnap cannot snapshot, which a create would leave out."""
+    fields = ("domain", "disks")
+    msg = ("domain '{self.domain}' has disks livesnap cannot snapshot: {self.disks_text}; a "
+           "snapshot would not hold them: name the disks to snapshot with --disk, or say "
+           "--skip-unsupported to leave these out")
+
+    @property
+    def disks_text(self):
+        return ", ".join("%s (%s)" % (t, why) for t, why in self.disks)
 
 
 class Interrupted(Error):

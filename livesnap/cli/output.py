@@ -18,11 +18,13 @@ def _pause(result):
 
 
 def text_create(r):
+    skipped = ["left out %s: %s" % (d["target"], d["reason"]) for d in r.get("skipped") or []]
     if r.get("dry_run"):
-        return ["would create snapshot %s:" % r["snapshot"]] + ["  " + l for l in r["plan"]]
+        return ["would create snapshot %s:" % r["snapshot"]] + ["  " + l for l in r["plan"]] + \
+            skipped
     lines = ["snapshot %s created%s" % (r["snapshot"], _pause(r))]
     lines += ["  %s: %s" % (d["target"], d["image"]) for d in r.get("disks", [])]
-    return lines
+    return lines + skipped
 
 
 def text_delete(r):

@@ -19,7 +19,7 @@ from livesnap.datapaths.offline import OfflineDatapath
 from livesnap.engine import adopt, check, faults, foreign, users
 from livesnap.engine.names import check_snapshot_name
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
-                             PathOutsideStorage, UsageError, WrongState)
+                             PathOutsideStorage, UnsupportedDisks, UsageError, WrongState)
 from livesnap.lock import DomainLock
 from livesnap.model import planner as P
 from livesnap.model.tree import HIDDEN
@@ -268,7 +268,8 @@ class Engine(object):
 
     # -- commands ----------------------------------------------------------------------------
 
-    def create(self, domain, name, description="", disks=None, dry_run=False):
+    def create(self, domain, name, description="", disks=None, dry_run=False,
+               skip_unsupported=False):
         check_snapshot_name(name)
         with self._session(domain) as s:
             self._no_interrupted(s)
@@ -276,6 +277,7 @@ class Engine(object):
             if self.quiesce:
                 self._check_quiesce(s.domain)
             foreign.refuse_jobs(s.domain)
+            skipped = self._left_out(s.domain, disks, skip_unsupported)
             tree = self.load(s, datapath=datapath)
             found = self._users(s, tree) if tree.reclaimable() else None
             plan = self._planner(s, datapath, found).create(tree, name, now_iso(), description,
@@ -285,7 +287,26 @@ class Engine(object):
             result = self._run(s, datapath, plan, dry_run)
             if not dry_run:
                 result["disks"] = self._snapshot_disks(s.tree, name)
+            taken = {it["disk"] for it in plan.steps[0]["items"]}
+            result["skipped"] = [x for x in skipped if x["target"] not in taken] + [
+                {"target": t, "reason": "left out with --disk"}
+                for t in sorted(set(tree.active) - taken)]
             return result
+
+    def _left_out(self, domain, disks, skip_unsupported):
+        """[{target, reason}] of the domain's disks livesnap cannot snapshot; refused
+        (``UnsupportedDisks``) unless ``--disk`` leaves them out or ``skip_unsupported``.
+        A disk named with ``--disk`` that cannot be snapshotted is refused with its reason."""
+        find = getattr(domain, "unsupported_disks", None)
+        found = find() if find is not None else []
+        for t, why in found:
+            if disks and t in disks:
+                raise UsageError(reason="disk %s of '%s' cannot be snapshotted: %s"
+                                 % (t, domain.name, why))
+        left = [(t, why) for t, why in found if not disks or t not in disks]
+        if left and not disks and not skip_unsupported:
+            raise UnsupportedDisks(domain.name, left)
+        return [{"target": t, "reason": why} for t, why in left]
 
     def _check_quiesce(self, domain):
         if domain.kind != "libvirt":

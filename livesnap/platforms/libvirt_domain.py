@@ -115,6 +115,10 @@ class Domain(object):
     def snapshottable(self, disk):
         return domain_xml.snapshottable(disk)
 
+    def unsupported_disks(self):
+        """[(target, reason)] of the disks livesnap cannot snapshot (domain_xml.unsupported)."""
+        return domain_xml.unsupported(domain_xml.parse(self.xml()))
+
     def is_running(self):
         libvirt = _libvirt()
         try:
