@@ -43,6 +43,7 @@ class Session(object):
         self.catalog = catalog
         self.tree = None
         self.datapath = None
+        self.dry_run = False          # nothing may change: no catalog made, no metadata synced
 
 
 class Engine(object):
@@ -67,8 +68,8 @@ class Engine(object):
             self.platform = LibvirtPlatform(self.uri)
         return self.platform.lookup(ident)
 
-    def _session(self, ident, lock=True):
-        return _SessionContext(self, ident, lock)
+    def _session(self, ident, lock=True, dry_run=False):
+        return _SessionContext(self, ident, lock, dry_run)
 
     def datapath_for(self, domain):
         """The datapath follows the domain's state: block jobs in QEMU while it runs,
@@ -101,8 +102,8 @@ class Engine(object):
         if cat.is_empty():
             tree = self._adopt(domain)
             users.refuse_shared(domain, tree)       # before the catalog keeps it
-            cat.save_tree(tree)
-            if tree.snapshots:
+            cat.save_tree(tree)                     # a dry run's catalog is in memory
+            if tree.snapshots and not session.dry_run:
                 self._sync_metadata(session, tree)
         tree = cat.load_tree()
         if datapath is not None and hasattr(datapath, "prepare"):
@@ -271,7 +272,7 @@ class Engine(object):
     def create(self, domain, name, description="", disks=None, dry_run=False,
                skip_unsupported=False):
         check_snapshot_name(name)
-        with self._session(domain) as s:
+        with self._session(domain, dry_run=dry_run) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             if self.quiesce:
@@ -320,7 +321,7 @@ class Engine(object):
                                     "org.qemu.guest_agent.0 channel" % domain.name)
 
     def delete(self, domain, name, dry_run=False):
-        with self._session(domain) as s:
+        with self._session(domain, dry_run=dry_run) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             foreign.refuse_jobs(s.domain)
@@ -331,7 +332,7 @@ class Engine(object):
     def revert(self, domain, name, keep_current=None, dry_run=False):
         if keep_current is not None:
             check_snapshot_name(keep_current)
-        with self._session(domain) as s:
+        with self._session(domain, dry_run=dry_run) as s:
             self._no_interrupted(s)
             state = s.domain.state_name()
             if state != "shut off":
@@ -348,7 +349,7 @@ class Engine(object):
 
     def reclaim(self, domain, dry_run=False):
         """Reclaim hidden nodes that are down to one child (what hooks start after a stop)."""
-        with self._session(domain) as s:
+        with self._session(domain, dry_run=dry_run) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             foreign.refuse_jobs(s.domain)
@@ -427,9 +428,10 @@ def _available(directory):
 
 
 class _SessionContext(object):
-    def __init__(self, engine, ident, lock):
+    def __init__(self, engine, ident, lock, dry_run=False):
         self.engine = engine
         self.ident = ident
+        self.dry_run = dry_run
         self.take_lock = lock
         self.lock = None
         self.session = None
@@ -443,12 +445,18 @@ class _SessionContext(object):
             self.lock = DomainLock(os.path.join(state_dir, domain.uuid + ".lock"), domain.name)
             self.lock.__enter__()
         try:
-            catalog = Catalog.for_domain(state_dir, domain.uuid, domain.name)
+            path = os.path.join(state_dir, domain.uuid + ".db")
+            if self.dry_run and not os.path.exists(path):
+                # a domain seen for the first time: its adoption is planned on, not kept
+                catalog = Catalog(":memory:", domain.name)
+            else:
+                catalog = Catalog.for_domain(state_dir, domain.uuid, domain.name)
         except Exception:
             if self.lock:
                 self.lock.__exit__(None, None, None)
             raise
         self.session = Session(self.engine, domain, catalog)
+        self.session.dry_run = self.dry_run
         return self.session
 
     def __exit__(self, *exc):
@@ -460,7 +468,7 @@ class _SessionContext(object):
         if self.lock:
             self.lock.__exit__(*exc)
             tree = self.session.tree
-            if tree is not None:
+            if tree is not None and not self.dry_run:
                 # images merged away by this command, and any a dead process left behind
                 # beside this domain's images, are freed after it (datapaths.trash)
                 trash.sweep(os.path.dirname(n.path) for n in tree.nodes.values())
