@@ -14,7 +14,11 @@ def emit(args, result, text_fn):
 
 def _pause(result):
     p = result.get("pause_ms")
-    return "" if p is None else ", guest IO paused %.1f ms" % p
+    if p is None:
+        return ""
+    if result.get("pause_measured") == "call":
+        return ", guest IO paused at most %.1f ms (the libvirt call's duration)" % p
+    return ", guest IO paused %.1f ms" % p
 
 
 def text_create(r):

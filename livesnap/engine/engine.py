@@ -221,9 +221,12 @@ class Engine(object):
                         log.error("operation #%d stopped at step %d (%s); 'livesnap recover %s' "
                                   "continues it", op_id, i, step["op"], session.domain.name)
                     raise
+                # "measured": "pause" (livesnap timed the pause itself) or "call" (the
+                # duration of the call that paused, e.g. libvirt's: an upper bound)
+                measured = facts.get("measured", "pause")
                 if facts.get("pause_ms") is not None:
                     pauses.append({"step": step["op"], "disk": step.get("disk"),
-                                   "ms": facts["pause_ms"]})
+                                   "ms": facts["pause_ms"], "measured": measured})
                 if facts.get("replace_step"):
                     # the datapath merged another way than planned (active commit that did
                     # not converge -> pull): journal what was really done
@@ -232,7 +235,9 @@ class Engine(object):
                 if step["op"] in ("commit", "pull"):
                     merges.append({"disk": step["disk"], "snapshot_image": step["path"],
                                    "method": step["op"], "fallback": "fallback" in facts,
-                                   "pause_ms": facts.get("pause_ms")})
+                                   "pause_ms": facts.get("pause_ms"),
+                                   "call_ms": facts.get("pause_ms") if measured == "call"
+                                   else None})
                 faults.point(plan.op, "after", i)
                 P.apply(tree, step)
                 last = i + 1 == len(plan.steps)
@@ -262,6 +267,10 @@ class Engine(object):
         result["pauses"] = pauses
         result["pause_ms"] = max(p["ms"] for p in pauses) if pauses else None
         result["pause_total_ms"] = sum(p["ms"] for p in pauses) if pauses else None
+        # where livesnap cannot time the pause (libvirt), the call's duration stands for it
+        calls = [p["ms"] for p in pauses if p["measured"] == "call"]
+        result["call_ms"] = max(calls) if calls else None
+        result["pause_measured"] = ("call" if calls else "pause") if pauses else None
         if plan.op in ("delete", "reclaim", "revert"):
             result["merges"] = merges
         result["datapath"] = datapath.name
