@@ -68,8 +68,10 @@ class Engine(object):
             self.platform = LibvirtPlatform(self.uri)
         return self.platform.lookup(ident)
 
-    def _session(self, ident, lock=True, dry_run=False):
-        return _SessionContext(self, ident, lock, dry_run)
+    def _session(self, ident, lock=True, dry_run=False, preflight=None):
+        """``preflight(domain)`` runs under the lock, before the catalog is opened (a
+        refusal then leaves no catalog behind for a domain seen for the first time)."""
+        return _SessionContext(self, ident, lock, dry_run, preflight)
 
     def datapath_for(self, domain):
         """The datapath follows the domain's state: block jobs in QEMU while it runs,
@@ -281,12 +283,11 @@ class Engine(object):
     def create(self, domain, name, description="", disks=None, dry_run=False,
                skip_unsupported=False):
         check_snapshot_name(name)
-        with self._session(domain, dry_run=dry_run) as s:
+        with self._session(domain, dry_run=dry_run, preflight=foreign.refuse_jobs) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             if self.quiesce:
                 self._check_quiesce(s.domain)
-            foreign.refuse_jobs(s.domain)
             skipped = self._left_out(s.domain, disks, skip_unsupported)
             tree = self.load(s, datapath=datapath)
             found = self._users(s, tree) if tree.reclaimable() else None
@@ -330,10 +331,9 @@ class Engine(object):
                                     "org.qemu.guest_agent.0 channel" % domain.name)
 
     def delete(self, domain, name, dry_run=False):
-        with self._session(domain, dry_run=dry_run) as s:
+        with self._session(domain, dry_run=dry_run, preflight=foreign.refuse_jobs) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
-            foreign.refuse_jobs(s.domain)
             tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath, self._users(s, tree)).delete(tree, name)
             return self._run(s, datapath, plan, dry_run)
@@ -358,10 +358,9 @@ class Engine(object):
 
     def reclaim(self, domain, dry_run=False):
         """Reclaim hidden nodes that are down to one child (what hooks start after a stop)."""
-        with self._session(domain, dry_run=dry_run) as s:
+        with self._session(domain, dry_run=dry_run, preflight=foreign.refuse_jobs) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
-            foreign.refuse_jobs(s.domain)
             tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath, self._users(s, tree)).reclaim(tree)
             if not plan.steps:
@@ -437,10 +436,11 @@ def _available(directory):
 
 
 class _SessionContext(object):
-    def __init__(self, engine, ident, lock, dry_run=False):
+    def __init__(self, engine, ident, lock, dry_run=False, preflight=None):
         self.engine = engine
         self.ident = ident
         self.dry_run = dry_run
+        self.preflight = preflight
         self.take_lock = lock
         self.lock = None
         self.session = None
@@ -453,14 +453,23 @@ class _SessionContext(object):
         if self.take_lock:
             self.lock = DomainLock(os.path.join(state_dir, domain.uuid + ".lock"), domain.name)
             self.lock.__enter__()
+        catalog = None
         try:
             path = os.path.join(state_dir, domain.uuid + ".db")
-            if self.dry_run and not os.path.exists(path):
+            known = os.path.exists(path)
+            if self.preflight is not None and not known:
+                self.preflight(domain)          # first seen: no catalog made if refused
+            if self.dry_run and not known:
                 # a domain seen for the first time: its adoption is planned on, not kept
                 catalog = Catalog(":memory:", domain.name)
             else:
                 catalog = Catalog.for_domain(state_dir, domain.uuid, domain.name)
+            if self.preflight is not None and known and catalog.unfinished() is None:
+                # (with an interrupted operation, the command names 'livesnap recover')
+                self.preflight(domain)
         except Exception:
+            if catalog is not None:
+                catalog.close()
             if self.lock:
                 self.lock.__exit__(None, None, None)
             raise

@@ -21,12 +21,14 @@ def virsh(*args, check=True):
 def everything(dom):
     """What a refused command must leave as it was: image files (names, bytes), the
     domain's live and persistent XML, libvirt's snapshot definitions, the state directory's
-    files and the catalog's rows."""
+    files but the lock, and the catalog's rows."""
     fp = dom.fingerprint()
     fp["live_xml"] = dom.dom.XMLDesc(0)
     names = virsh("snapshot-list", dom.name, "--name").stdout.split()
     fp["libvirt_snapshots"] = {n: virsh("snapshot-dumpxml", dom.name, n).stdout for n in names}
-    fp["state_dir"] = sorted(os.listdir(dom.state_dir)) if os.path.isdir(dom.state_dir) else []
+    # (the domain's lock file may be made: the command takes the lock to look)
+    fp["state_dir"] = sorted(n for n in os.listdir(dom.state_dir) if not n.endswith(".lock")) \
+        if os.path.isdir(dom.state_dir) else []
     return fp
 
 
@@ -57,20 +59,27 @@ def running(make_dom):
                 pass
 
 
-def refused(dom, args, *words):
-    before = everything(dom)
+def refused(dom, args, *words, moving=None):
+    """``moving``: an image the user's job itself writes meanwhile (a pull's target)."""
+    def state():
+        fp = everything(dom)
+        fp["files"].pop(moving, None)
+        return fp
+    before = state()
     proc = dom.cli(*args, expect=1)
     assert proc.stderr.startswith("error: ") and "did not start" in proc.stderr, proc.stderr
     for w in words:
         assert w in proc.stderr, (w, proc.stderr)
-    assert everything(dom) == before
+    assert state() == before
     return proc
 
 
 def test_users_blockcopy_is_not_taken_for_livesnaps_commit(running, tmp_path):
     dom = running()
     dest = str(tmp_path / "copy.qcow2")
-    virsh("blockcopy", dom.name, "vda", dest, "--transient-job", "--bandwidth", "1")
+    # --wait: the copy is in its mirroring phase (ready, until the user pivots or aborts
+    # it) before livesnap looks, so the live XML does not change under the comparison
+    virsh("blockcopy", dom.name, "vda", dest, "--transient-job", "--wait")
     assert job(dom, "vda")["type"] == 2
     for args in (("snapshot-delete", dom.name, "s1"), ("snapshot-delete", dom.name, "s2"),
                  ("snapshot-create", dom.name, "s3"), ("reclaim", dom.name),
@@ -92,7 +101,7 @@ def test_users_commit_and_pull_with_a_bandwidth_limit_are_refused(running):
     dom = running()
     # an active commit of vdb's top image (s2's overlay) into s2's image: it stays until
     # the user pivots or aborts it
-    virsh("blockcommit", dom.name, "vdb", "--active", "--shallow", "--bandwidth", "1")
+    virsh("blockcommit", dom.name, "vdb", "--active", "--shallow", "--bandwidth", "1", "--wait")
     assert job(dom, "vdb")["type"] == 4
     refused(dom, ("snapshot-delete", dom.name, "s1"), "active commit job on disk vdb")
     assert job(dom, "vdb")["type"] == 4
@@ -100,7 +109,8 @@ def test_users_commit_and_pull_with_a_bandwidth_limit_are_refused(running):
     # a pull of a MiB of data at 512 bytes a second: still running while livesnap looks
     virsh("blockpull", dom.name, "vda", "--bandwidth", "512", "--bytes")
     assert job(dom, "vda")["type"] == 1
-    refused(dom, ("snapshot-delete", dom.name, "s2"), "pull job on disk vda")
+    refused(dom, ("snapshot-delete", dom.name, "s2"), "pull job on disk vda",
+            moving=os.path.basename(dom.sources()["vda"]))
     assert job(dom, "vda")["type"] == 1
 
 
@@ -108,7 +118,7 @@ def test_a_job_on_another_disk_than_the_merged_one_is_refused(running, tmp_path)
     dom = running()
     dom.json("snapshot-create", dom.name, "only-vda", "--disk", "vda")
     dest = str(tmp_path / "vdb-copy.qcow2")
-    virsh("blockcopy", dom.name, "vdb", dest, "--transient-job", "--bandwidth", "1")
+    virsh("blockcopy", dom.name, "vdb", dest, "--transient-job", "--wait")
     # the merge touches vda alone; the user's copy of vdb refuses it all the same
     refused(dom, ("snapshot-delete", dom.name, "only-vda"), "copy job on disk vdb", dest)
     assert job(dom, "vdb")["type"] == 2
@@ -151,7 +161,7 @@ def test_recover_never_pivots_or_aborts_a_job_it_did_not_start(running, tmp_path
     copies = {}
     for t in dom.targets:
         copies[t] = str(tmp_path / ("%s-copy.qcow2" % t))
-        virsh("blockcopy", dom.name, t, copies[t], "--transient-job", "--bandwidth", "1")
+        virsh("blockcopy", dom.name, t, copies[t], "--transient-job", "--wait")
     before = everything(dom)
     proc = dom.cli("recover", dom.name, expect=1)
     assert "copy job on disk vd" in proc.stderr and "did not start" in proc.stderr, proc.stderr
@@ -167,4 +177,37 @@ def test_recover_never_pivots_or_aborts_a_job_it_did_not_start(running, tmp_path
     dom.json("recover", dom.name)
     assert dom.digests() == live
     assert [s["name"] for s in dom.json("snapshot-list", dom.name)["snapshots"]] == ["s1"]
+    assert dom.json("check", dom.name)["ok"]
+
+
+def test_a_first_seen_domain_with_a_users_copy_gets_no_catalog(make_dom, tmp_path):
+    dom = make_dom(ndisks=1)
+    virsh("snapshot-create-as", dom.name, "v1", "--disk-only", "--atomic")
+    dom.dom.create()
+    try:
+        dest = str(tmp_path / "copy.qcow2")
+        virsh("blockcopy", dom.name, "vda", dest, "--transient-job", "--wait")
+        for args in (("snapshot-create", dom.name, "s1"), ("snapshot-delete", dom.name, "v1"),
+                     ("reclaim", dom.name)):
+            refused(dom, args, "copy job on disk vda")
+            assert not [n for n in os.listdir(dom.state_dir) if not n.endswith(".lock")]
+        assert job(dom, "vda")["type"] == 2
+        dom.dom.blockJobAbort("vda", 0)
+    finally:
+        dom.dom.destroy()
+
+
+def test_an_interrupted_operation_is_named_before_a_job(running):
+    """livesnap's own job left by a crash is not called foreign by the other commands: they
+    name 'livesnap recover', which continues it."""
+    dom = running()
+    proc = dom.cli("snapshot-delete", dom.name, "s2",
+                   env_extra={"LIVESNAP_FAULT": "job:started:0"}, expect=None)
+    assert proc.returncode != 0
+    proc = dom.cli("snapshot-create", dom.name, "s3", expect=1)
+    assert "livesnap recover" in proc.stderr and "did not start" not in proc.stderr, \
+        proc.stderr
+    live = dom.digests()
+    dom.json("recover", dom.name)
+    assert dom.digests() == live
     assert dom.json("check", dom.name)["ok"]
