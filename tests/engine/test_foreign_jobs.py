@@ -211,3 +211,22 @@ def test_an_interrupted_operation_is_named_before_a_job(running):
     dom.json("recover", dom.name)
     assert dom.digests() == live
     assert dom.json("check", dom.name)["ok"]
+
+
+def test_a_backup_job_is_refused(running, tmp_path):
+    """A pull-mode backup (virsh backup-begin: NBD export of the disks, running until the
+    backup tool says it is done) is another tool's job too."""
+    dom = running()
+    sock = str(tmp_path / "nbd.sock")
+    xml = ("<domainbackup mode='pull'><server transport='unix' socket='%s'/><disks>"
+           "<disk name='vda' backup='yes' type='file'><scratch file='%s'/></disk>"
+           "<disk name='vdb' backup='no'/></disks></domainbackup>"
+           % (sock, tmp_path / "scratch.qcow2"))
+    path = tmp_path / "backup.xml"
+    path.write_text(xml)
+    virsh("backup-begin", dom.name, str(path))
+    try:
+        proc = refused(dom, ("snapshot-delete", dom.name, "s1"))
+        assert "backup job" in proc.stderr, proc.stderr
+    finally:
+        virsh("domjobabort", dom.name, check=False)
