@@ -63,8 +63,6 @@ def bitmaps(path):
     """Names of the persistent dirty bitmaps a qcow2 image holds ([] for other formats)."""
     from livesnap.tools import qemu_img
     try:
-        data = qemu_img.info(path, force_share=True)
+        return sorted(b.get("name", "?") for b in qemu_img.bitmaps(path))
     except BadImage:
         return []             # the images were validated: one gone meanwhile has no bitmaps
-    specific = (data.get("format-specific") or {}).get("data") or {}
-    return sorted(b.get("name", "?") for b in specific.get("bitmaps") or [])

@@ -7,6 +7,7 @@ The running domains here have no bootable disk: the firmware idles, QEMU runs (a
 QEMU for block jobs without a guest to boot)."""
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -34,6 +35,21 @@ def everything(dom):
 
 def job(dom, disk):
     return dom.dom.blockJobInfo(disk, 0)
+
+
+def mirror_ready(dom, disk):
+    """Wait until the live XML shows the user's mirror ready: virsh --wait returns on the
+    job's figures, libvirt marks the XML when it handles QEMU's event, a moment later."""
+    from xml.etree import ElementTree
+    for _ in range(1200):
+        root = ElementTree.fromstring(dom.dom.XMLDesc(0))
+        for d in root.findall("./devices/disk"):
+            m = d.find("mirror")
+            if d.find("target").get("dev") == disk and m is not None and \
+                    m.get("ready") == "yes":
+                return
+        time.sleep(0.05)
+    raise AssertionError("the mirror of %s/%s never became ready" % (dom.name, disk))
 
 
 @pytest.fixture
@@ -80,6 +96,7 @@ def test_users_blockcopy_is_not_taken_for_livesnaps_commit(running, tmp_path):
     # --wait: the copy is in its mirroring phase (ready, until the user pivots or aborts
     # it) before livesnap looks, so the live XML does not change under the comparison
     virsh("blockcopy", dom.name, "vda", dest, "--transient-job", "--wait")
+    mirror_ready(dom, "vda")
     assert job(dom, "vda")["type"] == 2
     for args in (("snapshot-delete", dom.name, "s1"), ("snapshot-delete", dom.name, "s2"),
                  ("snapshot-create", dom.name, "s3"), ("reclaim", dom.name),
@@ -102,6 +119,7 @@ def test_users_commit_and_pull_with_a_bandwidth_limit_are_refused(running):
     # an active commit of vdb's top image (s2's overlay) into s2's image: it stays until
     # the user pivots or aborts it
     virsh("blockcommit", dom.name, "vdb", "--active", "--shallow", "--bandwidth", "1", "--wait")
+    mirror_ready(dom, "vdb")
     assert job(dom, "vdb")["type"] == 4
     refused(dom, ("snapshot-delete", dom.name, "s1"), "active commit job on disk vdb")
     assert job(dom, "vdb")["type"] == 4
@@ -119,6 +137,7 @@ def test_a_job_on_another_disk_than_the_merged_one_is_refused(running, tmp_path)
     dom.json("snapshot-create", dom.name, "only-vda", "--disk", "vda")
     dest = str(tmp_path / "vdb-copy.qcow2")
     virsh("blockcopy", dom.name, "vdb", dest, "--transient-job", "--wait")
+    mirror_ready(dom, "vdb")
     # the merge touches vda alone; the user's copy of vdb refuses it all the same
     refused(dom, ("snapshot-delete", dom.name, "only-vda"), "copy job on disk vdb", dest)
     assert job(dom, "vdb")["type"] == 2
@@ -162,6 +181,7 @@ def test_recover_never_pivots_or_aborts_a_job_it_did_not_start(running, tmp_path
     for t in dom.targets:
         copies[t] = str(tmp_path / ("%s-copy.qcow2" % t))
         virsh("blockcopy", dom.name, t, copies[t], "--transient-job", "--wait")
+        mirror_ready(dom, t)
     before = everything(dom)
     proc = dom.cli("recover", dom.name, expect=1)
     assert "copy job on disk vd" in proc.stderr and "did not start" in proc.stderr, proc.stderr
@@ -187,6 +207,7 @@ def test_a_first_seen_domain_with_a_users_copy_gets_no_catalog(make_dom, tmp_pat
     try:
         dest = str(tmp_path / "copy.qcow2")
         virsh("blockcopy", dom.name, "vda", dest, "--transient-job", "--wait")
+        mirror_ready(dom, "vda")
         for args in (("snapshot-create", dom.name, "s1"), ("snapshot-delete", dom.name, "v1"),
                      ("reclaim", dom.name)):
             refused(dom, args, "copy job on disk vda")
@@ -230,3 +251,28 @@ def test_a_backup_job_is_refused(running, tmp_path):
         assert "backup job" in proc.stderr, proc.stderr
     finally:
         virsh("domjobabort", dom.name, check=False)
+
+
+def bitmap_flags(path):
+    import json
+    data = json.loads(qemu_img("info", "-U", "--output=json", path))
+    return {b["name"]: b["flags"] for b in
+            (data.get("format-specific") or {}).get("data", {}).get("bitmaps") or []}
+
+
+def test_a_snapshot_of_a_shut_off_domain_carries_enabled_bitmaps_into_the_overlay(make_dom):
+    """As libvirt does for a live external snapshot: the new overlay gets an empty bitmap
+    of each enabled one of the frozen image, so the writes after the snapshot are tracked
+    for the next incremental backup; a disabled one is not carried."""
+    dom = make_dom(ndisks=2)
+    qemu_img("bitmap", "--add", "-g", "131072", dom.sources()["vda"], "backup-0")
+    qemu_img("bitmap", "--add", "--disable", dom.sources()["vda"], "old")
+    r = dom.json("snapshot-create", dom.name, "s1")
+    leaf = dom.sources()
+    assert bitmap_flags(leaf["vda"]) == {"backup-0": ["auto"]}
+    assert bitmap_flags(leaf["vdb"]) == {}
+    frozen = {d["target"]: d["image"] for d in r["disks"]}
+    assert set(bitmap_flags(frozen["vda"])) == {"backup-0", "old"}
+    import json
+    info = json.loads(qemu_img("info", "--output=json", leaf["vda"]))
+    assert info["format-specific"]["data"]["bitmaps"][0]["granularity"] == 131072
