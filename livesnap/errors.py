@@ -21,6 +21,9 @@ Tree::
      |    +-- InterruptedOperation  an unfinished operation needs ``livesnap recover``
      |    +-- ImageInUse          an image livesnap would change has another user
      |    +-- ImageShared         one image twice in one domain's chains
+     |    +-- ForeignJob          a block or backup job livesnap did not start
+     |    +-- BitmapsPresent      checkpoints or dirty bitmaps a merge would lose
+     |    +-- UnsupportedDisks    disks a snapshot would silently leave out
      +-- Interrupted              SIGINT/SIGTERM stopped an operation between two steps
      +-- BadImage                 corrupt header, missing backing file, cycle, wrong parent
      |    +-- ChainTooDeep
@@ -153,6 +156,55 @@ class ImageShared(Conflict):
     @property
     def disks_text(self):
         return ", ".join(self.disks)
+
+
+class ForeignJob(Conflict):
+    """A job on the domain that livesnap did not start (a user's blockcopy, blockcommit,
+    blockpull, a backup): livesnap neither waits on it nor pivots or aborts it."""
+    fields = ("domain", "disk", "job", "destination")
+    msg = ("domain '{self.domain}' has a {self.job} job{self.where} that livesnap did not "
+           "start; livesnap changes nothing while another tool's job runs: let it finish or "
+           "end it ({self.how}), then run the command again")
+
+    @property
+    def where(self):
+        text = " on disk %s" % self.disk if self.disk else ""
+        if self.destination:
+            text += " (destination %s)" % self.destination
+        return text
+
+    @property
+    def how(self):
+        if self.job == "backup":
+            return "virsh domjobabort %s" % self.domain
+        return "virsh blockjob %s %s --abort, or --pivot for a copy that should become the " \
+               "disk" % (self.domain, self.disk)
+
+
+class BitmapsPresent(Conflict):
+    """Checkpoints or persistent dirty bitmaps that a merge would lose or make wrong."""
+    fields = ("domain", "found")
+    msg = ("domain '{self.domain}' has {self.found_text}: incremental backups rely on them, "
+           "and a merge would lose them or leave them wrong; livesnap does not merge dirty "
+           "bitmaps yet and refuses to merge (delete the checkpoints with 'virsh "
+           "checkpoint-delete', or the bitmaps with 'qemu-img bitmap --remove', and take a "
+           "full backup afterwards)")
+
+    @property
+    def found_text(self):
+        return "; ".join(self.found)
+
+
+class UnsupportedDisks(Conflict):
+    """Disks of the domain livesnap cannot snapshot, which a create would leave out."""
+    fields = ("domain", "disks")
+    msg = ("domain '{self.domain}' has disks livesnap cannot snapshot: {self.disks_text}; a "
+           "snapshot would not hold them: name the disks to snapshot with --disk, or say "
+           "--skip-unsupported to leave these out")
+
+    @property
+    def disks_text(self):
+        return ", ".join("%s (%s)" % (t, why) for t, why in self.disks)
 
 
 class Interrupted(Error):

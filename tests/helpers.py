@@ -166,8 +166,10 @@ class Dom(Cli):
         try:
             if self.dom.isActive():
                 self.dom.destroy()
-            # with libvirt's snapshot metadata (a plain undefine refuses and leaves it)
+            # with libvirt's snapshot and checkpoint metadata (a plain undefine refuses and
+            # leaves the domain defined)
             import libvirt
-            self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                                   | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
         except Exception:
             pass

@@ -18,15 +18,21 @@ def emit(args, result, text_fn):
 
 def _pause(result):
     p = result.get("pause_ms")
-    return "" if p is None else ", guest IO paused %.1f ms" % p
+    if p is None:
+        return ""
+    if result.get("pause_measured") == "call":
+        return ", guest IO paused at most %.1f ms (the libvirt call's duration)" % p
+    return ", guest IO paused %.1f ms" % p
 
 
 def text_create(r):
+    skipped = ["left out %s: %s" % (d["target"], d["reason"]) for d in r.get("skipped") or []]
     if r.get("dry_run"):
-        return ["would create snapshot %s:" % r["snapshot"]] + ["  " + l for l in r["plan"]]
+        return ["would create snapshot %s:" % r["snapshot"]] + ["  " + l for l in r["plan"]] + \
+            skipped
     lines = ["snapshot %s created%s" % (r["snapshot"], _pause(r))]
     lines += ["  %s: %s" % (d["target"], d["image"]) for d in r.get("disks", [])]
-    return lines
+    return lines + skipped
 
 
 def text_delete(r):

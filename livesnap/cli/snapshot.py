@@ -16,7 +16,7 @@ def _engine(args):
 
 def create(args):
     r = _engine(args).create(args.domain, args.name, args.description or "", args.disk,
-                             args.dry_run)
+                             args.dry_run, skip_unsupported=args.skip_unsupported)
     output.emit(args, r, output.text_create)
     return 0
 
@@ -64,7 +64,11 @@ def register(subparsers, common):
     p.add_argument("name", help="snapshot name")
     p.add_argument("--description", help="free text kept with the snapshot")
     p.add_argument("--disk", action="append", metavar="TARGET",
-                   help="only this disk (repeatable; default: every qcow2 disk)")
+                   help="only this disk (repeatable; default: every disk, and a domain "
+                        "with disks livesnap cannot snapshot is refused)")
+    p.add_argument("--skip-unsupported", action="store_true",
+                   help="leave out the disks livesnap cannot snapshot (raw, block, network, "
+                        "read-only, shareable); the result lists them")
     p.add_argument("--quiesce", action="store_true",
                    help="freeze the guest's file systems through the guest agent while the "
                         "snapshot is taken (running domain with an agent)")

@@ -22,7 +22,8 @@ import threading
 from livesnap.datapaths import Datapath, free, own_files, unlink
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap import faults
-from livesnap.errors import DatapathError
+from livesnap.errors import DatapathError, ForeignJob
+from livesnap.jobtypes import JOB_ACTIVE_COMMIT, JOB_COMMIT, JOB_PULL, JOB_TYPES
 from livesnap.tools import qemu_img
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ class LibvirtLiveDatapath(Datapath):
         finally:
             if frozen is not None:
                 self._thaw(frozen)
-        return {"pause_ms": pause_ms}
+        # not a measured pause: the API call's duration, an upper bound of it
+        return {"pause_ms": pause_ms, "measured": "call"}
 
     def _freeze(self):
         """Freeze guest file systems through the agent; a timer thaws them after
@@ -145,7 +147,8 @@ class LibvirtLiveDatapath(Datapath):
                 else:
                     self._run_job(watcher, disk, lambda: self.domain.block_commit(
                         disk, child, node, active=False),
-                        done=lambda: child not in self.domain.live_chain(disk))
+                        done=lambda: child not in self.domain.live_chain(disk),
+                        job_type=JOB_COMMIT)
             chain = self.domain.live_chain(disk)
         if child in chain and node not in chain:
             # the active commit fell back to a pull (now or before a crash)
@@ -169,6 +172,10 @@ class LibvirtLiveDatapath(Datapath):
         pull instead. Returns the facts of the switch."""
         disk, node, child = step["disk"], step["path"], step["child_path"]
         info = self.domain.job_info(disk)
+        if info and info.get("type") not in (JOB_ACTIVE_COMMIT, JOB_PULL):
+            self._foreign(disk, info)
+        if info.get("type") == JOB_ACTIVE_COMMIT:
+            self._check_ours(disk, node)
         if not info:
             try:
                 self.domain.block_commit(disk, child, node, active=True)
@@ -177,41 +184,62 @@ class LibvirtLiveDatapath(Datapath):
                     return {}                     # pivoted before this run (recover)
                 raise
             faults.point("job", "started", 0)
-        elif info.get("type") == 1:                      # a pull started by a fallback
-            self._wait_done(watcher, disk)
+        elif info.get("type") == JOB_PULL:               # a pull started by a fallback
+            self._wait_done(watcher, disk, JOB_PULL)
             return {}
         for attempt in range(PIVOT_RETRIES):
             status = watcher.wait(disk, (watcher.READY, watcher.FAILED, watcher.CANCELED),
-                                  self.ready_timeout)
+                                  self.ready_timeout, job_types=(JOB_ACTIVE_COMMIT,))
             if status is None:
                 log.warning("active commit of %s/%s not ready after %.0fs under load: "
                             "aborting it and pulling instead", self.domain.name, disk,
                             self.ready_timeout)
+                self._check_ours(disk, node)
                 self.domain.abort_job(disk)
                 watcher.wait(disk, (watcher.CANCELED, watcher.COMPLETED), 30)
                 watcher.clear(disk)
                 self._run_job(watcher, disk, lambda: self.domain.block_pull(
                     disk, step["parent_path"]),
-                    done=lambda: node not in self.domain.live_chain(disk))
+                    done=lambda: node not in self.domain.live_chain(disk), job_type=JOB_PULL)
                 return {"fallback": "pull"}
             if status != watcher.READY:
                 raise DatapathError(reason="active commit of %s/%s ended: %s"
                                     % (self.domain.name, disk, watcher.NAMES[status]))
-            info = self.domain.job_info(disk)
+            info = self._check_ours(disk, node)
             if info.get("cur") == info.get("end") and self.domain.mirror_ready(disk):
                 pause_ms = self.domain.pivot(disk)
                 if pause_ms is not None:
                     watcher.wait(disk, (watcher.COMPLETED,), 30)
-                    return {"pause_ms": pause_ms}
+                    return {"pause_ms": pause_ms, "measured": "call"}
             watcher.clear(disk)                          # not ready after all: wait again
         raise DatapathError(reason="active commit of %s/%s never became ready to pivot after "
                                    "%d tries" % (self.domain.name, disk, PIVOT_RETRIES))
 
-    def _run_job(self, watcher, disk, start, done):
+    def _foreign(self, disk, info):
+        _, dest = self.domain.mirror(disk)
+        raise ForeignJob(self.domain.name, disk, JOB_TYPES.get(info.get("type"), "block"), dest)
+
+    def _check_ours(self, disk, node):
+        """The job on ``disk`` is livesnap's active commit into ``node`` (not a copy or a
+        commit someone else started meanwhile): only then may it be pivoted or aborted.
+        Returns its job info."""
+        info = self.domain.job_info(disk)
+        job, dest = self.domain.mirror(disk)
+        if info.get("type") != JOB_ACTIVE_COMMIT or (dest is not None and dest != node):
+            raise ForeignJob(self.domain.name, disk,
+                             JOB_TYPES.get(info.get("type"), "block") if info else "vanished",
+                             dest)
+        return info
+
+    def _run_job(self, watcher, disk, start, done, job_type):
         """Start a job unless one runs, and wait for it. A job that finished while livesnap
         was down (recover) may still show in the chain for a moment: when libvirt refuses
-        the new job because the image left the chain, ``done()`` says the merge happened."""
-        if not self.domain.job_info(disk):
+        the new job because the image left the chain, ``done()`` says the merge happened.
+        A running job of another type than ``job_type`` is not livesnap's: refused."""
+        info = self.domain.job_info(disk)
+        if info and info.get("type") != job_type:
+            self._foreign(disk, info)
+        if not info:
             try:
                 start()
             except DatapathError:
@@ -221,11 +249,11 @@ class LibvirtLiveDatapath(Datapath):
                     return
                 raise
             faults.point("job", "started", 0)
-        self._wait_done(watcher, disk)
+        self._wait_done(watcher, disk, job_type)
 
-    def _wait_done(self, watcher, disk):
+    def _wait_done(self, watcher, disk, job_type):
         status = watcher.wait(disk, (watcher.COMPLETED, watcher.FAILED, watcher.CANCELED),
-                              self.job_timeout)
+                              self.job_timeout, job_types=(job_type,))
         if status != watcher.COMPLETED:
             raise DatapathError(reason="block job on %s/%s %s" % (
                 self.domain.name, disk, "timed out" if status is None
@@ -243,7 +271,7 @@ class LibvirtLiveDatapath(Datapath):
             with self.domain.watch_jobs() as watcher:
                 self._run_job(watcher, disk, lambda: self.domain.block_pull(
                     disk, step["parent_path"]),
-                    done=lambda: node not in self.domain.live_chain(disk))
+                    done=lambda: node not in self.domain.live_chain(disk), job_type=JOB_PULL)
             chain = self.domain.live_chain(disk)
             if node in chain:
                 raise DatapathError(reason="pull of %s into %s did not take effect"

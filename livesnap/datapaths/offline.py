@@ -7,6 +7,7 @@ re-run after a crash finishes it.
 import logging
 import os
 
+from livesnap import qcow2
 from livesnap.datapaths import Datapath, own_files, unlink
 from livesnap.tools import qemu_img
 
@@ -40,6 +41,8 @@ class OfflineDatapath(Datapath):
         in_use = set(self._sources().values())
         for it in step["items"]:
             self._new_overlay(it["leaf_path"], it["frozen_path"], it["frozen_fmt"], in_use)
+            if it["leaf_path"] not in in_use and it["frozen_fmt"] == "qcow2":
+                carry_bitmaps(it["frozen_path"], it["leaf_path"])
         self.domain.set_disk_sources({it["disk"]: (it["leaf_path"], it["fmt"])
                                       for it in step["items"]})
 
@@ -76,3 +79,21 @@ class OfflineDatapath(Datapath):
         if self._backing(child) != step["parent_path"]:
             qemu_img.rebase(child, step["parent_path"], step["parent_fmt"])
         unlink(step["path"])
+
+
+def carry_bitmaps(frozen, leaf):
+    """The enabled persistent dirty bitmaps of the image a snapshot freezes go on, empty,
+    in its new overlay (what libvirt does for a live external snapshot): the writes after
+    the snapshot are then tracked too, and an incremental backup (libvirt checkpoints,
+    virtnbdbackup) reads the changes since its checkpoint across the chain. A disabled
+    bitmap, or one left in use by a QEMU that died (inconsistent), is not carried."""
+    if qcow2.read_header(frozen) is not None:
+        return                # a plain header: no bitmaps extension (qcow2.py), no process
+    found = qemu_img.bitmaps(frozen)
+    if not found:
+        return
+    have = {b.get("name") for b in qemu_img.bitmaps(leaf)}
+    for b in found:
+        flags = b.get("flags") or []
+        if "auto" in flags and "in-use" not in flags and b.get("name") not in have:
+            qemu_img.bitmap_add(leaf, b["name"], b.get("granularity"))

@@ -17,10 +17,11 @@ from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths import trash
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap import faults
-from livesnap.engine import adopt, check, names, users
+from livesnap.engine import adopt, check, foreign, names, users
 from livesnap.text import check_description, check_snapshot_name
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
-                             PathOutsideStorage, UnusablePath, UsageError, WrongState)
+                             PathOutsideStorage, UnsupportedDisks, UnusablePath, UsageError,
+                             WrongState)
 from livesnap.errors import DataFileImage
 from livesnap.lock import DomainLock
 from livesnap import statedir
@@ -46,7 +47,7 @@ class Session(object):
         self.catalog = catalog
         self.tree = None
         self.datapath = None
-        self.dry_run = False         # a --dry-run changes nothing: no trash is freed either
+        self.dry_run = False          # nothing may change: no catalog made, no metadata synced
         self.locked = False          # holds the domain's lock: may write the catalog
         self.followed = None         # what was followed of changes made with virsh
         self.follow_error = None     # why they could not be followed
@@ -77,8 +78,10 @@ class Engine(object):
             self.platform = LibvirtPlatform(self.uri)
         return self.platform.lookup(ident)
 
-    def _session(self, ident, lock=True):
-        return _SessionContext(self, ident, lock)
+    def _session(self, ident, lock=True, dry_run=False, preflight=None):
+        """``preflight(domain)`` runs under the lock, before the catalog is opened (a
+        refusal then leaves no catalog behind for a domain seen for the first time)."""
+        return _SessionContext(self, ident, lock, dry_run, preflight)
 
     def datapath_for(self, domain):
         """The datapath follows the domain's state: block jobs in QEMU while it runs,
@@ -126,8 +129,8 @@ class Engine(object):
         if cat.is_empty():
             tree = self._adopt(domain)
             users.refuse_shared(domain, tree)       # before the catalog keeps it
-            cat.save_tree(tree)
-            if tree.snapshots:
+            cat.save_tree(tree)                     # a dry run's catalog is in memory
+            if tree.snapshots and not session.dry_run:
                 self._sync_metadata(session, tree)
             tree = cat.load_tree()
         else:
@@ -164,8 +167,8 @@ class Engine(object):
         if follow.same(tree, followed):
             return tree
         session.followed = changes
-        if not session.locked:
-            return followed
+        if not session.locked or session.dry_run:
+            return followed                 # followed in memory: a dry run changes nothing
         log.info("%s changed outside livesnap: adopted %s, gone %s", session.domain.name,
                  changes["adopted"] or "nothing", changes["gone"] or "nothing")
         session.catalog.save_tree(followed)
@@ -292,9 +295,12 @@ class Engine(object):
                         log.error("operation #%d stopped at step %d (%s); 'livesnap recover %s' "
                                   "continues it", op_id, i, step["op"], session.domain.name)
                     raise
+                # "measured": "pause" (livesnap timed the pause itself) or "call" (the
+                # duration of the call that paused, e.g. libvirt's: an upper bound)
+                measured = facts.get("measured", "pause")
                 if facts.get("pause_ms") is not None:
                     pauses.append({"step": step["op"], "disk": step.get("disk"),
-                                   "ms": facts["pause_ms"]})
+                                   "ms": facts["pause_ms"], "measured": measured})
                 if facts.get("replace_step"):
                     # the datapath merged another way than planned (active commit that did
                     # not converge -> pull): journal what was really done
@@ -303,7 +309,9 @@ class Engine(object):
                 if step["op"] in ("commit", "pull"):
                     merges.append({"disk": step["disk"], "snapshot_image": step["path"],
                                    "method": step["op"], "fallback": "fallback" in facts,
-                                   "pause_ms": facts.get("pause_ms")})
+                                   "pause_ms": facts.get("pause_ms"),
+                                   "call_ms": facts.get("pause_ms") if measured == "call"
+                                   else None})
                 faults.point(plan.op, "after", i)
                 P.apply(tree, step)
                 last = i + 1 == len(plan.steps)
@@ -316,6 +324,7 @@ class Engine(object):
         return pauses, merges
 
     def _run(self, session, datapath, plan, dry_run):
+        foreign.refuse_bitmaps(session.domain, plan)
         result = dict(plan.result)
         self._preflight_paths(session, plan)
         if dry_run:
@@ -335,6 +344,10 @@ class Engine(object):
         result["pauses"] = pauses
         result["pause_ms"] = max(p["ms"] for p in pauses) if pauses else None
         result["pause_total_ms"] = sum(p["ms"] for p in pauses) if pauses else None
+        # where livesnap cannot time the pause (libvirt), the call's duration stands for it
+        calls = [p["ms"] for p in pauses if p["measured"] == "call"]
+        result["call_ms"] = max(calls) if calls else None
+        result["pause_measured"] = ("call" if calls else "pause") if pauses else None
         if plan.op in ("delete", "reclaim", "revert"):
             result["merges"] = merges
         result["datapath"] = datapath.name
@@ -342,14 +355,16 @@ class Engine(object):
 
     # -- commands ----------------------------------------------------------------------------
 
-    def create(self, domain, name, description="", disks=None, dry_run=False):
+    def create(self, domain, name, description="", disks=None, dry_run=False,
+               skip_unsupported=False):
         check_snapshot_name(name)
         description = check_description("" if description is None else description)
-        with self._session(domain) as s:
+        with self._session(domain, dry_run=dry_run, preflight=foreign.refuse_jobs) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             if self.quiesce:
                 self._check_quiesce(s.domain)
+            skipped = self._left_out(s.domain, disks, skip_unsupported)
             tree = self.load(s, datapath=datapath)
             found = self._users(s, tree) if tree.reclaimable() else None
             plan = self._planner(s, datapath, found).create(tree, name, now_iso(), description,
@@ -359,7 +374,26 @@ class Engine(object):
             result = self._run(s, datapath, plan, dry_run)
             if not dry_run:
                 result["disks"] = self._snapshot_disks(s.tree, name)
+            taken = {it["disk"] for it in plan.steps[0]["items"]}
+            result["skipped"] = [x for x in skipped if x["target"] not in taken] + [
+                {"target": t, "reason": "left out with --disk"}
+                for t in sorted(set(tree.active) - taken)]
             return result
+
+    def _left_out(self, domain, disks, skip_unsupported):
+        """[{target, reason}] of the domain's disks livesnap cannot snapshot; refused
+        (``UnsupportedDisks``) unless ``--disk`` leaves them out or ``skip_unsupported``.
+        A disk named with ``--disk`` that cannot be snapshotted is refused with its reason."""
+        find = getattr(domain, "unsupported_disks", None)
+        found = find() if find is not None else []
+        for t, why in found:
+            if disks and t in disks:
+                raise UsageError(reason="disk %s of '%s' cannot be snapshotted: %s"
+                                 % (t, domain.name, why))
+        left = [(t, why) for t, why in found if not disks or t not in disks]
+        if left and not disks and not skip_unsupported:
+            raise UnsupportedDisks(domain.name, left)
+        return [{"target": t, "reason": why} for t, why in left]
 
     def _check_quiesce(self, domain):
         if domain.kind != "libvirt":
@@ -373,7 +407,7 @@ class Engine(object):
                                     "org.qemu.guest_agent.0 channel" % domain.name)
 
     def delete(self, domain, name, dry_run=False):
-        with self._session(domain) as s:
+        with self._session(domain, dry_run=dry_run, preflight=foreign.refuse_jobs) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
@@ -383,7 +417,7 @@ class Engine(object):
     def revert(self, domain, name, keep_current=None, dry_run=False):
         if keep_current is not None:
             check_snapshot_name(keep_current)
-        with self._session(domain) as s:
+        with self._session(domain, dry_run=dry_run) as s:
             self._no_interrupted(s)
             state = s.domain.state_name()
             if state != "shut off":
@@ -400,7 +434,7 @@ class Engine(object):
 
     def reclaim(self, domain, dry_run=False):
         """Reclaim hidden nodes that are down to one child (what hooks start after a stop)."""
-        with self._session(domain) as s:
+        with self._session(domain, dry_run=dry_run, preflight=foreign.refuse_jobs) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
@@ -566,9 +600,11 @@ def _available(directory):
 
 
 class _SessionContext(object):
-    def __init__(self, engine, ident, lock):
+    def __init__(self, engine, ident, lock, dry_run=False, preflight=None):
         self.engine = engine
         self.ident = ident
+        self.dry_run = dry_run
+        self.preflight = preflight
         self.take_lock = lock
         self.lock = None
         self.session = None
@@ -581,14 +617,29 @@ class _SessionContext(object):
         if self.take_lock:
             self.lock = DomainLock(os.path.join(state_dir, domain.uuid + ".lock"), domain.name)
             self.lock.__enter__()
+        catalog = None
         try:
-            catalog = Catalog.for_domain(state_dir, domain.uuid, domain.name)
+            path = os.path.join(state_dir, domain.uuid + ".db")
+            known = os.path.exists(path)
+            if self.preflight is not None and not known:
+                self.preflight(domain)          # first seen: no catalog made if refused
+            if self.dry_run and not known:
+                # a domain seen for the first time: its adoption is planned on, not kept
+                catalog = Catalog(":memory:", domain.name)
+            else:
+                catalog = Catalog.for_domain(state_dir, domain.uuid, domain.name)
+            if self.preflight is not None and known and catalog.unfinished() is None:
+                # (with an interrupted operation, the command names 'livesnap recover')
+                self.preflight(domain)
         except Exception:
+            if catalog is not None:
+                catalog.close()
             if self.lock:
                 self.lock.__exit__(None, None, None)
             raise
         self.session = Session(self.engine, domain, catalog)
         self.session.locked = self.take_lock
+        self.session.dry_run = self.dry_run
         return self.session
 
     def __exit__(self, *exc):

@@ -63,6 +63,46 @@ def snapshottable(disk):
             and not disk.readonly and disk.fmt == "qcow2")
 
 
+
+def unsupported(root):
+    """[(target, reason)] of the domain's disks with data that ``snapshottable`` refuses:
+    raw or other formats, block devices (qcow2 on an LV included: not supported yet),
+    network and pool volumes, read-only (CD-ROMs with media) and shareable disks. Drives
+    without media hold nothing to snapshot and are not named."""
+    out = []
+    for d in root.findall("./devices/disk"):
+        target = d.find("target")
+        if target is None:
+            continue
+        kind, device = d.get("type", "file"), d.get("device", "disk")
+        source = d.find("source")
+        if kind in ("file", "block") and (source is None or not (source.get("file") or
+                                                                  source.get("dev"))):
+            continue                  # an empty drive
+        driver = d.find("driver")
+        fmt = driver.get("type") if driver is not None and driver.get("type") else "raw"
+        if kind == "network":
+            why = "network disk (%s)" % (source.get("protocol") if source is not None
+                                         else "no source")
+        elif kind == "block":
+            why = ("%s on a block device (qcow2 on block devices is not supported yet)" % fmt
+                   if fmt == "qcow2" else "%s block device" % fmt)
+        elif kind != "file":
+            why = "%s disk (a storage pool volume or other source)" % kind
+        elif device != "disk":
+            why = "%s device (read-only media)" % device
+        elif d.find("readonly") is not None:
+            why = "read-only disk"
+        elif d.find("shareable") is not None:
+            why = "shareable disk (other domains write it too)"
+        elif fmt != "qcow2":
+            why = "%s image (livesnap snapshots qcow2 images only)" % fmt
+        else:
+            continue
+        out.append((target.get("dev"), why))
+    return out
+
+
 def set_disk_sources(root, sources):
     """Point disks at new images: ``sources`` is {target: (path, fmt)}; ``root`` comes from
     ``parse_for_edit``.

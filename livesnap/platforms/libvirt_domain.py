@@ -9,6 +9,7 @@ import threading
 import time
 
 from livesnap.errors import DatapathError, DomainNotFound, UsageError
+from livesnap.jobtypes import JOB_TYPES
 from livesnap.platforms import domain_xml
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,10 @@ class Domain(object):
 
     def snapshottable(self, disk):
         return domain_xml.snapshottable(disk)
+
+    def unsupported_disks(self):
+        """[(target, reason)] of the disks livesnap cannot snapshot (domain_xml.unsupported)."""
+        return domain_xml.unsupported(domain_xml.parse(self.xml()))
 
     def is_running(self):
         libvirt = _libvirt()
@@ -236,6 +241,63 @@ class Domain(object):
             raise DatapathError(reason="cannot read block job of %s/%s: %s"
                                 % (self.name, target, e.get_error_message()))
 
+    def mirror(self, target):
+        """(job, destination) of the disk's <mirror> in the live XML (a copy's or an active
+        commit's target image), or (None, None)."""
+        root = domain_xml.parse(self.xml())
+        for d in root.findall("./devices/disk"):
+            t = d.find("target")
+            if t is not None and t.get("dev") == target:
+                m = d.find("mirror")
+                if m is None:
+                    return None, None
+                source = m.find("source")
+                dest = m.get("file") or (source is not None and (
+                    source.get("file") or source.get("dev") or source.get("name"))) or None
+                return m.get("job"), dest
+        return None, None
+
+    def block_jobs(self):
+        """[(target, job type name, destination or None)] of every block job running on
+        any disk of the domain (none when it is shut off)."""
+        if not self.is_running():
+            return []
+        libvirt = _libvirt()
+        out = []
+        for d in domain_xml.disks(domain_xml.parse(self.xml())):
+            try:
+                info = self.dom.blockJobInfo(d.target, 0) or {}
+            except libvirt.libvirtError:
+                continue              # e.g. an empty CD-ROM drive: no job can run there
+            if info:
+                _, dest = self.mirror(d.target)
+                out.append((d.target, JOB_TYPES.get(info.get("type"), "block"), dest))
+        return out
+
+    def backup_running(self):
+        """Whether a backup job (virsh backup-begin) runs on the domain."""
+        if not self.is_running():
+            return False
+        libvirt = _libvirt()
+        try:
+            self.dom.backupGetXMLDesc(0)
+        except libvirt.libvirtError:
+            return False              # VIR_ERR_NO_DOMAIN_BACKUP
+        except AttributeError:
+            return False              # libvirt before 6.0: no backups
+        return True
+
+    def checkpoints(self):
+        """Names of the domain's libvirt checkpoints (virsh checkpoint-create)."""
+        libvirt = _libvirt()
+        try:
+            return sorted(c.getName() for c in self.dom.listAllCheckpoints(0))
+        except AttributeError:
+            return []                 # libvirt before 5.6: no checkpoints
+        except libvirt.libvirtError as e:
+            raise DatapathError(reason="cannot list the checkpoints of %s: %s"
+                                % (self.name, e.get_error_message()))
+
     def mirror_ready(self, target):
         """The domain XML shows the job's mirror ready (VDSM and Nova demand this as well as
         cur == end before a pivot: RH bugs 1376580, 1442266)."""
@@ -291,6 +353,9 @@ class Domain(object):
         return JobWatcher(self)
 
 
+# virDomainBlockJobType
+
+
 def _x(text):
     """Escape for an XML attribute."""
     return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -312,7 +377,7 @@ class JobWatcher(object):
 
     def _cb(self, conn, dom, disk, job_type, status, opaque):
         with self.cond:
-            self.events.append((disk, status))
+            self.events.append((disk, status, job_type))
             self.cond.notify_all()
 
     def __enter__(self):
@@ -330,36 +395,39 @@ class JobWatcher(object):
 
     def seen(self, target):
         with self.cond:
-            return [s for d, s in self.events if d == target]
+            return [s for d, s, _ in self.events if d == target]
 
     def clear(self, target):
         with self.cond:
-            self.events = [(d, s) for d, s in self.events if d != target]
+            self.events = [e for e in self.events if e[0] != target]
 
-    def wait(self, target, statuses, timeout, poll=1.0):
+    def wait(self, target, statuses, timeout, poll=1.0, job_types=None):
         """Wait until an event in ``statuses`` arrives for ``target``, or until ``poll()``
         of the job state says so (a safety net for events sent before we listened).
+        With ``job_types``, events of jobs of other types (not the one livesnap started)
+        are ignored, and a running job of another type means ours has ended.
         Returns the status seen, or None on timeout."""
         deadline = time.monotonic() + timeout
         if not events_delivered():
             poll = min(poll, POLL_WITHOUT_EVENTS)
         with self.cond:
             while True:
-                for d, s in self.events:
-                    if d == target and s in statuses:
+                for d, s, t in self.events:
+                    if d == target and s in statuses and (not job_types or t in job_types):
                         return s
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
                 self.cond.wait(min(left, poll))
-                if not any(d == target for d, _ in self.events):
-                    status = self._poll(target)
+                if not any(e[0] == target and (not job_types or e[2] in job_types)
+                           for e in self.events):
+                    status = self._poll(target, job_types)
                     if status in statuses:
                         return status
 
-    def _poll(self, target):
+    def _poll(self, target, job_types=None):
         info = self.domain.job_info(target)
-        if not info:
+        if not info or (job_types and info.get("type") not in job_types):
             return self.COMPLETED
         if info.get("end") and info.get("cur") == info.get("end") and \
                 self.domain.mirror_ready(target):

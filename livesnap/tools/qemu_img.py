@@ -80,6 +80,22 @@ def create(path, fmt="qcow2", size=None, backing=None, backing_fmt=None):
         os.umask(old)
 
 
+def bitmaps(path):
+    """The persistent dirty bitmaps of a qcow2 image: [{"name", "granularity", "flags"}]
+    (``qemu-img info``'s format-specific data; [] for other formats)."""
+    data = info(path, force_share=True)
+    specific = (data.get("format-specific") or {}).get("data") or {}
+    return list(specific.get("bitmaps") or [])
+
+
+def bitmap_add(path, name, granularity=None):
+    """Add an empty, enabled persistent dirty bitmap to a qcow2 image not in use."""
+    argv = [_bin(), "bitmap", "--add"]
+    if granularity:
+        argv += ["-g", str(granularity)]
+    runner.run(argv + [path, name])
+
+
 def commit(top, base):
     """Copy ``top``'s data into ``base`` (an ancestor of top); top is left as it was."""
     runner.run([_bin(), "commit", "-q", "-b", base, top])
