@@ -254,10 +254,13 @@ class Xapi(object):
             from testxen import lvm as standin
             loops = standin.Vg(os.environ["TESTXEN_LVM_ROOT"]).loops()
         for u, path in images.items():
-            with vhd.open_image(loops.get(os.path.basename(path), path), chain=False) as img:
+            # as vhd-util scan: footer and header, the end of data from the BAT unvalidated
+            # (a running VDI's leaf changes under the reader while its tapdisk allocates)
+            device = loops.get(os.path.basename(path), path)
+            with vhd.open_header(device) as img:
                 parent = img.parent_candidates()[0] if img.is_differencing else None
                 facts = {"virtual_size": str(img.virtual_size),
-                         "physical_utilisation": str(img.physical_size),
+                         "physical_utilisation": str(vhd.data_end_unchecked(device)),
                          "managed": not img.hidden}
             ref = by_uuid.get(u)
             if ref is None:
