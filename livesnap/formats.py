@@ -32,10 +32,28 @@ def info(path, fmt):
                      entry.get("actual-size", 0), entry["virtual-size"])
 
 
-def chain(path, fmt):
-    """The image and its backing chain, leaf first."""
+def open_leaf_info(path):
+    """A VHD leaf a tapdisk holds open read-write, from what tapdisk never rewrites (footer
+    contents, header, locators): its BAT is not read, as it changes under the reader while
+    tapdisk allocates; the allocation is the file's size (an LV: the BAT's end of data, read
+    without validating it)."""
+    from livesnap import vhd
+    path = os.path.abspath(path)
+    with vhd.open_header(path) as img:
+        size, parent = img.virtual_size, img.parent_path()
+    st = os.stat(path)
+    alloc = st.st_size if not stat.S_ISBLK(st.st_mode) else vhd.data_end_unchecked(path)
+    return ImageInfo(path, "vhd", os.path.abspath(parent) if parent else None, alloc, size)
+
+
+def chain(path, fmt, open_leaf=False):
+    """The image and its backing chain, leaf first. ``open_leaf``: ``path`` is a VHD leaf a
+    tapdisk holds open (see ``open_leaf_info``); the images below it are read as usual."""
     if fmt == "vhd":
         from livesnap import vhd
+        if open_leaf:
+            top = open_leaf_info(path)
+            return [top] + (chain(top.backing, fmt) if top.backing else [])
         return [info(p, "vhd") for p in vhd.chain_paths(path)]
     if fmt == "qcow2":
         fast = _plain_qcow2_chain(path)

@@ -1,6 +1,7 @@
 """Defects of livesnap's Xen side that the real blktap shows and the old stand-ins did not. The
 tests that hit them are expected failures (issue 12), each with its reason, until the issue
-"XAPI: snapshots in SM's model" (13) fixes them."""
+"XAPI: snapshots in SM's model" (13) fixes them. (The reads of a running leaf's BAT that the
+real tapdisk's block allocation broke are fixed: tests/xen/test_open_leaf.py.)"""
 import pytest
 
 # The LVHD parent locators (issue 13 point 2) are fixed; with them the real tapdisk reopens
@@ -14,9 +15,3 @@ LVHD_KEPT = pytest.mark.xfail(strict=True, reason=(
     "of s2 (one child, the kept leaf k) leaves s2 in the list instead of merging it; suspected: "
     "the users-of-an-image scan (issue 16) reads the LVs through their /dev/mapper names and "
     "takes livesnap's own chain for another user; not yet verified"))
-# Not strict: the failure is a race with tapdisk's block allocation (most runs hit it).
-OPEN_LEAF_READ = pytest.mark.xfail(strict=False, reason=(
-    "delete's reparent step (vhd_files._reparent -> _parent -> livesnap.vhd.query) reads the "
-    "metadata of the running leaf without pausing its tapdisk; when that meets a block the "
-    "real tapdisk is allocating (BAT entry written, block not yet), livesnap's VHD reader calls "
-    "the open leaf corrupt ('BAT entry N outside the data area') and the delete fails"))

@@ -44,6 +44,18 @@ NULL_REF = "OpaqueRef:NULL"
 CLASSES = ("VM", "VBD", "VDI", "SR", "host", "PBD", "pool", "host_metrics", "task", "message")
 
 
+
+def _vdi_of(parent):
+    """The VDI uuid a parent locator names: ``<uuid>.vhd`` on a file SR; on LVHD the LV
+    ``VHD-<uuid>``, named by its ``/dev/mapper`` name as libvhd resolves it
+    (``VG_XenStorage--<sr>-VHD--<uuid>``, see livesnap/vhd/paths.py)."""
+    if parent is None:
+        return None
+    from livesnap.vhd import paths
+    lv = paths.lv_path(parent) if parent.startswith("/dev/mapper/") else None
+    name = os.path.basename(lv or parent)
+    return name.replace("VHD-", "", 1) if name.startswith("VHD-") else name.replace(".vhd", "")
+
 class Failure(Exception):
     def __init__(self, *description):
         Exception.__init__(self, list(description))
@@ -484,6 +496,7 @@ class Xapi(object):
                 self.record("SR", sr)["VDIs"].remove(ref)
 
     def _scan_images(self, sr):
+        """{uuid: facts} of the SR's images as vhd-util scan reads them."""
         from livesnap import vhd
         loops = {}
         if self.record("SR", sr)["type"] in ("lvm", "lvmoiscsi", "lvmohba"):
@@ -491,12 +504,14 @@ class Xapi(object):
             loops = standin.Vg(os.environ["TESTXEN_LVM_ROOT"]).loops()
         out = {}
         for u, path in self.sr_images(sr).items():
-            with vhd.open_image(loops.get(os.path.basename(path), path), chain=False) as img:
+            # as vhd-util scan: footer and header, the end of data from the BAT unvalidated
+            # (a running VDI's leaf changes under the reader while its tapdisk allocates)
+            device = loops.get(os.path.basename(path), path)
+            with vhd.open_header(device) as img:
                 parent = img.parent_candidates()[0] if img.is_differencing else None
-                out[u] = {"size": img.virtual_size, "utilisation": img.physical_size,
-                          "hidden": img.hidden,
-                          "parent": os.path.basename(parent).replace("VHD-", "").replace(
-                              ".vhd", "") if parent else None}
+                out[u] = {"size": img.virtual_size,
+                          "utilisation": vhd.data_end_unchecked(device),
+                          "hidden": img.hidden, "parent": _vdi_of(parent)}
         return out
 
     @staticmethod

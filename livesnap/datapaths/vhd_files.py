@@ -39,8 +39,12 @@ LV_NAME_MAX = 127
 
 
 def _parent(path):
-    q = vhd.query(path)
-    return os.path.abspath(q.parent) if q.parent else None
+    """The parent ``path``'s header names, read without its BAT: ``path`` may be the leaf a
+    tapdisk holds open read-write, whose BAT and footer move while it allocates blocks (a
+    full open could read a BAT entry past the footer it read, or act on stale metadata);
+    tapdisk never rewrites the header and its locators."""
+    parent = vhd.parent_of(path)
+    return os.path.abspath(parent) if parent else None
 
 
 def _parent_or_none(path):

@@ -189,7 +189,9 @@ def merge_extra(source):
 
 
 def _virtual_size(path):
-    with vhd.open_image(path, chain=False) as img:
+    """From the footer alone (``path`` may be a leaf a tapdisk holds open: its BAT is not
+    read)."""
+    with vhd.open_header(path) as img:
         return img.virtual_size
 
 
@@ -263,7 +265,7 @@ class Activation(object):
 def _parent_lv(path):
     """The parent's path as the VHD's locators name it (not needing it to exist), or None."""
     try:
-        with vhd.open_image(path, chain=False) as img:
+        with vhd.open_header(path) as img:
             if not img.is_differencing:
                 return None
             for p in img.parent_candidates():

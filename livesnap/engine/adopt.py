@@ -28,7 +28,7 @@ def _adopted_name(kind, disk, path, taken):
     return out
 
 
-def adopt(domain, max_depth, check_storage, snaps=None):
+def adopt(domain, max_depth, check_storage, snaps=None, open_leaves=False):
     """The tree of a domain livesnap has not seen.
 
     Each snapshottable disk's image is the active node. External disk-only snapshots
@@ -70,7 +70,8 @@ def adopt(domain, max_depth, check_storage, snaps=None):
                 continue
             if not os.path.exists(root):
                 raise BadImage(root, "image of disk %s is missing" % t)
-            chain = formats.chain(root, disk.fmt)
+            # a leaf a tapdisk holds open: its header only (the BAT moves under a reader)
+            chain = formats.chain(root, disk.fmt, open_leaf=open_leaves and root == disk.path)
             if len(chain) > max_depth:
                 raise ChainTooDeep(root, len(chain), max_depth)
             for entry in chain:

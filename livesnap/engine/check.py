@@ -58,14 +58,14 @@ def image_problems(domain, tree, opaque=()):
 def _opaque_alloc(path):
     """What a leaf a tapdisk holds open has allocated, without trusting its footer: a file's
     size; on a block device (an LV, whose size says nothing) the end of data its BAT gives
-    (tapdisk writes a BAT entry when it allocates a block)."""
+    (tapdisk writes a BAT entry when it allocates a block), read without validating it: it
+    may point past the footer on disk while tapdisk allocates."""
     st = os.stat(path)
     if not stat.S_ISBLK(st.st_mode):
         return st.st_size
     from livesnap import vhd
     try:
-        with vhd.open_image(path, chain=False) as img:
-            return img.physical_size
+        return vhd.data_end_unchecked(path)
     except vhd.VhdError:
         return 0
 

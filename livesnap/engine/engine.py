@@ -122,7 +122,10 @@ class Engine(object):
     # -- loading and validating the tree ---------------------------------------------------
 
     def _adopt(self, domain):
-        return adopt.adopt(domain, self.max_depth, self._check_storage)
+        # a running Xen domain's leaves are held open read-write by tapdisks (as
+        # datapath_for): their BATs are not read
+        open_leaves = domain.kind == "xen" and domain.is_running()
+        return adopt.adopt(domain, self.max_depth, self._check_storage, open_leaves=open_leaves)
 
     def load(self, session, validate=True, datapath=None):
         cat, domain = session.catalog, session.domain

@@ -21,6 +21,9 @@ Public API (sizes and offsets in bytes; paths may be relative)::
     set_parent(path, parent_path_or_None, raw=False) -> parent path
     set_hidden(path, value);  set_marker(path, value)
     grow(path, new_size, fast_only=False)
+    open_header(path) -> Image                     footer + header only: safe on an open leaf
+    parent_of(path) -> parent path or None         from the header (locators) alone
+    data_end_unchecked(path) -> bytes              BAT's end of data, unvalidated (estimate)
     query(path) -> Info(path, type, virtual_size, physical_size, parent, parent_uuid, uuid,
                         hidden, marker, depth, allocated_blocks, max_size, block_size)
     read(path, offset, length) -> bytes;  write(path, offset, data)
@@ -45,11 +48,13 @@ from livesnap.vhd.errors import (VhdChainLoop, VhdChainTooDeep, VhdCorrupt, VhdE
 from livesnap.vhd.create import create, snapshot
 from livesnap.vhd.edit import grow, set_hidden, set_marker, set_parent
 from livesnap.vhd.fileio import RawImage
-from livesnap.vhd.image import Image, Info, chain_paths, open_image, query, read, write
+from livesnap.vhd.image import (Image, Info, chain_paths, data_end_unchecked, open_header,
+                                open_image, parent_of, query, read, write)
 from livesnap.vhd.merge import coalesce, pull
 
 __all__ = [
-    "open_image", "Image", "create", "snapshot", "read", "write", "query", "Info", "set_parent",
+    "open_image", "open_header", "parent_of", "data_end_unchecked", "Image", "create",
+    "snapshot", "read", "write", "query", "Info", "set_parent",
     "set_hidden", "set_marker", "grow", "check", "repair", "coalesce", "pull", "chain_paths",
     "RawImage", "VhdError", "VhdCorrupt", "VhdMissing", "VhdUnsupported", "VhdRange",
     "VhdParentMismatch", "VhdChainLoop", "VhdNameTooLong", "VhdIOError", "VhdChainTooDeep",

@@ -39,8 +39,11 @@ class Image(OnDisk, Blocks, Sectors):
     is_vhd = True
 
     def __init__(self, path, writable=False, chain=True, check_parent_uuid=True, _seen=None,
-                 _footer=None):
+                 _footer=None, header_only=False):
+        if header_only and (writable or chain):
+            raise ValueError("a header-only image is opened read-only and without its chain")
         self._forced_footer = _footer
+        self._header_only = header_only
         self.path = os.path.abspath(path)
         self.writable = writable
         self.fd = None
@@ -226,6 +229,36 @@ class Image(OnDisk, Blocks, Sectors):
 def open_image(path, writable=False, chain=True, check_parent_uuid=True):
     """Open a VHD (and, with ``chain``, its ancestors read-only). Raises a VhdError subclass."""
     return Image(path, writable=writable, chain=chain, check_parent_uuid=check_parent_uuid)
+
+
+def open_header(path):
+    """Open only the footer and header of a VHD (read-only, no chain): virtual size, uuid,
+    hidden flag, parent uuid and locators (``parent_path()``). The BAT is neither read nor
+    validated, so this is safe on a leaf a tapdisk holds open read-write: tapdisk allocates
+    blocks there (BAT entries, bitmaps, the footer moved to the new end) but never rewrites
+    the header or the locators."""
+    return Image(path, chain=False, header_only=True)
+
+
+def parent_of(path):
+    """The parent's absolute path as blktap resolves it (None for a non-differencing disk),
+    from the header alone (see ``open_header``); the parent's uuid is not compared."""
+    with open_header(path) as img:
+        return img.parent_path()
+
+
+def data_end_unchecked(path):
+    """End of the data the BAT points at (bytes, with a footer), read without validating:
+    the allocation of a leaf a tapdisk holds open, whose BAT may point past its stale footer
+    (an estimate, never a basis for writing)."""
+    with open_header(path) as img:
+        img._load_bat()
+        h = img.header
+        end = h.table_offset + h.bat_bytes
+        used = [e for e in img.bat if e != fmt.UNUSED]
+        if used:
+            end = max(end, (max(used) + img.bm_secs + img.spb) * fmt.SECTOR)
+        return fmt.pad_sectors(end) + fmt.SECTOR
 
 
 def open_any(path, writable=False, raw=False, chain=True):

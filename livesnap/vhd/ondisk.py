@@ -47,6 +47,11 @@ class OnDisk(object):
             self.meta_end = 0
             return
         self._load_header()
+        if getattr(self, "_header_only", False):
+            # what a tapdisk never rewrites: footer contents (it moves the footer, same
+            # bytes) and header with its locators; BAT, batmap and layout are not read
+            self.bat = self.eod = self.meta_end = None
+            return
         self._load_bat()
         self._load_batmap()
         self._compute_layout()

@@ -3,7 +3,6 @@ of delete (internal snapshot, online merge, reparent under a pause), and inside 
 after a leaf was renamed; ``livesnap recover`` then leaves no tapdisk paused and no
 acknowledged write lost, and the state is "after"."""
 from livesnap.tools import tap_ctl
-from testxen.defects import OPEN_LEAF_READ
 
 from test_xen_datapath import digest, lvm_vm, vm  # noqa: F401  (fixtures)
 
@@ -19,7 +18,6 @@ def crash_then_recover(vm, args, fault):
     return rec
 
 
-@OPEN_LEAF_READ
 def test_kill_at_every_step_then_recover(vm):
     kill_then_recover(vm, ["create:before:0", "create:after:0", "tapdisk:renamed:0"],
                       lambda ops: ["delete:%s:%d" % (w, i) for i in range(len(ops))

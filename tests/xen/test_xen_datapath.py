@@ -16,7 +16,6 @@ import pytest
 from helpers import Cli
 from livesnap.tools import lvm, tap_ctl
 from testxen import blktap
-from testxen.defects import OPEN_LEAF_READ
 from testxen.verify import assert_intact
 
 SIZE = 8 << 20
@@ -26,7 +25,7 @@ class XenVm(Cli):
     """A VM of two VHD disks: files in a directory, or (``vg``) LVs of an LVHD volume group
     named as XAPI names them (``/dev/VG_XenStorage-<sr>/VHD-<vdi>``)."""
 
-    def __init__(self, xen, tmp_path, vg=None):
+    def __init__(self, xen, tmp_path, vg=None, size=SIZE):
         self.xen = xen
         self.vg = vg
         self.dir = os.path.join("/dev", vg) if vg else str(tmp_path / "sr")
@@ -45,7 +44,7 @@ class XenVm(Cli):
             else:
                 self.paths[t] = os.path.join(self.dir, "%s.vhd" % uuid.uuid4())
                 source = "<disk type='file' device='disk'><source file='%s'/>" % self.paths[t]
-            blktap.create(self.paths[t], SIZE)
+            blktap.create(self.paths[t], size)
             disks += ("%s<driver name='tap2' type='vhd'/><target dev='%s' bus='xen'/></disk>"
                       % (source, t))
         self.xml = str(tmp_path / "vm.xml")
@@ -163,8 +162,7 @@ def lvm_vm(xen, lvm_vg, tmp_path):
     return XenVm(xen, tmp_path, vg=lvm_vg.name)
 
 
-@pytest.fixture(params=[pytest.param("file", marks=OPEN_LEAF_READ),
-                        "lvm"])
+@pytest.fixture(params=["file", "lvm"])
 def any_vm(request, xen, tmp_path):
     if request.param == "file":
         return XenVm(xen, tmp_path)
@@ -200,7 +198,6 @@ def test_seed_method_create_and_delete_every_way(any_vm):
     vm.check()
 
 
-@OPEN_LEAF_READ
 def test_random_sequence_with_the_writer_running(vm):
     random_sequence(vm, runs=3, per_run=11)
 
@@ -248,7 +245,6 @@ def random_sequence(vm, runs, per_run, seed=11, minimum=30):
     assert "merged" in actions
 
 
-@OPEN_LEAF_READ
 def test_xen_domain_read_from_a_libvirt_connection(xen, tmp_path):
     """A domain that libvirt describes (here libvirt's test driver standing in for
     xen:///system) with VHD disks is driven through tapdisk like the XML-file one."""
