@@ -158,10 +158,15 @@ def test_sigterm_stops_between_steps_and_recover_finishes(make_dom):
     args, op = setup_delete_commit(dom)
     before = state_of(dom)
     after = expected_after(args, before)
-    env = dict(dom.env(), LIVESNAP_FAULT="delete:after:0:sleep=3")
+    reached = os.path.join(os.path.dirname(dom.state_dir), "fault-reached")
+    env = dict(dom.env(), LIVESNAP_FAULT="delete:after:0:sleep=3",
+               LIVESNAP_FAULT_REACHED=reached)
     proc = subprocess.Popen([sys.executable, "-m", "livesnap"] + args, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)                       # inside the stall after the first step
+    deadline = time.monotonic() + 60
+    while not os.path.exists(reached):    # wait until inside the stall after the first step
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, (proc.returncode, err)
