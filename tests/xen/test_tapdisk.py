@@ -149,8 +149,7 @@ def test_pause_timeout_is_ours_and_leaves_the_guest_running(xen, tmp_path):
     rc, _, _ = xen.tap_ctl("pause", "-p", disk.pid, "-m", disk.minor, "-t", "5")
     assert rc == 22                                           # upstream's broken -t
     # a backend request that takes 3 s: the drain cannot finish within our 1 s timeout
-    request(xen.entry(disk)["sock"], {"cmd": "stall", "seconds": 3})
-    time.sleep(0.05)
+    request(xen.entry(disk)["sock"], {"cmd": "stall", "seconds": 3})     # once in flight
     t0 = time.monotonic()
     with pytest.raises(tap_ctl.PauseTimeout) as ei:
         tap_ctl.pause(disk.pid, disk.minor, timeout=1.0)
