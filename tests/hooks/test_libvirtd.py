@@ -18,6 +18,10 @@ import pytest
 from helpers import URI
 from hook_helpers import hidden_snapshots, hide, interrupt_revert, query, reclaim_log, wait_for
 
+# one module fixture installs the hook host-wide: under pytest-xdist all of this module runs
+# in one worker (--dist loadgroup), so two workers never install or remove it at once
+pytestmark = pytest.mark.xdist_group(name="libvirtd-system-hook")
+
 HOOKS_DIR = "/etc/libvirt/hooks"
 INSTALLED = os.path.join(HOOKS_DIR, "qemu.d", "livesnap")
 
