@@ -13,8 +13,13 @@ daemons: setup
 lint: setup
 	.venv/bin/lint-imports --no-logo
 
+# Most of the suite's time is waiting (TCG guests, stalls, polling), not CPU: TEST_WORKERS
+# pytest-xdist workers overlap the waits even on 2 cores. --dist loadgroup keeps each
+# xdist_group (tests sharing host-wide state) in one worker. TEST_WORKERS=0: serially.
+TEST_WORKERS ?= 4
+
 test: daemons lint
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadgroup tests
 
 demo: daemons
 	$(PY) scripts/demo.py
