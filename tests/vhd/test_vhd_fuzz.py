@@ -140,6 +140,7 @@ SHARDS = 4
 
 # the cases in SHARDS tests (every shard draws the whole seeded sequence and exercises the cases
 # of its residue), so that pytest-xdist spreads them: one test was among the suite's longest
+@pytest.mark.slow
 @pytest.mark.parametrize("shard", range(SHARDS))
 def test_fuzz_typed_errors_no_writes(tmp_path, shard):
     a, c = _build(tmp_path)

@@ -22,6 +22,7 @@ def crash_then_recover(vm, args, fault):
 
 # the kills in create, and the kills in delete in two halves: three tests that pytest-xdist
 # runs in parallel (together they were one of the suite's longest tests)
+@pytest.mark.slow
 @pytest.mark.parametrize("part", ["create", "delete:0/2", "delete:1/2"])
 def test_kill_at_every_step_then_recover(vm, part):
     kill_then_recover(vm, ["create:before:0", "create:after:0", "tapdisk:renamed:0"],
