@@ -223,9 +223,10 @@ def test_a_service_whose_code_changed_on_disk_steps_aside(tmp_path, make_dom):
     sock = str(tmp_path / "s.sock")
     svc = Service(sock, dom.env(), pythonpath=str(copy))
     try:
-        p = ls(dom, sock, "snapshot-create", dom.name, "s1", fault="create:before:0:sleep=1",
-               pythonpath=str(copy), popen=True)
-        _wait_child(svc)
+        mark = str(tmp_path / "reached")
+        p = ls(_reached(dom, mark), sock, "snapshot-create", dom.name, "s1",
+               fault="create:before:0:sleep=8", pythonpath=str(copy), popen=True)
+        _wait_file(mark, p)                      # running, stalled 8 s: longer than p2 below
         later = time.time() + 5
         os.utime(str(copy / "livesnap" / "cli" / "output.py"), (later, later))
         # served by this process itself: same answer, the service no longer takes commands
