@@ -11,6 +11,8 @@ not yet marked done). ``op`` may be ``*``. Datapaths add points of their own ins
 ``<op>:committed:0`` after the last step's effect is committed to the catalog, before
 libvirt's snapshot metadata (XAPI's records) are brought in step.
 ``action`` is ``kill`` (SIGKILL, the default) or ``sleep=SECONDS`` (a stall).
+``LIVESNAP_FAULT_REACHED=<path>``: the point creates that file before it acts, so a test can
+wait for the process to be in the stall instead of guessing how long it takes to get there.
 """
 import os
 import signal
@@ -25,6 +27,10 @@ def point(op, when, index):
     want_op, want_when, want_index = parts[:3]
     action = parts[3] if len(parts) > 3 else "kill"
     if want_op in ("*", op) and want_when == when and int(want_index) == index:
+        reached = os.environ.get("LIVESNAP_FAULT_REACHED")
+        if reached:
+            with open(reached, "a"):
+                pass
         if action.startswith("sleep="):
             time.sleep(float(action[len("sleep="):]))
         else:

@@ -12,6 +12,18 @@ from helpers import ROOT, URI, Dom
 from livesnap import service
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: one of the suite's longest tests (about a minute "
+                            "alone); run first, so that pytest-xdist's workers do not end "
+                            "waiting for one started last")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``slow`` tests first (otherwise in collection order): xdist hands tests out in this
+    order, and the longest ones bound the run when they start last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def livesnap_service(tmp_path_factory):
     """The tests' ``livesnap`` processes run through one livesnap service, as on a host with

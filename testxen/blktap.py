@@ -12,6 +12,7 @@ archive's sha256), and the helpers the Xen tests use to drive them.
   through a fresh real tapdisk (read-only for reads) over NBD: the chain as tapdisk resolves it.
 """
 import contextlib
+import fcntl
 import glob
 import hashlib
 import os
@@ -145,6 +146,31 @@ def _alive(pid):
         return False
 
 
+MINORS_LOCK = "/run/livesnap-test-blktap-minors.lock"
+_minors_depth = [0, None]
+
+
+@contextlib.contextmanager
+def minors():
+    """Held while a test creates or destroys a tapdisk, across processes (pytest-xdist
+    workers): tap-ctl frees a minor at destroy, and a paused or killed tapdisk's ID file is
+    removed here afterwards (``_forget``); without the lock another worker may allocate that
+    minor in between and lose its ID file, so that two tapdisks end up with one minor.
+    Re-entrant within a process."""
+    if _minors_depth[0] == 0:
+        fd = os.open(MINORS_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _minors_depth[1] = fd
+    _minors_depth[0] += 1
+    try:
+        yield
+    finally:
+        _minors_depth[0] -= 1
+        if _minors_depth[0] == 0:
+            os.close(_minors_depth[1])
+            _minors_depth[1] = None
+
+
 def _forget(pid, minor):
     """What a SIGKILLed tapdisk leaves: its minor's ID file and its sockets."""
     for p in [os.path.join(RUN, "tapdisk", "tapdisk-%d" % minor)] \
@@ -159,7 +185,8 @@ def _forget(pid, minor):
 def spawn(path, readonly=False):
     """``tap-ctl create -a vhd:PATH [-R]``: (pid, minor) of the new real tapdisk."""
     args = ["create", "-a", "vhd:%s" % path] + (["-R"] if readonly else [])
-    rc, out, err = tap_ctl(*args)
+    with minors():
+        rc, out, err = tap_ctl(*args)
     if rc != 0:
         raise OSError(rc, "tap-ctl create -a vhd:%s failed: %s" % (path, (err or out).strip()))
     minor = parse_create(out)
@@ -175,13 +202,14 @@ def spawn(path, readonly=False):
 
 def destroy(pid, minor):
     """``tap-ctl destroy``; SIGKILL (and clean up after it) when that fails."""
-    try:
-        rc, _, _ = tap_ctl("destroy", "-p", pid, "-m", minor)
-    except subprocess.TimeoutExpired:
-        rc = -1
-    if rc != 0 and _alive(pid):
-        kill(pid, minor)
-    _reaped(pid, minor)
+    with minors():
+        try:
+            rc, _, _ = tap_ctl("destroy", "-p", pid, "-m", minor)
+        except subprocess.TimeoutExpired:
+            rc = -1
+        if rc != 0 and _alive(pid):
+            kill(pid, minor)
+        _reaped(pid, minor)
     return rc
 
 
@@ -196,14 +224,15 @@ def _reaped(pid, minor, timeout=10.0):
 
 
 def kill(pid, minor):
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    _forget(pid, minor)
+    with minors():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _forget(pid, minor)
 
 
 @contextlib.contextmanager

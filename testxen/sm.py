@@ -219,7 +219,9 @@ class Blktap(object):
         args = [self.tap_ctl_path, "create", "-a", "vhd:" + path]
         if readonly:
             args.append("-R")
-        out = self._run(args).stdout.strip()
+        from testxen import blktap
+        with blktap.minors():                  # as testxen.blktap.spawn: one minor each
+            out = self._run(args).stdout.strip()
         minor = int(out.rsplit("-", 1)[1])
         line, = [ln for ln in self._run([self.tap_ctl_path, "list", "-m", str(minor)])
                  .stdout.splitlines() if ("minor=%d " % minor) in ln + " "]
@@ -228,7 +230,13 @@ class Blktap(object):
 
     def _close(self, pid, minor):
         """``tap-ctl destroy``; then, the tapdisk gone, its minor's ID file removed if tap-ctl
-        left it (it does for a tapdisk that was paused: the minor would stay taken)."""
+        left it (it does for a tapdisk that was paused: the minor would stay taken); under
+        testxen.blktap's lock, so that no other test's tapdisk takes the minor meanwhile."""
+        from testxen import blktap
+        with blktap.minors():
+            self._close_locked(pid, minor)
+
+    def _close_locked(self, pid, minor):
         self._run([self.tap_ctl_path, "destroy", "-p", str(pid), "-m", str(minor)])
         deadline = time.monotonic() + 10
         while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:

@@ -26,7 +26,8 @@ connection, one JSON reply line (``{"rc": 0, ...}``; rc is a positive errno on f
   Not paused -> EINVAL. A failed unpause leaves the tapdisk paused on its old path.
 * ``{"cmd": "close"}``: pause, then exit (tap-ctl close/destroy). SIGTERM does the same.
 * ``{"cmd": "stall", "seconds": S}`` (test hook): the next write stays in flight S seconds, as a
-  slow backend request would, so that a pause drains slowly.
+  slow backend request would, so that a pause drains slowly. Running, the reply comes once that
+  write is in flight (a pause sent after it has to drain it); paused, at once.
 
 While paused no file of the chain is open. The registry entry ``tapdisk<pid>.<minor>.json`` is
 written before the daemon reports ready and removed when it exits.
@@ -121,6 +122,8 @@ class Tapdisk(object):
                     return
                 self.inflight = True
                 stall, self.stall = self.stall, 0.0
+                if stall:
+                    self.cond.notify_all()     # the stall request waits for this
             try:
                 if stall:
                     time.sleep(stall)
@@ -202,6 +205,8 @@ class Tapdisk(object):
         if cmd == "stall":
             with self.cond:
                 self.stall = float(req.get("seconds", 0))
+                while self.stall and self.state == RUNNING and not self.stopping:
+                    self.cond.wait()           # until the writer has taken it
             return {"rc": 0}
         return {"rc": errno.EINVAL, "error": "unknown command %r" % cmd}
 

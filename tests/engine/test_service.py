@@ -148,20 +148,33 @@ def test_a_command_killed_in_the_service_dies_the_same_way_and_recovers(service)
     assert names == ["s1"]
 
 
+def _reached(dom, path):
+    """``dom`` whose commands create ``path`` when their fault point acts (in its stall)."""
+    class At(object):
+        def env(self):
+            return dict(dom.env(), LIVESNAP_FAULT_REACHED=path)
+    return At()
+
+
+def _wait_file(path, proc, timeout=60):
+    end = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, "the command did not reach its fault point"
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT])
-def test_signals_to_the_caller_reach_the_command(service, signo):
+def test_signals_to_the_caller_reach_the_command(service, signo, tmp_path):
     """The same signal at the same point, to a command in its own process and to the
     service's client, ends both the same way."""
     svc, dom = service
     outcomes = []
     for sock, name in (("off", "a"), (svc.sock, "b")):
-        p = ls(dom, sock, "snapshot-create", dom.name, name, fault="create:before:0:sleep=1.5",
-               popen=True)
-        if sock == "off":
-            time.sleep(1.0)                      # inside the sleep at the fault point
-        else:
-            _wait_child(svc)
-            time.sleep(0.5)
+        mark = str(tmp_path / ("reached-" + name))
+        p = ls(_reached(dom, mark), sock, "snapshot-create", dom.name, name,
+               fault="create:before:0:sleep=3", popen=True)
+        _wait_file(mark, p)                      # inside the sleep at the fault point
         p.send_signal(signo)
         out, err = p.communicate(timeout=60)
         listed = json.loads(ls(dom, "off", "snapshot-list", dom.name, "--json").stdout)
@@ -172,11 +185,12 @@ def test_signals_to_the_caller_reach_the_command(service, signo):
     assert svc.commands() == []
 
 
-def test_the_domain_lock_holds_across_the_service_and_direct_commands(service):
+def test_the_domain_lock_holds_across_the_service_and_direct_commands(service, tmp_path):
     svc, dom = service
-    first = ls(dom, svc.sock, "snapshot-create", dom.name, "s1",
-               fault="create:before:0:sleep=2", popen=True)
-    _wait_child(svc)
+    mark = str(tmp_path / "reached")
+    first = ls(_reached(dom, mark), svc.sock, "snapshot-create", dom.name, "s1",
+               fault="create:before:0:sleep=6", popen=True)
+    _wait_file(mark, first)                      # it holds the lock, stalled for 6 s
     for sock in (svc.sock, "off"):
         p = ls(dom, sock, "snapshot-create", dom.name, "s2")
         assert p.returncode == 1 and "another livesnap command" in p.stderr, p.stderr
@@ -210,9 +224,10 @@ def test_a_service_whose_code_changed_on_disk_steps_aside(tmp_path, make_dom):
     sock = str(tmp_path / "s.sock")
     svc = Service(sock, dom.env(), pythonpath=str(copy))
     try:
-        p = ls(dom, sock, "snapshot-create", dom.name, "s1", fault="create:before:0:sleep=1",
-               pythonpath=str(copy), cwd=str(copy), popen=True)
-        _wait_child(svc)
+        mark = str(tmp_path / "reached")
+        p = ls(_reached(dom, mark), sock, "snapshot-create", dom.name, "s1",
+               fault="create:before:0:sleep=8", pythonpath=str(copy), cwd=str(copy), popen=True)
+        _wait_file(mark, p)                      # running, stalled 8 s: longer than p2 below
         later = time.time() + 5
         os.utime(str(copy / "livesnap" / "cli" / "output.py"), (later, later))
         # served by this process itself: same answer, the service no longer takes commands

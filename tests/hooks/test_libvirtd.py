@@ -18,6 +18,13 @@ import pytest
 from helpers import URI
 from hook_helpers import hidden_snapshots, hide, interrupt_revert, query, reclaim_log, wait_for
 
+# one module fixture installs the hook host-wide: two pytest-xdist workers must not install
+# and remove it at once. The group keeps this module in one worker (--dist loadgroup), but
+# pytest 9.2 + xdist 3.8.0 ignore groups (pytest-dev/pytest-xdist#1386): the fixture also
+# holds an flock for as long as its hook is installed.
+pytestmark = pytest.mark.xdist_group(name="libvirtd-system-hook")
+LOCK = "/run/livesnap-test-system-hook.lock"
+
 HOOKS_DIR = "/etc/libvirt/hooks"
 INSTALLED = os.path.join(HOOKS_DIR, "qemu.d", "livesnap")
 
@@ -38,19 +45,23 @@ def reload_libvirtd():
 @pytest.fixture(scope="module")
 def system_hook(tmp_path_factory):
     """The hook installed for the real libvirtd, with a private state directory."""
+    import fcntl
     from helpers import Cli
-    assert not os.path.exists(INSTALLED), "a livesnap hook is already installed"
-    cli = Cli()
-    cli.state_dir = str(tmp_path_factory.mktemp("hook-state"))
-    try:
-        proc = cli.cli("install-hooks", "--hooks-dir", HOOKS_DIR, "--state-dir", cli.state_dir)
-        assert INSTALLED in proc.stdout
-        reload_libvirtd()
-        yield cli.state_dir
-    finally:
-        cli.cli("install-hooks", "--hooks-dir", HOOKS_DIR, "--uninstall", expect=None)
-        reload_libvirtd()
-    assert not os.path.exists(INSTALLED)
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)     # another worker's module fixture: wait for its end
+        assert not os.path.exists(INSTALLED), "a livesnap hook is already installed"
+        cli = Cli()
+        cli.state_dir = str(tmp_path_factory.mktemp("hook-state"))
+        try:
+            proc = cli.cli("install-hooks", "--hooks-dir", HOOKS_DIR, "--state-dir",
+                           cli.state_dir)
+            assert INSTALLED in proc.stdout
+            reload_libvirtd()
+            yield cli.state_dir
+        finally:
+            cli.cli("install-hooks", "--hooks-dir", HOOKS_DIR, "--uninstall", expect=None)
+            reload_libvirtd()
+        assert not os.path.exists(INSTALLED)
 
 
 def test_virsh_start_refused_until_recover(make_dom, system_hook):

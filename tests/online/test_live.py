@@ -4,6 +4,8 @@ and each merge kind (pull, active commit + pivot, intermediate commit, fallback)
 import os
 import random
 
+import pytest
+
 from testguest import verify
 
 from online_helpers import merge_kinds
@@ -72,6 +74,7 @@ def test_active_commit_that_does_not_converge_falls_back_to_pull(live):
     live.stop_and_verify()
 
 
+@pytest.mark.slow
 def test_random_online_sequence_with_reverts_between_runs(live):
     """>= 30 creates and deletes while the guest writes; between runs the domain is stopped
     and reverted, so trees get several children; hidden snapshots are reclaimed online."""

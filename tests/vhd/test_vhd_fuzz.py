@@ -9,6 +9,8 @@ import os
 import random
 import struct
 
+import pytest
+
 from livesnap import vhd
 from livesnap.vhd import format as fmt
 
@@ -133,19 +135,30 @@ def _apply(fd, n, cut, small):
         os.pwrite(fd, small[HEAD:], n - 512)
 
 
-def test_fuzz_typed_errors_no_writes(tmp_path):
+SHARDS = 4
+
+
+# the cases in SHARDS tests (every shard draws the whole seeded sequence and exercises the cases
+# of its residue), so that pytest-xdist spreads them: one test was among the suite's longest
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_fuzz_typed_errors_no_writes(tmp_path, shard):
     a, c = _build(tmp_path)
     originals = {p: open(p, "rb").read() for p in (a, c)}
     smalls = {p: o[:HEAD] + o[-512:] for p, o in originals.items()}
     fds = {p: os.open(p, os.O_RDWR) for p in (a, c)}
     rng = random.Random(20261127)
     kinds = {}
+    exercised = 0
     try:
         for case in range(CASES):
             target = c if rng.random() < .85 else a
             orig, n = smalls[target], len(originals[target])
             cut, small, what = _mutate(rng, orig, n)
             kinds[what.split()[0]] = kinds.get(what.split()[0], 0) + 1
+            if case % SHARDS != shard:
+                continue
+            exercised += 1
             _apply(fds[target], n, cut, small)
             before = os.stat(target)
             try:
@@ -169,6 +182,7 @@ def test_fuzz_typed_errors_no_writes(tmp_path):
     for p, orig in originals.items():
         assert open(p, "rb").read() == orig
     assert sum(kinds.values()) >= 10000 and len(kinds) >= 8
+    assert exercised == len(range(shard, CASES, SHARDS))
 
 
 def test_specific_corruptions_are_typed(tmp_path):

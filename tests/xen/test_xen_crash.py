@@ -2,6 +2,8 @@
 of delete (internal snapshot, online merge, reparent under a pause), and inside a pause right
 after a leaf was renamed; ``livesnap recover`` then leaves no tapdisk paused and no
 acknowledged write lost, and the state is "after"."""
+import pytest
+
 from livesnap.tools import tap_ctl
 
 from test_xen_datapath import digest, lvm_vm, vm  # noqa: F401  (fixtures)
@@ -18,11 +20,15 @@ def crash_then_recover(vm, args, fault):
     return rec
 
 
-def test_kill_at_every_step_then_recover(vm):
+# the kills in create, and the kills in delete in two halves: three tests that pytest-xdist
+# runs in parallel (together they were one of the suite's longest tests)
+@pytest.mark.slow
+@pytest.mark.parametrize("part", ["create", "delete:0/2", "delete:1/2"])
+def test_kill_at_every_step_then_recover(vm, part):
     kill_then_recover(vm, ["create:before:0", "create:after:0", "tapdisk:renamed:0"],
                       lambda ops: ["delete:%s:%d" % (w, i) for i in range(len(ops))
                                    for w in ("before", "after")] + ["tapdisk:renamed:0"],
-                      minimum=10)
+                      minimum=10, part=part)
 
 
 def test_kill_on_lvhd_then_recover(lvm_vm):
@@ -35,29 +41,42 @@ def test_kill_on_lvhd_then_recover(lvm_vm):
                       minimum=4)
 
 
-def kill_then_recover(vm, create_faults, delete_faults, minimum):
+def kill_then_recover(vm, create_faults, delete_faults, minimum, part="all"):
+    """Kill creates at ``create_faults``, then deletes at ``delete_faults(ops)`` (``ops``: the
+    steps of a delete); at least ``minimum`` points in all. ``part``: ``all``, ``create`` (only
+    the kills in create) or ``delete:K/N`` (the K-th of N slices of the kills in delete, after
+    the same snapshots made without kills)."""
     vm.start()
     covered = []
-    for fault in create_faults:
-        name = "c%d" % len(covered)
+    for i, fault in enumerate(create_faults):
+        name = "c%d" % i
+        if part.startswith("delete:"):
+            vm.create(name)
+            continue
         crash_then_recover(vm, ["snapshot-create", vm.name, name], fault)
         listing = vm.json("snapshot-list", vm.name)
         disks = [s for s in listing["snapshots"] if s["name"] == name][0]["disks"]
         vm.snaps[name] = {d["target"]: digest(d["image"]) for d in disks}
         vm.check()
         covered.append(fault)
-    # delete with the active leaf as only child: internal snapshots, merges, state
-    plan = vm.json("snapshot-delete", vm.name, "c%d" % (len(covered) - 1), "--dry-run")
-    ops = [s["op"] for s in plan["steps"]]
-    assert "internal_snapshot" in ops
-    for j, fault in enumerate(delete_faults(ops)):
-        name = "d%d" % j
-        vm.create(name)
-        crash_then_recover(vm, ["snapshot-delete", vm.name, name], fault)
-        del vm.snaps[name]
-        vm.check()
-        covered.append(fault)
-    print("\nXen crash points covered: %d" % len(covered))
-    assert len(covered) >= minimum
+    if part != "create":
+        # delete with the active leaf as only child: internal snapshots, merges, state
+        plan = vm.json("snapshot-delete", vm.name, "c%d" % (len(create_faults) - 1),
+                       "--dry-run")
+        ops = [s["op"] for s in plan["steps"]]
+        assert "internal_snapshot" in ops
+        faults = list(enumerate(delete_faults(ops)))
+        assert len(create_faults) + len(faults) >= minimum
+        if part.startswith("delete:"):
+            k, n = (int(x) for x in part[len("delete:"):].split("/"))
+            faults = faults[k::n]
+        for j, fault in faults:
+            name = "d%d" % j
+            vm.create(name)
+            crash_then_recover(vm, ["snapshot-delete", vm.name, name], fault)
+            del vm.snaps[name]
+            vm.check()
+            covered.append(fault)
+    print("\nXen crash points covered (%s): %d" % (part, len(covered)))
     vm.stop_and_verify()
     vm.check()

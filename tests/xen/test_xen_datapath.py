@@ -198,10 +198,12 @@ def test_seed_method_create_and_delete_every_way(any_vm):
     vm.check()
 
 
+@pytest.mark.slow
 def test_random_sequence_with_the_writer_running(vm):
     random_sequence(vm, runs=3, per_run=11)
 
 
+@pytest.mark.slow
 def test_random_sequence_on_lvhd(lvm_vm):
     """The same on LVs: after every operation leaves are full-size and writable, frozen
     images deflated and read-only, no LV left over (XenVm.check_lvs)."""
