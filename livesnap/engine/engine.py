@@ -10,20 +10,17 @@ rolled back to "before".
 import datetime
 import logging
 import os
-import signal
 
-from livesnap.catalog import Catalog
 from livesnap.datapaths import LibvirtNamer
-from livesnap.datapaths import trash
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap import faults
 from livesnap.engine import adopt, check, foreign, names, users
+from livesnap.engine.session import SessionContext, SignalCatcher
 from livesnap.text import check_description, check_snapshot_name
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
                              PathOutsideStorage, UnsupportedDisks, UnusablePath, UsageError,
                              WrongState)
 from livesnap.errors import DataFileImage
-from livesnap.lock import DomainLock
 from livesnap import statedir
 from livesnap.model import planner as P
 from livesnap.model.tree import HIDDEN
@@ -36,21 +33,6 @@ SPACE_MARGIN = 1 << 20
 
 def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
-
-
-class Session(object):
-    """One command's hold on one domain: the domain, its catalog, its tree, a datapath."""
-
-    def __init__(self, engine, domain, catalog):
-        self.engine = engine
-        self.domain = domain
-        self.catalog = catalog
-        self.tree = None
-        self.datapath = None
-        self.dry_run = False          # nothing may change: no catalog made, no metadata synced
-        self.locked = False          # holds the domain's lock: may write the catalog
-        self.followed = None         # what was followed of changes made with virsh
-        self.follow_error = None     # why they could not be followed
 
 
 class Engine(object):
@@ -81,7 +63,7 @@ class Engine(object):
     def _session(self, ident, lock=True, dry_run=False, preflight=None):
         """``preflight(domain)`` runs under the lock, before the catalog is opened (a
         refusal then leaves no catalog behind for a domain seen for the first time)."""
-        return _SessionContext(self, ident, lock, dry_run, preflight)
+        return SessionContext(self, ident, lock, dry_run, preflight)
 
     def datapath_for(self, domain):
         """The datapath follows the domain's state: block jobs in QEMU while it runs,
@@ -282,7 +264,7 @@ class Engine(object):
         tree = session.catalog.load_tree()
         pauses = []
         merges = []
-        stop = _SignalCatcher()
+        stop = SignalCatcher()
         with stop:
             for i in range(start, len(plan.steps)):
                 step = plan.steps[i]
@@ -600,89 +582,3 @@ def _available(directory):
         return vhd_storage.for_path(os.path.join(directory, "x")).available(directory)
     st = os.statvfs(directory)
     return os.stat(directory).st_dev, st.f_bavail * st.f_frsize
-
-
-class _SessionContext(object):
-    def __init__(self, engine, ident, lock, dry_run=False, preflight=None):
-        self.engine = engine
-        self.ident = ident
-        self.dry_run = dry_run
-        self.preflight = preflight
-        self.take_lock = lock
-        self.lock = None
-        self.session = None
-
-    def __enter__(self):
-        from livesnap.datapaths import own_files
-        own_files.set_roots(self.engine.storage_dirs)   # what a command may delete lies inside
-        domain = self.engine.lookup(self.ident)
-        state_dir = statedir.ready(self.engine.state_dir)
-        if self.take_lock:
-            self.lock = DomainLock(os.path.join(state_dir, domain.uuid + ".lock"), domain.name)
-            self.lock.__enter__()
-        catalog = None
-        try:
-            path = os.path.join(state_dir, domain.uuid + ".db")
-            known = os.path.exists(path)
-            if self.preflight is not None and not known:
-                self.preflight(domain)          # first seen: no catalog made if refused
-            if self.dry_run and not known:
-                # a domain seen for the first time: its adoption is planned on, not kept
-                catalog = Catalog(":memory:", domain.name)
-            else:
-                catalog = Catalog.for_domain(state_dir, domain.uuid, domain.name)
-            if self.preflight is not None and known and catalog.unfinished() is None:
-                # (with an interrupted operation, the command names 'livesnap recover')
-                self.preflight(domain)
-        except Exception:
-            if catalog is not None:
-                catalog.close()
-            if self.lock:
-                self.lock.__exit__(None, None, None)
-            raise
-        self.session = Session(self.engine, domain, catalog)
-        self.session.locked = self.take_lock
-        self.session.dry_run = self.dry_run
-        return self.session
-
-    def __exit__(self, *exc):
-        try:
-            if self.session.datapath is not None:
-                self.session.datapath.close()
-        finally:
-            self.session.catalog.close()
-        if self.lock:
-            self.lock.__exit__(*exc)
-            tree = self.session.tree
-            if tree is not None and not self.session.dry_run:
-                # images merged away by this command, and any a dead process left behind
-                # beside this domain's images, are freed after it (datapaths.trash)
-                trash.sweep(os.path.dirname(n.path) for n in tree.nodes.values())
-            if not self.session.dry_run:
-                trash.release()
-        return False
-
-
-class _SignalCatcher(object):
-    """SIGINT/SIGTERM during execution only record the signal: the running step finishes,
-    its effect is journaled, then the engine stops cleanly (or finishes, on the last step)."""
-
-    def __init__(self):
-        self.signo = None
-        self.old = {}
-
-    def _handler(self, signo, frame):
-        self.signo = signo
-
-    def __enter__(self):
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.old[sig] = signal.signal(sig, self._handler)
-        except ValueError:  # not the main thread: leave signals alone
-            self.old = {}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self.old.items():
-            signal.signal(sig, old)
-        return False
