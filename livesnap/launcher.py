@@ -10,6 +10,8 @@ import sys
 
 
 def run():
+    from livesnap import argv as order
+    sys.argv[1:] = order.reorder(sys.argv[1:])      # virsh's order: global options first
     argv = sys.argv[1:]
     if argv[:1] == ["service"]:
         import os

@@ -6,6 +6,7 @@ import sys
 import threading
 
 import livesnap
+from livesnap import argv as order
 from livesnap.errors import Error, Interrupted, UsageError
 
 log = logging.getLogger("livesnap")
@@ -125,6 +126,8 @@ def setup_logging(args):
 def main(argv=None, parser=None):
     """Run one command; ``parser``: one ``build_parser()`` made before (the service's)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if parser is None:              # the command table's own parser (not the service's):
+        argv = order.reorder(argv)  # virsh's order too (the launcher reorders as well)
     parser = parser or build_parser(argv)
     try:
         args = parser.parse_args(argv)
