@@ -21,9 +21,14 @@ lint: setup
 # 4, measured on 2 loaded cores (tests/engine/test_service.py + tests/xen/test_tapdisk.py, one
 # minute apart): serially 140 s, 3 workers 54 s, 4 workers 49 s.
 TEST_WORKERS ?= 4
+# A real tapdisk over NBD sometimes never answers 'tap-ctl pause' (seen about once in a few
+# hundred pauses, more under load; tests/xen/test_open_leaf.py's heavy-allocation test shows
+# it most): under investigation (issue 13's notes). Until it is understood, a test that fails
+# with exactly that error is run again (at most twice); any other failure fails the run.
 
 test: daemons lint
-	$(PY) -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadgroup \
+	  --reruns 2 --only-rerun 'tap-ctl pause of tapdisk .* no answer within' tests
 
 demo: daemons
 	$(PY) scripts/demo.py

@@ -188,8 +188,11 @@ class LibvirtLiveDatapath(Datapath):
             self._wait_done(watcher, disk, JOB_PULL)
             return {}
         for attempt in range(PIVOT_RETRIES):
-            status = watcher.wait(disk, (watcher.READY, watcher.FAILED, watcher.CANCELED),
-                                  self.ready_timeout, job_types=(JOB_ACTIVE_COMMIT,))
+            # a deadline of 0 (LIVESNAP_READY_TIMEOUT=0): no time to converge, whatever the
+            # job says at once (a tiny commit may be ready before the first look)
+            status = None if self.ready_timeout <= 0 else watcher.wait(
+                disk, (watcher.READY, watcher.FAILED, watcher.CANCELED), self.ready_timeout,
+                job_types=(JOB_ACTIVE_COMMIT,))
             if status is None:
                 log.warning("active commit of %s/%s not ready after %.0fs under load: "
                             "aborting it and pulling instead", self.domain.name, disk,
