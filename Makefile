@@ -26,26 +26,17 @@ TEST_WORKERS ?= 4
 # it most): under investigation (issue 13's notes). Until it is understood, a test that fails
 # with exactly that error is run again (at most twice); any other failure fails the run.
 
-# The tests of the real blktap (tests/xen, tests/xapi) run in a pytest of their own, one test
-# at a time, beside the others' workers: real tapdisks of parallel workers were seen sharing
-# a minor (tap-ctl create EINVAL, destroy EAGAIN, two tapdisks listed for one minor), a
-# test-bed problem not yet understood. Its output is shown after it ends.
+# The tests of the real blktap (tests/xen, tests/xapi) run after the others, in a pytest of
+# their own, one test at a time, on an otherwise idle machine: real tapdisks of parallel
+# workers were seen sharing a minor (tap-ctl create EINVAL, destroy EAGAIN, two tapdisks
+# listed for one minor), and under the load of the other tests' guests a real tapdisk over
+# NBD more often leaves 'tap-ctl pause' unanswered; both test-bed problems not yet understood.
 RERUN := --reruns 2 --only-rerun 'tap-ctl pause of tapdisk .* no answer within'
 
 test: daemons lint
-	@( $(PY) -m pytest -q -p no:cacheprovider $(RERUN) tests/xen tests/xapi \
-	    > .xen-tests.log 2>&1; echo $$? > .xen-tests.rc ) & \
 	$(PY) -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadgroup $(RERUN) \
-	  --ignore=tests/xen --ignore=tests/xapi tests; rc=$$?; wait; \
-	echo "== tests/xen and tests/xapi (the real blktap, one at a time) =="; \
-	cat .xen-tests.log; xrc=$$(cat .xen-tests.rc); \
-	[ $$rc -eq 0 ] && [ $$xrc -eq 0 ]
-
-demo: daemons
-	$(PY) scripts/demo.py
-
-bench: daemons
-	$(PY) bench/vhd_coalesce.py
+	  --ignore=tests/xen --ignore=tests/xapi tests
+	$(PY) -m pytest -q --durations=10 $(RERUN) tests/xen tests/xapi
 
 clean:
-	rm -rf .venv build .pytest_cache .hypothesis .import_linter_cache .xen-tests.log .xen-tests.rc
+	rm -rf .venv build .pytest_cache .hypothesis .import_linter_cache
