@@ -31,7 +31,12 @@ TEST_WORKERS ?= 4
 # workers were seen sharing a minor (tap-ctl create EINVAL, destroy EAGAIN, two tapdisks
 # listed for one minor), and under the load of the other tests' guests a real tapdisk over
 # NBD more often leaves 'tap-ctl pause' unanswered; both test-bed problems not yet understood.
-RERUN := --reruns 2 --only-rerun 'tap-ctl pause of tapdisk .* no answer within'
+# A test that failed with exactly one of those two test-bed errors ('tap-ctl pause' of a real
+# tapdisk unanswered within livesnap's 30 s, also as the XAPI plugin reports it; 'tap-ctl
+# create' of a test's own tapdisk refused) is run again, at most 3 times; any other failure
+# fails the run. Seen on an idle machine too: 3 such failures in one serial run of the 110
+# tests here.
+RERUN := --reruns 3 --only-rerun 'no answer within 30' --only-rerun 'tap-ctl create -a vhd:.* failed'
 
 test: daemons lint
 	$(PY) -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadgroup $(RERUN) \
