@@ -22,7 +22,7 @@ Tree::
      |    +-- ImageInUse          an image livesnap would change has another user
      |    +-- ImageShared         one image twice in one domain's chains
      |    +-- ForeignJob          a block or backup job livesnap did not start
-     |    +-- BitmapsPresent      checkpoints or dirty bitmaps a merge would lose
+     |    +-- BitmapsPresent      dirty bitmaps a merge cannot keep right
      |    +-- UnsupportedDisks    disks a snapshot would silently leave out
      +-- Interrupted              SIGINT/SIGTERM stopped an operation between two steps
      +-- BadImage                 corrupt header, missing backing file, cycle, wrong parent
@@ -182,13 +182,12 @@ class ForeignJob(Conflict):
 
 
 class BitmapsPresent(Conflict):
-    """Checkpoints or persistent dirty bitmaps that a merge would lose or make wrong."""
+    """Persistent dirty bitmaps that a merge cannot keep right."""
     fields = ("domain", "found")
-    msg = ("domain '{self.domain}' has {self.found_text}: incremental backups rely on them, "
-           "and a merge would lose them or leave them wrong; livesnap does not merge dirty "
-           "bitmaps yet and refuses to merge (delete the checkpoints with 'virsh "
-           "checkpoint-delete', or the bitmaps with 'qemu-img bitmap --remove', and take a "
-           "full backup afterwards)")
+    msg = ("domain '{self.domain}': {self.found_text}; incremental backups rely on these "
+           "bitmaps and this merge cannot keep them right: refused (delete the checkpoint "
+           "with 'virsh checkpoint-delete', or the bitmap with 'qemu-img bitmap --remove', "
+           "and take a full backup afterwards)")
 
     @property
     def found_text(self):

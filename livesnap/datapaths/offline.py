@@ -8,7 +8,8 @@ import logging
 import os
 
 from livesnap import qcow2
-from livesnap.datapaths import Datapath, own_files, unlink
+from livesnap.datapaths import Datapath, bitmaps, own_files, unlink
+from livesnap.errors import BitmapsPresent
 from livesnap.tools import qemu_img
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class OfflineDatapath(Datapath):
     def do_commit(self, step):
         node, child = step["path"], step["child_path"]
         if os.path.exists(child) and self._backing(child) == node:
+            self._keep_bitmaps(step, node, child, into=node)
             qemu_img.commit(child, node)
         for g in step["grandchildren"]:
             if self._backing(g["path"]) != node:
@@ -74,9 +76,21 @@ class OfflineDatapath(Datapath):
             self.domain.set_disk_sources({step["disk"]: (node, step["fmt"])})
         unlink(child)
 
+    def _keep_bitmaps(self, step, lower, upper, into):
+        """The survivor of the merge gets the persistent dirty bitmaps of both images
+        (``bitmaps.keep``); what cannot be kept right was refused before any change, and is
+        refused here again before this step changes anything."""
+        found = bitmaps.problems(step["op"], lower, upper, bitmaps.of(lower),
+                                 bitmaps.of(upper), live=False)
+        if found:
+            raise BitmapsPresent(self.domain.name, found)
+        bitmaps.keep(lower, upper, into)
+
     def do_pull(self, step):
         child = step["child_path"]
         if self._backing(child) != step["parent_path"]:
+            if self._backing(child) == step["path"]:
+                self._keep_bitmaps(step, step["path"], child, into=child)
             qemu_img.rebase(child, step["parent_path"], step["parent_fmt"])
         unlink(step["path"])
 

@@ -6,10 +6,12 @@ start: a block job on any disk (a user's ``virsh blockcopy``, ``blockcommit``,
 is continued by ``livesnap recover`` alone, which does not come through here: every job
 a changing command finds is someone else's.
 
-Before a merge, it refuses a domain with libvirt checkpoints, or persistent dirty bitmaps
-in the images the merge reads or writes (what incremental backups rely on: oVirt,
-virtnbdbackup). A merge does not carry the bitmaps over yet (QEMU's
-``block-dirty-bitmap-merge``); refusing with the reason is the first step.
+Before a merge, it makes sure the merge keeps the persistent dirty bitmaps of its images
+right (what libvirt checkpoints and incremental backups rely on: oVirt, virtnbdbackup;
+``datapaths.bitmaps``), and refuses, naming the bitmap and the images, a merge that cannot:
+a bitmap of the lower image missing from the upper one (its record has a gap a merge would
+hide), a bitmap left inconsistent in an image merged offline, or a live merge under a
+libvirt or QEMU too old to merge bitmaps at the end of a block job.
 """
 import logging
 
@@ -30,39 +32,60 @@ def refuse_jobs(domain):
         raise ForeignJob(domain.name, None, "backup", None)
 
 
-def merged_images(plan):
-    """Paths of the images the plan's merges read or write, in order, once each."""
-    out = []
-    for step in plan.steps:
-        if step["op"] in MERGES:
-            for p in (step["path"], step["child_path"]):
-                if p not in out:
-                    out.append(p)
-    return out
+# libvirt merges the bitmaps of the images a block job merges (commit, active commit, pull)
+# from 7.0 (seen with 9.0); a commit of an intermediate image needs QEMU's blockdev-reopen
+# (stable in QEMU 6.1) for it
+LIBVIRT_KEEPS_BITMAPS = 7000000
+QEMU_REOPEN = 6001000
 
 
 def refuse_bitmaps(domain, plan):
-    """Raise ``BitmapsPresent`` when the plan merges images of a domain with checkpoints,
-    or images holding persistent dirty bitmaps."""
-    images = merged_images(plan)
-    if not images or domain.kind != "libvirt":
+    """Raise ``BitmapsPresent`` when a merge of the plan cannot keep the persistent dirty
+    bitmaps of its images right (``datapaths.bitmaps.problems``)."""
+    steps = [s for s in plan.steps if s["op"] in MERGES]
+    if not steps or domain.kind != "libvirt":
         return
-    found = []
-    names = domain.checkpoints()
-    if names:
-        found.append("libvirt checkpoints %s" % ", ".join(names))
-    for path in images:
-        names = bitmaps(path)
-        if names:
-            found.append("dirty bitmaps %s in %s" % (", ".join(names), path))
+    from livesnap.datapaths import bitmaps as B
+    running = domain.is_running()
+    chains, found, live_maps = {}, [], []
+    for step in steps:
+        lower, upper = step["path"], step["child_path"]
+        live = active = False
+        if running:
+            if step["disk"] not in chains:
+                chains[step["disk"]] = domain.live_chain(step["disk"])
+            live = upper in chains[step["disk"]]
+            active = upper == chains[step["disk"]][0]
+        # the files of a running chain's images below the active one hold their bitmaps
+        # as QEMU does (it writes them when it opens an image read-only); the active
+        # image's file does not
+        lower_maps, upper_maps = bitmaps_of(lower), bitmaps_of(upper)
+        if live and (lower_maps or upper_maps):
+            live_maps.append(lower if lower_maps else upper)
+        for text in B.problems(step["op"], lower, upper, lower_maps,
+                               None if active else upper_maps, live):
+            if text not in found:
+                found.append(text)
+    if live_maps or (running and chains and domain.checkpoints()):
+        live_maps = live_maps or ["the images of its checkpoints"]
+        lib, qemu = domain.versions()
+        if lib < LIBVIRT_KEEPS_BITMAPS or qemu < QEMU_REOPEN:
+            found.append("dirty bitmaps in %s, which libvirt %s with QEMU %s does not keep "
+                         "in a live merge (libvirt 7.0 and QEMU 6.1 do)"
+                         % (", ".join(live_maps), _version(lib), _version(qemu)))
     if found:
         raise BitmapsPresent(domain.name, found)
 
 
-def bitmaps(path):
-    """Names of the persistent dirty bitmaps a qcow2 image holds ([] for other formats)."""
-    from livesnap.tools import qemu_img
+def _version(n):
+    return "%d.%d.%d" % (n // 1000000, n // 1000 % 1000, n % 1000)
+
+
+def bitmaps_of(path):
+    """The persistent dirty bitmaps of an image ([] for other formats, or one gone)."""
+    from livesnap.datapaths import bitmaps as B
     try:
-        return sorted(b.get("name", "?") for b in qemu_img.bitmaps(path))
+        return B.of(path)
     except BadImage:
         return []             # the images were validated: one gone meanwhile has no bitmaps
+

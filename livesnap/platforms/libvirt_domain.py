@@ -287,6 +287,16 @@ class Domain(object):
             return False              # libvirt before 6.0: no backups
         return True
 
+    def versions(self):
+        """(libvirt's version, the hypervisor's version), each as libvirt numbers them
+        (major * 1000000 + minor * 1000 + release)."""
+        libvirt = _libvirt()
+        try:
+            return self.conn.getLibVersion(), self.conn.getVersion()
+        except libvirt.libvirtError as e:
+            raise DatapathError(reason="cannot read the versions of libvirt and QEMU: %s"
+                                % e.get_error_message())
+
     def checkpoints(self):
         """Names of the domain's libvirt checkpoints (virsh checkpoint-create)."""
         libvirt = _libvirt()

@@ -88,12 +88,22 @@ def bitmaps(path):
     return list(specific.get("bitmaps") or [])
 
 
-def bitmap_add(path, name, granularity=None):
-    """Add an empty, enabled persistent dirty bitmap to a qcow2 image not in use."""
+def bitmap_add(path, name, granularity=None, disabled=False):
+    """Add an empty persistent dirty bitmap (enabled unless ``disabled``) to a qcow2 image
+    not in use."""
     argv = [_bin(), "bitmap", "--add"]
     if granularity:
         argv += ["-g", str(granularity)]
+    if disabled:
+        argv.append("--disable")
     runner.run(argv + [path, name])
+
+
+def bitmap_merge(path, name, source, source_name=None, source_fmt="qcow2"):
+    """Merge the bitmap ``source_name`` (default ``name``) of the image ``source`` into the
+    existing bitmap ``name`` of ``path``, a qcow2 image not in use: the union of the two."""
+    runner.run([_bin(), "bitmap", "--merge", source_name or name, "-b", source,
+                "-F", source_fmt, path, name])
 
 
 def commit(top, base):

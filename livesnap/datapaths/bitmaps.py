@@ -1,0 +1,98 @@
+"""Persistent dirty bitmaps across a merge: what incremental backups rely on (libvirt
+checkpoints, oVirt, virtnbdbackup) kept right when two images become one.
+
+A bitmap of one name may sit in several images of a chain (libvirt and livesnap add an
+empty one to each new overlay): together they record the changes since the bitmap was made,
+and a backup reads their union. A merge keeps that union in the image that survives it
+(the lower image for a commit, the upper for a pull):
+
+* live, in QEMU's chain: libvirt (>= 7) merges the bitmaps itself at the end of the block
+  job (seen with libvirt 9.0 for active commit, commit of an intermediate image and pull);
+* offline, with qemu-img: ``keep`` below, before the data moves.
+
+Refused (``problems``), because no merge can make it right: a bitmap in the lower image
+that the upper image lacks, where the merge cannot mark the upper image's own changes in
+it (a live merge, whose chain then looks whole to libvirt without those changes; an
+offline pull), and, offline, a bitmap left inconsistent by a QEMU that stopped.
+"""
+import logging
+
+from livesnap import qcow2
+from livesnap.tools import qemu_img
+
+log = logging.getLogger(__name__)
+
+
+def may_have(path):
+    """False when livesnap's own header reader vouches for a plain header (no bitmaps
+    extension, no process started); else ask qemu-img."""
+    try:
+        return qcow2.read_header(path) is None
+    except OSError:
+        return True
+
+
+def of(path):
+    """The image's persistent dirty bitmaps: [{"name", "granularity", "flags"}]."""
+    return qemu_img.bitmaps(path) if may_have(path) else []
+
+
+def enabled(bitmap):
+    return "auto" in (bitmap.get("flags") or [])
+
+
+def problems(op, lower, upper, lower_maps, upper_maps, live):
+    """Why a merge (``op`` "commit" or "pull") of ``upper`` with its backing file ``lower``
+    cannot keep their bitmaps right, given each image's bitmaps; [] when it can.
+    ``upper_maps`` None: not known (the active image of a running domain, whose bitmaps
+    QEMU holds and writes to the file only when it closes it; libvirt adds the recording
+    bitmaps of the image below to each new overlay itself)."""
+    out = []
+    above = {b.get("name") for b in upper_maps or []}
+    for b in lower_maps:
+        name = b.get("name")
+        if name in above or upper_maps is None:
+            continue
+        if live:
+            out.append("dirty bitmap %s in %s is missing from %s above it: the changes made "
+                       "there are in no bitmap, and a live merge would make the bitmap look "
+                       "whole without them" % (name, lower, upper))
+        elif op == "pull" and enabled(b):
+            out.append("dirty bitmap %s in %s is missing from %s above it: a pull into %s "
+                       "cannot mark the changes made there (a commit can)"
+                       % (name, lower, upper, upper))
+    if not live:
+        for path, maps in ((lower, lower_maps), (upper, upper_maps)):
+            for b in maps or []:
+                if "in-use" in (b.get("flags") or []):
+                    out.append("dirty bitmap %s in %s is inconsistent (left in use by a QEMU "
+                               "that stopped)" % (b.get("name"), path))
+    return out
+
+
+def keep(lower, upper, into):
+    """Before an offline merge of ``upper`` with its backing file ``lower``, give the image
+    that survives (``into``) every persistent dirty bitmap of the other one, each the union
+    of the two images' bitmaps of that name (``qemu-img bitmap --merge``; a missing bitmap is
+    added first with the same granularity, disabled when the source is).
+
+    Done before the data moves: the merge's own writes then mark the survivor's enabled
+    bitmaps as well (``qemu-img commit`` marks every cluster of the upper image in the lower
+    image's bitmaps, so a bitmap found only in one of them covers all the upper image's
+    changes; a pull marks what it copies). More is marked than changed, never less: a
+    backup then copies a little more. A union made again changes nothing (re-run after a
+    crash)."""
+    other = upper if into == lower else lower
+    found = of(other)
+    if not found:
+        return []
+    have = {b.get("name") for b in of(into)}
+    kept = []
+    for b in found:
+        name = b.get("name")
+        if name not in have:
+            qemu_img.bitmap_add(into, name, b.get("granularity"), disabled=not enabled(b))
+        qemu_img.bitmap_merge(into, name, other)
+        kept.append(name)
+    log.info("dirty bitmaps %s of %s merged into %s", ", ".join(kept), other, into)
+    return kept
