@@ -8,7 +8,6 @@ Variants: the checkpoint before the snapshot (its bitmap in both merged images: 
 adds it to the new overlay), after it (only in the upper image), between two snapshots
 (only in the upper image of a commit of an intermediate image)."""
 import json
-import os
 import subprocess
 import time
 
