@@ -11,9 +11,9 @@ and a backup reads their union. A merge keeps that union in the image that survi
 * offline, with qemu-img: ``keep`` below, before the data moves.
 
 Refused (``problems``), because no merge can make it right: a bitmap in the lower image
-that the upper image lacks, where the merge cannot mark the upper image's own changes in
-it (a live merge, whose chain then looks whole to libvirt without those changes; an
-offline pull), and, offline, a bitmap left inconsistent by a QEMU that stopped.
+that the upper image lacks, in a live merge (the upper image's changes are in no bitmap,
+and the merge would make the bitmap's chain look whole to libvirt without them; offline,
+``keep`` marks them), and, offline, a bitmap left inconsistent by a QEMU that stopped.
 """
 import logging
 
@@ -57,10 +57,6 @@ def problems(op, lower, upper, lower_maps, upper_maps, live):
             out.append("dirty bitmap %s in %s is missing from %s above it: the changes made "
                        "there are in no bitmap, and a live merge would make the bitmap look "
                        "whole without them" % (name, lower, upper))
-        elif op == "pull" and enabled(b):
-            out.append("dirty bitmap %s in %s is missing from %s above it: a pull into %s "
-                       "cannot mark the changes made there (a commit can)"
-                       % (name, lower, upper, upper))
     if not live:
         for path, maps in ((lower, lower_maps), (upper, upper_maps)):
             for b in maps or []:
@@ -74,14 +70,16 @@ def keep(lower, upper, into):
     """Before an offline merge of ``upper`` with its backing file ``lower``, give the image
     that survives (``into``) every persistent dirty bitmap of the other one, each the union
     of the two images' bitmaps of that name (``qemu-img bitmap --merge``; a missing bitmap is
-    added first with the same granularity, disabled when the source is).
+    added in the same command, with the same granularity, disabled when the source is).
 
     Done before the data moves: the merge's own writes then mark the survivor's enabled
     bitmaps as well (``qemu-img commit`` marks every cluster of the upper image in the lower
-    image's bitmaps, so a bitmap found only in one of them covers all the upper image's
-    changes; a pull marks what it copies). More is marked than changed, never less: a
-    backup then copies a little more. A union made again changes nothing (re-run after a
-    crash)."""
+    image's bitmaps, so a bitmap found only in the lower image covers all the upper image's
+    changes; a pull marks what it copies). For a pull, an enabled bitmap found only in the
+    lower image gets the upper image's clusters marked first (``mark_all``): the changes
+    made there since the overlay was made, which no bitmap recorded. More is marked than
+    changed, never less: a backup then copies a little more. A union made again changes
+    nothing (re-run after a crash)."""
     other = upper if into == lower else lower
     found = of(other)
     if not found:
@@ -89,10 +87,37 @@ def keep(lower, upper, into):
     have = {b.get("name") for b in of(into)}
     kept = []
     for b in found:
-        name = b.get("name")
+        name, gran = b.get("name"), b.get("granularity")
         if name not in have:
-            qemu_img.bitmap_add(into, name, b.get("granularity"), disabled=not enabled(b))
+            if into == upper and enabled(b):
+                mark_all(upper, name, gran)
+            else:
+                qemu_img.bitmap_merge(into, name, other, add=True, granularity=gran,
+                                      disabled=not enabled(b))
+                kept.append(name)
+                continue
         qemu_img.bitmap_merge(into, name, other)
         kept.append(name)
     log.info("dirty bitmaps %s of %s merged into %s", ", ".join(kept), other, into)
     return kept
+
+
+def mark_all(path, name, granularity):
+    """Add to ``path`` the enabled bitmap ``name`` with every cluster the image holds itself
+    marked (its changes over its backing file), in one command: the clusters are marked in a
+    scratch image first (qemu-io zero writes, which its bitmap records)."""
+    import os
+    import shutil
+    import tempfile
+    from livesnap.tools import qemu_io
+    size = qemu_img.info(path).get("virtual-size")
+    tmp = tempfile.mkdtemp(prefix="livesnap-bitmap-")
+    try:
+        scratch = os.path.join(tmp, "marks.qcow2")
+        qemu_img.create(scratch, "qcow2", size=size)
+        qemu_img.bitmap_add(scratch, "marks", granularity)
+        qemu_io.write_zeroes(scratch, qemu_img.allocated(path))
+        qemu_img.bitmap_merge(path, name, scratch, source_name="marks", add=True,
+                              granularity=granularity)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

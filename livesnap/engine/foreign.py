@@ -9,9 +9,9 @@ a changing command finds is someone else's.
 Before a merge, it makes sure the merge keeps the persistent dirty bitmaps of its images
 right (what libvirt checkpoints and incremental backups rely on: oVirt, virtnbdbackup;
 ``datapaths.bitmaps``), and refuses, naming the bitmap and the images, a merge that cannot:
-a bitmap of the lower image missing from the upper one (its record has a gap a merge would
-hide), a bitmap left inconsistent in an image merged offline, or a live merge under a
-libvirt or QEMU too old to merge bitmaps at the end of a block job.
+a bitmap of the lower image missing from the upper one in a live merge (its record has a
+gap the merge would hide), a bitmap left inconsistent in an image merged offline, or a live
+merge under a libvirt or QEMU too old to merge bitmaps at the end of a block job.
 """
 import logging
 

@@ -99,11 +99,46 @@ def bitmap_add(path, name, granularity=None, disabled=False):
     runner.run(argv + [path, name])
 
 
-def bitmap_merge(path, name, source, source_name=None, source_fmt="qcow2"):
+def bitmap_merge(path, name, source, source_name=None, source_fmt="qcow2", add=False,
+                 granularity=None, disabled=False):
     """Merge the bitmap ``source_name`` (default ``name``) of the image ``source`` into the
-    existing bitmap ``name`` of ``path``, a qcow2 image not in use: the union of the two."""
-    runner.run([_bin(), "bitmap", "--merge", source_name or name, "-b", source,
-                "-F", source_fmt, path, name])
+    bitmap ``name`` of ``path``, a qcow2 image not in use: the union of the two. With
+    ``add``, the bitmap is added first (``granularity``, ``disabled`` as ``bitmap_add``),
+    in the same command: qemu-img writes the bitmaps when it closes the image, so a command
+    that does not finish leaves no empty bitmap behind."""
+    argv = [_bin(), "bitmap"]
+    if add:
+        argv.append("--add")
+        if granularity:
+            argv += ["-g", str(granularity)]
+    argv += ["--merge", source_name or name, "-b", source, "-F", source_fmt]
+    if add and disabled:
+        argv.append("--disable")
+    runner.run(argv + [path, name])
+
+
+def allocated(path, fmt="qcow2"):
+    """[(offset, length)] of the areas an image holds itself, data or zeroes, leaving its
+    backing file out (``qemu-img map`` of the image opened without one)."""
+    spec = {"driver": fmt, "backing": None, "file": {"driver": "file", "filename": path}}
+    argv = [_bin(), "map", "--output=json", "json:" + json.dumps(spec)]
+    try:
+        out = runner.run(argv)
+    except CommandFailed as e:
+        raise _open_error(path, e)
+    try:
+        extents = json.loads(out)
+    except ValueError as e:
+        raise InvalidOutput(argv, out, str(e))
+    found = []
+    for e in extents:
+        if not e.get("present", True):      # (a qemu-img without "present": all of it)
+            continue
+        if found and found[-1][0] + found[-1][1] == e["start"]:
+            found[-1] = (found[-1][0], found[-1][1] + e["length"])
+        else:
+            found.append((e["start"], e["length"]))
+    return found
 
 
 def commit(top, base):
