@@ -7,6 +7,8 @@ not yet marked done). ``op`` may be ``*``. Datapaths add points of their own ins
 ``tapdisk:renamed:0`` inside a tapdisk pause right after a leaf was renamed,
 ``quiesce:frozen:0`` while the guest's file systems are frozen,
 ``lvm:inflated:0`` after a merge target's LV was made writable and inflated,
+``bitmaps:kept:0`` after an offline merge gave the surviving image the other's dirty
+bitmaps, before the data moves,
 ``trash:emptying:0`` in the detached process that frees merged-away images, before each;
 ``<op>:committed:0`` after the last step's effect is committed to the catalog, before
 libvirt's snapshot metadata (XAPI's records) are brought in step.

@@ -7,7 +7,7 @@ re-run after a crash finishes it.
 import logging
 import os
 
-from livesnap import qcow2
+from livesnap import faults, qcow2
 from livesnap.datapaths import Datapath, bitmaps, own_files, unlink
 from livesnap.errors import BitmapsPresent
 from livesnap.tools import qemu_img
@@ -85,6 +85,7 @@ class OfflineDatapath(Datapath):
         if found:
             raise BitmapsPresent(self.domain.name, found)
         bitmaps.keep(lower, upper, into)
+        faults.point("bitmaps", "kept", 0)
 
     def do_pull(self, step):
         child = step["child_path"]

@@ -189,3 +189,26 @@ def test_a_pull_marks_every_cluster_of_a_fragmented_upper_image(make_dom, tmp_pa
     for offset, length in since:
         assert covered(ranges, offset, length), (offset, length, ranges)
     assert not covered(ranges, 5 * MIB + 2 * K64, 2 * K64), ranges
+
+
+@pytest.mark.parametrize("op,where", [("commit", "upper"), ("pull", "lower"),
+                                      ("pull", "both")])
+def test_a_crash_after_the_bitmaps_were_merged_is_recovered(make_dom, tmp_path, op, where):
+    """SIGKILL after the survivor got the bitmaps, before the data moved: recover finishes
+    the merge (the union made again), the bitmap still marks every change since it."""
+    dom = make_dom(ndisks=1)
+    lower, upper, since = build(dom, where, op)
+    data = dom.digests()
+    proc = dom.cli("snapshot-delete", dom.name, "s1",
+                   env_extra={"LIVESNAP_FAULT": "bitmaps:kept:0"}, expect=None)
+    assert proc.returncode != 0
+    dom.json("recover", dom.name)
+    survivor = dom.sources()["vda"]
+    assert survivor == (lower if op == "commit" else upper)
+    assert dom.digests() == data
+    assert dom.json("snapshot-list", dom.name)["snapshots"] == []
+    info = bitmap_info(survivor)
+    assert list(info) == ["b"] and info["b"]["flags"] == ["auto"]
+    ranges = dirty(survivor, "b", str(tmp_path / "nbd.sock"))
+    for offset, length in since:
+        assert covered(ranges, offset, length), (offset, length, ranges)
