@@ -212,3 +212,37 @@ def test_a_crash_after_the_bitmaps_were_merged_is_recovered(make_dom, tmp_path, 
     ranges = dirty(survivor, "b", str(tmp_path / "nbd.sock"))
     for offset, length in since:
         assert covered(ranges, offset, length), (offset, length, ranges)
+
+
+@pytest.mark.parametrize("bigger", ["lower", "upper"])
+def test_images_outside_the_running_chain_are_merged_with_their_bitmaps(make_dom, tmp_path,
+                                                                        bigger):
+    """On a running domain, a merge of two images of another branch (not open in QEMU) is
+    an offline merge, under the offline rules: a bitmap of the lower image missing from the
+    upper one is kept, covering the upper image's clusters (not refused as in the running
+    chain)."""
+    dom = make_dom(ndisks=1)
+    first = dom.sources()["vda"]
+    qemu_img("bitmap", "--add", first, "b")
+    dom.json("snapshot-create", dom.name, "s1")
+    lower = dom.sources()["vda"]
+    dom.write("vda", 0x21, 1 * MIB, (8 if bigger == "lower" else 1) * K64)
+    dom.json("snapshot-create", dom.name, "s2")
+    upper = dom.sources()["vda"]
+    qemu_img("bitmap", "--remove", upper, "b")
+    dom.write("vda", 0x31, 3 * MIB, (8 if bigger == "upper" else 1) * K64)
+    dom.json("snapshot-revert", dom.name, "s1", "--keep-current", "cur")
+    assert dom.sources()["vda"] not in (lower, upper)
+    dom.dom.create()
+    try:
+        op = "commit" if bigger == "lower" else "pull"
+        plan = dom.json("snapshot-delete", dom.name, "s2", "--dry-run")
+        assert [s["op"] for s in plan["steps"] if s["op"] in ("commit", "pull")] == [op]
+        assert dom.json("snapshot-delete", dom.name, "s2")["action"] == "merged"
+        survivor = lower if op == "commit" else upper
+        assert not os.path.exists(upper if op == "commit" else lower)
+        ranges = dirty(survivor, "b", str(tmp_path / "nbd.sock"))
+        assert covered(ranges, 1 * MIB, K64) and covered(ranges, 3 * MIB, K64), ranges
+        assert bitmap_info(survivor)["b"]["flags"] == ["auto"]
+    finally:
+        dom.dom.destroy()
