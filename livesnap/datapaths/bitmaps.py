@@ -48,15 +48,13 @@ def problems(op, lower, upper, lower_maps, upper_maps, live):
     QEMU holds and writes to the file only when it closes it; libvirt adds the recording
     bitmaps of the image below to each new overlay itself)."""
     out = []
-    above = {b.get("name") for b in upper_maps or []}
-    for b in lower_maps:
-        name = b.get("name")
-        if name in above or upper_maps is None:
-            continue
-        if live:
-            out.append("dirty bitmap %s in %s is missing from %s above it: the changes made "
-                       "there are in no bitmap, and a live merge would make the bitmap look "
-                       "whole without them" % (name, lower, upper))
+    if live and upper_maps is not None:
+        above = {b.get("name") for b in upper_maps}
+        for b in lower_maps:
+            if b.get("name") not in above:
+                out.append("dirty bitmap %s in %s is missing from %s above it: the changes "
+                           "made there are in no bitmap, and a live merge would make the "
+                           "bitmap look whole without them" % (b.get("name"), lower, upper))
     if not live:
         for path, maps in ((lower, lower_maps), (upper, upper_maps)):
             for b in maps or []:
