@@ -246,3 +246,57 @@ def test_images_outside_the_running_chain_are_merged_with_their_bitmaps(make_dom
         assert bitmap_info(survivor)["b"]["flags"] == ["auto"]
     finally:
         dom.dom.destroy()
+
+
+class RunningStub(object):
+    """What the preflight asks of a running libvirt domain, with the versions it reports."""
+    kind = "libvirt"
+    name = "stub"
+
+    def __init__(self, chain, versions, checkpoints=()):
+        self.chain, self._versions, self._checkpoints = chain, versions, list(checkpoints)
+
+    def is_running(self):
+        return True
+
+    def live_chain(self, disk):
+        return list(self.chain)
+
+    def versions(self):
+        return self._versions
+
+    def checkpoints(self):
+        return self._checkpoints
+
+
+class Plan(object):
+    def __init__(self, steps):
+        self.steps = steps
+
+
+@pytest.mark.parametrize("versions,refused", [((9000000, 7002000), None),
+                                              ((6009000, 7002000), "libvirt 6.9.0"),
+                                              ((9000000, 6000000), "QEMU 6.0.0")])
+def test_a_live_merge_with_bitmaps_needs_a_libvirt_and_qemu_that_keep_them(
+        tmp_path, versions, refused):
+    from livesnap.engine import foreign
+    from livesnap.errors import BitmapsPresent
+    lower, upper = str(tmp_path / "lower.qcow2"), str(tmp_path / "upper.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", lower, "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", lower, "-F", "qcow2", upper)
+    plan = Plan([{"op": "commit", "disk": "vda", "path": lower, "child_path": upper}])
+    # no bitmap, no checkpoint: nothing to keep, whatever the versions
+    foreign.refuse_bitmaps(RunningStub([upper, lower], versions), plan)
+    for maps, checkpoints in ((["lower"], ()), ([], ("cp1",))):
+        for m in maps:
+            qemu_img("bitmap", "--add", lower, "b")
+        dom = RunningStub([upper, lower], versions, checkpoints)
+        if refused is None:
+            foreign.refuse_bitmaps(dom, plan)
+            continue
+        with pytest.raises(BitmapsPresent) as e:
+            foreign.refuse_bitmaps(dom, plan)
+        assert refused in str(e.value) and "does not keep" in str(e.value), str(e.value)
+        if maps:
+            assert lower in str(e.value)
+            qemu_img("bitmap", "--remove", lower, "b")

@@ -6,7 +6,8 @@ itself at the end of each block job livesnap starts.
 
 Variants: the checkpoint before the snapshot (its bitmap in both merged images: libvirt
 adds it to the new overlay), after it (only in the upper image), between two snapshots
-(only in the upper image of a commit of an intermediate image)."""
+(only in the upper image of a commit of an intermediate image); an active commit aborted
+for a pull (the fallback)."""
 import json
 import subprocess
 import time
@@ -81,7 +82,7 @@ def missing_since(data, guest, disk, after, upto):
 
 
 @pytest.mark.parametrize("when,kind", [("before", "commit"), ("after", "pull"),
-                                       ("between", "commit")])
+                                       ("between", "commit"), ("before", "fallback")])
 def test_an_incremental_backup_after_a_merge_holds_every_write_since_its_checkpoint(
         live, tmp_path, when, kind):
     live.start()
@@ -100,8 +101,16 @@ def test_an_incremental_backup_after_a_merge_holds_every_write_since_its_checkpo
         live.create("s2")
         g.wait_acks(5)
     plan = live.json("snapshot-delete", live.name, "s1", "--dry-run")
-    assert merge_kinds(plan) == [kind, kind]
-    r = live.delete("s1")
+    planned = "commit" if kind == "fallback" else kind
+    assert merge_kinds(plan) == [planned, planned]
+    if kind == "fallback":
+        # an active commit given no time to converge: aborted, and a pull instead
+        r = live.json("snapshot-delete", live.name, "s1",
+                      env_extra={"LIVESNAP_READY_TIMEOUT": "0"})
+        assert [(m["method"], m["fallback"]) for m in r["merges"]] == [("pull", True)] * 2
+        del live.snaps["s1"]
+    else:
+        r = live.delete("s1")
     assert r["action"] == "merged"
     live.check_snapshots()
     g.wait_acks(10)
