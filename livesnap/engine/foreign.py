@@ -32,9 +32,10 @@ def refuse_jobs(domain):
         raise ForeignJob(domain.name, None, "backup", None)
 
 
-# libvirt merges the bitmaps of the images a block job merges (commit, active commit, pull)
-# from 7.0 (seen with 9.0); a commit of an intermediate image needs QEMU's blockdev-reopen
-# (stable in QEMU 6.1) for it
+# libvirt merges the bitmaps of the images a block job merges (commit, active commit, pull;
+# checked with libvirt 9.0 and QEMU 7.2, tests/online/test_bitmaps_live.py); a commit of an
+# intermediate image needs QEMU's blockdev-reopen for it (stable in QEMU 6.1). The libvirt
+# bound is a conservative one, not checked release by release: older ones are refused
 LIBVIRT_KEEPS_BITMAPS = 7000000
 QEMU_REOPEN = 6001000
 
