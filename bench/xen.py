@@ -190,6 +190,9 @@ def main(argv=None):
                    "tapdisk_paused_ms": "per pause of the real tapdisk: from the start of "
                                         "'tap-ctl pause' to the end of 'tap-ctl unpause' "
                                         "(a logging wrapper around the real tap-ctl)",
+                   "tapdisk_pause_parts_ms": "per pause: [tap-ctl pause (tapdisk's drain and "
+                                             "close), between the two commands, tap-ctl "
+                                             "unpause (its reopen)]",
                    "stall_vs_quiet": "stall / the longest gap of the same guest in the quiet "
                                      "window (no operation) of the same VM",
                    "baseline": "xapi_leaf_coalesce: tapdisk paused for coalesce(leaf) + swap"},

@@ -79,17 +79,20 @@ def _target(args):
 
 
 def pauses(run_dir, pid, minor):
-    """The pauses of tapdisk ``pid``/``minor``: [(pause start ns, unpause end ns)], one per
-    ``pause`` followed by an ``unpause`` (a pause without one yet: to now)."""
-    out, since = [], None
+    """The pauses of tapdisk ``pid``/``minor``: [(pause start, pause end, unpause start,
+    unpause end)] (ns), one per ``pause`` followed by an ``unpause`` (a pause without one yet:
+    unpause start and end now). Between pause end and unpause start the tapdisk is paused and
+    its caller works; the two commands are tapdisk's drain and close, and its reopen."""
+    out, pause = [], None
     for start, end, rc, args in calls(run_dir):
         if not args or _target(args) != (pid, minor):
             continue
-        if args[0] == "pause" and since is None:
-            since = start
-        elif args[0] == "unpause" and since is not None:
-            out.append((since, end))
-            since = None
-    if since is not None:
-        out.append((since, time.monotonic_ns()))
+        if args[0] == "pause" and pause is None:
+            pause = (start, end)
+        elif args[0] == "unpause" and pause is not None:
+            out.append(pause + (start, end))
+            pause = None
+    if pause is not None:
+        now = time.monotonic_ns()
+        out.append(pause + (now, now))
     return out

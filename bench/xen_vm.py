@@ -184,10 +184,10 @@ class Vm(object):
         return [(a, b) for a, b in zip(times, times[1:]) if b >= t0 and a <= t1]
 
     def paused_spans(self, t0, t1):
-        """The tapdisk's pauses that began in [t0, t1]: [(pause start ns, unpause end ns)]
-        (the tap-ctl log, xen_tapctl)."""
-        return [(a, b) for a, b in xen_tapctl.pauses(self.run_dir, self.td.pid, self.td.minor)
-                if t0 <= a <= t1]
+        """The tapdisk's pauses that began in [t0, t1]: [(pause start, pause end, unpause
+        start, unpause end)] in ns (the tap-ctl log, xen_tapctl)."""
+        return [p for p in xen_tapctl.pauses(self.run_dir, self.td.pid, self.td.minor)
+                if t0 <= p[0] <= t1]
 
     # -- measuring --------------------------------------------------------------------------
     def timed(self, fn):
@@ -198,7 +198,8 @@ class Vm(object):
         self.wait_acks(3)                      # the gap that spans t1 must have closed
         pairs = self.ack_pairs(t0, t1)
         worst = max(pairs, key=lambda p: p[1] - p[0]) if pairs else None
-        spans = self.paused_spans(t0, t1)
+        parts = self.paused_spans(t0, t1)
+        spans = [(p[0], p[3]) for p in parts]
         paused = [ms(b - a) for a, b in spans]
         m = {"wall_ms": ms(t1 - t0),
              "stall_ms": round(txverify.max_gap(self.ack_log, t0, t1), 1),
@@ -207,7 +208,10 @@ class Vm(object):
              "pauses": len(paused),
              "tapdisk_paused_ms": paused,
              "tapdisk_paused_max_ms": max(paused) if paused else 0.0,
-             "tapdisk_paused_total_ms": round(sum(paused), 1)}
+             "tapdisk_paused_total_ms": round(sum(paused), 1),
+             # per pause: the pause command, paused in between, the unpause command
+             "tapdisk_pause_parts_ms": [[ms(b - a), ms(c - b), ms(d - c)]
+                                        for a, b, c, d in parts]}
         quiet = self.result["baseline_gap"]
         m["excess_ms"] = round(max(0.0, m["stall_ms"] - quiet["median_ms"]), 1)
         # the longest gap against the longest gap of the same writer without any operation

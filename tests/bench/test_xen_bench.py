@@ -153,7 +153,10 @@ def _check_doc(doc, work):
         # every pause of the tapdisk is known, with its length (the tap-ctl log)
         ops = [r["op"]] + [r[k] for k in ("create", "null_pause") if k in r]
         for m in ops:
-            assert len(m["tapdisk_paused_ms"]) == m["pauses"]
+            assert len(m["tapdisk_paused_ms"]) == m["pauses"] == len(m["tapdisk_pause_parts_ms"])
+            for total, parts in zip(m["tapdisk_paused_ms"], m["tapdisk_pause_parts_ms"]):
+                assert len(parts) == 3 and all(_number(x) for x in parts), m
+                assert abs(sum(parts) - total) <= 0.3, m     # its parts (rounded)
             assert all(_number(x) and x > 0 for x in m["tapdisk_paused_ms"]), m
             assert _number(m["stall_vs_quiet"]), m
     by = {r["scenario"]: r for r in doc["runs"]}
