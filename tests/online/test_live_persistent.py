@@ -135,3 +135,25 @@ def test_a_definition_changed_to_another_image_is_left_alone(make_live):
     assert persistent_sources(lv) == {"vda": switched["vda"], "vdb": other}
     lv.guest.stop()
     assert persistent_sources(lv) == {"vda": switched["vda"], "vdb": other}
+
+
+def test_check_reports_a_next_boot_on_a_snapshot_image(make_live):
+    """A stale definition put back after livesnap's own look (by a 'virsh define' of an old
+    XML, or a reload overlapping a change livesnap did not make) is named by 'livesnap
+    check' while the domain still runs, disk by disk, with the image to define instead."""
+    lv = make_live(agent=False)
+    lv.start()
+    lv.create("s1")
+    switched = lv.guest.disk_sources()
+    assert lv.json("check", lv.name)["ok"]
+    redefine(lv, images(lv))
+    chk = lv.json("check", lv.name, expect=None)
+    assert not chk["ok"]
+    named = [p for p in chk["problems"] if "next boot" in p]
+    assert len(named) == 2, chk["problems"]
+    for t, frozen in images(lv).items():
+        assert [p for p in named if " disk %s on %s (snapshot s1 image)" % (t, frozen) in p
+                and switched[t] in p], named
+    redefine(lv, switched)
+    assert lv.json("check", lv.name)["ok"]
+    lv.stop_and_verify()
