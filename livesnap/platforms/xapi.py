@@ -67,6 +67,12 @@ def image_uuid(path):
     return None
 
 
+def xapi_time(iso):
+    """XAPI's datetime form (``20261204T23:21:20Z``) of an ISO 8601 UTC time, or None."""
+    m = re.match(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}:\d{2}:\d{2})", iso or "")
+    return "%s%s%sT%sZ" % m.groups() if m else None
+
+
 def userdevice_target(userdevice):
     """``xvd`` + letter(s) of a VBD slot: 0 -> xvda, 25 -> xvdz, 26 -> xvdaa."""
     n = int(userdevice)
@@ -127,9 +133,12 @@ class XapiDomain(XenDomainBase):
     livesnap works: tapdisk's rename convention keeps every VDI's path).
 
     New images get new VDI uuids as names (``image_names``: ``<uuid>.vhd`` on a file SR,
-    ``VHD-<uuid>`` on LVHD), the names SM's scan knows; after each operation
-    ``sync_metadata`` has XAPI rescan the SRs and labels the snapshots' VDIs."""
+    ``VHD-<uuid>`` on LVHD), the names SM's scan knows, laid out as SM lays out its own
+    snapshots (``layout``: every visible VDI a leaf, every interior image a hidden base copy;
+    livesnap.model.planner); after each operation ``sync_metadata`` has XAPI rescan the SRs
+    and makes each snapshot's VDI a XAPI snapshot of the VM's VDI."""
     image_names = "uuid"
+    layout = "sm"
 
     def __init__(self, platform, ref, record):
         self.platform = platform
@@ -221,22 +230,30 @@ class XapiDomain(XenDomainBase):
     def sync_metadata(self, tree):
         """Tell XAPI about the chains livesnap changed, outside every pause: ``SR.scan`` of
         the VM's SRs (SM makes VDI records for new images, sets ``sm_config.vhd-parent``,
-        marks hidden ones unmanaged, forgets images that are gone), then each livesnap
-        snapshot's VDI is labelled ``livesnap <name>: <vm> <disk>`` with
-        ``other_config.livesnap_snapshot`` = the snapshot's name."""
+        marks hidden ones unmanaged, forgets images that are gone). Then each snapshot's
+        VDI is what ``VDI.snapshot`` makes: ``is_a_snapshot``, ``snapshot_of`` the VM's VDI
+        of that disk, ``snapshot_time``, labelled ``livesnap <name>: <vm> <disk>`` with
+        ``other_config.livesnap_snapshot`` = the snapshot's name; a hidden image livesnap
+        keeps is labelled ``base copy``, as SM labels its own."""
         for sr_uuid in self.sr_uuids():
             self.platform.call("SR.scan", self.platform.call("SR.get_by_uuid", sr_uuid))
+        leaves = {}
+        for disk, nid in tree.active.items():
+            vdi_uuid = image_uuid(tree.nodes[nid].path)
+            if vdi_uuid is not None:
+                leaves[disk] = self._vdi_ref(vdi_uuid, tree.nodes[nid].path)
         for n in sorted(tree.nodes.values(), key=lambda n: n.id):
             vdi_uuid = image_uuid(n.path)
             if n.state not in ("snapshot", "hidden") or vdi_uuid is None:
                 continue
-            try:
-                ref = self.platform.call("VDI.get_by_uuid", vdi_uuid)
-            except XapiError:
-                log.warning("XAPI has no VDI %s for %s after a scan", vdi_uuid, n.path)
+            ref = self._vdi_ref(vdi_uuid, n.path)
+            if ref is None:
                 continue
-            label = "livesnap %s: %s %s" % (n.snapshot or "internal", self.name, n.disk)
             rec = self.platform.call("VDI.get_record", ref)
+            if n.snapshot is None:
+                label = "base copy"
+            else:
+                label = "livesnap %s: %s %s" % (n.snapshot, self.name, n.disk)
             if rec.get("name_label") != label:
                 self.platform.call("VDI.set_name_label", ref, label)
             if (rec.get("other_config") or {}).get("livesnap_snapshot") != n.snapshot:
@@ -244,6 +261,27 @@ class XapiDomain(XenDomainBase):
                 if n.snapshot is not None:
                     self.platform.call("VDI.add_to_other_config", ref, "livesnap_snapshot",
                                        n.snapshot)
+            of = leaves.get(n.disk)
+            if n.state == "snapshot" and n.snapshot in tree.snapshots and of is not None:
+                self._mark_snapshot(ref, rec, of, tree.snapshots[n.snapshot].created)
+
+    def _vdi_ref(self, vdi_uuid, path):
+        try:
+            return self.platform.call("VDI.get_by_uuid", vdi_uuid)
+        except XapiError:
+            log.warning("XAPI has no VDI %s for %s after a scan", vdi_uuid, path)
+            return None
+
+    def _mark_snapshot(self, ref, rec, of, created):
+        """The VDI a snapshot of VDI ``of``, as ``VDI.snapshot`` leaves it (the setters xapi
+        gives SM for its records)."""
+        if not rec.get("is_a_snapshot"):
+            self.platform.call("VDI.set_is_a_snapshot", ref, True)
+        if rec.get("snapshot_of") != of:
+            self.platform.call("VDI.set_snapshot_of", ref, of)
+        stamp = xapi_time(created)
+        if stamp and rec.get("snapshot_time") != stamp:
+            self.platform.call("VDI.set_snapshot_time", ref, stamp)
 
     # -- state -------------------------------------------------------------------------------
 

@@ -227,8 +227,9 @@ class Scenario(object):
         view = self.sm.classify(self.sr)          # what the GC is about to act on
         if after_delete:
             assert view["coalesceable"] == view["leaf_coalesceable"] == [], (
-                "after a delete SM still finds work: coalesceable %s, leaf-coalesceable %s"
-                % (view["coalesceable"], view["leaf_coalesceable"]))
+                "after a delete SM still finds work: coalesceable %s, leaf-coalesceable %s; "
+                "SM's view of the SR: %s" % (view["coalesceable"], view["leaf_coalesceable"],
+                                             view.get("vdis")))
         self.sm.gc(self.sr)
         images = self.images()
         self.activate()
@@ -308,38 +309,27 @@ ISSUE13_LEAF = (
     "the snapshot's VDI: the snapshot's image is gone")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LEAF)
 def test_file_sr_create(scenario):
     scenario.write(); scenario.create("s1"); scenario.gc_and_check()
     scenario.write(); scenario.create("s2"); scenario.gc_and_check()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LEAF)
 def test_file_sr_delete_with_one_child(scenario):
     _delete_one_child(scenario, scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LEAF)
 def test_file_sr_delete_with_two_children(scenario):
     _delete_two_children(scenario, scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LEAF)
 def test_file_sr_delete_with_no_child(scenario):
     _delete_no_child(scenario, scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LEAF)
 def test_file_sr_revert(scenario):
     _revert(scenario, scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 13 item 1, after a delete (observed with the SR's leaf-coalesce switched off, so "
-    "that the first defect does not hide it): deleting the newest snapshot of a running VM "
-    "leaves livesnap's internal image (hidden, one child: the leaf) under the older "
-    "snapshot s1; SM finds it isCoalesceable right after the delete, and its GC coalesces "
-    "it into s1's image: s1 then reads guest data written after it was taken"))
 def test_file_sr_online_delete_newest_without_leaf_coalesce(scenario):
     scenario.world.xapi.record("SR", scenario.sr)["other_config"]["leaf-coalesce"] = "false"
     scenario.start()
@@ -471,29 +461,24 @@ ISSUE13_LOCATORS = (
     "VM's leaf leaf-coalesceable into livesnap's visible snapshot")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LOCATORS)
 def test_lvhd_create(lvhd_scenario):
     sc = lvhd_scenario
     sc.write(); sc.create("s1"); sc.gc_and_check()
     sc.write(); sc.create("s2"); sc.gc_and_check()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LOCATORS)
 def test_lvhd_delete_with_one_child(lvhd_scenario):
     _delete_one_child(lvhd_scenario, lvhd_scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LOCATORS)
 def test_lvhd_delete_with_two_children(lvhd_scenario):
     _delete_two_children(lvhd_scenario, lvhd_scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LOCATORS)
 def test_lvhd_delete_with_no_child(lvhd_scenario):
     _delete_no_child(lvhd_scenario, lvhd_scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LOCATORS)
 def test_lvhd_revert(lvhd_scenario):
     _revert(lvhd_scenario, lvhd_scenario.gc_and_check)
 
