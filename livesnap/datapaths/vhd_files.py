@@ -382,7 +382,13 @@ class TapdiskDatapath(VhdOfflineDatapath):
                                 % (node, leaf, node))
         pauses = []
         rounds = 0
-        while st.exists(leaf):
+        freeze = [{"disk": disk, "frozen_path": spare, "leaf_path": leaf}]
+        while True:
+            if not st.exists(leaf) and st.exists(spare):
+                # a round's freeze cut short after its rename: finish it
+                pauses.append(self._freeze(freeze, hidden=True)["pause_ms"])
+            if not st.exists(leaf):
+                break                      # the last pause cut short after the LV's removal
             parent = _parent_or_none(leaf)
             if parent == spare and st.exists(spare):
                 pass                                   # a round cut short: finish it
@@ -392,9 +398,7 @@ class TapdiskDatapath(VhdOfflineDatapath):
             elif rounds >= self.FOLD_ROUNDS or vhd.data_unchecked(leaf) <= self.FOLD_SMALL:
                 break
             else:
-                r = self._freeze([{"disk": disk, "frozen_path": spare, "leaf_path": leaf}],
-                                 hidden=True)
-                pauses.append(r["pause_ms"])
+                pauses.append(self._freeze(freeze, hidden=True)["pause_ms"])
             r = self.do_commit({"path": node, "child_path": spare, "disk": disk,
                                 "grandchildren": [{"path": leaf}], "child_in_chain": True})
             pauses.append(r["pause_ms"])
