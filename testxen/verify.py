@@ -8,7 +8,7 @@ The ack log of a guest (``testxen.guest``, or the benchmark's tapdisk stand-in) 
   ``path`` (a paused or closed leaf, or a frozen former leaf) through a fresh real tapdisk
   (read-only, over NBD: ``testxen.blktap.opened``), so the chain is resolved as blktap resolves
   it (``via="livesnap"``: through livesnap's VHD engine, for the benchmark, whose LVHD chains
-  the real tapdisk cannot open yet: testxen/defects.py), and returns a ``Report``:
+  the real tapdisk cannot open), and returns a ``Report``:
   for every slot, the newest acknowledged seq (acked at or before ``until_ns``) must be there,
   or a newer record of the same run (``exact``: exactly that one); no slot may hold a torn
   record (bad magic, CRC or fill).
