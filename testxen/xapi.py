@@ -147,6 +147,7 @@ class Xapi(object):
              "is_a_snapshot": False, "snapshot_of": NULL_REF, "snapshots": [],
              "snapshot_time": "19700101T00:00:00Z", "on_boot": "persist",
              "allow_caching": False, "storage_lock": False, "xenstore_data": {},
+             "cbt_enabled": False,
              "name_description": "", "metadata_of_pool": NULL_REF,
              "sm_config": {"vdi_type": vdi_type} if vdi_type else {}}
         f.update(fields)

@@ -343,7 +343,10 @@ class TapdiskDatapath(VhdOfflineDatapath):
         pause to the last unpause (the unpause reopens the chain: part of the pause)."""
         targets = [self._tapdisk(disk) for disk in sorted(set(disks))]
         window = _Window()
+        guard = getattr(self.domain, "pause_guard", None)       # XAPI: SM's pause protocol
         with contextlib.ExitStack() as stack:
+            if guard is not None:
+                stack.enter_context(guard(sorted(set(disks))))
             t0 = time.monotonic()
             stack.callback(window.stop, t0)          # runs last, after every unpause
             for td, path in targets:

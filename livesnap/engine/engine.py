@@ -321,6 +321,9 @@ class Engine(object):
 
     def _run(self, session, datapath, plan, dry_run):
         foreign.refuse_bitmaps(session.domain, plan)
+        refuse_busy = getattr(session.domain, "refuse_busy", None)    # XAPI: SM at work
+        if refuse_busy is not None:
+            refuse_busy(P.plan_disks(plan))
         result = dict(plan.result)
         self._preflight_paths(session, plan)
         if dry_run:

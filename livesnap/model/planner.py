@@ -450,6 +450,16 @@ class Planner(object):
             raise ImageInUse(leaf.path, list(who), "a revert would move it to %s" % kept_path)
 
 
+def plan_disks(plan):
+    """The disks the steps of ``plan`` act on."""
+    out = set()
+    for s in plan.steps:
+        for it in s.get("items") or [s]:
+            if it.get("disk"):
+                out.add(it["disk"])
+    return sorted(out)
+
+
 def plan_summary(plan):
     """One line per step, for ``--dry-run`` and logs."""
     lines = []

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 
-from livesnap.errors import DatapathError, DomainNotFound, Error, UsageError
+from livesnap.errors import DatapathError, DomainNotFound, Error, StorageBusy, UsageError
 from livesnap.platforms import sm_lock
 from livesnap.platforms.domain_xml import Disk
 from livesnap.platforms.xen_domain import XenDomainBase
@@ -155,6 +155,7 @@ class XapiDomain(XenDomainBase):
         if record.get("is_a_template"):
             raise UsageError(reason="%s (%s) is a template, not a VM" % (self.name, self.uuid))
         self._srs = {}                  # target -> SR uuid
+        self._vdis = {}                 # target -> VDI ref
         self._disks = self._read_disks()
 
     # -- disks -------------------------------------------------------------------------------
@@ -175,6 +176,7 @@ class XapiDomain(XenDomainBase):
             sr = self.platform.call("SR.get_record", vdi["SR"])
             path, fmt, source_type = self._image(sr, vdi)
             self._srs[target] = sr.get("uuid")
+            self._vdis[target] = vbd["VDI"]
             out.append(Disk(target, path, fmt, "disk", source_type, vbd.get("mode") == "RO"))
         return out
 
@@ -224,6 +226,72 @@ class XapiDomain(XenDomainBase):
                 stack.enter_context(sm_lock.sr_lock(sr_uuid, base_dir=self.platform.sm_lock_dir,
                                                     timeout=self.platform.sm_lock_timeout))
             yield
+
+    # -- SM's pause protocol -------------------------------------------------------------------
+
+    # sm_config keys SM sets while it works on a VDI (blktap2.py, cleanup.py, storage
+    # migration): livesnap leaves such a VDI alone
+    SM_BUSY = (("paused", "SM has its tapdisk paused (an SM snapshot or the GC's leaf-coalesce "
+                          "is running)"),
+               ("relinking", "SM's garbage collector is relinking its chain"),
+               ("mirror", "it is being mirrored to another SR (storage migration)"))
+
+    def refuse_busy(self, disks):
+        """Before an operation changes anything: refuse a disk whose VDI SM is working on, or
+        whose changed blocks are tracked (CBT: tapdisk keeps its log only when every unpause
+        names it, and each snapshot VDI needs its own copy; livesnap does neither yet, so a
+        pause would make the next incremental backup a full one)."""
+        for target in sorted(disks):
+            ref = self._vdis.get(target)
+            if ref is None:
+                continue
+            rec = self.platform.call("VDI.get_record", ref)
+            sm_config = rec.get("sm_config") or {}
+            for key, why in self.SM_BUSY:
+                if key in sm_config and not (key == "paused" and self.PAUSED_BY in sm_config):
+                    raise StorageBusy(self.name, target, rec.get("uuid"), why)
+            if rec.get("cbt_enabled"):
+                raise StorageBusy(self.name, target, rec.get("uuid"),
+                                  "changed-block tracking is on, and livesnap does not keep "
+                                  "CBT logs yet (a pause without them makes the next "
+                                  "incremental backup a full one); 'xe vdi-disable-cbt' first, "
+                                  "or use xe vm-snapshot")
+
+    # livesnap's mark beside SM's "paused": a "paused" left by a livesnap command killed
+    # inside a pause is livesnap's own (recover takes it over); any other is SM's
+    PAUSED_BY = "livesnap-paused"
+
+    @contextlib.contextmanager
+    def pause_guard(self, disks):
+        """Around livesnap's pause of these disks' tapdisks, what SM's ``tap_pause`` does
+        (blktap2.py, drivers/tapdisk-pause): the VDI's lock held and ``sm_config`` ``paused``
+        set, so SM and xapi see the VDI paused and SM waits for it; both undone afterwards.
+        A VDI that SM has marked paused meanwhile is refused (``StorageBusy``)."""
+        with contextlib.ExitStack() as stack:
+            for target in sorted(disks):
+                ref = self._vdis.get(target)
+                if ref is None:
+                    continue
+                rec = self.platform.call("VDI.get_record", ref)
+                stack.enter_context(sm_lock.vdi_lock(rec.get("uuid"),
+                                                     base_dir=self.platform.sm_lock_dir,
+                                                     timeout=self.platform.sm_lock_timeout))
+                sm_config = self.platform.call("VDI.get_sm_config", ref)
+                if "paused" in sm_config and self.PAUSED_BY not in sm_config:
+                    raise StorageBusy(self.name, target, rec.get("uuid"), self.SM_BUSY[0][1])
+                if self.PAUSED_BY not in sm_config:
+                    self.platform.call("VDI.add_to_sm_config", ref, self.PAUSED_BY, "true")
+                stack.callback(self._unmark_paused, ref)
+                if "paused" not in sm_config:
+                    self.platform.call("VDI.add_to_sm_config", ref, "paused", "true")
+            yield
+
+    def _unmark_paused(self, ref):
+        for key in ("paused", self.PAUSED_BY):
+            try:
+                self.platform.call("VDI.remove_from_sm_config", ref, key)
+            except XapiError as e:
+                log.warning("sm_config %s of VDI %s not removed: %s", key, ref, e)
 
     # -- XAPI's records -----------------------------------------------------------------------
 
