@@ -194,6 +194,14 @@ class BitmapsPresent(Conflict):
         return "; ".join(self.found)
 
 
+class StorageBusy(Conflict):
+    """A disk's storage is in a state another tool made, which livesnap would break (XAPI: a
+    VDI SM has paused, relinks, mirrors, or tracks changed blocks of)."""
+    fields = ("domain", "disk", "vdi", "reason")
+    msg = ("disk {self.disk} of VM '{self.domain}' (VDI {self.vdi}): {self.reason}; livesnap "
+           "changes nothing")
+
+
 class UnsupportedDisks(Conflict):
     """Disks of the domain livesnap cannot snapshot, which a create would leave out."""
     fields = ("domain", "disks")

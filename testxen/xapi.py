@@ -147,6 +147,7 @@ class Xapi(object):
              "is_a_snapshot": False, "snapshot_of": NULL_REF, "snapshots": [],
              "snapshot_time": "19700101T00:00:00Z", "on_boot": "persist",
              "allow_caching": False, "storage_lock": False, "xenstore_data": {},
+             "cbt_enabled": False,
              "name_description": "", "metadata_of_pool": NULL_REF,
              "sm_config": {"vdi_type": vdi_type} if vdi_type else {}}
         f.update(fields)
@@ -260,11 +261,11 @@ class Xapi(object):
 
     # Fields a client may change, per class. VDI: the public setters plus the ones xapi
     # exposes to SM for its records (VDI.set_managed, set_read_only, set_is_a_snapshot,
-    # set_snapshot_of, set_virtual_size, set_physical_utilisation: datamodel_vdi.ml, "internal"
+    # set_snapshot_of, set_snapshot_time, set_virtual_size, set_physical_utilisation: datamodel_vdi.ml, "internal"
     # calls SM's VDI._db_update and LVHDSR make).
     SETTABLE = {
         "VDI": {"name_label", "name_description", "other_config", "sm_config", "managed",
-                "read_only", "is_a_snapshot", "snapshot_of", "virtual_size",
+                "read_only", "is_a_snapshot", "snapshot_of", "snapshot_time", "virtual_size",
                 "physical_utilisation", "on_boot", "allow_caching", "missing"},
         "SR": {"name_label", "name_description", "other_config", "sm_config",
                "physical_size", "physical_utilisation", "virtual_allocation"},

@@ -96,7 +96,10 @@ class TapdiskNamer(Namer):
             return {"leaf": leaf.path,
                     "kept": self._free(tree, leaf.path, keep) if keep else None}
         token = name if purpose == "snapshot" else "internal-%s" % os.urandom(4).hex()
-        return {"frozen": self._free(tree, leaf.path, token), "leaf": leaf.path}
+        out = {"frozen": self._free(tree, leaf.path, token), "leaf": leaf.path}
+        if purpose == "snapshot" and self.style == "uuid":
+            out["face"] = self._free(tree, leaf.path, token)     # SM's layout: the snapshot VDI
+        return out
 
 
 class VhdOfflineDatapath(Datapath):
@@ -185,13 +188,50 @@ class VhdOfflineDatapath(Datapath):
                         st.rename(leaf, frozen)
                         faults.point("tapdisk", "renamed", 0)
                     st.freeze(frozen, readonly=False)
-                    if hidden:
+                    if hidden or it.get("face_path"):
                         vhd.set_hidden(frozen, 1)
                     st.create_child(leaf, frozen, leaf=True)
             pause_ms = getattr(window, "ms", None)
         for it in items:
+            if it.get("face_path"):
+                self._face(it["face_path"], it["frozen_path"])
+        for it in items:
             storage(it["frozen_path"]).set_readonly(it["frozen_path"])
         return {"pause_ms": pause_ms}
+
+    def empty(self, tree, node_id):
+        """The node's image holds no data blocks (a snapshot's face as made)."""
+        path = tree.nodes[node_id].path
+        if self._is_leaf(path):
+            return False
+        with vhd.open_image(path, chain=False) as img:
+            return not img.allocated_blocks()
+
+    def _face(self, face, base):
+        """SM's layout: the snapshot's own image, an empty leaf on its base copy (no tapdisk
+        has it open: made outside the pause)."""
+        self.made.add(face)
+        if not _is_child(face, base):
+            storage(face).create_child(face, base, leaf=False)
+
+    def do_clone(self, step):
+        """Freeze a snapshot's leaf (SM's layout) as a hidden base copy under a new empty
+        leaf at its path, as SM's VDI.clone does; no tapdisk has it open."""
+        face, frozen = step["face_path"], step["frozen_path"]
+        self.made.update((face, frozen))
+        st = storage(face)
+        if not (st.exists(frozen) and _is_child(face, frozen)):
+            if st.exists(face) and not st.exists(frozen):
+                st.rename(face, frozen)
+            with st.writable(frozen):           # a snapshot's leaf may be read-only
+                vhd.set_hidden(frozen, 1)
+            st.create_child(face, frozen, leaf=False)
+        st.set_readonly(frozen)
+
+    def do_fold(self, step):
+        """Offline (or into a leaf no tapdisk has open): the leaf takes the node's data by a
+        pull and keeps its path."""
+        return self.do_pull(step)
 
     def do_snapshot(self, step):
         return self._freeze(step["items"])
@@ -303,7 +343,10 @@ class TapdiskDatapath(VhdOfflineDatapath):
         pause to the last unpause (the unpause reopens the chain: part of the pause)."""
         targets = [self._tapdisk(disk) for disk in sorted(set(disks))]
         window = _Window()
+        guard = getattr(self.domain, "pause_guard", None)       # XAPI: SM's pause protocol
         with contextlib.ExitStack() as stack:
+            if guard is not None:
+                stack.enter_context(guard(sorted(set(disks))))
             t0 = time.monotonic()
             stack.callback(window.stop, t0)          # runs last, after every unpause
             for td, path in targets:
@@ -315,6 +358,72 @@ class TapdiskDatapath(VhdOfflineDatapath):
         if self._is_leaf(step["path"]):
             raise DatapathError(reason="%s is served by a tapdisk: not removed" % step["path"])
         storage(step["path"]).remove(step["path"])
+
+    # fold with the running leaf: rounds until the leaf holds little, then one last pause
+    FOLD_ROUNDS = 5
+    FOLD_SMALL = 4 << 20
+
+    def do_fold(self, step):
+        """Merge the hidden node into the running leaf below it, with pauses of
+        milliseconds, leaving one image at the leaf's path (SM's leaf-coalesce, without its
+        pause of the whole copy). Each round freezes the leaf into ``spare_path`` (a pause),
+        coalesces that into the node while tapdisk runs (the node's only child is the frozen
+        image, read-only: tapdisk reads those sectors from it anyway), and points the leaf at
+        the node (a pause); when the leaf holds at most ``FOLD_SMALL`` bytes (or after
+        ``FOLD_ROUNDS`` rounds), one last pause coalesces the leaf's few blocks into the node
+        and renames the node over the leaf, and tapdisk reopens its path. Every part checks
+        what is already done (re-run after a crash)."""
+        leaf = step["child_path"]
+        if not self._is_leaf(leaf):
+            return super(TapdiskDatapath, self).do_fold(step)
+        node, spare, disk = step["path"], step["spare_path"], step["disk"]
+        st = storage(leaf)
+        if not st.exists(node):
+            if st.exists(leaf) and _parent_or_none(leaf) == step["parent_path"]:
+                return {"pause_ms": None, "rounds": 0}          # done before a crash
+            raise DatapathError(reason="cannot fold %s into %s: %s is gone"
+                                % (node, leaf, node))
+        pauses = []
+        rounds = 0
+        freeze = [{"disk": disk, "frozen_path": spare, "leaf_path": leaf}]
+        while True:
+            if not st.exists(leaf) and st.exists(spare):
+                # a round's freeze cut short after its rename: finish it
+                pauses.append(self._freeze(freeze, hidden=True)["pause_ms"])
+            if not st.exists(leaf):
+                break                      # the last pause cut short after the LV's removal
+            parent = _parent_or_none(leaf)
+            if parent == spare and st.exists(spare):
+                pass                                   # a round cut short: finish it
+            elif parent != node:
+                raise DatapathError(reason="cannot fold %s into %s: its parent is %s"
+                                    % (node, leaf, parent))
+            elif rounds >= self.FOLD_ROUNDS or vhd.data_unchecked(leaf) <= self.FOLD_SMALL:
+                break
+            else:
+                pauses.append(self._freeze(freeze, hidden=True)["pause_ms"])
+            r = self.do_commit({"path": node, "child_path": spare, "disk": disk,
+                                "grandchildren": [{"path": leaf}], "child_in_chain": True})
+            pauses.append(r["pause_ms"])
+            rounds += 1
+        pauses.append(self._fold_last(disk, node, leaf))
+        pauses = [ms for ms in pauses if ms is not None]
+        return {"pause_ms": max(pauses) if pauses else None, "pauses_ms": pauses,
+                "rounds": rounds}
+
+    def _fold_last(self, disk, node, leaf):
+        """One pause: the leaf's blocks into the node, the node visible and renamed over the
+        leaf (an LV: made writable at its full size first, as a leaf always is)."""
+        st = storage(leaf)
+        st.make_leaf(node)
+        with self._paused([disk]) as window:
+            if st.exists(leaf) and _parent_or_none(leaf) == node:
+                vhd.coalesce(leaf)
+            if vhd.query(node).hidden:
+                vhd.set_hidden(node, 0)
+            faults.point("tapdisk", "folded", 0)
+            st.replace(node, leaf)
+        return window.ms
 
     def do_new_leaf(self, step):
         raise DatapathError(reason="revert needs %s shut off (its tapdisks closed)"

@@ -55,6 +55,15 @@ class FileStorage(object):
         os.rename(old, new)
         _fsync_dir(new)
 
+    def replace(self, old, new):
+        """``old`` renamed over ``new`` (the image at ``new`` goes)."""
+        if os.path.exists(old):
+            self.rename(old, new)
+
+    def make_leaf(self, path):
+        """A frozen image about to become a leaf (a file: nothing to do)."""
+        return None
+
     def create_child(self, path, parent, leaf=True):
         """A new empty VHD at ``path`` whose parent is ``parent`` (a half-made one from a
         crash is replaced; a name that is not livesnap's file: NotOurFile). Mode 0600, as
@@ -102,6 +111,18 @@ class LvmStorage(object):
 
     def rename(self, old, new):
         lvm.lvrename(self.vg, self._lv(old), self._lv(new))
+
+    def replace(self, old, new):
+        """``old``'s LV renamed to ``new``'s name, the LV at ``new`` removed first (nothing
+        left to do when ``old`` is gone: renamed before a crash)."""
+        if os.path.exists(old):
+            self.remove(new)
+            self.rename(old, new)
+
+    def make_leaf(self, path):
+        """A frozen image about to become a leaf: writable, at a leaf's full size."""
+        lvm.set_readonly(self.vg, self._lv(path), False)
+        self._inflate(path, lvm.full_size(_virtual_size(path)))
 
     def create_child(self, path, parent, leaf=True):
         """An LV for the new image, then the VHD on it, as SM's LVHDSR makes a snapshot's

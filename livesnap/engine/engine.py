@@ -185,7 +185,7 @@ class Engine(object):
             op = step["op"]
             if op == "commit":
                 where, amount = step["path"], step["bytes"]
-            elif op == "pull":
+            elif op in ("pull", "fold"):
                 where, amount = step["child_path"], step["bytes"]
             elif op in ("snapshot", "internal_snapshot"):
                 for it in step.get("items") or [step]:
@@ -193,7 +193,12 @@ class Engine(object):
                     need[key] = need.get(key, 0) + _leaf_cost(it["leaf_path"])
                 continue
             elif op == "new_leaf":
-                where, amount = step["leaf_path"], _leaf_cost(step["parent_path"]) - SPACE_MARGIN
+                # the parent may be made by an earlier step (a clone): sized from what exists
+                sized = [p for p in (step["parent_path"], step["leaf_path"])
+                         if os.path.exists(p)] or [step["parent_path"]]
+                where, amount = step["leaf_path"], _leaf_cost(sized[0]) - SPACE_MARGIN
+            elif op == "clone":
+                where, amount = step["face_path"], 0
             else:
                 continue
             key = os.path.dirname(where)
@@ -230,7 +235,8 @@ class Engine(object):
         return P.Planner(session.domain.name, namer, max_depth=self.max_depth,
                          merge_ops=getattr(datapath, "merge_ops", None),
                          needs_internal=getattr(datapath, "needs_internal", None),
-                         users=users)
+                         users=users, faces=getattr(session.domain, "layout", None) == "sm",
+                         empty=getattr(datapath, "empty", None))
 
     def _sync_metadata(self, session, tree):
         """Keep libvirt's snapshot list (XAPI: its VDI records) in step; a failure here does
@@ -283,20 +289,25 @@ class Engine(object):
                 # "measured": "pause" (livesnap timed the pause itself) or "call" (the
                 # duration of the call that paused, e.g. libvirt's: an upper bound)
                 measured = facts.get("measured", "pause")
-                if facts.get("pause_ms") is not None:
+                step_pauses = facts.get("pauses_ms")
+                if step_pauses is None and facts.get("pause_ms") is not None:
+                    step_pauses = [facts["pause_ms"]]
+                for ms in step_pauses or []:
                     pauses.append({"step": step["op"], "disk": step.get("disk"),
-                                   "ms": facts["pause_ms"], "measured": measured})
+                                   "ms": ms, "measured": measured})
                 if facts.get("replace_step"):
                     # the datapath merged another way than planned (active commit that did
                     # not converge -> pull): journal what was really done
                     step = plan.steps[i] = facts["replace_step"]
                     session.catalog.set_plan(op_id, plan)
-                if step["op"] in ("commit", "pull"):
+                if step["op"] in ("commit", "pull", "fold"):
                     merges.append({"disk": step["disk"], "snapshot_image": step["path"],
                                    "method": step["op"], "fallback": "fallback" in facts,
                                    "pause_ms": facts.get("pause_ms"),
                                    "call_ms": facts.get("pause_ms") if measured == "call"
                                    else None})
+                    if "rounds" in facts:       # a fold's rounds around the running leaf
+                        merges[-1]["rounds"] = facts["rounds"]
                 faults.point(plan.op, "after", i)
                 P.apply(tree, step)
                 last = i + 1 == len(plan.steps)
@@ -310,6 +321,9 @@ class Engine(object):
 
     def _run(self, session, datapath, plan, dry_run):
         foreign.refuse_bitmaps(session.domain, plan)
+        refuse_busy = getattr(session.domain, "refuse_busy", None)    # XAPI: SM at work
+        if refuse_busy is not None:
+            refuse_busy(P.plan_disks(plan))
         result = dict(plan.result)
         self._preflight_paths(session, plan)
         if dry_run:

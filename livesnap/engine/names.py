@@ -95,6 +95,7 @@ def new_paths(steps, existing=()):
             for it in step["items"]:
                 add(it["frozen_path"])
                 add(it["leaf_path"])
+                add(it.get("face_path"))
         elif op == "internal_snapshot":
             add(step["frozen_path"])
             add(step["leaf_path"])
@@ -102,4 +103,8 @@ def new_paths(steps, existing=()):
             add(step["leaf_path"])
         elif op == "keep_leaf":
             add(step.get("kept_path"))
+        elif op == "clone":
+            add(step["frozen_path"])
+        elif op == "fold":
+            add(step.get("spare_path"))
     return out

@@ -26,13 +26,19 @@ VHD_COOKIE = b"conectix"
 
 
 def image_key(path):
-    """What makes two paths one image: the inode they open (hard links, symlinks), or
-    the real path when the file is not there."""
+    """What makes two paths one image: the inode they open (hard links, symlinks), for a
+    block device the device it opens (an LV is /dev/<vg>/<lv>, /dev/mapper/<vg>-<lv> and
+    /dev/dm-<n>: three nodes of one device), or the real path when it is not there."""
     try:
-        st = os.stat(path)
-        return (st.st_dev, st.st_ino)
+        return _stat_key(os.stat(path))
     except OSError:
         return ("path", os.path.realpath(path))
+
+
+def _stat_key(st):
+    if stat.S_ISBLK(st.st_mode):
+        return ("blk", st.st_rdev)
+    return (st.st_dev, st.st_ino)
 
 
 # -- one domain's own chains -------------------------------------------------------------
@@ -155,7 +161,7 @@ def _directory_chains(tree, storage_dirs, seen, ours):
                 continue
             # files, and the LVs of a volume group (/dev/<vg>: only active ones are there)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)) or \
-                    (st.st_dev, st.st_ino) in seen:
+                    _stat_key(st) in seen:
                 continue
             parent = _backing_of(path)
             if parent is None:

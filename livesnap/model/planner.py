@@ -31,6 +31,24 @@ them). Such an image is never written or deleted: a node whose removal or merge 
 one is hidden instead (kept, deleted logically) and is not reclaimed while the user is
 there; a revert that would delete such an active leaf is refused.
 
+SM's layout (``faces=True``, a XAPI host): every visible image is a leaf and every interior
+image a hidden base copy, as XAPI's storage manager lays out its snapshots. A snapshot then
+freezes the leaf as an unnamed hidden node (the base copy) and puts two empty children on it:
+the new active leaf and the snapshot's own node, its *face* (the snapshot's VDI, a leaf that
+reads what the base reads). Deleting a snapshot removes its face (a leaf: no child); its base,
+down to one child, is then merged at once: with a hidden child by ``commit``/``pull``, with a
+leaf child (the active leaf, or another snapshot's leaf) by ``fold``, which leaves the leaf
+at its path holding the data of both, as SM's leaf-coalesce does. A revert to a snapshot whose
+face is empty puts the new leaf beside it on its base; to a face holding data (a merged or
+kept leaf) it first ``clone``s the face (frozen as a new base under a new empty face at the
+face's path: SM's VDI.clone), then puts the new leaf on that base.
+
+``fold``             merge a node N with its only child C, a leaf that keeps its path: C then
+                     holds the data of both, its parent is N's parent, N's image is gone (the
+                     datapath's way: a pull, or a converging merge around a running leaf).
+``clone``            (SM's layout, revert) freeze a snapshot's leaf as an unnamed hidden node
+                     with an empty face at its path.
+
 Deferred reclaim: an unnamed hidden node whose only child is the active leaf is left as it is
 on a datapath that needs an internal snapshot to merge with the active leaf (merging it would
 only make another such node); it is reclaimed as soon as its child is frozen by the next
@@ -76,9 +94,16 @@ def apply(tree, step):
                                                 step.get("description", ""))
         for item in step["items"]:
             frozen = tree.nodes[item["frozen"]]
-            frozen.state = SNAPSHOT
-            frozen.snapshot = step["name"]
             frozen.path = item["frozen_path"]
+            if item.get("face"):
+                frozen.state = HIDDEN
+                frozen.snapshot = None
+                tree.nodes[item["face"]] = Node(item["face"], item["disk"], frozen.id, SNAPSHOT,
+                                                item["face_path"], item["fmt"],
+                                                snapshot=step["name"])
+            else:
+                frozen.state = SNAPSHOT
+                frozen.snapshot = step["name"]
             tree.nodes[item["leaf"]] = Node(item["leaf"], item["disk"], frozen.id, ACTIVE,
                                             item["leaf_path"], item["fmt"])
             tree.active[item["disk"]] = item["leaf"]
@@ -90,7 +115,7 @@ def apply(tree, step):
         child.path = node.path
         child.fmt = node.fmt
         child.alloc = node.alloc + child.alloc
-    elif op == "pull":
+    elif op in ("pull", "fold"):
         node, child = tree.nodes.pop(step["node"]), tree.nodes[step["child"]]
         child.parent = node.parent
         child.alloc = node.alloc + child.alloc
@@ -114,6 +139,13 @@ def apply(tree, step):
         node.snapshot = step["name"]
         if step.get("kept_path"):
             node.path = step["kept_path"]
+    elif op == "clone":
+        frozen = tree.nodes[step["node"]]
+        frozen.state = HIDDEN
+        frozen.snapshot = None
+        frozen.path = step["frozen_path"]
+        tree.nodes[step["face"]] = Node(step["face"], step["disk"], frozen.id, SNAPSHOT,
+                                        step["face_path"], step["fmt"], snapshot=step["name"])
     elif op == "internal_snapshot":
         frozen = tree.nodes[step["frozen"]]
         frozen.state = HIDDEN
@@ -138,8 +170,12 @@ class Planner(object):
     """
 
     def __init__(self, domain, namer, new_id=new_node_id, max_depth=DEFAULT_MAX_DEPTH,
-                 merge_ops=None, needs_internal=None, users=None):
+                 merge_ops=None, needs_internal=None, users=None, faces=False, empty=None):
         self.domain = domain
+        # SM's layout: snapshots as leaves ("faces") over hidden base copies
+        self.faces = faces
+        # empty(tree, node) -> True when the node's own image holds no data blocks
+        self.empty = empty
         self.namer = namer
         self.new_id = new_id
         self.max_depth = max_depth
@@ -180,9 +216,13 @@ class Planner(object):
             if depth > self.max_depth:
                 raise ChainTooDeep(leaf.path, depth, self.max_depth)
             paths = self.namer(work, d, "snapshot", name)
-            items.append({"disk": d, "frozen": leaf.id, "frozen_path": paths["frozen"],
-                          "leaf": self.new_id(), "leaf_path": paths["leaf"], "fmt": leaf.fmt,
-                          "frozen_fmt": leaf.fmt})
+            item = {"disk": d, "frozen": leaf.id, "frozen_path": paths["frozen"],
+                    "leaf": self.new_id(), "leaf_path": paths["leaf"], "fmt": leaf.fmt,
+                    "frozen_fmt": leaf.fmt}
+            if self.faces:
+                item["face"] = self.new_id()
+                item["face_path"] = paths["face"]
+            items.append(item)
         steps = []
         self._add(work, steps, {"op": "snapshot", "name": name, "created": created,
                                 "description": description, "items": items})
@@ -205,6 +245,9 @@ class Planner(object):
         else:
             self._add(work, steps, {"op": "snapshot_state", "name": name, "state": None})
         reclaimed = self._cascade(work, steps)
+        if self.faces and actions == {"deleted"} and \
+                any(s["op"] in ("commit", "pull", "fold") for s in steps):
+            actions = {"merged"}        # SM's layout: its leaf deleted, its base merged
         if "hidden" in actions:
             action = "hidden"
         elif "merged" in actions:
@@ -257,7 +300,11 @@ class Planner(object):
 
     def _merge(self, work, steps, nid, cid):
         """Plan the merge of ``nid`` with its only child, through an internal snapshot of
-        the active leaf where the datapath needs one."""
+        the active leaf where the datapath needs one. In SM's layout a leaf child keeps its
+        path and takes the node's data (``fold``)."""
+        if self.faces and not work.children(cid):
+            self._add(work, steps, self._fold_step(work, nid, cid))
+            return
         if self.needs_internal is not None and self.needs_internal(work, cid):
             leaf = work.nodes[cid]
             paths = self.namer(work, leaf.disk, "internal", None)
@@ -267,12 +314,24 @@ class Planner(object):
                                     "leaf_path": paths["leaf"], "fmt": leaf.fmt})
         self._add(work, steps, self._merge_step(work, nid, cid))
 
+    def _fold_step(self, work, nid, cid):
+        n, c = work.nodes[nid], work.nodes[cid]
+        parent = work.nodes[n.parent] if n.parent is not None else None
+        spare = self.namer(work, c.disk, "internal", None)["frozen"] \
+            if c.state == ACTIVE else None
+        return {"op": "fold", "disk": n.disk, "node": nid, "path": n.path, "fmt": n.fmt,
+                "child": cid, "child_path": c.path, "child_fmt": c.fmt,
+                "child_active": c.state == ACTIVE, "spare_path": spare,
+                "parent": n.parent, "parent_path": parent.path if parent else None,
+                "parent_fmt": parent.fmt if parent else None, "bytes": n.alloc}
+
     def _deferred(self, work, nid):
         """An unnamed hidden node over the active leaf, on a datapath that needs an internal
-        snapshot to merge with it: merging now would only make another one."""
+        snapshot to merge with it: merging now would only make another one. (Not in SM's
+        layout: its fold converges on the leaf.)"""
         kids = work.children(nid)
-        return (self.needs_internal is not None and work.nodes[nid].snapshot is None
-                and len(kids) == 1 and self.needs_internal(work, kids[0]))
+        return (not self.faces and self.needs_internal is not None
+                and work.nodes[nid].snapshot is None and len(kids) == 1 and self.needs_internal(work, kids[0]))
 
     def _merge_step(self, work, nid, cid):
         """Merge node ``nid`` with its only child ``cid``: commit or pull, by bytes moved.
@@ -340,6 +399,8 @@ class Planner(object):
             old = work.active[d]
             base = work.nodes[targets[d]]
             paths = self.namer(work, d, "revert", name, keep=keep_current)
+            if self.faces and not work.children(base.id):
+                base = self._revert_base(work, steps, base, name)
             self._refuse_used_leaf(work.nodes[old], keep_current, paths.get("kept"))
             new_leaf = {"op": "new_leaf", "disk": d, "parent": base.id,
                         "parent_path": base.path, "parent_fmt": base.fmt,
@@ -364,6 +425,18 @@ class Planner(object):
                      "in_use": self.in_use})
 
 
+    def _revert_base(self, work, steps, face, name):
+        """SM's layout: the node a reverted disk's new leaf goes on, for a snapshot whose node
+        is the leaf ``face``: its base when the face is empty (both read the same), else the
+        face cloned (frozen as a new base under a new empty face at its path)."""
+        if face.parent is not None and self.empty is not None and self.empty(work, face.id):
+            return work.nodes[face.parent]
+        frozen = self.namer(work, face.disk, "internal", None)["frozen"]
+        self._add(work, steps, {"op": "clone", "disk": face.disk, "node": face.id,
+                                "path": face.path, "frozen_path": frozen, "name": name,
+                                "face": self.new_id(), "face_path": face.path, "fmt": face.fmt})
+        return work.nodes[face.id]
+
     def _refuse_used_leaf(self, leaf, keep_current, kept_path):
         """A revert deletes the old active leaf, or (on a datapath that keeps leaves at
         fixed paths) moves it: refused when something else reads it."""
@@ -377,6 +450,16 @@ class Planner(object):
             raise ImageInUse(leaf.path, list(who), "a revert would move it to %s" % kept_path)
 
 
+def plan_disks(plan):
+    """The disks the steps of ``plan`` act on."""
+    out = set()
+    for s in plan.steps:
+        for it in s.get("items") or [s]:
+            if it.get("disk"):
+                out.add(it["disk"])
+    return sorted(out)
+
+
 def plan_summary(plan):
     """One line per step, for ``--dry-run`` and logs."""
     lines = []
@@ -384,8 +467,17 @@ def plan_summary(plan):
         op = s["op"]
         if op == "snapshot":
             for it in s["items"]:
-                lines.append("snapshot %s: freeze %s as %s, new leaf %s"
-                             % (it["disk"], it["frozen"][:8], it["frozen_path"], it["leaf_path"]))
+                lines.append("snapshot %s: freeze %s as %s, new leaf %s%s"
+                             % (it["disk"], it["frozen"][:8], it["frozen_path"], it["leaf_path"],
+                                ", snapshot image %s" % it["face_path"]
+                                if it.get("face_path") else ""))
+        elif op == "fold":
+            lines.append("fold %s: merge %s (%s) into its leaf %s (%s), moving ~%d bytes"
+                         % (s["disk"], s["node"][:8], s["path"], s["child"][:8],
+                            s["child_path"], s["bytes"]))
+        elif op == "clone":
+            lines.append("clone %s: freeze snapshot %s's image as %s, new empty image at %s"
+                         % (s["disk"], s["name"], s["frozen_path"], s["face_path"]))
         elif op in ("commit", "pull"):
             lines.append("%s %s: merge %s (%s) with its child %s (%s), moving ~%d bytes"
                          % (op, s["disk"], s["node"][:8], s["path"], s["child"][:8],

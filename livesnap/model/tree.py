@@ -94,6 +94,19 @@ class Tree(object):
         return sorted((s for s in self.snapshots.values() if s.state == SNAPSHOT),
                       key=lambda s: (s.created, s.name))
 
+    def owner(self, node_id):
+        """The snapshot whose data ``node_id`` holds: its own, or (SM's layout: an unnamed
+        base copy) that of its face, the snapshot leaf on it (the oldest when several)."""
+        node = self.nodes[node_id]
+        if node.snapshot is not None:
+            return node.snapshot
+        faces = [self.nodes[c].snapshot for c in self.children(node_id)
+                 if self.nodes[c].state in (SNAPSHOT, HIDDEN) and self.nodes[c].snapshot
+                 and self.nodes[c].snapshot in self.snapshots and not self.children(c)]
+        if not faces:
+            return None
+        return min(faces, key=lambda s: (self.snapshots[s].created, s))
+
     def snapshot_parent(self, name, include_hidden=False):
         """The snapshot whose node is the nearest ancestor of this snapshot's nodes.
 
@@ -106,8 +119,8 @@ class Tree(object):
         want_visible = self.snapshots[name].state == SNAPSHOT and not include_hidden
         node = self.nodes[nodes[sorted(nodes)[0]]].parent
         while node is not None:
-            owner = self.nodes[node].snapshot
-            if owner is not None and owner in self.snapshots and (
+            owner = self.owner(node)
+            if owner is not None and owner != name and owner in self.snapshots and (
                     not want_visible or self.snapshots[owner].state == SNAPSHOT):
                 return owner
             node = self.nodes[node].parent
@@ -120,7 +133,7 @@ class Tree(object):
             return None
         node = self.nodes[self.active[disks[0]]].parent
         while node is not None:
-            owner = self.nodes[node].snapshot
+            owner = self.owner(node)
             if owner is not None and self.snapshots.get(owner) and \
                     self.snapshots[owner].state == SNAPSHOT:
                 return owner

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 
-from livesnap.errors import DatapathError, DomainNotFound, Error, UsageError
+from livesnap.errors import DatapathError, DomainNotFound, Error, StorageBusy, UsageError
 from livesnap.platforms import sm_lock
 from livesnap.platforms.domain_xml import Disk
 from livesnap.platforms.xen_domain import XenDomainBase
@@ -65,6 +65,12 @@ def image_uuid(path):
             if is_uuid(cand):
                 return cand.lower()
     return None
+
+
+def xapi_time(iso):
+    """XAPI's datetime form (``20261204T23:21:20Z``) of an ISO 8601 UTC time, or None."""
+    m = re.match(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}:\d{2}:\d{2})", iso or "")
+    return "%s%s%sT%sZ" % m.groups() if m else None
 
 
 def userdevice_target(userdevice):
@@ -127,9 +133,12 @@ class XapiDomain(XenDomainBase):
     livesnap works: tapdisk's rename convention keeps every VDI's path).
 
     New images get new VDI uuids as names (``image_names``: ``<uuid>.vhd`` on a file SR,
-    ``VHD-<uuid>`` on LVHD), the names SM's scan knows; after each operation
-    ``sync_metadata`` has XAPI rescan the SRs and labels the snapshots' VDIs."""
+    ``VHD-<uuid>`` on LVHD), the names SM's scan knows, laid out as SM lays out its own
+    snapshots (``layout``: every visible VDI a leaf, every interior image a hidden base copy;
+    livesnap.model.planner); after each operation ``sync_metadata`` has XAPI rescan the SRs
+    and makes each snapshot's VDI a XAPI snapshot of the VM's VDI."""
     image_names = "uuid"
+    layout = "sm"
 
     def __init__(self, platform, ref, record):
         self.platform = platform
@@ -146,6 +155,7 @@ class XapiDomain(XenDomainBase):
         if record.get("is_a_template"):
             raise UsageError(reason="%s (%s) is a template, not a VM" % (self.name, self.uuid))
         self._srs = {}                  # target -> SR uuid
+        self._vdis = {}                 # target -> VDI ref
         self._disks = self._read_disks()
 
     # -- disks -------------------------------------------------------------------------------
@@ -166,6 +176,7 @@ class XapiDomain(XenDomainBase):
             sr = self.platform.call("SR.get_record", vdi["SR"])
             path, fmt, source_type = self._image(sr, vdi)
             self._srs[target] = sr.get("uuid")
+            self._vdis[target] = vbd["VDI"]
             out.append(Disk(target, path, fmt, "disk", source_type, vbd.get("mode") == "RO"))
         return out
 
@@ -216,27 +227,101 @@ class XapiDomain(XenDomainBase):
                                                     timeout=self.platform.sm_lock_timeout))
             yield
 
+    # -- SM's pause protocol -------------------------------------------------------------------
+
+    # sm_config keys SM sets while it works on a VDI (blktap2.py, cleanup.py, storage
+    # migration): livesnap leaves such a VDI alone
+    SM_BUSY = (("paused", "SM has its tapdisk paused (an SM snapshot or the GC's leaf-coalesce "
+                          "is running)"),
+               ("relinking", "SM's garbage collector is relinking its chain"),
+               ("mirror", "it is being mirrored to another SR (storage migration)"))
+
+    def refuse_busy(self, disks):
+        """Before an operation changes anything: refuse a disk whose VDI SM is working on, or
+        whose changed blocks are tracked (CBT: tapdisk keeps its log only when every unpause
+        names it, and each snapshot VDI needs its own copy; livesnap does neither yet, so a
+        pause would make the next incremental backup a full one)."""
+        for target in sorted(disks):
+            ref = self._vdis.get(target)
+            if ref is None:
+                continue
+            rec = self.platform.call("VDI.get_record", ref)
+            sm_config = rec.get("sm_config") or {}
+            for key, why in self.SM_BUSY:
+                if key in sm_config and not (key == "paused" and self.PAUSED_BY in sm_config):
+                    raise StorageBusy(self.name, target, rec.get("uuid"), why)
+            if rec.get("cbt_enabled"):
+                raise StorageBusy(self.name, target, rec.get("uuid"),
+                                  "changed-block tracking is on, and livesnap does not keep "
+                                  "CBT logs yet (a pause without them makes the next "
+                                  "incremental backup a full one); 'xe vdi-disable-cbt' first, "
+                                  "or use xe vm-snapshot")
+
+    # livesnap's mark beside SM's "paused": a "paused" left by a livesnap command killed
+    # inside a pause is livesnap's own (recover takes it over); any other is SM's
+    PAUSED_BY = "livesnap-paused"
+
+    @contextlib.contextmanager
+    def pause_guard(self, disks):
+        """Around livesnap's pause of these disks' tapdisks, what SM's ``tap_pause`` does
+        (blktap2.py, drivers/tapdisk-pause): the VDI's lock held and ``sm_config`` ``paused``
+        set, so SM and xapi see the VDI paused and SM waits for it; both undone afterwards.
+        A VDI that SM has marked paused meanwhile is refused (``StorageBusy``)."""
+        with contextlib.ExitStack() as stack:
+            for target in sorted(disks):
+                ref = self._vdis.get(target)
+                if ref is None:
+                    continue
+                rec = self.platform.call("VDI.get_record", ref)
+                stack.enter_context(sm_lock.vdi_lock(rec.get("uuid"),
+                                                     base_dir=self.platform.sm_lock_dir,
+                                                     timeout=self.platform.sm_lock_timeout))
+                sm_config = self.platform.call("VDI.get_sm_config", ref)
+                if "paused" in sm_config and self.PAUSED_BY not in sm_config:
+                    raise StorageBusy(self.name, target, rec.get("uuid"), self.SM_BUSY[0][1])
+                if self.PAUSED_BY not in sm_config:
+                    self.platform.call("VDI.add_to_sm_config", ref, self.PAUSED_BY, "true")
+                stack.callback(self._unmark_paused, ref)
+                if "paused" not in sm_config:
+                    self.platform.call("VDI.add_to_sm_config", ref, "paused", "true")
+            yield
+
+    def _unmark_paused(self, ref):
+        for key in ("paused", self.PAUSED_BY):
+            try:
+                self.platform.call("VDI.remove_from_sm_config", ref, key)
+            except XapiError as e:
+                log.warning("sm_config %s of VDI %s not removed: %s", key, ref, e)
+
     # -- XAPI's records -----------------------------------------------------------------------
 
     def sync_metadata(self, tree):
         """Tell XAPI about the chains livesnap changed, outside every pause: ``SR.scan`` of
         the VM's SRs (SM makes VDI records for new images, sets ``sm_config.vhd-parent``,
-        marks hidden ones unmanaged, forgets images that are gone), then each livesnap
-        snapshot's VDI is labelled ``livesnap <name>: <vm> <disk>`` with
-        ``other_config.livesnap_snapshot`` = the snapshot's name."""
+        marks hidden ones unmanaged, forgets images that are gone). Then each snapshot's
+        VDI is what ``VDI.snapshot`` makes: ``is_a_snapshot``, ``snapshot_of`` the VM's VDI
+        of that disk, ``snapshot_time``, labelled ``livesnap <name>: <vm> <disk>`` with
+        ``other_config.livesnap_snapshot`` = the snapshot's name; a hidden image livesnap
+        keeps is labelled ``base copy``, as SM labels its own."""
         for sr_uuid in self.sr_uuids():
             self.platform.call("SR.scan", self.platform.call("SR.get_by_uuid", sr_uuid))
+        leaves = {}
+        for disk, nid in tree.active.items():
+            vdi_uuid = image_uuid(tree.nodes[nid].path)
+            if vdi_uuid is not None:
+                leaves[disk] = self._vdi_ref(vdi_uuid, tree.nodes[nid].path)
         for n in sorted(tree.nodes.values(), key=lambda n: n.id):
             vdi_uuid = image_uuid(n.path)
             if n.state not in ("snapshot", "hidden") or vdi_uuid is None:
                 continue
-            try:
-                ref = self.platform.call("VDI.get_by_uuid", vdi_uuid)
-            except XapiError:
-                log.warning("XAPI has no VDI %s for %s after a scan", vdi_uuid, n.path)
+            ref = self._vdi_ref(vdi_uuid, n.path)
+            if ref is None:
                 continue
-            label = "livesnap %s: %s %s" % (n.snapshot or "internal", self.name, n.disk)
             rec = self.platform.call("VDI.get_record", ref)
+            if n.snapshot is None:
+                label = "base copy"
+            else:
+                label = "livesnap %s: %s %s" % (n.snapshot, self.name, n.disk)
             if rec.get("name_label") != label:
                 self.platform.call("VDI.set_name_label", ref, label)
             if (rec.get("other_config") or {}).get("livesnap_snapshot") != n.snapshot:
@@ -244,6 +329,27 @@ class XapiDomain(XenDomainBase):
                 if n.snapshot is not None:
                     self.platform.call("VDI.add_to_other_config", ref, "livesnap_snapshot",
                                        n.snapshot)
+            of = leaves.get(n.disk)
+            if n.state == "snapshot" and n.snapshot in tree.snapshots and of is not None:
+                self._mark_snapshot(ref, rec, of, tree.snapshots[n.snapshot].created)
+
+    def _vdi_ref(self, vdi_uuid, path):
+        try:
+            return self.platform.call("VDI.get_by_uuid", vdi_uuid)
+        except XapiError:
+            log.warning("XAPI has no VDI %s for %s after a scan", vdi_uuid, path)
+            return None
+
+    def _mark_snapshot(self, ref, rec, of, created):
+        """The VDI a snapshot of VDI ``of``, as ``VDI.snapshot`` leaves it (the setters xapi
+        gives SM for its records)."""
+        if not rec.get("is_a_snapshot"):
+            self.platform.call("VDI.set_is_a_snapshot", ref, True)
+        if rec.get("snapshot_of") != of:
+            self.platform.call("VDI.set_snapshot_of", ref, of)
+        stamp = xapi_time(created)
+        if stamp and rec.get("snapshot_time") != stamp:
+            self.platform.call("VDI.set_snapshot_time", ref, stamp)
 
     # -- state -------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ Public API (sizes and offsets in bytes; paths may be relative)::
     open_header(path) -> Image                     footer + header only: safe on an open leaf
     parent_of(path) -> parent path or None         from the header (locators) alone
     data_end_unchecked(path) -> bytes              BAT's end of data, unvalidated (estimate)
+    data_unchecked(path) -> bytes                  allocated blocks' bytes, unvalidated
     query(path) -> Info(path, type, virtual_size, physical_size, parent, parent_uuid, uuid,
                         hidden, marker, depth, allocated_blocks, max_size, block_size)
     read(path, offset, length) -> bytes;  write(path, offset, data)
@@ -48,12 +49,13 @@ from livesnap.vhd.errors import (VhdChainLoop, VhdChainTooDeep, VhdCorrupt, VhdE
 from livesnap.vhd.create import create, snapshot
 from livesnap.vhd.edit import grow, set_hidden, set_marker, set_parent
 from livesnap.vhd.fileio import RawImage
-from livesnap.vhd.image import (Image, Info, chain_paths, data_end_unchecked, open_header,
-                                open_image, parent_of, query, read, write)
+from livesnap.vhd.image import (Image, Info, chain_paths, data_end_unchecked, data_unchecked,
+                                open_header, open_image, parent_of, query, read, write)
 from livesnap.vhd.merge import coalesce, pull
 
 __all__ = [
-    "open_image", "open_header", "parent_of", "data_end_unchecked", "Image", "create",
+    "open_image", "open_header", "parent_of", "data_end_unchecked", "data_unchecked", "Image",
+    "create",
     "snapshot", "read", "write", "query", "Info", "set_parent",
     "set_hidden", "set_marker", "grow", "check", "repair", "coalesce", "pull", "chain_paths",
     "RawImage", "VhdError", "VhdCorrupt", "VhdMissing", "VhdUnsupported", "VhdRange",

@@ -253,6 +253,15 @@ def data_end_unchecked(path):
         return fmt.pad_sectors(end) + fmt.SECTOR
 
 
+def data_unchecked(path):
+    """Bytes of the blocks the BAT says are allocated, read without validating: what a
+    merge of a leaf a tapdisk holds open would copy (an estimate, never a basis for
+    writing)."""
+    with open_header(path) as img:
+        img._load_bat()
+        return sum(1 for e in img.bat if e != fmt.UNUSED) * img.block_size
+
+
 def open_any(path, writable=False, raw=False, chain=True):
     return RawImage(path, writable) if raw else open_image(path, writable, chain)
 

@@ -22,7 +22,9 @@ class Sim(object):
 
     ``policy`` "libvirt": new images get new paths, merges are free. "tapdisk": the active
     leaf keeps its path (frozen images are renamed away), and a merge with the active leaf
-    needs an internal snapshot first (only read-only images may be copied online).
+    needs an internal snapshot first (only read-only images may be copied online). "sm":
+    tapdisk's rules in SM's layout (a XAPI host): snapshots are empty leaves (faces) on hidden
+    base copies, merges into a leaf are folds.
     """
 
     def __init__(self, disks=DISKS, with_base=True, policy="libvirt"):
@@ -41,10 +43,11 @@ class Sim(object):
             self.data["/img/%s-0" % d] = {}
             active[d] = "leaf0-" + d
         self.tree = Tree(nodes, [], active)
-        tapdisk = policy == "tapdisk"
+        tapdisk = policy in ("tapdisk", "sm")
         self.planner = P.Planner("dom", self.namer, new_id=self.new_id, max_depth=1000,
                                  merge_ops=self.merge_ops if tapdisk else None,
-                                 needs_internal=self.needs_internal if tapdisk else None)
+                                 needs_internal=self.needs_internal if tapdisk else None,
+                                 faces=policy == "sm", empty=self.empty)
 
     def new_id(self):
         return "n%d" % next(self.counter)
@@ -52,10 +55,14 @@ class Sim(object):
     def namer(self, tree, disk, purpose, name, keep=None):
         fresh = "/img/%s-%d" % (disk, next(self.counter))
         current = tree.nodes[tree.active[disk]].path
-        if self.policy == "tapdisk":
+        if self.policy in ("tapdisk", "sm"):
             return {"frozen": fresh, "leaf": current,
-                    "kept": "/img/%s-kept-%d" % (disk, next(self.counter))}
+                    "kept": "/img/%s-kept-%d" % (disk, next(self.counter)),
+                    "face": "/img/%s-face-%d" % (disk, next(self.counter))}
         return {"frozen": current, "leaf": fresh, "kept": None}
+
+    def empty(self, tree, node_id):
+        return not self.data[tree.nodes[node_id].path]
 
     @staticmethod
     def needs_internal(tree, child):
@@ -98,6 +105,13 @@ class Sim(object):
                     self.data[it["frozen_path"]] = self.data.pop(old)
                 assert it["leaf_path"] not in self.data
                 self.data[it["leaf_path"]] = {}
+                if it.get("face_path"):
+                    assert it["face_path"] not in self.data
+                    self.data[it["face_path"]] = {}
+        elif op == "clone":
+            assert t.children(step["node"]) == [] and step["frozen_path"] not in self.data
+            self.data[step["frozen_path"]] = self.data.pop(step["path"])
+            self.data[step["face_path"]] = {}
         elif op == "new_leaf":
             assert step["leaf_path"] not in self.data
             self.data[step["leaf_path"]] = {}
@@ -113,8 +127,10 @@ class Sim(object):
             assert t.children(step["node"]) == [step["child"]]
             assert t.nodes[step["node"]].state in (SNAPSHOT, HIDDEN)
             self.data[step["path"]].update(self.data.pop(step["child_path"]))
-        elif op == "pull":
+        elif op in ("pull", "fold"):
             assert t.children(step["node"]) == [step["child"]]
+            if op == "fold":
+                assert t.children(step["child"]) == [], "a fold is into a leaf"
             merged = dict(self.data.pop(step["path"]))
             merged.update(self.data[step["child_path"]])
             self.data[step["child_path"]] = merged
@@ -135,6 +151,16 @@ def check_invariants(sim, expected_snaps, expected_live):
         assert sim.read(t.active[d]) == content
     # no image the tree does not know, none it knows missing
     assert set(sim.data) == {n.path for n in t.nodes.values()}
+    if sim.policy == "sm":
+        # SM's layout: every visible image a leaf, every interior image a hidden base copy
+        # with two or more children (one left is merged at once)
+        for n in t.nodes.values():
+            kids = t.children(n.id)
+            if n.state in (SNAPSHOT, ACTIVE):
+                assert kids == [], n
+            elif n.state == HIDDEN:
+                assert n.snapshot is None and len(kids) >= 2, (n, kids)
+        return
     for n in t.nodes.values():
         if n.state == HIDDEN and n.snapshot is None:     # deferred internal node
             kids = t.children(n.id)
@@ -149,7 +175,7 @@ ops = st.lists(st.tuples(st.sampled_from(["write", "write", "create", "create", 
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops, st.booleans(), st.sampled_from(["libvirt", "tapdisk"]))
+@given(ops, st.booleans(), st.sampled_from(["libvirt", "tapdisk", "sm"]))
 def test_random_sequences_keep_every_snapshot_and_the_live_disks(seq, with_base, policy):
     sim = Sim(with_base=with_base, policy=policy)
     snaps = {}
@@ -191,6 +217,9 @@ def test_random_sequences_keep_every_snapshot_and_the_live_disks(seq, with_base,
     assert all(n.state in (ACTIVE, BASE) or (n.state == HIDDEN and n.snapshot is None)
                for n in sim.tree.nodes.values())
     assert sim.tree.snapshots == {}
+    if policy == "sm":
+        # nothing left but each disk's leaf on its base: the GC would find nothing
+        assert len(sim.tree.nodes) == len(DISKS) * (2 if with_base else 1)
     if policy == "tapdisk":
         # at most one deferred internal image per disk, reclaimed by the next snapshot
         assert len(sim.tree.nodes) <= len(DISKS) * (3 if with_base else 2)

@@ -110,18 +110,19 @@ class World(object):
         """An LVHD SR whose volume group is the LVM stand-in's ``vg`` (VG_XenStorage-<uuid>)."""
         return self.xapi.add_sr("lvm", uuid=vg.name[len("VG_XenStorage-"):])
 
-    def add_vm(self, name="vm1", ndisks=2, power_state="Halted", sr=None, **fields):
+    def add_vm(self, name="vm1", ndisks=2, power_state="Halted", sr=None, size=SIZE,
+               **fields):
         from livesnap.tools import lvm
         sr = sr or self.sr
         vm = self.xapi.add_vm(name, power_state=power_state, **fields)
         paths = {}
         for i in range(ndisks):
-            vdi = self.xapi.add_vdi(sr, SIZE)
+            vdi = self.xapi.add_vdi(sr, size)
             path = self.xapi.vdi_path(vdi)
             vg_lv = lvm.split_path(path)
             if vg_lv:
-                lvm.lvcreate(vg_lv[0], vg_lv[1], lvm.full_size(SIZE))
-            blktap.create(path, SIZE)
+                lvm.lvcreate(vg_lv[0], vg_lv[1], lvm.full_size(size))
+            blktap.create(path, size)
             self.xapi.add_vbd(vm, vdi, userdevice=str(i))
             paths["xvd" + "abcdefgh"[i]] = path
         return Vm(self, vm, paths)

@@ -227,8 +227,9 @@ class Scenario(object):
         view = self.sm.classify(self.sr)          # what the GC is about to act on
         if after_delete:
             assert view["coalesceable"] == view["leaf_coalesceable"] == [], (
-                "after a delete SM still finds work: coalesceable %s, leaf-coalesceable %s"
-                % (view["coalesceable"], view["leaf_coalesceable"]))
+                "after a delete SM still finds work: coalesceable %s, leaf-coalesceable %s; "
+                "SM's view of the SR: %s" % (view["coalesceable"], view["leaf_coalesceable"],
+                                             view.get("vdis")))
         self.sm.gc(self.sr)
         images = self.images()
         self.activate()
@@ -308,38 +309,27 @@ ISSUE13_LEAF = (
     "the snapshot's VDI: the snapshot's image is gone")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LEAF)
 def test_file_sr_create(scenario):
     scenario.write(); scenario.create("s1"); scenario.gc_and_check()
     scenario.write(); scenario.create("s2"); scenario.gc_and_check()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LEAF)
 def test_file_sr_delete_with_one_child(scenario):
     _delete_one_child(scenario, scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LEAF)
 def test_file_sr_delete_with_two_children(scenario):
     _delete_two_children(scenario, scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LEAF)
 def test_file_sr_delete_with_no_child(scenario):
     _delete_no_child(scenario, scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LEAF)
 def test_file_sr_revert(scenario):
     _revert(scenario, scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 13 item 1, after a delete (observed with the SR's leaf-coalesce switched off, so "
-    "that the first defect does not hide it): deleting the newest snapshot of a running VM "
-    "leaves livesnap's internal image (hidden, one child: the leaf) under the older "
-    "snapshot s1; SM finds it isCoalesceable right after the delete, and its GC coalesces "
-    "it into s1's image: s1 then reads guest data written after it was taken"))
 def test_file_sr_online_delete_newest_without_leaf_coalesce(scenario):
     scenario.world.xapi.record("SR", scenario.sr)["other_config"]["leaf-coalesce"] = "false"
     scenario.start()
@@ -471,42 +461,32 @@ ISSUE13_LOCATORS = (
     "VM's leaf leaf-coalesceable into livesnap's visible snapshot")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LOCATORS)
 def test_lvhd_create(lvhd_scenario):
     sc = lvhd_scenario
     sc.write(); sc.create("s1"); sc.gc_and_check()
     sc.write(); sc.create("s2"); sc.gc_and_check()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LOCATORS)
 def test_lvhd_delete_with_one_child(lvhd_scenario):
     _delete_one_child(lvhd_scenario, lvhd_scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LOCATORS)
 def test_lvhd_delete_with_two_children(lvhd_scenario):
     _delete_two_children(lvhd_scenario, lvhd_scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LOCATORS)
 def test_lvhd_delete_with_no_child(lvhd_scenario):
     _delete_no_child(lvhd_scenario, lvhd_scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE13_LOCATORS)
 def test_lvhd_revert(lvhd_scenario):
     _revert(lvhd_scenario, lvhd_scenario.gc_and_check)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 13 item 5 (observed): after snapshot_create there is no VM snapshot record, and "
-    "the snapshot's VDI (made by SR.scan) has is_a_snapshot=false and no snapshot_of; SM's "
-    "own scan sees the snapshot's image as a visible VDI that is the parent of the VM's "
-    "leaf, an interior node SM's model never has"))
-def test_file_sr_snapshot_in_xapis_model(scenario):
-    """What XenCenter and ``xe vm-snapshot-list`` read: a VM snapshot record
-    (is_a_snapshot, snapshot_of the VM) whose disks are VDIs with is_a_snapshot and
-    snapshot_of their VDI; and in SM's scan every visible VDI a leaf."""
+def test_file_sr_snapshot_vdis_in_xapis_model(scenario):
+    """What XenCenter and ``xe snapshot-list`` read of the disks: the snapshot's VDI has
+    is_a_snapshot and snapshot_of the VM's VDI, and in SM's own scan every visible VDI is a
+    leaf, every parent a hidden base copy."""
     sc = scenario
     x = sc.world.xapi
     sc.write()
@@ -516,9 +496,123 @@ def test_file_sr_snapshot_in_xapis_model(scenario):
                  if rec["uuid"] == os.path.basename(sc.disk)[:-len(".vhd")]]
     scan = sc.sm.scan(sc.sr)
     visible_parents = {v["parent"] for v in scan.values() if v["parent"]}
-    assert not [u for u in visible_parents if not scan[u]["hidden"]], scan
+    assert visible_parents and not [u for u in visible_parents if not scan[u]["hidden"]], scan
+    snap_vdi, = [rec for rec in x.objects["VDI"].values() if rec["uuid"] == image_uuid]
+    assert snap_vdi["is_a_snapshot"] is True and snap_vdi["snapshot_of"] == disk_ref
+    assert snap_vdi["snapshot_time"] != "19700101T00:00:00Z"
+    assert snap_vdi["uuid"] in {x.record("VDI", ref)["uuid"]
+                                for ref in x.record("VDI", disk_ref)["snapshots"]}
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "issue 13 item 5, left (observed): snapshot_create makes the VDIs XAPI snapshots of the "
+    "VM's VDIs, but no VM snapshot record (is_a_snapshot, snapshot_of the VM, VBDs to those "
+    "VDIs): XenCenter's Snapshots tab and xe vm-snapshot-list show nothing; only "
+    "VM.snapshot makes one, and it has SM make its own snapshot of every disk"))
+def test_file_sr_vm_snapshot_record(scenario):
+    """What XenCenter's Snapshots tab and ``xe vm-snapshot-list`` read: a VM snapshot record
+    (is_a_snapshot, snapshot_of the VM) whose disks are the snapshot's VDIs."""
+    sc = scenario
+    x = sc.world.xapi
+    sc.write()
+    sc.ok("snapshot_create", name="s1")
     vms = [rec for rec in x.objects["VM"].values()
            if rec["is_a_snapshot"] and rec["snapshot_of"] == sc.vm.ref]
     assert len(vms) == 1, "no VM snapshot record"
-    snap_vdi, = [rec for rec in x.objects["VDI"].values() if rec["uuid"] == image_uuid]
-    assert snap_vdi["is_a_snapshot"] is True and snap_vdi["snapshot_of"] == disk_ref
+
+# -- the fold: a base copy merged into the running leaf at once ---------------------------------
+
+BIG = 32 * MiB
+
+
+def _fold_vm(world, blktap, sr):
+    """A halted VM with one 32 MiB disk on ``sr``; s1 taken offline over 8 MiB of data, then
+    12 MiB more written into the leaf (more than the fold's 4 MiB for its last pause), all
+    past the guest writer's ring (its records sit in the first 8 MiB)."""
+    vm = world.add_vm(ndisks=1, sr=sr, size=BIG)
+    disk = vm.paths["xvda"]
+    blktap.write(disk, 8 * MiB, 8 * MiB, 0x31)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    blktap.write(disk, 12 * MiB, 12 * MiB, 0x32)
+    return vm, disk
+
+
+def _fold_sr(request, world, sm, kind):
+    """An SR of ``kind`` whose SR.scan is SM's own."""
+    world.xapi.scanner = sm.scan
+    if kind == "ext":
+        return world.sr
+    sr = world.add_lvm_sr(request.getfixturevalue("lvm_vg"))
+    sm.lvhd_init(sr)
+    return sr
+
+
+def _only_image(world, sr, disk):
+    sc = Scenario.__new__(Scenario)
+    sc.world, sc.sr = world, sr
+    sc.activate()
+    images = world.xapi.sr_images(sr)
+    assert list(images.values()) == [disk], images
+    q = txblktap.query(disk)
+    assert q["parent"] is None and q["hidden"] == 0, q
+
+
+@pytest.mark.parametrize("kind", ["ext", "lvm"])
+def test_online_delete_folds_the_base_into_the_running_leaf(request, world, blktap, sm, kind):
+    """Deleting the only snapshot of a running VM (its base copy's one child: the leaf the
+    guest writes): the base is merged into the leaf at once, in rounds of short pauses and
+    one last pause for the leaf's few blocks, leaving one image at the VM's path (SM's end
+    state: nothing to coalesce); every acknowledged guest write and every byte written
+    before is there."""
+    sr = _fold_sr(request, world, sm, kind)
+    vm, disk = _fold_vm(world, blktap, sr)
+    expected = txblktap.read(disk, 8 * MiB, 24 * MiB)
+    assert len(world.xapi.sr_images(sr)) == 3              # base, face, leaf
+    vm.start()
+    r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert r["action"] == "merged" and r["datapath"] == "tapdisk"
+    merge, = r["merges"]
+    assert merge["method"] == "fold" and merge["rounds"] >= 1, r
+    # each round: a pause to freeze the leaf, one to point it at the base; then the last
+    assert len(r["pauses"]) == 2 * merge["rounds"] + 1, r
+    assert r["pause_ms"] == max(p["ms"] for p in r["pauses"])
+    assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] == []
+    vm.stop()                                   # every acknowledged write is in the disk
+    _only_image(world, sr, disk)
+    assert txblktap.read(disk, 8 * MiB, 24 * MiB) == expected
+    view = sm.classify(sr)
+    assert view["coalesceable"] == view["leaf_coalesceable"] == view["garbage"] == [], view
+
+
+@pytest.mark.parametrize("kind,fault", [
+    ("ext", "tapdisk:renamed:0"), ("ext", "tapdisk:folded:0"),
+    ("lvm", "tapdisk:renamed:0"), ("lvm", "tapdisk:folded:0"), ("lvm", "lvm:inflated:0")])
+def test_fold_killed_anywhere_then_recover(request, world, blktap, sm, kind, fault):
+    """The plugin killed inside a fold (in a round's freeze pause, in the last pause before
+    the rename, while the base is inflated for a round's merge): ``recover`` finishes the
+    fold: one image at the VM's path holding the guest's acknowledged writes and the earlier
+    data, the tapdisk unpaused and serving."""
+    import subprocess
+    import xmlrpc.client
+    from conftest_paths import PLUGIN
+    from livesnap.tools import tap_ctl
+    sr = _fold_sr(request, world, sm, kind)
+    vm, disk = _fold_vm(world, blktap, sr)
+    expected = txblktap.read(disk, 8 * MiB, 24 * MiB)
+    vm.start()
+    p = subprocess.run([PLUGIN, xmlrpc.client.dumps((world.session, {"vm_uuid": vm.uuid,
+                                                                      "name": "s1"}),
+                                                    methodname="snapshot_delete")],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                       env=world.env(LIVESNAP_FAULT=fault), timeout=120)
+    assert p.returncode == -9, (p.returncode, p.stdout, p.stderr)
+    r = world.ok("recover", vm_uuid=vm.uuid)
+    assert r["op"] == "delete", r
+    td = tap_ctl.find(disk)
+    assert td is not None and not (td.state or 0) & tap_ctl.PAUSED
+    assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] == []
+    vm.stop()
+    _only_image(world, sr, disk)
+    assert txblktap.read(disk, 8 * MiB, 24 * MiB) == expected
+    view = sm.classify(sr)
+    assert view["coalesceable"] == view["leaf_coalesceable"] == [], view
