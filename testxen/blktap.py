@@ -8,6 +8,9 @@ archive's sha256), and the helpers the Xen tests use to drive them.
   unanswered until something wakes it; docs/xen.md).
 * ``vhd_util(*args)``, ``check(path)`` (``vhd-util check -n PATH -p -b``: [] or the problems),
   ``query(path)`` (parent, hidden, virtual size), ``create(path, size)``.
+* ``spawn(path)`` / ``destroy(pid, minor)`` / ``kill(pid, minor)``: a real tapdisk's life; a
+  killed one's leftovers (sockets, /dev/shm metrics, its minor's ID file while still its own)
+  are removed, and ``spawn`` first sweeps what dead tapdisks left (docs/xen.md).
 * ``Tapdisks``: tapdisks of one test, each with a guest (testxen/guest.py) doing IO through the
   real tapdisk over NBD; everything it started is destroyed or killed in ``close()``.
 * ``read(path, offset, length)`` / ``write(path, offset, data)``: IO on the chain of ``path``
