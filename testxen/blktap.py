@@ -4,8 +4,13 @@ archive's sha256), and the helpers the Xen tests use to drive them.
 
 * ``prefix()``: the built prefix; ``MissingBuild`` (a failure, not a skip) when it is absent.
 * ``env()``: TAP_CTL (tap-ctl with the memlock shim preloaded) and VHD_UTIL for livesnap.
+* ``pause(pid, minor)``: ``tap-ctl pause``, nudged (tapdisk may leave a finished pause
+  unanswered until something wakes it; docs/xen.md).
 * ``vhd_util(*args)``, ``check(path)`` (``vhd-util check -n PATH -p -b``: [] or the problems),
   ``query(path)`` (parent, hidden, virtual size), ``create(path, size)``.
+* ``spawn(path)`` / ``destroy(pid, minor)`` / ``kill(pid, minor)``: a real tapdisk's life; a
+  killed one's leftovers (sockets, /dev/shm metrics, its minor's ID file while still its own)
+  are removed, and ``spawn`` first sweeps what dead tapdisks left (docs/xen.md).
 * ``Tapdisks``: tapdisks of one test, each with a guest (testxen/guest.py) doing IO through the
   real tapdisk over NBD; everything it started is destroyed or killed in ``close()``.
 * ``read(path, offset, length)`` / ``write(path, offset, data)``: IO on the chain of ``path``
@@ -16,6 +21,8 @@ import fcntl
 import glob
 import hashlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +103,28 @@ def tap_ctl(*args):
     return _run([tap_ctl_bin()] + list(args), timeout=60, env=dict(os.environ, **env()))
 
 
+def pause(pid, minor, timeout=120, interval=0.05):
+    """``tap-ctl pause -p PID -m MINOR`` as a host's tools run it (the SM stand-in's
+    tapdisk-pause plugin), nudged as livesnap's pause is: ``tap-ctl list -p PID`` every
+    ``interval`` s while it runs, because tapdisk leaves a finished pause unanswered until
+    some event wakes its event loop (docs/xen.md, livesnap/tools/tap_ctl.py). (rc, out, err);
+    rc -9 after ``timeout`` s."""
+    p = subprocess.Popen([tap_ctl_bin(), "pause", "-p", str(pid), "-m", str(minor)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, env=dict(os.environ, **env()))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            out, err = p.communicate(timeout=interval)
+            return p.returncode, out, err
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                p.kill()
+                out, err = p.communicate()
+                return -9, out, err
+            tap_ctl("list", "-p", pid)
+
+
 def check(path):
     """``vhd-util check -n PATH -p -b`` (the image, its parents, the bitmaps): [] when valid,
     else [its output]."""
@@ -146,17 +175,27 @@ def _alive(pid):
         return False
 
 
+def _is_tapdisk(pid):
+    """A live (not zombie) tapdisk process."""
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            if f.read().strip() != "tapdisk":
+                return False
+    except OSError:
+        return False
+    return _alive(pid)
+
+
 MINORS_LOCK = "/run/livesnap-test-blktap-minors.lock"
 _minors_depth = [0, None]
 
 
 @contextlib.contextmanager
 def minors():
-    """Held while a test creates or destroys a tapdisk, across processes (pytest-xdist
-    workers): tap-ctl frees a minor at destroy, and a paused or killed tapdisk's ID file is
-    removed here afterwards (``_forget``); without the lock another worker may allocate that
-    minor in between and lose its ID file, so that two tapdisks end up with one minor.
-    Re-entrant within a process."""
+    """A cross-process lock (pytest-xdist workers), re-entrant within a process. No longer
+    needed for the minors: tap-ctl allocates and frees them under its own lock, and the test
+    bed removes a killed tapdisk's ID file only when it is still the one that tapdisk held
+    (``_forget``). Kept for callers that serialise whole tests with it."""
     if _minors_depth[0] == 0:
         fd = os.open(MINORS_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -171,22 +210,119 @@ def minors():
             _minors_depth[1] = None
 
 
-def _forget(pid, minor):
-    """What a SIGKILLed tapdisk leaves: its minor's ID file and its sockets."""
-    for p in [os.path.join(RUN, "tapdisk", "tapdisk-%d" % minor)] \
-            + glob.glob(os.path.join(RUN, "*%d.%d" % (pid, minor))) \
-            + glob.glob(os.path.join(RUN, "*%d" % pid)):
+# What a tapdisk creates and removes again at a clean exit, and leaves behind when killed:
+# sockets in RUN named for its pid (ctl<pid>, nbdclient<pid>, nbd<pid>.<minor>, nbd-old...,
+# nbdserver..., nbdserver-new...), metrics in /dev/shm (td3-<pid>/ and metrics/tap-<pid>-<minor>),
+# and its minor's ID file RUN/tapdisk/tapdisk-<minor> (tap-ctl's: created by ``allocate``,
+# flocked by the tapdisk while attached, unlinked by ``free``). tapdisk creates its metrics
+# files with O_EXCL: a later tapdisk that gets the same pid (pid_max is 32768 here) and the same
+# minor fails ``tap-ctl create`` with EEXIST ("File exists") while they are left.
+SHM = "/dev/shm"
+MINOR_DIR = os.path.join(RUN, "tapdisk")
+_markers = {}            # (pid, minor) -> identity of the ID file the tapdisk holds
+
+
+def _marker_path(minor):
+    return os.path.join(MINOR_DIR, "tapdisk-%d" % minor)
+
+
+def _identity(st):
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+def _pid_files(pid):
+    """The sockets and metrics named for ``pid`` exactly (not ctl1<pid>, tap-1<pid>-0)."""
+    out = []
+    for d, pattern in ((RUN, r"[a-z-]+%d(\.\d+)?" % pid), (SHM, r"td3-%d" % pid),
+                       (os.path.join(SHM, "metrics"), r"tap-%d-\d+" % pid)):
         try:
-            os.unlink(p)
+            names = os.listdir(d)
         except OSError:
-            pass
+            continue
+        out += [os.path.join(d, n) for n in names if re.fullmatch(pattern, n)]
+    return out
+
+
+def _remove(path):
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _forget(pid, minor):
+    """After ``pid`` died without ``tap-ctl destroy`` (SIGKILL): remove its sockets and metrics
+    and free its minor. The ID file is unlinked only if it is still the one this tapdisk held
+    (recorded by ``spawn``) and nobody holds its flock, under the lock tap-ctl's ``allocate``
+    and ``free`` take: once tap-ctl freed the minor another tapdisk may have it, and unlinking
+    that one's ID file would let a third tapdisk share its minor."""
+    for p in _pid_files(pid):
+        _remove(p)
+    known = _markers.pop((pid, minor), None)
+    if known is None:
+        return
+    try:
+        dfd = os.open(MINOR_DIR, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)
+        try:
+            mfd = os.open(_marker_path(minor), os.O_RDONLY)
+        except OSError:
+            return                                  # already freed
+        try:
+            if _identity(os.fstat(mfd)) != known:
+                return                              # freed, and allocated again since
+            try:
+                fcntl.flock(mfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return                              # held: some tapdisk has it
+            os.unlink(_marker_path(minor))
+        finally:
+            os.close(mfd)
+    finally:
+        os.close(dfd)
+
+
+def sweep(min_age=10.0):
+    """Remove the metrics and sockets of tapdisks that are gone (killed by other runs or
+    tests, which leave them), so that a new tapdisk that gets a dead one's pid can create its
+    metrics. Skips a live tapdisk's files and anything younger than ``min_age`` seconds."""
+    now = time.time()
+    seen = {}
+    for d, pattern in ((SHM, r"td3-(\d+)"), (os.path.join(SHM, "metrics"), r"tap-(\d+)-\d+"),
+                       (RUN, r"[a-z-]+?(\d+)(\.\d+)?")):
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for n in names:
+            m = re.fullmatch(pattern, n)
+            if not m:
+                continue
+            pid = int(m.group(1))
+            if pid not in seen:
+                seen[pid] = _is_tapdisk(pid)
+            if seen[pid]:
+                continue
+            p = os.path.join(d, n)
+            try:
+                if now - os.lstat(p).st_mtime < min_age:
+                    continue
+            except OSError:
+                continue
+            _remove(p)
 
 
 def spawn(path, readonly=False):
     """``tap-ctl create -a vhd:PATH [-R]``: (pid, minor) of the new real tapdisk."""
+    sweep()
     args = ["create", "-a", "vhd:%s" % path] + (["-R"] if readonly else [])
-    with minors():
-        rc, out, err = tap_ctl(*args)
+    rc, out, err = tap_ctl(*args)
     if rc != 0:
         raise OSError(rc, "tap-ctl create -a vhd:%s failed: %s" % (path, (err or out).strip()))
     minor = parse_create(out)
@@ -194,45 +330,49 @@ def spawn(path, readonly=False):
     pid = None
     for line in out.splitlines():
         kv = dict(t.split("=", 1) for t in line.split() if "=" in t)
-        if kv.get("minor") == str(minor):
+        if kv.get("minor") == str(minor) and kv.get("args") == "vhd:%s" % path:
             pid = int(kv["pid"])
     assert pid is not None, (minor, out, err)
+    try:
+        _markers[(pid, minor)] = _identity(os.stat(_marker_path(minor)))
+    except OSError:
+        pass
     return pid, minor
 
 
 def destroy(pid, minor):
-    """``tap-ctl destroy``; SIGKILL (and clean up after it) when that fails."""
-    with minors():
-        try:
-            rc, _, _ = tap_ctl("destroy", "-p", pid, "-m", minor)
-        except subprocess.TimeoutExpired:
-            rc = -1
-        if rc != 0 and _alive(pid):
-            kill(pid, minor)
-        _reaped(pid, minor)
+    """``tap-ctl destroy`` (which frees the minor); SIGKILL (and clean up after it) when that
+    fails. tap-ctl's rc."""
+    try:
+        rc, _, _ = tap_ctl("destroy", "-p", pid, "-m", minor)
+    except subprocess.TimeoutExpired:
+        rc = -1
+    if rc == 0:
+        _gone(pid, minor)
+    else:
+        kill(pid, minor)
     return rc
 
 
-def _reaped(pid, minor, timeout=10.0):
-    """After a destroy: once the tapdisk is gone, remove its minor's ID file if tap-ctl left
-    it (it does when the tapdisk was paused: the minor would stay taken)."""
+def _gone(pid, minor, timeout=10.0):
+    """After a successful destroy: wait for the tapdisk to exit (it removes its own files;
+    tap-ctl freed the minor)."""
+    _markers.pop((pid, minor), None)
     deadline = time.monotonic() + timeout
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
-    if not _alive(pid):
-        _forget(pid, minor)
 
 
 def kill(pid, minor):
-    with minors():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        _forget(pid, minor)
+    """SIGKILL the tapdisk, wait for it, and remove what it leaves (``_forget``)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _forget(pid, minor)
 
 
 @contextlib.contextmanager
@@ -346,7 +486,7 @@ class Tapdisks(object):
         rc, out, err = tap_ctl("destroy", "-p", pid, "-m", minor)
         if rc == 0:
             self.disks.pop((pid, minor), None)
-            _reaped(pid, minor)
+            _gone(pid, minor)
         return rc, out, err
 
     def close(self):

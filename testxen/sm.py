@@ -216,41 +216,14 @@ class Blktap(object):
         return None if "has no parent" in out else out
 
     def _served(self, path, readonly):
-        args = [self.tap_ctl_path, "create", "-a", "vhd:" + path]
-        if readonly:
-            args.append("-R")
+        """A fresh real tapdisk on ``path``: (pid, minor), by testxen.blktap.spawn."""
         from testxen import blktap
-        with blktap.minors():                  # as testxen.blktap.spawn: one minor each
-            out = self._run(args).stdout.strip()
-        minor = int(out.rsplit("-", 1)[1])
-        line, = [ln for ln in self._run([self.tap_ctl_path, "list", "-m", str(minor)])
-                 .stdout.splitlines() if ("minor=%d " % minor) in ln + " "]
-        pid = int(line.split("pid=")[1].split()[0])
-        return pid, minor
+        return blktap.spawn(path, readonly=readonly)
 
     def _close(self, pid, minor):
-        """``tap-ctl destroy``; then, the tapdisk gone, its minor's ID file removed if tap-ctl
-        left it (it does for a tapdisk that was paused: the minor would stay taken); under
-        testxen.blktap's lock, so that no other test's tapdisk takes the minor meanwhile."""
+        """``tap-ctl destroy`` (SIGKILL and clean-up when it fails), by testxen.blktap."""
         from testxen import blktap
-        with blktap.minors():
-            self._close_locked(pid, minor)
-
-    def _close_locked(self, pid, minor):
-        self._run([self.tap_ctl_path, "destroy", "-p", str(pid), "-m", str(minor)])
-        deadline = time.monotonic() + 10
-        while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
-            try:
-                with open("/proc/%d/stat" % pid) as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                        break
-            except OSError:
-                break
-            time.sleep(0.01)
-        try:
-            os.unlink("/run/blktap-control/tapdisk/tapdisk-%d" % minor)
-        except OSError:
-            pass
+        blktap.destroy(pid, minor)
 
     def read(self, path):
         """The whole virtual disk as the real tapdisk reads it (chain resolved)."""
@@ -295,8 +268,12 @@ def tapdisk_pause_plugin(blktap, xapi):
             if f.get("args") != "vhd:" + path:
                 continue
             pid_minor = ["-p", f["pid"], "-m", f["minor"]]
-            if fn in ("pause", "refresh"):
-                blktap._run([blktap.tap_ctl_path, "pause"] + pid_minor)
+            if fn in ("pause", "refresh"):              # nudged: see testxen.blktap.pause
+                from testxen import blktap as tbblktap
+                rc, out, err = tbblktap.pause(int(f["pid"]), int(f["minor"]))
+                if rc != 0:
+                    raise RuntimeError("tap-ctl pause %s: rc %d: %s %s"
+                                       % (" ".join(pid_minor), rc, out, err))
             if fn in ("unpause", "refresh"):
                 blktap._run([blktap.tap_ctl_path, "unpause"] + pid_minor + ["-a", "vhd:" + path])
         return "True"

@@ -7,6 +7,16 @@ chain; ``unpause -a type:path`` reopens it strictly (EMEDIUMTYPE when the size c
 ``tap-ctl pause -t`` always fails upstream (blktap control/tap-ctl.c falls through into
 ``usage``), so a pause runs under livesnap's own timeout instead.
 
+tapdisk can leave a finished pause unanswered (blktap drivers/tapdisk-control.c,
+``tapdisk_control_pause_vbd``): it retries the pause at most every 10 ms and, between tries,
+waits in its event loop's ``select()``; once no request is in flight that wait has no timeout
+but the scheduler's 600 s. When the last in-flight request completes within 10 ms of a try,
+the event loop itself finishes the pause (the state is 0x2a: paused, quiesced, closed), but
+the answer waits for the next unrelated event on any of tapdisk's descriptors, e.g. another
+tap-ctl connecting. So while a pause runs livesnap connects to that tapdisk with
+``tap-ctl list -p PID`` every ``PAUSE_NUDGE_INTERVAL`` seconds (read-only; tapdisk answers a
+list even while busy with the pause), and the pause is answered within about that interval.
+
 Errors (all ``livesnap.errors.DatapathError``, carrying op, pid, minor, path, rc, err)::
 
     TapCtlError
@@ -41,6 +51,7 @@ SHUTDOWN_REQUESTED = 0x40
 
 EMEDIUMTYPE = getattr(errno, "EMEDIUMTYPE", 124)
 DEFAULT_PAUSE_TIMEOUT = 30.0
+PAUSE_NUDGE_INTERVAL = 0.05     # seconds; see the module's docstring
 # SM (blktap2.py TapCtl.list) retries list 10x with 0.5 s backoff on these exit codes
 LIST_RETRY_CODES = (errno.EPROTO, errno.ENOENT)
 
@@ -191,7 +202,8 @@ def pause(pid, minor, timeout=DEFAULT_PAUSE_TIMEOUT, path=None):
     the tapdisk must show state 0x20. A timed-out pause is undone (best effort) before
     ``PauseTimeout`` is raised, so that the guest is not left paused by a late pause."""
     argv = [_bin(), "pause", "-p", str(pid), "-m", str(minor)]
-    rc, out, err = runner.run_rc(argv, timeout=timeout)
+    with _nudging(pid):
+        rc, out, err = runner.run_rc(argv, timeout=timeout)
     if rc == -9:
         e = PauseTimeout("pause", pid, minor, path, "no answer within %ss" % timeout)
         e.rc, e.err, e.cmd = rc, err, argv
@@ -208,6 +220,32 @@ def pause(pid, minor, timeout=DEFAULT_PAUSE_TIMEOUT, path=None):
         e.cmd = argv
         raise e
     return disk
+
+
+@contextmanager
+def _nudging(pid, interval=None):
+    """While the block runs, ``tap-ctl list -p PID`` every ``interval`` seconds (default
+    ``PAUSE_NUDGE_INTERVAL``): a control connection wakes tapdisk's event loop, so that a
+    pause it has finished is answered (see the module's docstring). Failures are ignored:
+    the pause itself reports."""
+    interval = PAUSE_NUDGE_INTERVAL if interval is None else interval
+    stop = threading.Event()
+
+    def nudge():
+        while not stop.wait(interval):
+            try:
+                runner.run_rc([_bin(), "list", "-p", str(pid)], timeout=10)
+            except Exception as e:          # a pause must not fail for want of a nudge
+                log.debug("nudging tapdisk %s: %s", pid, e)
+
+    t = threading.Thread(target=nudge, name="tap-ctl-nudge-%s" % pid)
+    t.daemon = True
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
 
 
 def _hex(state):

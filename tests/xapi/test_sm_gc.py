@@ -27,12 +27,6 @@ MiB = 1 << 20
 SIZE = 4 * MiB            # two 2 MiB VHD blocks
 
 
-def _prefix():
-    """The real blktap build (testxen.blktap's lookup: LIVESNAP_BLKTAP_PREFIX or the cache
-    scripts/build-blktap.sh fills); a missing build is a failure, never a skip."""
-    return os.environ.get("LIVESNAP_BLKTAP_PREFIX") or txblktap.prefix()
-
-
 @pytest.fixture(autouse=True)
 def _tapdisks_of_this_test_only():
     """SM's GC pass drives real tapdisks through SM's own code (pause, unpause, refresh);
@@ -46,7 +40,7 @@ def _tapdisks_of_this_test_only():
 
 @pytest.fixture(scope="session")
 def blktap():
-    return smmod.Blktap(_prefix())
+    return smmod.Blktap(txblktap.prefix())
 
 
 @pytest.fixture(scope="session")

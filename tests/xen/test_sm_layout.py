@@ -14,7 +14,6 @@ The scenario runs in the namespace (``python this-file SCENARIO``) and prints fa
 the tests assert on them.
 """
 import glob
-import hashlib
 import json
 import os
 import re
@@ -24,30 +23,16 @@ import sys
 import tempfile
 import uuid
 
+from testxen import blktap as txblktap
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 1 << 20
 MSIZE_MB = 2 * 1024 * 1024          # SM lvhdutil.MSIZE_MB
 
 
-def blktap_prefix():
-    """The blktap build scripts/build-blktap.sh made (its cache key: the archive's sha256)."""
-    shared = os.environ.get("LIVESNAP_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
-    found = glob.glob(os.path.join(shared, "upstream", "blktap-*.tar.gz"))
-    assert len(found) == 1, "no blktap archive in %s/upstream" % shared
-    h = hashlib.sha256()
-    with open(found[0], "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    cache = os.environ.get("LIVESNAP_CACHE") or "/var/cache/livesnap"
-    p = os.path.join(cache, "blktap-%s" % h.hexdigest())
-    assert os.path.exists(os.path.join(p, "bin", "vhd-util")), \
-        "no blktap build at %s: run scripts/build-blktap.sh (make test does)" % p
-    return p
-
-
 def run_in_namespace(scenario, *args):
     """Run ``scenario`` of this file in a private mount namespace; its JSON result."""
-    env = dict(os.environ, PYTHONPATH=ROOT, LIVESNAP_TEST_BLKTAP=blktap_prefix())
+    env = dict(os.environ, PYTHONPATH=ROOT, LIVESNAP_TEST_BLKTAP=txblktap.prefix())
     p = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable,
                         os.path.abspath(__file__), scenario] + list(args),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -125,7 +110,7 @@ def test_file_locators_are_what_vhd_util_writes_through_linked_directories(tmp_p
     """On files libvhd resolves symlinks (realpath) before it writes a locator: a parent named
     through a linked directory gets the locator and parent name vhd-util would give it."""
     from livesnap import vhd
-    vhd_util = os.path.join(blktap_prefix(), "bin", "vhd-util")
+    vhd_util = os.path.join(txblktap.prefix(), "bin", "vhd-util")
     sr = tmp_path / "sr"
     sr.mkdir()
     (tmp_path / "other").mkdir()

@@ -20,7 +20,7 @@ from livesnap.datapaths.vhd_files import TapdiskDatapath
 from livesnap.platforms.xen_domain import XenDomainBase
 from livesnap.tools import tap_ctl
 
-from tests.xen.test_sm_layout import blktap_prefix
+from testxen import blktap as txblktap
 
 MiB = 1 << 20
 Disk = collections.namedtuple("Disk", "target path fmt device source_type readonly")
@@ -86,7 +86,7 @@ def _tapdisk_fds():
 
 @pytest.fixture
 def tapdisks(monkeypatch):
-    t = RealTapdisks(blktap_prefix())
+    t = RealTapdisks(txblktap.prefix())
     monkeypatch.setenv("TAP_CTL", t.tap_ctl_bin)
     try:
         yield t
