@@ -6,13 +6,16 @@ not yet marked done). ``op`` may be ``*``. Datapaths add points of their own ins
 ``job:started:0`` right after a block job was started (it goes on running in QEMU),
 ``tapdisk:renamed:0`` inside a tapdisk pause right after a leaf was renamed,
 ``quiesce:frozen:0`` while the guest's file systems are frozen,
+``snapshot:switched:0`` right after a live snapshot's switch (and thaw), before its checks,
 ``lvm:inflated:0`` after a merge target's LV was made writable and inflated,
 ``bitmaps:kept:0`` after an offline merge gave the surviving image the other's dirty
 bitmaps, before the data moves,
 ``trash:emptying:0`` in the detached process that frees merged-away images, before each;
 ``<op>:committed:0`` after the last step's effect is committed to the catalog, before
 libvirt's snapshot metadata (XAPI's records) are brought in step.
-``action`` is ``kill`` (SIGKILL, the default) or ``sleep=SECONDS`` (a stall).
+``action`` is ``kill`` (SIGKILL, the default), ``sleep=SECONDS`` (a stall) or ``wait`` (a
+stall until the file named by ``LIVESNAP_FAULT_RELEASE`` exists, at most 120 s: the test
+does something at that point, then lets the process go on).
 ``LIVESNAP_FAULT_REACHED=<path>``: the point creates that file before it acts, so a test can
 wait for the process to be in the stall instead of guessing how long it takes to get there.
 """
@@ -35,5 +38,10 @@ def point(op, when, index):
                 pass
         if action.startswith("sleep="):
             time.sleep(float(action[len("sleep="):]))
+        elif action == "wait":
+            release = os.environ.get("LIVESNAP_FAULT_RELEASE", "")
+            deadline = time.monotonic() + 120
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.01)
         else:
             os.kill(os.getpid(), signal.SIGKILL)

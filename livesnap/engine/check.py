@@ -93,6 +93,8 @@ def check(engine, s):
                      if n.id not in opaque and os.path.exists(n.path) for p in vhd.check(n.path)]
     if s.domain.kind == "libvirt":
         problems += _check_libvirt_metadata(s, tree)
+        if s.domain.is_running():
+            problems += _next_boot_problems(s.domain, tree)
     found = engine._users(s, tree)
     sharing, notes = _sharing(s, tree, found)
     problems += sharing
@@ -175,6 +177,27 @@ def _check_libvirt_metadata(session, tree):
         problems.append("libvirt has a snapshot %r that livesnap did not make; livesnap leaves "
                         "it alone ('virsh snapshot-delete --metadata %s %s' removes its "
                         "definition)" % (name, session.domain.name, name))
+    return problems
+
+
+def _next_boot_problems(domain, tree):
+    """A running domain whose next-boot (persistent) definition names, for a disk, an image
+    of livesnap's tree other than the one the disk runs on (a snapshot's, hidden or base
+    image, e.g. the definition a libvirtd reload put back over a snapshot's): booted so, the
+    disk would lose every write since and write into images snapshots read."""
+    paths = {n.path: n for n in tree.nodes.values()}
+    problems = []
+    for d in domain.disks(inactive=True):
+        leaf = tree.active.get(d.target)
+        n = paths.get(d.path)
+        if leaf is None or n is None or n.id == leaf:
+            continue
+        what = ("snapshot %s" % n.snapshot) if n.snapshot else n.state
+        problems.append("the next boot of '%s' would run disk %s on %s (%s image), not on %s, "
+                        "which it runs on now: the writes since would be missing; define disk "
+                        "%s on %s ('virsh edit %s') before the domain stops"
+                        % (domain.name, d.target, d.path, what, tree.nodes[leaf].path,
+                           d.target, tree.nodes[leaf].path, domain.name))
     return problems
 
 

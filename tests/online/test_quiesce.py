@@ -32,12 +32,6 @@ def alive(tmp_path):
     lv.guest.cleanup()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "seen once in three full runs (2026-12-04, 4 xdist workers): after a quiesced live "
-    "snapshot and a clean stop, the domain's persistent definition still named the old image "
-    "(vda.qcow2, acked seqs 8-14 in the new overlay, not in it); whether libvirt's persistent "
-    "definition was not updated or the test read it too early is not known yet: a possible "
-    "lost-write defect, the first thing to investigate (session note, stop 10)"))
 def test_quiesced_snapshot_freezes_around_the_switch_and_thaws(alive):
     alive.start()
     r = alive.create("q1", "--quiesce")
