@@ -102,14 +102,17 @@ def stop_recover_verify(lv, overlay):
     assert lv.json("check", lv.name)["ok"]
 
 
-def test_recover_never_removes_an_overlay_qemu_switched_to(lv):
+@pytest.mark.parametrize("switched", [("vda", "vdb"), ("vdb",)], ids=["both", "one"])
+def test_recover_never_removes_an_overlay_qemu_switched_to(lv, switched):
+    """``one``: only vdb's overlay is open in QEMU (vda's is a leftover nobody uses): still
+    nothing of the step is redone or rolled back while it runs."""
     lv.start()
     proc = lv.cli("snapshot-create", lv.name, "s1",
                   env_extra={"LIVESNAP_FAULT": "snapshot:overlays:0"}, expect=None)
     assert proc.returncode == -9, proc.stderr
     overlay = overlays(lv)
     assert sorted(overlay) == sorted(lv.guest.targets)
-    switch_behind_libvirts_back(lv, overlay)
+    switch_behind_libvirts_back(lv, {t: overlay[t] for t in switched})
     lv.guest.wait_acks(3)                      # acknowledged in the overlays only
     assert lv.guest.disk_sources() == images(lv)        # libvirt's (stale) view
     held = {t: inode(p) for t, p in overlay.items()}
