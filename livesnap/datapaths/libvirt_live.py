@@ -71,8 +71,12 @@ class LibvirtLiveDatapath(Datapath):
                 raise DatapathError(reason="disk %s of %s is on %s, not on %s: changed outside "
                                            "livesnap" % (it["disk"], self.domain.name,
                                                          live[it["disk"]][0], it["frozen_path"]))
-        for it in items:
-            self._refuse_held(it)
+        held = [it for it in items if holders.open_by(it["leaf_path"])]
+        if held:
+            # the next boot on what QEMU writes to, not on the frozen image: a restart
+            # before recover must not lose the writes since the switch
+            self._persist_overlays(held)
+            self._refuse_held(held[0])
         for it in items:
             own_files.remove(it["leaf_path"])           # leftover of an attempt: unused
             own_files.create(it["leaf_path"])           # 0600, never through a link
@@ -152,15 +156,15 @@ class LibvirtLiveDatapath(Datapath):
         switched to it (its writes since are there), but libvirt's state of the domain is
         stale (a libvirtd restarted in the middle of the snapshot reloads what it saved
         before the switch). Neither removed, nor re-created, nor the snapshot rolled back:
-        DatapathError. Once the domain is shut down, recover finds the overlay holding the
+        DatapathError (``do_snapshot`` first points the next boot at the held overlays). Once the domain is shut down, recover finds the overlay holding the
         writes and makes it the disk's image (the offline datapath)."""
         pids = holders.open_by(it["leaf_path"])
         if pids:
             raise DatapathError(reason="%s is open in process %s, although libvirt names %s as "
                                        "the image of %s/%s: QEMU switched to it and libvirt's "
                                        "state is stale (libvirtd restarted during the "
-                                       "snapshot?); not removed. Shut the domain down, then "
-                                       "run 'livesnap recover %s'"
+                                       "snapshot?); not removed, its next boot set to it. "
+                                       "Shut the domain down, then run 'livesnap recover %s'"
                                 % (it["leaf_path"], ",".join(str(p) for p in pids),
                                    it["frozen_path"], self.domain.name, it["disk"],
                                    self.domain.name))
