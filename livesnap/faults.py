@@ -6,6 +6,7 @@ not yet marked done). ``op`` may be ``*``. Datapaths add points of their own ins
 ``job:started:0`` right after a block job was started (it goes on running in QEMU),
 ``tapdisk:renamed:0`` inside a tapdisk pause right after a leaf was renamed,
 ``quiesce:frozen:0`` while the guest's file systems are frozen,
+``snapshot:overlays:0`` when a live snapshot's overlays are made, before the switch,
 ``snapshot:switched:0`` right after a live snapshot's switch (and thaw), before its checks,
 ``lvm:inflated:0`` after a merge target's LV was made writable and inflated,
 ``bitmaps:kept:0`` after an offline merge gave the surviving image the other's dirty

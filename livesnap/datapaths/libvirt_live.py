@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 
-from livesnap.datapaths import Datapath, free, own_files, unlink
+from livesnap.datapaths import Datapath, free, holders, own_files, unlink
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap import faults
 from livesnap.errors import DatapathError, ForeignJob
@@ -71,12 +71,20 @@ class LibvirtLiveDatapath(Datapath):
                 raise DatapathError(reason="disk %s of %s is on %s, not on %s: changed outside "
                                            "livesnap" % (it["disk"], self.domain.name,
                                                          live[it["disk"]][0], it["frozen_path"]))
+        held = [it for it in items if holders.open_by(it["leaf_path"])]
+        if held:
+            # the next boot on what QEMU writes to, not on the frozen image: a restart
+            # before recover must not lose the writes since the switch
+            self._persist_overlays(held)
+            self._refuse_held(held[0])
+        for it in items:
             own_files.remove(it["leaf_path"])           # leftover of an attempt: unused
             own_files.create(it["leaf_path"])           # 0600, never through a link
             qemu_img.create(it["leaf_path"], "qcow2", backing=it["frozen_path"],
                             backing_fmt=it["frozen_fmt"])
         targets = {it["disk"] for it in items}
         others = [d.target for d in self.domain.disks() if d.target not in targets]
+        faults.point("snapshot", "overlays", 0)
         frozen = self._freeze() if (self.quiesce or step.get("quiesce")) else None
         try:
             pause_ms = self.domain.snapshot_disks(
@@ -143,10 +151,31 @@ class LibvirtLiveDatapath(Datapath):
         timer.cancel()
         self.domain.fs_thaw()
 
+    def _refuse_held(self, it):
+        """An overlay libvirt does not show in the disk's chain, yet open in a process: QEMU
+        switched to it (its writes since are there), but libvirt's state of the domain is
+        stale (a libvirtd restarted in the middle of the snapshot reloads what it saved
+        before the switch). Neither removed, nor re-created, nor the snapshot rolled back:
+        DatapathError (``do_snapshot`` first points the next boot at the held overlays). Once the domain is shut down, recover finds the overlay holding the
+        writes and makes it the disk's image (the offline datapath)."""
+        pids = holders.open_by(it["leaf_path"])
+        if pids:
+            raise DatapathError(reason="%s is open in process %s, although libvirt names %s as "
+                                       "the image of %s/%s: QEMU switched to it and libvirt's "
+                                       "state is stale (libvirtd restarted during the "
+                                       "snapshot?); not removed, its next boot set to it. "
+                                       "Shut the domain down, then run 'livesnap recover %s'"
+                                % (it["leaf_path"], ",".join(str(p) for p in pids),
+                                   it["frozen_path"], self.domain.name, it["disk"],
+                                   self.domain.name))
+
     def abandon(self, step):
         live = set()
         for it in step.get("items", []):
             live.update(self.domain.live_chain(it["disk"]))
+        for it in step.get("items", []):
+            if it["leaf_path"] not in live:
+                self._refuse_held(it)
         for it in step.get("items", []):
             if it["leaf_path"] not in live:
                 unlink(it["leaf_path"])

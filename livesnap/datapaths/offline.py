@@ -9,7 +9,7 @@ import os
 
 from livesnap import faults, qcow2
 from livesnap.datapaths import Datapath, bitmaps, own_files, unlink
-from livesnap.errors import BitmapsPresent
+from livesnap.errors import BitmapsPresent, DatapathError, Error
 from livesnap.tools import qemu_img
 
 log = logging.getLogger(__name__)
@@ -28,21 +28,31 @@ class OfflineDatapath(Datapath):
         return qemu_img.backing_path(qemu_img.info(path), path)
 
     def _new_overlay(self, path, backing, backing_fmt, in_use):
-        """Create (or re-create) an empty overlay unless the domain already uses it: a new
-        file of mode 0600, made by livesnap (``own_files.create``: never through a link
-        planted at its name), then filled by qemu-img."""
+        """Create (or re-create) an empty overlay unless the domain already uses it or it
+        already holds writes over ``backing``: a new file of mode 0600, made by livesnap
+        (``own_files.create``: never through a link planted at its name), then filled by
+        qemu-img. True when the existing overlay is kept."""
         if path in in_use and os.path.exists(path):
-            return
+            return True
+        if holds_writes(path, backing):
+            # QEMU switched to it while the domain ran, then the domain stopped with a
+            # definition that still names ``backing`` (a libvirtd reload or restart during
+            # the snapshot): the writes since the switch are only here
+            log.warning("%s holds writes over %s although the definition of %s names %s: "
+                        "kept as the disk's image", path, backing, self.domain.name, backing)
+            return True
         # a leftover of a crashed attempt (nothing uses it yet); not ours: NotOurFile
         own_files.remove(path)
         own_files.create(path)
         qemu_img.create(path, "qcow2", backing=backing, backing_fmt=backing_fmt)
+        return False
 
     def do_snapshot(self, step):
         in_use = set(self._sources().values())
         for it in step["items"]:
-            self._new_overlay(it["leaf_path"], it["frozen_path"], it["frozen_fmt"], in_use)
-            if it["leaf_path"] not in in_use and it["frozen_fmt"] == "qcow2":
+            kept = self._new_overlay(it["leaf_path"], it["frozen_path"], it["frozen_fmt"],
+                                     in_use)
+            if not kept and it["leaf_path"] not in in_use and it["frozen_fmt"] == "qcow2":
                 carry_bitmaps(it["frozen_path"], it["leaf_path"])
         self.domain.set_disk_sources({it["disk"]: (it["leaf_path"], it["fmt"])
                                       for it in step["items"]})
@@ -57,6 +67,13 @@ class OfflineDatapath(Datapath):
         paths = [it["leaf_path"] for it in step.get("items", [])]
         if step["op"] == "new_leaf":
             paths.append(step["leaf_path"])
+        backings = {it["leaf_path"]: it["frozen_path"] for it in step.get("items", [])}
+        if step["op"] == "new_leaf":
+            backings[step["leaf_path"]] = step["parent_path"]
+        for p in paths:
+            if p not in in_use and holds_writes(p, backings[p]):
+                raise DatapathError(reason="%s holds writes over %s (a guest ran on it): not "
+                                           "removed" % (p, backings[p]))
         for p in paths:
             if p not in in_use:
                 unlink(p)
@@ -112,3 +129,19 @@ def carry_bitmaps(frozen, leaf):
         flags = b.get("flags") or []
         if "auto" in flags and "in-use" not in flags and b.get("name") not in have:
             qemu_img.bitmap_add(leaf, b["name"], b.get("granularity"))
+
+
+def holds_writes(path, backing):
+    """``path`` is a qcow2 overlay over ``backing`` that holds data of its own: a guest
+    wrote to it, so it is no leftover to remove or re-create (a fresh overlay holds none).
+    An image that cannot be read is not one."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        entry = qemu_img.info(path, force_share=True)
+        if entry.get("format") != "qcow2" or qemu_img.backing_path(entry, path) != backing:
+            return False
+        return bool(qemu_img.allocated(path))
+    except Error as e:
+        log.info("%s not read (%s): taken for a leftover", path, e)
+        return False
