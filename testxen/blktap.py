@@ -186,30 +186,6 @@ def _is_tapdisk(pid):
     return _alive(pid)
 
 
-MINORS_LOCK = "/run/livesnap-test-blktap-minors.lock"
-_minors_depth = [0, None]
-
-
-@contextlib.contextmanager
-def minors():
-    """A cross-process lock (pytest-xdist workers), re-entrant within a process. No longer
-    needed for the minors: tap-ctl allocates and frees them under its own lock, and the test
-    bed removes a killed tapdisk's ID file only when it is still the one that tapdisk held
-    (``_forget``). Kept for callers that serialise whole tests with it."""
-    if _minors_depth[0] == 0:
-        fd = os.open(MINORS_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        _minors_depth[1] = fd
-    _minors_depth[0] += 1
-    try:
-        yield
-    finally:
-        _minors_depth[0] -= 1
-        if _minors_depth[0] == 0:
-            os.close(_minors_depth[1])
-            _minors_depth[1] = None
-
-
 # What a tapdisk creates and removes again at a clean exit, and leaves behind when killed:
 # sockets in RUN named for its pid (ctl<pid>, nbdclient<pid>, nbd<pid>.<minor>, nbd-old...,
 # nbdserver..., nbdserver-new...), metrics in /dev/shm (td3-<pid>/ and metrics/tap-<pid>-<minor>),

@@ -27,17 +27,6 @@ MiB = 1 << 20
 SIZE = 4 * MiB            # two 2 MiB VHD blocks
 
 
-@pytest.fixture(autouse=True)
-def _tapdisks_of_this_test_only():
-    """SM's GC pass drives real tapdisks through SM's own code (pause, unpause, refresh);
-    two tests' tapdisks once shared a minor when other xdist workers created and destroyed
-    theirs meanwhile (tap-ctl list -m N named two tapdisks). Until that is understood, each
-    test here holds testxen.blktap's minors lock for its whole run: other workers wait to
-    create or destroy a tapdisk (re-entrant here)."""
-    with txblktap.minors():
-        yield
-
-
 @pytest.fixture(scope="session")
 def blktap():
     return smmod.Blktap(txblktap.prefix())
