@@ -173,3 +173,27 @@ class Dom(Cli):
                                    | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
         except Exception:
             pass
+
+
+class LockHolder(object):
+    """Another process holding a POSIX write lock (``lockf``) on ``path``, as SM holds its
+    locks; ``release()`` lets go. A ``lockf`` lock conflicts only with other processes, so it
+    is taken in a child."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "a").close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import fcntl, os, sys; "
+             "fd = os.open(sys.argv[1], os.O_RDWR); fcntl.lockf(fd, fcntl.LOCK_EX); "
+             "print('held', flush=True); sys.stdin.read()", path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def release(self):
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(10)

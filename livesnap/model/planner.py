@@ -140,22 +140,25 @@ def apply(tree, step):
         if step.get("kept_path"):
             node.path = step["kept_path"]
     elif op == "clone":
-        frozen = tree.nodes[step["node"]]
-        frozen.state = HIDDEN
-        frozen.snapshot = None
-        frozen.path = step["frozen_path"]
+        frozen = _hide(tree, step["node"], step["frozen_path"])
         tree.nodes[step["face"]] = Node(step["face"], step["disk"], frozen.id, SNAPSHOT,
                                         step["face_path"], step["fmt"], snapshot=step["name"])
     elif op == "internal_snapshot":
-        frozen = tree.nodes[step["frozen"]]
-        frozen.state = HIDDEN
-        frozen.snapshot = None
-        frozen.path = step["frozen_path"]
+        frozen = _hide(tree, step["frozen"], step["frozen_path"])
         tree.nodes[step["leaf"]] = Node(step["leaf"], step["disk"], frozen.id, ACTIVE,
                                         step["leaf_path"], step["fmt"])
         tree.active[step["disk"]] = step["leaf"]
     else:
         raise ValueError("unknown step %r" % op)
+
+
+def _hide(tree, node_id, path):
+    """The node frozen as an unnamed hidden image at ``path``."""
+    node = tree.nodes[node_id]
+    node.state = HIDDEN
+    node.snapshot = None
+    node.path = path
+    return node
 
 
 # -- planning ----------------------------------------------------------------------------

@@ -21,6 +21,18 @@ def _open_error(path, e):
     return BadImage(path, (e.err or e.out).strip().replace("qemu-img: ", "") or "cannot open")
 
 
+def _json(argv, path):
+    """Run a qemu-img command with JSON output on image ``path``; its parsed output."""
+    try:
+        out = runner.run(argv)
+    except CommandFailed as e:
+        raise _open_error(path, e)
+    try:
+        return json.loads(out)
+    except ValueError as e:
+        raise InvalidOutput(argv, out, str(e))
+
+
 def info(path, backing_chain=False, force_share=False):
     """``qemu-img info --output=json``: a dict, or a list of dicts (leaf first) for the chain."""
     argv = [_bin(), "info", "--output=json"]
@@ -29,18 +41,11 @@ def info(path, backing_chain=False, force_share=False):
     if force_share:
         argv.append("-U")
     argv.append(path)
-    try:
-        out = runner.run(argv)
-    except CommandFailed as e:
-        raise _open_error(path, e)
-    try:
-        data = json.loads(out)
-    except ValueError as e:
-        raise InvalidOutput(argv, out, str(e))
+    data = _json(argv, path)
     for entry in (data if backing_chain else [data]):
         for key in ("filename", "format", "virtual-size"):
             if key not in entry:
-                raise InvalidOutput(argv, out, "no %r" % key)
+                raise InvalidOutput(argv, json.dumps(data), "no %r" % key)
     return data
 
 
@@ -122,14 +127,7 @@ def allocated(path, fmt="qcow2"):
     backing file out (``qemu-img map`` of the image opened without one)."""
     spec = {"driver": fmt, "backing": None, "file": {"driver": "file", "filename": path}}
     argv = [_bin(), "map", "--output=json", "json:" + json.dumps(spec)]
-    try:
-        out = runner.run(argv)
-    except CommandFailed as e:
-        raise _open_error(path, e)
-    try:
-        extents = json.loads(out)
-    except ValueError as e:
-        raise InvalidOutput(argv, out, str(e))
+    extents = _json(argv, path)
     found = []
     for e in extents:
         if not e.get("present", True):      # (a qemu-img without "present": all of it)

@@ -59,29 +59,18 @@ def test_changes_wait_for_sms_sr_lock(world):
     import time
     import xmlrpc.client
     from conftest_paths import PLUGIN
+    from helpers import LockHolder
     vm = world.add_vm()
     sr_uuid = world.xapi.record("SR", world.sr)["uuid"]
-    lock_dir = os.path.join(world.sm_lock_dir, sr_uuid)
-    os.makedirs(lock_dir)
-    fd = os.open(os.path.join(lock_dir, "sr"), os.O_RDWR | os.O_CREAT, 0o644)
-    # a lockf lock conflicts only with other processes: take it in a child, like SM would
-    holder = subprocess.Popen(["python3", "-c", "import fcntl, os, sys, time; "
-                               "fd = os.open(sys.argv[1], os.O_RDWR); "
-                               "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); "
-                               "sys.stdin.read()", os.path.join(lock_dir, "sr")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              universal_newlines=True)
-    os.close(fd)
+    holder = LockHolder(os.path.join(world.sm_lock_dir, sr_uuid, "sr"))
     try:
-        assert holder.stdout.readline().strip() == "held"
         call = xmlrpc.client.dumps((world.session, {"vm_uuid": vm.uuid, "name": "s1"}),
                                    methodname="snapshot_create")
         p = subprocess.Popen([PLUGIN, call], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              universal_newlines=True, env=world.env())
         time.sleep(2.0)
         assert p.poll() is None                       # waiting for SM's lock
-        holder.stdin.close()
-        holder.wait(10)
+        holder.release()
         out, err = p.communicate(timeout=60)
     finally:
         holder.kill()

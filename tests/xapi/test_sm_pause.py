@@ -6,13 +6,13 @@ changes."""
 import fcntl
 import os
 import subprocess
-import threading
 import time
 import xmlrpc.client
 
 import pytest
 
 from conftest_paths import PLUGIN
+from helpers import LockHolder
 from livesnap.tools import tap_ctl
 
 
@@ -149,22 +149,13 @@ def test_a_pause_waits_for_sms_vdi_lock(world):
     vm = world.add_vm(ndisks=1)
     vm.start()
     ref, u = _vdi(world, vm, "xvda")
-    lock_dir = os.path.join(world.sm_lock_dir, u)
-    os.makedirs(lock_dir)
-    open(os.path.join(lock_dir, "vdi"), "a").close()
-    holder = subprocess.Popen(["python3", "-c", "import fcntl, os, sys; "
-                               "fd = os.open(sys.argv[1], os.O_RDWR); "
-                               "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); "
-                               "sys.stdin.read()", os.path.join(lock_dir, "vdi")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              universal_newlines=True)
+    holder = LockHolder(os.path.join(world.sm_lock_dir, u, "vdi"))
     try:
-        assert holder.stdout.readline().strip() == "held"
         p = _call(world, "snapshot_create", {"vm_uuid": vm.uuid, "name": "s1"})
         time.sleep(2.0)
         assert p.poll() is None                                 # waiting for SM's lock
         assert not _paused(vm.tapdisks["xvda"])
-        threading.Timer(0.1, holder.stdin.close).start()
+        holder.release()
         out, err = p.communicate(timeout=120)
     finally:
         holder.kill()
