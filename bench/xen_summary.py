@@ -3,6 +3,9 @@ stall and pause), the ratios livesnap / baseline, and how stall and pause scale 
 import statistics
 
 from harness import ratio
+from xen_vm import BASELINES, SCENARIOS
+
+LIVESNAP_DELETES = [k for k in SCENARIOS if k not in BASELINES]
 
 
 def agg(ms_list):
@@ -15,6 +18,7 @@ def agg(ms_list):
            "stall_ms": max(m["stall_ms"] for m in ms_list),
            "stall_median_ms": round(statistics.median(m["stall_ms"] for m in ms_list), 1),
            "excess_ms": max(m["excess_ms"] for m in ms_list),
+           "stall_vs_quiet": max(m["stall_vs_quiet"] for m in ms_list),
            "pause_ms": max(pauses) if pauses else None,
            "tapdisk_paused_max_ms": max(m["tapdisk_paused_max_ms"] for m in ms_list),
            "tapdisk_paused_total_ms": max(m["tapdisk_paused_total_ms"] for m in ms_list),
@@ -41,12 +45,9 @@ def summarize(size, runs):
         return [r[key] for r in runs if r["scenario"] == kind and key in r]
 
     ops_by = {"create": agg(ops("delete_intermediate", "create")),
-              "null_pause": agg(ops("delete_intermediate", "null_pause")),
-              "delete_intermediate": agg(ops("delete_intermediate")),
-              "delete_active": agg(ops("delete_active")),
-              "delete_hide": agg(ops("delete_hide")),
-              "xapi_leaf_coalesce": agg(ops("xapi_leaf_coalesce"))}
-    base = ops_by["xapi_leaf_coalesce"]
+              "null_pause": agg(ops("delete_intermediate", "null_pause"))}
+    for kind in SCENARIOS:
+        ops_by[kind] = agg(ops(kind))
 
     def rs(a, b):
         if a is None or b is None:
@@ -67,11 +68,9 @@ def summarize(size, runs):
                           "max_ms": max(g["max_ms"] for g in gaps)},
          "livesnap_cli_floor_ms": round(statistics.median(floor), 1) if floor else None},
         **ops_by,
-        ratios={"delete_active_vs_xapi_leaf_coalesce": rs(ops_by["delete_active"], base),
-                "delete_intermediate_vs_xapi_leaf_coalesce": rs(ops_by["delete_intermediate"],
-                                                                base),
-                "delete_hide_vs_xapi_leaf_coalesce": rs(ops_by["delete_hide"], base),
-                "create_vs_null_pause": rs(ops_by["create"], ops_by["null_pause"])})
+        ratios=dict({"%s_vs_%s" % (op, base): rs(ops_by[op], ops_by[base])
+                     for op in LIVESNAP_DELETES for base in BASELINES},
+                    create_vs_null_pause=rs(ops_by["create"], ops_by["null_pause"])))
 
 
 def scaling(summary):
@@ -80,7 +79,7 @@ def scaling(summary):
         return None
     lo, hi = summary[0], summary[-1]
     out = {"from_mib": lo["mib"], "to_mib": hi["mib"]}
-    for k in ("delete_active", "delete_intermediate", "create", "xapi_leaf_coalesce"):
+    for k in ["delete_active", "delete_intermediate", "create"] + list(BASELINES):
         if lo.get(k) and hi.get(k):
             out[k] = {"stall_growth": ratio(hi[k]["stall_ms"], lo[k]["stall_ms"]),
                       "tapdisk_paused_growth": ratio(hi[k]["tapdisk_paused_max_ms"],

@@ -1,10 +1,17 @@
 """One fresh Xen VM of bench/xen.py: its VHD disk (files or LVs), the snapshots livesnap takes
-offline, the stand-in tapdisk whose writer is the guest, the timed operations (livesnap's, the
-XAPI-style baseline, a null pause) and the checks at the end."""
-import glob
+offline, the real tapdisk serving it and the guest writing through it (testxen/blktap.py,
+testxen/guest.py), the timed operations (livesnap's, the XAPI-style baseline, a null pause)
+and the checks at the end, by the real tools (vhd-util check, reads through a real tapdisk).
+
+A scenario is the chain a VM is set up on and the operation measured on it (``SCENARIOS``);
+each operation is a ``Vm`` method returning its measurement (``timed``). A new way to merge
+(another baseline) is a new method and a new entry, e.g. on the "active" chain."""
+import collections
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -12,19 +19,30 @@ import tempfile
 import time
 import uuid
 
-from harness import ROOT, BenchError, MiB
+import xen_tapctl
+from harness import ROOT, BenchError, MiB, ratio
 from livesnap import vhd
 from livesnap.datapaths import vhd_storage
 from livesnap.tools import lvm, tap_ctl
-from testxen import tapctl
+from testxen import blktap
 from testxen import verify as txverify
 from xen_lvm import lvm_log, vg_report
 
-TAP_CTL = os.path.join(ROOT, "testxen", "tap-ctl")
 SLOTS, STRIDE = 8, MiB                 # the writer's ring: 8 MiB at offset 0
 DATA_OFFSET_MIB = 16                   # bulk data starts here, after the ring
-SCENARIOS = ("delete_intermediate", "delete_active", "delete_hide", "xapi_leaf_coalesce")
-DEV = "/dev/xen/blktap-2/tapdev"
+# scenario -> (chain set up: "intermediate" s1 <- s2 <- leaf, "active" s1 <- leaf, "hide"
+# s1 <- {k, leaf}; the Vm method measuring the operation on s1)
+SCENARIOS = collections.OrderedDict([
+    ("delete_intermediate", ("intermediate", "livesnap_delete")),
+    ("delete_active", ("active", "livesnap_delete")),
+    ("delete_hide", ("hide", "livesnap_delete")),
+    ("xapi_leaf_coalesce", ("active", "xapi_leaf_coalesce")),
+])
+BASELINES = ("xapi_leaf_coalesce",)    # the scenarios livesnap's deletes are compared with
+PAUSE_TIMEOUT = tap_ctl.DEFAULT_PAUSE_TIMEOUT   # this process's pauses wait as livesnap's
+UNANSWERED = ("tap-ctl pause of the real tapdisk got no answer: a known intermittent test-bed "
+              "problem of the real tapdisk over NBD (under investigation, see the Makefile); "
+              "run the benchmark again")
 
 
 def chunk(tag, i):
@@ -38,10 +56,14 @@ def ms(ns):
 
 class Vm(object):
     """One fresh Xen VM: one VHD disk, a domain XML file, livesnap's state dir, and (once
-    started) one stand-in tapdisk whose writer is the guest."""
+    started) one real tapdisk serving it to a guest that writes through it over NBD."""
 
-    def __init__(self, kind, size_mib, workdir, quiet_s, vg=None):
+    def __init__(self, kind, size_mib, workdir, quiet_s, run_dir, interval_s, vg=None):
         self.kind, self.size, self.quiet_s = kind, size_mib, quiet_s
+        self.chain, self.method = SCENARIOS[kind]
+        self.run_dir = run_dir
+        self.tapdisks = blktap.Tapdisks(run_dir, slots=SLOTS, stride=STRIDE,
+                                        interval=interval_s)
         self.vg = vg
         self.dir = tempfile.mkdtemp(prefix="%s-%d-" % (kind[:10], size_mib), dir=workdir)
         self.state_dir = os.path.join(self.dir, "state")
@@ -67,7 +89,6 @@ class Vm(object):
                     % (self.name, uuid.uuid4(), disk))
         self.td = None
         self.ack_log = None
-        self.pids = set()
         self.images = {}          # snapshot name -> image path (from livesnap's JSON)
         self.result = {"scenario": kind, "mib": size_mib, "domain": self.name}
 
@@ -80,9 +101,10 @@ class Vm(object):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            universal_newlines=True, env=env, cwd=ROOT)
         if p.returncode != 0:
-            raise BenchError("livesnap %s failed (%d): %s %s" % (" ".join(args), p.returncode,
-                                                                 p.stdout.strip(),
-                                                                 p.stderr.strip()[-2000:]))
+            raise BenchError("livesnap %s failed (%d)%s: %s %s"
+                             % (" ".join(args), p.returncode,
+                                ": " + UNANSWERED if "no answer within" in p.stderr else "",
+                                p.stdout.strip(), p.stderr.strip()[-2000:]))
         return json.loads(p.stdout)
 
     def snapshot(self, name):
@@ -112,9 +134,9 @@ class Vm(object):
         self.fill(self.leaf, b"A", DATA_OFFSET_MIB)
         self.snapshot("s1")                                  # s1 holds A
         self.fill(self.leaf, b"B", DATA_OFFSET_MIB + s)      # the leaf holds B
-        if self.kind == "delete_intermediate":
+        if self.chain == "intermediate":
             self.snapshot("s2")                              # s2 holds B, a new empty leaf
-        elif self.kind == "delete_hide":
+        elif self.chain == "hide":
             before = set(self.image_names())
             out = self.livesnap("snapshot-revert", self.name, "s1", "--keep-current", "k")
             if out.get("kept") != "k":
@@ -126,16 +148,13 @@ class Vm(object):
         self.result["chain_before"] = [os.path.basename(p) for p in vhd.chain_paths(self.leaf)]
 
     def start(self):
-        p = subprocess.run([TAP_CTL, "create", "-a", "vhd:%s" % self.leaf],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           universal_newlines=True, timeout=60)
-        if p.returncode != 0 or not p.stdout.startswith(DEV):
-            raise BenchError("tap-ctl create failed (%d): %s" % (p.returncode, p.stderr))
-        minor = int(p.stdout.strip()[len(DEV):])
-        (self.td,) = tap_ctl.list_(minor=minor)
-        self.pids.add(self.td.pid)
-        self.ack_log = os.path.join(os.environ["TESTXEN_RUN_DIR"],
-                                    "tapdisk%d.%d.ack" % (self.td.pid, self.td.minor))
+        """The real tapdisk on the leaf, its guest writing; the quiet window's gaps."""
+        try:
+            pid, minor = self.tapdisks.create(self.leaf)
+        except OSError as e:
+            raise BenchError("starting the real tapdisk: %s" % e)
+        self.td = tap_ctl.get(pid, minor)
+        self.ack_log = self.tapdisks.ack_log(pid, minor)
         self.wait_acks(20)
         t0 = time.monotonic_ns()
         time.sleep(self.quiet_s)
@@ -150,52 +169,37 @@ class Vm(object):
 
     # -- the ack log ------------------------------------------------------------------------
     def acked(self):
-        return len(txverify.acks(self.ack_log))
+        return self.tapdisks.acked(self.td.pid, self.td.minor)
 
     def wait_acks(self, n, timeout=30.0):
         """Wait for ``n`` more acks than now."""
-        want = self.acked() + n
-        deadline = time.monotonic() + timeout
-        while self.acked() < want:
-            if time.monotonic() > deadline:
-                raise BenchError("the guest stopped acknowledging writes (%s)" % self.ack_log)
-            time.sleep(0.01)
+        try:
+            self.tapdisks.wait_acks(self.td.pid, self.td.minor, self.acked() + n, timeout)
+        except AssertionError as e:
+            raise BenchError("the guest stopped acknowledging writes (%s): %s"
+                             % (self.ack_log, e))
 
     def ack_pairs(self, t0, t1):
         times = [t for _, t in txverify.acks(self.ack_log)]
         return [(a, b) for a, b in zip(times, times[1:]) if b >= t0 and a <= t1]
 
-    def paused_intervals(self, t0, t1):
-        """The stand-in's own pauses that began in [t0, t1]: [ms paused]."""
-        return [ms(b - a) for a, b in self.paused_spans(t0, t1)]
-
     def paused_spans(self, t0, t1):
-        """The stand-in's own pauses that began in [t0, t1]: [(paused ns, running ns)]."""
-        out, since = [], None
-        with open(self.ack_log) as f:
-            for line in f:
-                if not line.startswith("STATE "):
-                    continue
-                parts = line.split()
-                ns = int(parts[2])
-                if parts[1] == "paused":
-                    since = ns
-                elif parts[1] == "running" and since is not None:
-                    if t0 <= since <= t1:
-                        out.append((since, ns))
-                    since = None
-        return out
+        """The tapdisk's pauses that began in [t0, t1]: [(pause start, pause end, unpause
+        start, unpause end)] in ns (the tap-ctl log, xen_tapctl)."""
+        return [p for p in xen_tapctl.pauses(self.run_dir, self.td.pid, self.td.minor)
+                if t0 <= p[0] <= t1]
 
     # -- measuring --------------------------------------------------------------------------
     def timed(self, fn):
-        """Run fn() with the guest writing: wall time, guest stall, the stand-in's pauses."""
+        """Run fn() with the guest writing: wall time, guest stall, the tapdisk's pauses."""
         t0 = time.monotonic_ns()
         out = fn()
         t1 = time.monotonic_ns()
         self.wait_acks(3)                      # the gap that spans t1 must have closed
         pairs = self.ack_pairs(t0, t1)
         worst = max(pairs, key=lambda p: p[1] - p[0]) if pairs else None
-        spans = self.paused_spans(t0, t1)
+        parts = self.paused_spans(t0, t1)
+        spans = [(p[0], p[3]) for p in parts]
         paused = [ms(b - a) for a, b in spans]
         m = {"wall_ms": ms(t1 - t0),
              "stall_ms": round(txverify.max_gap(self.ack_log, t0, t1), 1),
@@ -204,17 +208,37 @@ class Vm(object):
              "pauses": len(paused),
              "tapdisk_paused_ms": paused,
              "tapdisk_paused_max_ms": max(paused) if paused else 0.0,
-             "tapdisk_paused_total_ms": round(sum(paused), 1)}
-        m["excess_ms"] = round(max(0.0, m["stall_ms"] - self.result["baseline_gap"]["median_ms"]),
-                               1)
+             "tapdisk_paused_total_ms": round(sum(paused), 1),
+             # per pause: the pause command, paused in between, the unpause command
+             "tapdisk_pause_parts_ms": [[ms(b - a), ms(c - b), ms(d - c)]
+                                        for a, b, c, d in parts]}
+        quiet = self.result["baseline_gap"]
+        m["excess_ms"] = round(max(0.0, m["stall_ms"] - quiet["median_ms"]), 1)
+        # the longest gap against the longest gap of the same writer without any operation
+        m["stall_vs_quiet"] = ratio(m["stall_ms"], quiet["max_ms"])
         if self.vg:
-            # LVM commands that ended in the window; per stand-in pause, those that ended in it
+            # LVM commands that ended in the window; per tapdisk pause, those that ended in it
             cmds = [c for c in lvm_log() if t0 <= c[1] <= t1]
             m["lvm_commands"] = len(cmds)
             m["lvm_in_pauses"] = [[verb for _, end, verb in cmds if a <= end <= b]
                                   for a, b in spans]
             m["lvm_commands_in_pause"] = sum(len(x) for x in m["lvm_in_pauses"])
         return out, m
+
+    def livesnap_delete(self):
+        """livesnap snapshot-delete s1."""
+        return self.livesnap_op("snapshot-delete", self.name, "s1")
+
+    @contextlib.contextmanager
+    def paused(self, path):
+        """livesnap's tap_ctl.paused on this VM's tapdisk (the pause and unpause livesnap's
+        own pauses use), unpaused with ``-a vhd:path``; an unanswered pause a BenchError."""
+        try:
+            with tap_ctl.paused(self.td.pid, self.td.minor, path=path,
+                                timeout=PAUSE_TIMEOUT) as win:
+                yield win
+        except tap_ctl.PauseTimeout as e:
+            raise BenchError("%s: %s" % (UNANSWERED, e))
 
     def livesnap_op(self, *args):
         out, m = self.timed(lambda: self.livesnap(*args))
@@ -230,7 +254,7 @@ class Vm(object):
     def null_pause(self):
         """tap_ctl.paused() around nothing: the floor of a pause with this tap-ctl."""
         def op():
-            with tap_ctl.paused(self.td.pid, self.td.minor, path=self.leaf) as win:
+            with self.paused(self.leaf) as win:
                 pass
             return win
         win, m = self.timed(op)
@@ -249,7 +273,7 @@ class Vm(object):
         info = {}
 
         def op():
-            with tap_ctl.paused(self.td.pid, self.td.minor, path=self.leaf) as win:
+            with self.paused(self.leaf) as win:
                 c0 = time.monotonic()
                 info["sectors"] = vhd.coalesce(self.leaf)
                 info["copy_ms"] = round((time.monotonic() - c0) * 1000.0, 1)
@@ -288,7 +312,7 @@ class Vm(object):
             info[key] = round((time.monotonic() - t) * 1000.0, 1)
 
         def op():
-            with tap_ctl.paused(self.td.pid, self.td.minor, path=self.leaf) as win:
+            with self.paused(self.leaf) as win:
                 t = time.monotonic()                            # SM step 3
                 lvm.set_readonly(self.vg, parent_lv, False)
                 st._deflate(self.leaf)
@@ -323,30 +347,34 @@ class Vm(object):
 
     # -- the end ----------------------------------------------------------------------------
     def finish(self):
-        """Close the tapdisk; every acknowledged write, A and B, and every image are intact."""
+        """Stop the guest, destroy the tapdisk; every acknowledged write, A and B, and every
+        image are intact, read by the real tools."""
         self.wait_acks(5)
         td = tap_ctl.find(self.leaf)
         if td is None or td.pid != self.td.pid:
             raise BenchError("the tapdisk of %s is gone or changed: %s" % (self.leaf, td))
         if td.state & tap_ctl.PAUSED:
             raise BenchError("the tapdisk of %s was left paused" % self.leaf)
-        p = subprocess.run([TAP_CTL, "close", "-p", str(td.pid), "-m", str(td.minor)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           universal_newlines=True, timeout=120)
-        if p.returncode != 0:
-            raise BenchError("tap-ctl close failed (%d): %s" % (p.returncode, p.stderr))
-        rep = txverify.assert_intact(self.ack_log, self.leaf, via="livesnap")
-        self.result["acked_writes"] = rep.acked
-        b_holder = self.images["k"] if self.kind == "delete_hide" else self.leaf
-        self.check_region(self.leaf, b"A", DATA_OFFSET_MIB)
-        self.check_region(b_holder, b"B", DATA_OFFSET_MIB + self.size)
+        rc, out, err = self.tapdisks.destroy(td.pid, td.minor)
+        if rc != 0:
+            raise BenchError("tap-ctl destroy failed (%d): %s %s" % (rc, out, err))
+        try:
+            rep = txverify.assert_intact(self.ack_log, self.leaf)
+            self.result["acked_writes"] = rep.acked
+            b_holder = self.images["k"] if self.chain == "hide" else self.leaf
+            self.check_region(self.leaf, b"A", DATA_OFFSET_MIB)
+            self.check_region(b_holder, b"B", DATA_OFFSET_MIB + self.size)
+        except AssertionError as e:
+            raise BenchError("acknowledged writes lost: %s" % e)
+        except OSError as e:            # e.g. 'tap-ctl create' of the reading tapdisk refused
+            raise BenchError("reading the disk back through a real tapdisk: %s" % e)
         problems = {}
         for f in sorted(self.image_names()):
-            pr = vhd.check(os.path.join(self.img_dir, f))
+            pr = blktap.check(os.path.join(self.img_dir, f))
             if pr:
                 problems[f] = pr
         if problems:
-            raise BenchError("vhd check failed: %s" % problems)
+            raise BenchError("vhd-util check failed: %s" % problems)
         if self.vg:
             self.check_lvhd()
         self.result["chain_after"] = [os.path.basename(x) for x in vhd.chain_paths(self.leaf)]
@@ -363,7 +391,10 @@ class Vm(object):
             if path == self.leaf:
                 want, perm = lvm.full_size(self.virtual_size), "w"
             else:
-                want, perm = lvm.round_extent(vhd.query(path).physical_size), "r"
+                rc, out, err = blktap.vhd_util("query", "-n", path, "-s")
+                if rc != 0:
+                    raise BenchError("vhd-util query -s %s: %s %s" % (path, out, err))
+                want, perm = lvm.round_extent(int(out)), "r"
             if size != want or attr[1] != perm or name.startswith("OLD_"):
                 problems[name] = {"size": size, "want": want, "attr": attr, "want_perm": perm}
         if problems:
@@ -372,24 +403,17 @@ class Vm(object):
                                     if n not in self.lvs_before}
 
     def check_region(self, path, tag, offset_mib):
-        with vhd.open_image(path) as img:
+        """The region reads back through a fresh read-only real tapdisk on ``path``'s chain."""
+        with blktap.opened(path) as c:
             for i in range(self.size):
-                if img.read((offset_mib + i) * MiB, MiB) != chunk(tag, i):
+                if c.read((offset_mib + i) * MiB, MiB) != chunk(tag, i):
                     raise BenchError("%s: MiB %d of region %s does not read back"
                                      % (path, i, tag.decode()))
 
     def cleanup(self):
-        pids = set(self.pids)
-        for p in glob.glob(os.path.join(os.environ["TESTXEN_RUN_DIR"], "tapdisk*.json")):
-            try:
-                with open(p) as f:
-                    entry = json.load(f)
-            except (OSError, ValueError):
-                continue
-            prefix = self.img_dir + os.sep if self.vg else self.dir
-            if os.path.normpath(entry.get("path", "")).startswith(prefix):
-                pids.add(entry["pid"])
-        kill(pids)
+        """The guest stopped, the tapdisk destroyed (SIGKILLed by pid when tap-ctl cannot:
+        only this VM's), its LVs and files removed."""
+        self.tapdisks.close()
         if self.vg:
             # the LVs made for this VM, never the VG's directory (the VG goes at the end)
             try:
@@ -406,10 +430,7 @@ class Vm(object):
         try:
             self.prepare()
             self.start()
-            if self.kind == "xapi_leaf_coalesce":
-                self.result["op"] = self.xapi_leaf_coalesce()
-            else:
-                self.result["op"] = self.livesnap_op("snapshot-delete", self.name, "s1")
+            self.result["op"] = getattr(self, self.method)()
             if self.kind == "delete_intermediate":
                 self.wait_acks(10)
                 self.result["create"] = self.livesnap_op("snapshot-create", self.name, "c1")
@@ -421,10 +442,11 @@ class Vm(object):
                                                              1)
             self.finish()
         finally:
-            self.cleanup()
+            # a Ctrl-C / SIGTERM now must not stop the cleanup (delivered after it)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                self.cleanup()
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         return self.result
 
-
-
-def kill(pids):
-    tapctl.kill_all(pids=pids)

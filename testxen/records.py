@@ -1,5 +1,5 @@
-"""The guest's records (shared by the test guest, ``testxen.guest``, the tapdisk stand-in of
-the benchmark and ``testxen.verify``).
+"""The guest's records (shared by the test guest, ``testxen.guest``, and ``testxen.verify``;
+also the former tapdisk stand-in's).
 
 Record (4096 bytes): ``>4s16sQIQ`` magic ``TXWR``, run id, seq, slot, write time (ns), then a
 fill derived from (run id, seq), then a CRC-32 of everything before it in the last 4 bytes.

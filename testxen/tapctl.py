@@ -1,6 +1,7 @@
 """A ``tap-ctl``-compatible command for the tapdisk stand-in (``testxen/tap-ctl``).
 
-Used only by the benchmark (bench/xen.py); the tests run the real tap-ctl (testxen/blktap.py).
+Used by nothing any more: the benchmark (bench/xen.py) and the tests run the real tap-ctl
+(testxen/blktap.py).
 It follows blktap's control/tap-ctl.c: list's non-tty format, pause -t failing with EINVAL,
 exit codes as positive errnos.
 

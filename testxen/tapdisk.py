@@ -1,8 +1,7 @@
 """A tapdisk stand-in (XEN-NOTES.md §8): one daemon process per disk.
 
-Used only by the benchmark (bench/xen.py, tests/bench/test_xen_bench.py), which measures
-livesnap's pause windows with a writer inside the tapdisk; tests/xen and tests/xapi run the
-real blktap tapdisk (testxen/blktap.py). It follows tapdisk's behaviour as read from blktap
+Used by nothing any more: its last user, the benchmark (bench/xen.py), runs on the real
+blktap tapdisk (testxen/blktap.py) as tests/xen and tests/xapi do. It follows tapdisk's behaviour as read from blktap
 drivers/tapdisk-vbd.c and control/tap-ctl.c: pause drains and closes the chain, unpause
 reopens strictly (EMEDIUMTYPE on a size change), requests queue while paused.
 

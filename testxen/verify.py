@@ -1,14 +1,13 @@
 """Check the guest's view against the disk: every acknowledged record is in the image, whole.
 
-The ack log of a guest (``testxen.guest``, or the benchmark's tapdisk stand-in) holds
-``RUN <run id hex> slots=N stride=S size=B path=P``, then ``ACK <seq> <monotonic ns>`` per acknowledged write (plus
-``ERR`` and ``STATE`` lines). Slot = seq % slots, at byte slot * stride of the disk.
+The ack log of a guest (``testxen.guest``) holds ``RUN <run id hex> slots=N stride=S size=B
+path=P``, then ``ACK <seq> <monotonic ns>`` per acknowledged write (plus ``ERR`` and ``STOP``
+lines). Slot = seq % slots, at byte slot * stride of the disk.
 
-* ``verify(ack_log, path, until_ns=None, exact=False, via="tapdisk")`` reads the chain of
-  ``path`` (a paused or closed leaf, or a frozen former leaf) through a fresh real tapdisk
-  (read-only, over NBD: ``testxen.blktap.opened``), so the chain is resolved as blktap resolves
-  it (``via="livesnap"``: through livesnap's VHD engine, for the benchmark, whose LVHD chains
-  the real tapdisk cannot open), and returns a ``Report``:
+* ``verify(ack_log, path, until_ns=None, exact=False)`` reads the chain of ``path`` (a paused
+  or closed leaf, or a frozen former leaf) through a fresh real tapdisk (read-only, over NBD:
+  ``testxen.blktap.opened``), so the chain is resolved as blktap resolves it, and returns a
+  ``Report``:
   for every slot, the newest acknowledged seq (acked at or before ``until_ns``) must be there,
   or a newer record of the same run (``exact``: exactly that one); no slot may hold a torn
   record (bad magic, CRC or fill).
@@ -52,23 +51,7 @@ def acks(ack_log):
     return read_log(ack_log)[1]
 
 
-class _LivesnapReader(object):
-    def __init__(self, path):
-        from livesnap import vhd
-        self.img = vhd.open_image(path)
-        self.size = self.img.virtual_size
-
-    def read(self, offset, length):
-        return self.img.read(offset, length)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.img.close()
-
-
-def verify(ack_log, path, until_ns=None, exact=False, via="tapdisk"):
+def verify(ack_log, path, until_ns=None, exact=False):
     run, acked, errors = read_log(ack_log)
     if until_ns is not None:
         acked = [(s, t) for s, t in acked if t <= until_ns]
@@ -77,7 +60,7 @@ def verify(ack_log, path, until_ns=None, exact=False, via="tapdisk"):
         slot = seq % run.slots
         newest[slot] = max(seq, newest.get(slot, 0))
     problems = ["write error acknowledged to the guest: %s" % e for e in errors]
-    with (blktap.opened(path) if via == "tapdisk" else _LivesnapReader(path)) as img:
+    with blktap.opened(path) as img:
         if img.size != run.size:
             problems.append("virtual size %d, the guest had %d" % (img.size, run.size))
         for slot in range(run.slots):
@@ -111,8 +94,8 @@ def verify(ack_log, path, until_ns=None, exact=False, via="tapdisk"):
     return Report(path, len(acked), run.slots, problems)
 
 
-def assert_intact(ack_log, path, until_ns=None, exact=False, via="tapdisk"):
-    rep = verify(ack_log, path, until_ns=until_ns, exact=exact, via=via)
+def assert_intact(ack_log, path, until_ns=None, exact=False):
+    rep = verify(ack_log, path, until_ns=until_ns, exact=exact)
     assert not rep.problems, "%s: %d problems:\n%s" % (path, len(rep.problems),
                                                          "\n".join(rep.problems[:20]))
     return rep

@@ -98,26 +98,43 @@ def _vet(path, st, dst):
         raise NotOurFile(path, "it is owned by uid %d" % st.st_uid)
 
 
-def inspect(path):
-    """Check ``path`` by name (``lstat``) without opening it: True when it is ours, False
-    when it is gone; NotOurFile otherwise."""
+def _look(path):
+    """(directory descriptor, name, ``lstat`` of the name, ``fstat`` of the directory) of
+    ``path``, the name vetted (``_vet``: NotOurFile); None when the directory or the name is
+    gone. The caller closes the descriptor."""
     try:
         dfd, name = _open_dir(path)
     except OSError as e:
         if e.errno == errno.ENOENT:
-            return False
+            return None
         raise
     try:
+        dst = os.fstat(dfd)
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except OSError as e:
-            if e.errno == errno.ENOENT:
-                return False
-            raise
-        _vet(path, st, os.fstat(dfd))
-        return True
-    finally:
+            if e.errno != errno.ENOENT:
+                raise
+            st = None
+        if st is not None:
+            _vet(path, st, dst)
+    except BaseException:
         os.close(dfd)
+        raise
+    if st is None:
+        os.close(dfd)
+        return None
+    return dfd, name, st, dst
+
+
+def inspect(path):
+    """Check ``path`` by name (``lstat``) without opening it: True when it is ours, False
+    when it is gone; NotOurFile otherwise."""
+    found = _look(path)
+    if found is None:
+        return False
+    os.close(found[0])
+    return True
 
 
 class OwnFile(object):
@@ -166,22 +183,11 @@ class OwnFile(object):
 def open_own(path, flags=os.O_RDONLY):
     """Open ``path`` as described above: an ``OwnFile``, None when it is gone, NotOurFile when
     it is not livesnap's to change."""
+    found = _look(path)                      # no open at all of a device, FIFO or link
+    if found is None:
+        return None
+    dfd, name, before, dst = found
     try:
-        dfd, name = _open_dir(path)
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return None
-        raise
-    try:
-        dst = os.fstat(dfd)
-        try:
-            before = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                os.close(dfd)
-                return None
-            raise
-        _vet(path, before, dst)              # no open at all of a device, FIFO or link
         try:
             fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY |
                          os.O_CLOEXEC, dir_fd=dfd)

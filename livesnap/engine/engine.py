@@ -16,7 +16,7 @@ from livesnap.datapaths.offline import OfflineDatapath
 from livesnap import faults
 from livesnap.engine import adopt, check, foreign, names, users
 from livesnap.engine.session import SessionContext, SignalCatcher
-from livesnap.text import check_description, check_snapshot_name
+from livesnap.text import check_description, check_snapshot_name, printable
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
                              PathOutsideStorage, UnsupportedDisks, UnusablePath, UsageError,
                              WrongState)
@@ -224,7 +224,7 @@ class Engine(object):
         for path in names.new_paths(plan.steps, existing):
             problem = names.path_problem(path) or names.place_problem(path)
             if problem is not None:
-                raise UnusablePath(names.printable(path), problem)
+                raise UnusablePath(printable(path), problem)
 
     def _planner(self, session, datapath=None, users=None):
         if session.domain.kind == "xen":
@@ -498,10 +498,10 @@ class Engine(object):
                                       for disk, nid in tree.active.items())
         if op.steps_done != 0 or renamed or not untouched or \
                 step["op"] not in ("snapshot", "new_leaf", "internal_snapshot", "keep_leaf"):
-            raise UnusablePath(names.printable(path), "%s; operation #%d (%s) needs it at step "
+            raise UnusablePath(printable(path), "%s; operation #%d (%s) needs it at step "
                                "%d of %d and cannot be finished by livesnap"
                                % (problem, op.id, op.op, index + 1, len(plan.steps)))
-        reason = "cannot create an image at %s: %s" % (names.printable(path), problem)
+        reason = "cannot create an image at %s: %s" % (printable(path), problem)
         datapath.abandon(step)
         s.catalog.finish(op.id, "rolled-back", reason)
         log.warning("operation #%d (%s) rolled back: %s", op.id, op.op, reason)

@@ -1,5 +1,6 @@
 """Byte I/O on an image file or device (pread/pwrite that finish or raise a VhdError, the
-size of a file or block device) and :class:`RawImage`, a raw file read as a VHD's parent."""
+size of a file or block device), :class:`Handle` (what every open image shares: its fd closed
+by ``close`` and by ``with``) and :class:`RawImage`, a raw file read as a VHD's parent."""
 import os
 import stat
 
@@ -35,7 +36,23 @@ def _fsize(fd, path):
         raise from_oserror(path, e)
 
 
-class RawImage(object):
+class Handle(object):
+    """An open image file: ``close`` closes its ``fd`` (once); ``with`` closes the handle."""
+    fd = None
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RawImage(Handle):
     """A raw file used as the parent of a differencing VHD (``snapshot -m``)."""
     is_vhd = False
 
@@ -72,14 +89,3 @@ class RawImage(object):
     def flush(self, sync=False):
         if sync and self.writable:
             os.fsync(self.fd)
-
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

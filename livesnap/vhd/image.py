@@ -21,7 +21,7 @@ from livesnap.vhd import paths
 from livesnap.vhd.blocks import Blocks
 from livesnap.vhd.errors import (VhdChainLoop, VhdCorrupt, VhdMissing, VhdParentMismatch,
                                  from_oserror)
-from livesnap.vhd.fileio import RawImage, _pread
+from livesnap.vhd.fileio import Handle, RawImage, _pread
 from livesnap.vhd.ondisk import OnDisk
 from livesnap.vhd.sectors import Sectors
 
@@ -34,7 +34,7 @@ Info = collections.namedtuple("Info", [
 Info.__doc__ = """What ``query`` tells about one image (sizes in bytes, parent = absolute path)."""
 
 
-class Image(OnDisk, Blocks, Sectors):
+class Image(Handle, OnDisk, Blocks, Sectors):
     """An open VHD. Use :func:`open_image`; ``with`` closes it (flushing footer + batmap)."""
     is_vhd = True
 
@@ -198,15 +198,7 @@ class Image(OnDisk, Blocks, Sectors):
             if self.parent is not None:
                 self.parent.close()
                 self.parent = None
-            if self.fd is not None:
-                os.close(self.fd)
-                self.fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+            Handle.close(self)
 
     def __repr__(self):
         return "<vhd.Image %s %s %d bytes>" % (self.path, fmt.TYPE_NAMES.get(self.footer.type),

@@ -4,7 +4,7 @@ import pytest
 from livesnap import vhd
 from livesnap.tools import tap_ctl
 from testxen import verify
-from testxen.tapdisk import RECORD_SIZE, TornRecord, make_record, parse_record
+from testxen.records import RECORD_SIZE, TornRecord, make_record, parse_record
 
 MiB = 1 << 20
 RUN = bytes(range(16))
