@@ -280,6 +280,44 @@ def tapdisk_pause_plugin(blktap, xapi):
     return plugin
 
 
+def file_layout(xapi, sr, blktap, size, base_writes, leaf_writes):
+    """A chain on the file SR ``sr`` as SM's FileSR snapshots leave it once the snapshot VDIs
+    are deleted: one hidden base copy (read-only, an unmanaged record) per entry of
+    ``base_writes`` under the VDI's leaf, each made by ``vhd-util snapshot`` (FileSR._snapshot:
+    the leaf linked to the base's name, snapshot, renamed over) after that entry's writes
+    ([(offset, length, pattern)]) went through the real tapdisk; then ``leaf_writes`` into the
+    leaf. Records as SM writes them. Returns (leaf VDI ref, [base uuids, oldest first])."""
+    import uuid
+    MiB = 1 << 20
+    d = xapi.sr_dir(sr)
+    leaf_uuid = str(uuid.uuid4())
+    leaf = os.path.join(d, leaf_uuid + ".vhd")
+    blktap.vhd("create", "-n", leaf, "-s", size // MiB)
+    bases = []
+    for writes in base_writes:
+        for off, length, pattern in writes:
+            blktap.write(leaf, off, length, pattern)
+        b = str(uuid.uuid4())
+        os.link(leaf, os.path.join(d, b + ".vhd"))
+        blktap.vhd("snapshot", "-n", leaf + ".new", "-p", os.path.join(d, b + ".vhd"))
+        os.rename(leaf + ".new", leaf)
+        blktap.vhd("set", "-n", os.path.join(d, b + ".vhd"), "-f", "hidden", "-v", "1")
+        bases.append(b)
+    for off, length, pattern in leaf_writes:
+        blktap.write(leaf, off, length, pattern)
+    parent = None
+    for b in bases:
+        sm_config = {"vdi_type": "vhd"}
+        if parent:
+            sm_config["vhd-parent"] = parent
+        xapi.add_vdi(sr, size, uuid=b, location=b, name_label="base copy",
+                     read_only=True, managed=False, sm_config=sm_config)
+        parent = b
+    ref = xapi.add_vdi(sr, size, uuid=leaf_uuid, location=leaf_uuid,
+                       sm_config={"vdi_type": "vhd", "vhd-parent": parent})
+    return ref, bases
+
+
 # -- the SM process -----------------------------------------------------------------------------
 
 def _setup(cfg):

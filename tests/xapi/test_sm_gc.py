@@ -48,35 +48,13 @@ def sm(world, blktap, sm_tree):
 def _sm_layout(world, blktap, depth):
     """A chain as SM's FileSR snapshots leave it once the snapshot VDIs are deleted:
     ``depth`` hidden base copies (read-only, unmanaged records) under the VDI's leaf, each
-    made by ``vhd-util snapshot`` after data was written through the real tapdisk. Returns
-    (leaf VDI ref, [base uuids, oldest first], what the leaf reads)."""
-    x = world.xapi
-    d = x.sr_dir(world.sr)
-    leaf_uuid = str(uuid.uuid4())
-    leaf = os.path.join(d, leaf_uuid + ".vhd")
-    blktap.vhd("create", "-n", leaf, "-s", SIZE // MiB)
-    bases = []
-    for i in range(depth):
-        blktap.write(leaf, i * MiB, MiB // 2, 0x11 * (i + 1))
-        b = str(uuid.uuid4())
-        # SM's FileSR._snapshot: link the leaf to the base's name, snapshot, rename over
-        os.link(leaf, os.path.join(d, b + ".vhd"))
-        blktap.vhd("snapshot", "-n", leaf + ".new", "-p", os.path.join(d, b + ".vhd"))
-        os.rename(leaf + ".new", leaf)
-        blktap.vhd("set", "-n", os.path.join(d, b + ".vhd"), "-f", "hidden", "-v", "1")
-        bases.append(b)
-    blktap.write(leaf, 3 * MiB, MiB, 0x77)
-    parent = None
-    for b in bases:
-        sm_config = {"vdi_type": "vhd"}
-        if parent:
-            sm_config["vhd-parent"] = parent
-        x.add_vdi(world.sr, SIZE, uuid=b, location=b, name_label="base copy",
-                  read_only=True, managed=False, sm_config=sm_config)
-        parent = b
-    ref = x.add_vdi(world.sr, SIZE, uuid=leaf_uuid, location=leaf_uuid,
-                    sm_config={"vdi_type": "vhd", "vhd-parent": parent})
-    return ref, bases, blktap.read(leaf)
+    made by ``vhd-util snapshot`` after data was written through the real tapdisk
+    (testxen.sm.file_layout). Returns (leaf VDI ref, [base uuids, oldest first], what the
+    leaf reads)."""
+    ref, bases = smmod.file_layout(
+        world.xapi, world.sr, blktap, SIZE,
+        [[(i * MiB, MiB // 2, 0x11 * (i + 1))] for i in range(depth)], [(3 * MiB, MiB, 0x77)])
+    return ref, bases, blktap.read(world.xapi.vdi_path(ref))
 
 
 def test_control_sm_layout_gc_coalesces_base_copies(world, blktap, sm):
