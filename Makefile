@@ -29,15 +29,16 @@ TEST_WORKERS ?= 4
 # unanswered until some event woke it (livesnap's pause now nudges it), and the test bed
 # removed minors' ID files that other workers' tapdisks held (two tapdisks on one minor,
 # 'tap-ctl create' EINVAL) and left killed tapdisks' metrics behind ('tap-ctl create' EEXIST).
-# No test is rerun. tests/bench/test_xen_bench.py (the Xen benchmark's smoke runs, on real
-# tapdisks) runs with them.
+# No test is rerun. tests/bench/test_xen_bench.py and test_xen_sm_bench.py (the Xen
+# benchmarks' smoke runs, on real tapdisks) run with them.
 BLKTAP_WORKERS ?= 3
 
 test: daemons lint
 	$(PY) -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadgroup \
-	  --ignore=tests/xen --ignore=tests/xapi --ignore=tests/bench/test_xen_bench.py tests
+	  --ignore=tests/xen --ignore=tests/xapi --ignore=tests/bench/test_xen_bench.py \
+	  --ignore=tests/bench/test_xen_sm_bench.py tests
 	$(PY) -m pytest -q --durations=10 -n $(BLKTAP_WORKERS) --dist loadgroup tests/xen tests/xapi \
-	  tests/bench/test_xen_bench.py
+	  tests/bench/test_xen_bench.py tests/bench/test_xen_sm_bench.py
 
 clean:
 	rm -rf .venv build .pytest_cache .hypothesis .import_linter_cache

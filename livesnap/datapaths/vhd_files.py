@@ -369,8 +369,9 @@ class TapdiskDatapath(VhdOfflineDatapath):
         pause of the whole copy). Each round freezes the leaf into ``spare_path`` (a pause),
         coalesces that into the node while tapdisk runs (the node's only child is the frozen
         image, read-only: tapdisk reads those sectors from it anyway), and points the leaf at
-        the node (a pause); when the leaf holds at most ``FOLD_SMALL`` bytes (or after
-        ``FOLD_ROUNDS`` rounds), one last pause coalesces the leaf's few blocks into the node
+        the node (a pause); when the leaf holds at most ``FOLD_SMALL`` bytes, or no less
+        than before the round (the guest keeps rewriting the same blocks), or after
+        ``FOLD_ROUNDS`` rounds, one last pause coalesces the leaf's few blocks into the node
         and renames the node over the leaf, and tapdisk reopens its path. Every part checks
         what is already done (re-run after a crash)."""
         leaf = step["child_path"]
@@ -385,6 +386,7 @@ class TapdiskDatapath(VhdOfflineDatapath):
                                 % (node, leaf, node))
         pauses = []
         rounds = 0
+        last = None
         freeze = [{"disk": disk, "frozen_path": spare, "leaf_path": leaf}]
         while True:
             if not st.exists(leaf) and st.exists(spare):
@@ -398,9 +400,15 @@ class TapdiskDatapath(VhdOfflineDatapath):
             elif parent != node:
                 raise DatapathError(reason="cannot fold %s into %s: its parent is %s"
                                     % (node, leaf, parent))
-            elif rounds >= self.FOLD_ROUNDS or vhd.data_unchecked(leaf) <= self.FOLD_SMALL:
-                break
             else:
+                held = vhd.data_unchecked(leaf)
+                # done when the leaf holds little, or no less than after the last round (the
+                # guest rewrites the same blocks: another round would not shrink the last
+                # pause), or after FOLD_ROUNDS rounds
+                if held <= self.FOLD_SMALL or rounds >= self.FOLD_ROUNDS or \
+                        (last is not None and held >= last):
+                    break
+                last = held
                 pauses.append(self._freeze(freeze, hidden=True)["pause_ms"])
             r = self.do_commit({"path": node, "child_path": spare, "disk": disk,
                                 "grandchildren": [{"path": leaf}], "child_in_chain": True})
