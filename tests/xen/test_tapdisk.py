@@ -127,14 +127,19 @@ def test_paused_unpauses_on_exception_and_redelivers_signals(xen, tmp_path):
     xen.settle(disk)
 
     reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with tap_ctl.paused(disk.pid, disk.minor) as win:
-            os.kill(os.getpid(), signal.SIGINT)              # only recorded here ...
-            time.sleep(0.05)
-            reached.append(True)
+    # Python's own SIGINT handler (a pytest-xdist worker may run with SIGINT ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with tap_ctl.paused(disk.pid, disk.minor) as win:
+                os.kill(os.getpid(), signal.SIGINT)          # only recorded here ...
+                time.sleep(0.05)
+                reached.append(True)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert reached and win.signals == [signal.SIGINT]        # ... delivered after the unpause
     assert tap_ctl.get(disk.pid, disk.minor).state == 0
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_pause_timeout_is_ours_and_leaves_the_guest_running(xen, tmp_path):
