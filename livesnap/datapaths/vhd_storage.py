@@ -23,7 +23,7 @@ import contextlib
 import os
 
 from livesnap import vhd
-from livesnap.datapaths import own_files, unlink
+from livesnap.datapaths import free, own_files, unlink
 from livesnap import faults
 from livesnap.tools import lvm
 from livesnap.vhd.edit import set_physical_size
@@ -86,6 +86,12 @@ class FileStorage(object):
 
     def remove(self, path):
         unlink(path)
+
+    def release(self, path):
+        """Remove an image merged away while a tapdisk runs: a large one on a file system
+        that discards on free is freed after the command (``datapaths.free``), so that the
+        guest's flushes do not wait behind its discards."""
+        free(path)
 
     @contextlib.contextmanager
     def writable(self, path, extra=0, leaf=False):
@@ -161,6 +167,8 @@ class LvmStorage(object):
             lvm.lvremove(self.vg, self._lv(path))
         except lvm.LvNotFound:
             pass
+
+    release = remove
 
     @contextlib.contextmanager
     def writable(self, path, extra=0, leaf=False):

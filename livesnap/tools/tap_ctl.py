@@ -14,8 +14,10 @@ but the scheduler's 600 s. When the last in-flight request completes within 10 m
 the event loop itself finishes the pause (the state is 0x2a: paused, quiesced, closed), but
 the answer waits for the next unrelated event on any of tapdisk's descriptors, e.g. another
 tap-ctl connecting. So while a pause runs livesnap connects to that tapdisk with
-``tap-ctl list -p PID`` every ``PAUSE_NUDGE_INTERVAL`` seconds (read-only; tapdisk answers a
-list even while busy with the pause), and the pause is answered within about that interval.
+``tap-ctl list -p PID`` (read-only; tapdisk answers a list even while busy with the pause):
+soon after the pause starts (``PAUSE_NUDGE_FIRST``: tapdisk's 10 ms retries mean a short
+pause is usually finished within a few of them), then every ``PAUSE_NUDGE_INTERVAL``
+seconds, and the pause is answered within about that interval.
 
 Errors (all ``livesnap.errors.DatapathError``, carrying op, pid, minor, path, rc, err)::
 
@@ -28,6 +30,7 @@ Errors (all ``livesnap.errors.DatapathError``, carrying op, pid, minor, path, rc
 """
 import collections
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -52,6 +55,7 @@ SHUTDOWN_REQUESTED = 0x40
 EMEDIUMTYPE = getattr(errno, "EMEDIUMTYPE", 124)
 DEFAULT_PAUSE_TIMEOUT = 30.0
 PAUSE_NUDGE_INTERVAL = 0.05     # seconds; see the module's docstring
+PAUSE_NUDGE_FIRST = (0.005, 0.01, 0.01, 0.02)     # the first waits, then the interval
 # SM (blktap2.py TapCtl.list) retries list 10x with 0.5 s backoff on these exit codes
 LIST_RETRY_CODES = (errno.EPROTO, errno.ENOENT)
 
@@ -224,15 +228,18 @@ def pause(pid, minor, timeout=DEFAULT_PAUSE_TIMEOUT, path=None):
 
 @contextmanager
 def _nudging(pid, interval=None):
-    """While the block runs, ``tap-ctl list -p PID`` every ``interval`` seconds (default
-    ``PAUSE_NUDGE_INTERVAL``): a control connection wakes tapdisk's event loop, so that a
+    """While the block runs, ``tap-ctl list -p PID`` every ``interval`` seconds (default: after
+    ``PAUSE_NUDGE_FIRST``, every ``PAUSE_NUDGE_INTERVAL``): a control connection wakes tapdisk's event loop, so that a
     pause it has finished is answered (see the module's docstring). Failures are ignored:
     the pause itself reports."""
-    interval = PAUSE_NUDGE_INTERVAL if interval is None else interval
+    if interval is None:
+        waits = itertools.chain(PAUSE_NUDGE_FIRST, itertools.repeat(PAUSE_NUDGE_INTERVAL))
+    else:
+        waits = itertools.repeat(interval)
     stop = threading.Event()
 
     def nudge():
-        while not stop.wait(interval):
+        while not stop.wait(next(waits)):
             try:
                 runner.run_rc([_bin(), "list", "-p", str(pid)], timeout=10)
             except Exception as e:          # a pause must not fail for want of a nudge
