@@ -49,6 +49,25 @@ def _copy(src, src_off, dst, dst_off, n):
         n -= k
 
 
+# Data written by a merge is pushed to the disk every WRITEBACK_STEP bytes (fdatasync of
+# the target's data only: its metadata is written at the end as before), so that a running
+# guest's writes never queue behind the writeback of the whole merge at once.
+WRITEBACK_STEP = 32 << 20
+
+
+class _Writeback(object):
+    def __init__(self, dst, sync):
+        self.dst, self.sync, self.pending = dst, sync, 0
+
+    def wrote(self, sectors):
+        if not self.sync:
+            return
+        self.pending += sectors * 512
+        if self.pending >= WRITEBACK_STEP:
+            os.fdatasync(self.dst.fd)
+            self.pending = 0
+
+
 def _bitmap_of(dst, runs):
     bm = bytearray(dst.bm_secs * 512)
     for s, e in runs:
@@ -112,11 +131,13 @@ def coalesce(child_path, progress=None, sync=True):
                            "parent %s (%d bytes)" % (child.virtual_size, parent.path,
                                                     parent.virtual_size))
         blocks = sorted(child.allocated_blocks(), key=lambda b: child.bat[b])
+        wb = _Writeback(parent, sync)
         for i, b in enumerate(blocks):
             runs = [(s, e) for s, e, on in child.block_runs(b) if on]
             if runs:
                 _put(parent, b, runs, child)
                 total += sum(e - s for s, e in runs)
+                wb.wrote(sum(e - s for s, e in runs))
             if progress is not None:
                 progress(i + 1, len(blocks))
         parent.flush(sync=sync)
@@ -147,6 +168,7 @@ def pull(child_path, reparent=False, progress=None, sync=True):
             pblocks.sort(key=lambda b: parent.bat[b])
         else:
             pblocks = list(range(min(child.nblocks, fmt.blocks_for(parent.size))))
+        wb = _Writeback(child, sync)
         for i, b in enumerate(pblocks):
             nsec = min(child.spb, (min(child.virtual_size, parent.virtual_size)
                                    - b * child.block_size) // 512)
@@ -164,6 +186,7 @@ def pull(child_path, reparent=False, progress=None, sync=True):
             if need:
                 _put(child, b, need, parent)
                 total += sum(e - s for s, e in need)
+                wb.wrote(sum(e - s for s, e in need))
             if progress is not None:
                 progress(i + 1, len(pblocks))
         child.flush(sync=sync)
