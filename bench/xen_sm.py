@@ -47,7 +47,7 @@ the failed ones are listed in livesnap_failed_attempts, and the run is then not 
 the last one failed too. Only the tapdisks this run started are destroyed (by pid); the
 run's world is removed at the end (also on SIGTERM / Ctrl-C).
 
-    python3 bench/xen_sm.py [--sizes 8,32,128] [--quiet-s 1] [--no-speed-log] [--attempts 2]
+    python3 bench/xen_sm.py [--sizes 8,32,128,512] [--quiet-s 1] [--no-speed-log] [--attempts 2]
                             [--dir DIR] [--out FILE]
 """
 import argparse
@@ -320,7 +320,7 @@ def _pause_windows(calls):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="8,32,128",
+    ap.add_argument("--sizes", default="8,32,128,512",
                     help="MiB written to the leaf since the snapshot, comma separated")
     ap.add_argument("--quiet-s", type=float, default=1.0, help="quiet window per disk")
     ap.add_argument("--no-speed-log", action="store_true",
