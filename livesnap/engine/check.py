@@ -91,6 +91,9 @@ def check(engine, s):
         problems += ["%s: %s" % (n.path, p) for n in sorted(tree.nodes.values(),
                                                             key=lambda n: n.path)
                      if n.id not in opaque and os.path.exists(n.path) for p in vhd.check(n.path)]
+    record_problems = getattr(s.domain, "record_problems", None)   # XAPI: its VDI records
+    if record_problems is not None:
+        problems += record_problems(tree)
     if s.domain.kind == "libvirt":
         problems += _check_libvirt_metadata(s, tree)
         if s.domain.is_running():

@@ -333,6 +333,59 @@ class XapiDomain(XenDomainBase):
             if n.state == "snapshot" and n.snapshot in tree.snapshots and of is not None:
                 self._mark_snapshot(ref, rec, of, tree.snapshots[n.snapshot].created)
 
+    def record_problems(self, tree):
+        """What XAPI's records say that the images do not (SM's metadata drifts: a
+        ``vhd-parent`` naming a gone base copy, a wrong ``snapshot_of``), and what breaks SM's
+        model: for each image of the tree, its VDI record exists, its ``sm_config``
+        ``vhd-parent`` is the image's VHD parent, a hidden image's record is unmanaged, a
+        snapshot's VDI is a snapshot of the disk's VDI; and in SM's layout no visible image
+        has children. Open leaves are read only for their header (never rewritten by
+        tapdisk)."""
+        from livesnap import vhd
+        problems = []
+        by_uuid = {}
+        for n in tree.nodes.values():
+            u = image_uuid(n.path)
+            if u is not None:
+                by_uuid[u] = n
+        leaves = {}
+        for disk, nid in tree.active.items():
+            leaves[disk] = image_uuid(tree.nodes[nid].path)
+        for u, n in sorted(by_uuid.items()):
+            try:
+                ref = self.platform.call("VDI.get_by_uuid", u)
+            except XapiError:
+                problems.append("image %s has no VDI record in XAPI (an SR scan makes one)"
+                                % n.path)
+                continue
+            rec = self.platform.call("VDI.get_record", ref)
+            try:
+                parent = vhd.parent_of(n.path)
+            except vhd.VhdError:
+                continue                                # image_problems names it
+            want = image_uuid(parent) if parent else None
+            have = (rec.get("sm_config") or {}).get("vhd-parent")
+            if have != want:
+                problems.append("VDI %s (%s): XAPI's sm_config vhd-parent is %s, its VHD "
+                                "parent is %s" % (u, n.path, have or "none", want or "none"))
+            if n.state == "hidden" and rec.get("managed", True):
+                problems.append("VDI %s (%s) is a hidden image but XAPI lists it as a managed "
+                                "VDI" % (u, n.path))
+            if n.state == "snapshot" and leaves.get(n.disk):
+                of = rec.get("snapshot_of")
+                leaf_ref = self._vdi_ref(leaves[n.disk], n.path)
+                if not rec.get("is_a_snapshot") or of != leaf_ref:
+                    problems.append("VDI %s (%s), snapshot %s of disk %s, is not recorded as "
+                                    "a snapshot of the disk's VDI %s (is_a_snapshot %s)"
+                                    % (u, n.path, n.snapshot, n.disk, leaves[n.disk],
+                                       rec.get("is_a_snapshot")))
+            if self.layout == "sm" and n.state in ("snapshot", "active") and \
+                    tree.children(n.id):
+                problems.append("image %s (%s) is visible and has children: SM's GC would "
+                                "leaf-coalesce into it (a layout from before SM's; deleting "
+                                "the snapshot merges it)" % (n.path, n.snapshot or n.disk))
+        return problems
+
     def _vdi_ref(self, vdi_uuid, path):
         try:
             return self.platform.call("VDI.get_by_uuid", vdi_uuid)
