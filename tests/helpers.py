@@ -197,3 +197,10 @@ class LockHolder(object):
     def kill(self):
         self.proc.kill()
         self.proc.wait(10)
+
+
+def listdir_images(directory):
+    """The names in ``directory`` but livesnap's trash (``.<name>.livesnap-free``: images
+    merged away on a running domain, freed by a detached process after the command)."""
+    from livesnap.datapaths.trash import SUFFIX
+    return [n for n in os.listdir(directory) if not (n.startswith(".") and n.endswith(SUFFIX))]

@@ -8,6 +8,7 @@ import stat
 
 import pytest
 
+from helpers import listdir_images
 from livesnap import vhd
 
 from test_xen_datapath import XenVm
@@ -48,7 +49,7 @@ def test_tapdisk_new_leaves_and_internal_images_are_0600(xen, tmp_path, old_mode
     vm.delete("s2")                   # an internal snapshot first: a new leaf again
     for p in vm.paths.values():
         assert _mode(p) == 0o600
-    for f in os.listdir(vm.dir):
+    for f in listdir_images(vm.dir):
         assert _mode(os.path.join(vm.dir, f)) & 0o077 in (0, old_mode & 0o077), f
     vm.stop_and_verify()
 

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from helpers import listdir_images
 from livesnap import vhd
 
 from test_xen_datapath import XenVm
@@ -26,7 +27,7 @@ def _damage(path, where):
 
 def _state(vm):
     out = {}
-    for f in sorted(os.listdir(vm.dir)):
+    for f in sorted(listdir_images(vm.dir)):
         with open(os.path.join(vm.dir, f), "rb") as fh:
             out[f] = hashlib.sha256(fh.read()).hexdigest()
     return out, os.listdir(vm.state_dir) if os.path.isdir(vm.state_dir) else []

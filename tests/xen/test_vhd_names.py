@@ -8,7 +8,7 @@ import sqlite3
 import tempfile
 import uuid
 
-from helpers import Cli
+from helpers import Cli, listdir_images
 from livesnap import vhd
 
 SIZE = 8 << 20
@@ -41,7 +41,7 @@ class LongVhdVm(Cli):
 
     def fingerprint(self):
         files = {}
-        for f in sorted(os.listdir(self.dir)):
+        for f in sorted(listdir_images(self.dir)):
             with open(os.path.join(self.dir, f), "rb") as fh:
                 files[f] = hashlib.sha256(fh.read()).hexdigest()
         db = sqlite3.connect(os.path.join(self.state_dir, self.uuid + ".db"))

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from helpers import Cli
+from helpers import Cli, listdir_images
 from livesnap.tools import lvm, tap_ctl
 from testxen import blktap
 from testxen.verify import assert_intact
@@ -112,7 +112,7 @@ class XenVm(Cli):
             assert now is not None and now.pid == td.pid and not now.state & tap_ctl.PAUSED
         chk = self.json("check", self.name, expect=None)
         assert chk["ok"], chk["problems"]
-        for f in os.listdir(self.dir):
+        for f in listdir_images(self.dir):
             p = os.path.join(self.dir, f)
             if p not in self.paths.values() or not self.tapdisks:
                 assert blktap.check(p) == [], p
