@@ -40,5 +40,11 @@ test: daemons lint
 	$(PY) -m pytest -q --durations=10 -n $(BLKTAP_WORKERS) --dist loadgroup tests/xen tests/xapi \
 	  tests/bench/test_xen_bench.py tests/bench/test_xen_sm_bench.py
 
+demo: daemons
+	$(PY) scripts/demo.py
+
+bench: daemons
+	$(PY) bench/vhd_coalesce.py
+
 clean:
 	rm -rf .venv build .pytest_cache .hypothesis .import_linter_cache

@@ -202,6 +202,13 @@ class StorageBusy(Conflict):
            "changes nothing")
 
 
+class WrongHost(Conflict):
+    """The command runs on a host that must not do it (XAPI: the VM runs elsewhere, or the
+    LVM metadata of a shared SR is written only on the pool master)."""
+    fields = ("domain", "host", "reason")
+    msg = "VM '{self.domain}': {self.reason}; livesnap changes nothing (run it on host {self.host})"
+
+
 class UnsupportedDisks(Conflict):
     """Disks of the domain livesnap cannot snapshot, which a create would leave out."""
     fields = ("domain", "disks")

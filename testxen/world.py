@@ -161,6 +161,7 @@ class Vm(object):
         for td in self.tapdisks.values():
             tds.wait_acks(td.pid, td.minor, 3)
         self.world.xapi.record("VM", self.ref)["power_state"] = "Running"
+        self.world.xapi.record("VM", self.ref)["resident_on"] = self.world.xapi.host
 
     def ack_log(self, t):
         td = self.tapdisks[t]
@@ -178,3 +179,4 @@ class Vm(object):
             assert blktap.check(self.paths[t]) == []
         self.tapdisks = {}
         self.world.xapi.record("VM", self.ref)["power_state"] = "Halted"
+        self.world.xapi.record("VM", self.ref)["resident_on"] = "OpaqueRef:NULL"

@@ -358,7 +358,7 @@ class Engine(object):
                skip_unsupported=False):
         check_snapshot_name(name)
         description = check_description("" if description is None else description)
-        with self._session(domain, dry_run=dry_run, preflight=foreign.refuse_jobs) as s:
+        with self._session(domain, dry_run=dry_run, preflight=_preflight_domain) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             if self.quiesce:
@@ -406,7 +406,7 @@ class Engine(object):
                                     "org.qemu.guest_agent.0 channel" % domain.name)
 
     def delete(self, domain, name, dry_run=False):
-        with self._session(domain, dry_run=dry_run, preflight=foreign.refuse_jobs) as s:
+        with self._session(domain, dry_run=dry_run, preflight=_preflight_domain) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
@@ -433,7 +433,7 @@ class Engine(object):
 
     def reclaim(self, domain, dry_run=False):
         """Reclaim hidden nodes that are down to one child (what hooks start after a stop)."""
-        with self._session(domain, dry_run=dry_run, preflight=foreign.refuse_jobs) as s:
+        with self._session(domain, dry_run=dry_run, preflight=_preflight_domain) as s:
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
@@ -563,6 +563,15 @@ class Engine(object):
             from livesnap.platforms import libvirt_snapshots
             libvirt_snapshots.sync(s.domain, s.catalog.load_tree(), s.catalog.known_names)
         return changes
+
+
+def _preflight_domain(domain):
+    """Before a changing command reads or makes the domain's catalog: no foreign block job
+    (libvirt), and (XAPI) this host is the one to act (``refuse_wrong_host``)."""
+    foreign.refuse_jobs(domain)
+    refuse_wrong_host = getattr(domain, "refuse_wrong_host", None)
+    if refuse_wrong_host is not None:
+        refuse_wrong_host([d.target for d in domain.disks() if domain.snapshottable(d)])
 
 
 def _impossible_path(plan, start, tree):

@@ -20,7 +20,8 @@ import logging
 import os
 import re
 
-from livesnap.errors import DatapathError, DomainNotFound, Error, StorageBusy, UsageError
+from livesnap.errors import (DatapathError, DomainNotFound, Error, StorageBusy, UsageError,
+                             WrongHost)
 from livesnap.platforms import sm_lock
 from livesnap.platforms.domain_xml import Disk
 from livesnap.platforms.xen_domain import XenDomainBase
@@ -106,6 +107,13 @@ class XapiPlatform(object):
                 raise XapiError(name, "%s: %s" % (e.__class__.__name__, e))
             raise XapiError(name, details)
 
+    def this_host(self):
+        """This host's ref (``session.get_this_host``), or None when the session cannot say."""
+        handle = getattr(self.session, "_session", None) or getattr(self.session, "handle", None)
+        if handle is None:
+            return None
+        return self.call("session.get_this_host", handle)
+
     def lookup(self, ident):
         """The VM with this uuid, or with this name_label (which must be unique)."""
         if not isinstance(ident, str) or not ident or len(ident) > 255:
@@ -156,6 +164,7 @@ class XapiDomain(XenDomainBase):
             raise UsageError(reason="%s (%s) is a template, not a VM" % (self.name, self.uuid))
         self._srs = {}                  # target -> SR uuid
         self._vdis = {}                 # target -> VDI ref
+        self._sr_types = {}             # target -> SR type
         self._disks = self._read_disks()
 
     # -- disks -------------------------------------------------------------------------------
@@ -177,6 +186,7 @@ class XapiDomain(XenDomainBase):
             path, fmt, source_type = self._image(sr, vdi)
             self._srs[target] = sr.get("uuid")
             self._vdis[target] = vbd["VDI"]
+            self._sr_types[target] = sr.get("type")
             out.append(Disk(target, path, fmt, "disk", source_type, vbd.get("mode") == "RO"))
         return out
 
@@ -235,6 +245,39 @@ class XapiDomain(XenDomainBase):
                           "is running)"),
                ("relinking", "SM's garbage collector is relinking its chain"),
                ("mirror", "it is being mirrored to another SR (storage migration)"))
+
+    def refuse_wrong_host(self, disks):
+        """Before an operation changes anything: a running VM's tapdisks are on the host it
+        runs on (``resident_on``), so livesnap must run there; LVHD metadata (a shared
+        volume group) is written only on the pool master, as SM writes it (``isMaster``,
+        ``/etc/lvm/master``). A running VM with LVHD disks on a pool member that is not the
+        master needs both at once: refused (SM itself does this through the master)."""
+        here = self.platform.this_host()
+        if here is None:
+            return
+        resident = self.record.get("resident_on") or NULL_REF
+        state = self.power_state()
+        if state in ("Running", "Paused") and resident not in (NULL_REF, here):
+            raise WrongHost(self.name, self._host_uuid(resident),
+                            "it runs on host %s, and its tapdisks are there"
+                            % self._host_uuid(resident))
+        lvhd = [t for t in sorted(disks) if t in self._sr_types
+                and self._sr_types[t] in LVHD_SR_TYPES]
+        if lvhd:
+            pools = self.platform.call("pool.get_all")
+            master = self.platform.call("pool.get_master", pools[0]) if pools else here
+            if master != here:
+                raise WrongHost(self.name, self._host_uuid(master),
+                                "disks %s are on an LVHD SR, whose LVM metadata only the pool "
+                                "master writes%s" % (", ".join(lvhd), "" if state not in (
+                                    "Running", "Paused") else " (and the VM runs here: "
+                                    "livesnap does not yet split the work between hosts)"))
+
+    def _host_uuid(self, ref):
+        try:
+            return self.platform.call("host.get_uuid", ref)
+        except XapiError:
+            return ref
 
     def refuse_busy(self, disks):
         """Before an operation changes anything: refuse a disk whose VDI SM is working on, or
