@@ -305,6 +305,13 @@ def file_layout(xapi, sr, blktap, size, base_writes, leaf_writes):
         bases.append(b)
     for off, length, pattern in leaf_writes:
         blktap.write(leaf, off, length, pattern)
+    return records_as_sm(xapi, sr, size, leaf_uuid, bases), bases
+
+
+def records_as_sm(xapi, sr, size, leaf_uuid, bases):
+    """XAPI's records of a leaf over hidden base copies (oldest first) as SM writes them:
+    base copies read-only and unmanaged, each ``sm_config`` ``vhd-parent`` its VHD parent.
+    Returns the leaf's VDI ref."""
     parent = None
     for b in bases:
         sm_config = {"vdi_type": "vhd"}
@@ -313,9 +320,8 @@ def file_layout(xapi, sr, blktap, size, base_writes, leaf_writes):
         xapi.add_vdi(sr, size, uuid=b, location=b, name_label="base copy",
                      read_only=True, managed=False, sm_config=sm_config)
         parent = b
-    ref = xapi.add_vdi(sr, size, uuid=leaf_uuid, location=leaf_uuid,
-                       sm_config={"vdi_type": "vhd", "vhd-parent": parent})
-    return ref, bases
+    return xapi.add_vdi(sr, size, uuid=leaf_uuid, location=leaf_uuid,
+                        sm_config={"vdi_type": "vhd", "vhd-parent": parent})
 
 
 # -- the SM process -----------------------------------------------------------------------------

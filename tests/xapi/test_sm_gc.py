@@ -340,16 +340,7 @@ def _sm_layout_lvhd(world, blktap, sr, vg, depth):
         lvm.set_readonly(vg.name, "VHD-" + b)
         bases.append(b)
     blktap.write(path(leaf_uuid), 3 * MiB, MiB, 0x77)
-    parent = None
-    for b in bases:
-        sm_config = {"vdi_type": "vhd"}
-        if parent:
-            sm_config["vhd-parent"] = parent
-        x.add_vdi(sr, SIZE, uuid=b, location=b, name_label="base copy",
-                  read_only=True, managed=False, sm_config=sm_config)
-        parent = b
-    ref = x.add_vdi(sr, SIZE, uuid=leaf_uuid, location=leaf_uuid,
-                    sm_config={"vdi_type": "vhd", "vhd-parent": parent})
+    ref = smmod.records_as_sm(x, sr, SIZE, leaf_uuid, bases)
     return ref, bases, blktap.read(path(leaf_uuid))
 
 
