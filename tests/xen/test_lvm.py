@@ -9,6 +9,7 @@ import pytest
 from livesnap import vhd
 from livesnap.errors import CommandFailed, NoSpace
 from livesnap.tools import lvm
+from testxen import blktap as real_blktap
 
 MiB = 1 << 20
 
@@ -167,7 +168,7 @@ def test_inflate_and_deflate_a_vhd_on_an_lv(fake_lvm, monkeypatch):
     vhd.write(path, 3 * MiB, b"d" * 8192)
     assert lvm.inflate("VG_X", "VHD-a", path) == 75497472
     assert os.path.getsize(path) == 75497472
-    assert vhd.check(path) == [] and vhd.read(path, 3 * MiB, 8192) == b"d" * 8192
+    assert vhd.check(path) == [] == real_blktap.check(path) and vhd.read(path, 3 * MiB, 8192) == b"d" * 8192
     assert ["lvresize", "-L", "75497472b", "VG_X/VHD-a"] in fake_lvm.argv()
     n = len(fake_lvm.argv())
     assert lvm.inflate("VG_X", "VHD-a", path) == 75497472          # already inflated: no-op
@@ -176,4 +177,4 @@ def test_inflate_and_deflate_a_vhd_on_an_lv(fake_lvm, monkeypatch):
     assert lvm.deflate("VG_X", "VHD-a", path) == lvm.round_extent(phys) == 4 * MiB
     assert fake_lvm.argv()[-1] == ["lvresize", "-f", "-L", "4194304b", "VG_X/VHD-a"]
     assert os.path.getsize(path) == 4 * MiB
-    assert vhd.check(path) == [] and vhd.read(path, 3 * MiB, 8192) == b"d" * 8192
+    assert vhd.check(path) == [] == real_blktap.check(path) and vhd.read(path, 3 * MiB, 8192) == b"d" * 8192

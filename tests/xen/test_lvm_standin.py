@@ -9,6 +9,7 @@ import pytest
 from livesnap import vhd
 from livesnap.errors import NoSpace
 from livesnap.tools import lvm
+from testxen import blktap as real_blktap
 
 MiB = 1 << 20
 
@@ -77,22 +78,22 @@ def test_vhd_on_a_block_device_keeps_its_footer_at_the_end(lvm_vg):
         assert f.read(8) == b"conectix"                      # footer at the device's end
     vhd.write(base, 0, b"\x11" * (2 * MiB))
     vhd.set_hidden(base, 1)
-    assert vhd.query(base).hidden == 1 and vhd.check(base) == []
+    assert vhd.query(base).hidden == 1 and vhd.check(base) == [] == real_blktap.check(base)
     # 8 MiB hold the metadata and 3 blocks: the 4th has no room before the footer
     vhd.write(base, 2 * MiB, b"\x22" * (4 * MiB))
     with pytest.raises(vhd.VhdNoSpace):
         vhd.write(base, 8 * MiB, b"\x33" * (2 * MiB))
-    assert vhd.check(base) == []
+    assert vhd.check(base) == [] == real_blktap.check(base)
     assert vhd.read(base, 8 * MiB, 512) == bytes(512)
     # inflate (grow the LV, move the footer), then the write fits
     lvm.inflate(vg, "VHD-base", base, size=16 * MiB)
     vhd.write(base, 8 * MiB, b"\x33" * (2 * MiB))
-    assert vhd.check(base) == [] and vhd.read(base, 8 * MiB, 2) == b"\x33\x33"
+    assert vhd.check(base) == [] == real_blktap.check(base) and vhd.read(base, 8 * MiB, 2) == b"\x33\x33"
     # deflate to the physical size: footer first, then the LV shrinks; data stays
     phys = vhd.query(base).physical_size
     lvm.deflate(vg, "VHD-base", base)
     assert lvm.lv_size(vg, "VHD-base") == lvm.round_extent(phys)
-    assert vhd.check(base) == [] and vhd.read(base, 2 * MiB, 1) == b"\x22"
+    assert vhd.check(base) == [] == real_blktap.check(base) and vhd.read(base, 2 * MiB, 1) == b"\x22"
     # a child on its own LV, coalesced into the inflated parent
     lvm.lvcreate(vg, "VHD-leaf", 8 * MiB)
     leaf = lvm.lv_path(vg, "VHD-leaf")
@@ -101,10 +102,10 @@ def test_vhd_on_a_block_device_keeps_its_footer_at_the_end(lvm_vg):
     assert lvm.lv_size(vg, "VHD-base") - phys < 4 * MiB
     with pytest.raises(vhd.VhdNoSpace):
         vhd.coalesce(leaf)                                  # the deflated parent is full
-    assert vhd.check(base) == []
+    assert vhd.check(base) == [] == real_blktap.check(base)
     lvm.inflate(vg, "VHD-base", base, size=phys + 6 * MiB)
     vhd.coalesce(leaf)
-    assert vhd.read(base, 15 * MiB, 1) == b"\x44" and vhd.check(base) == []
+    assert vhd.read(base, 15 * MiB, 1) == b"\x44" and vhd.check(base) == [] == real_blktap.check(base)
 
 
 def test_activation_gives_and_takes_the_device(lvm_vg):
