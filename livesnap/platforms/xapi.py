@@ -315,13 +315,13 @@ class XapiDomain(XenDomainBase):
                 ref = self._vdis.get(target)
                 if ref is None:
                     continue
-                rec = self.platform.call("VDI.get_record", ref)
-                stack.enter_context(sm_lock.vdi_lock(rec.get("uuid"),
+                vdi_uuid = self.platform.call("VDI.get_uuid", ref)
+                stack.enter_context(sm_lock.vdi_lock(vdi_uuid,
                                                      base_dir=self.platform.sm_lock_dir,
                                                      timeout=self.platform.sm_lock_timeout))
                 sm_config = self.platform.call("VDI.get_sm_config", ref)
                 if "paused" in sm_config and self.PAUSED_BY not in sm_config:
-                    raise StorageBusy(self.name, target, rec.get("uuid"), self.SM_BUSY[0][1])
+                    raise StorageBusy(self.name, target, vdi_uuid, self.SM_BUSY[0][1])
                 if self.PAUSED_BY not in sm_config:
                     self.platform.call("VDI.add_to_sm_config", ref, self.PAUSED_BY, "true")
                 stack.callback(self._unmark_paused, ref)
@@ -348,11 +348,6 @@ class XapiDomain(XenDomainBase):
         keeps is labelled ``base copy``, as SM labels its own."""
         for sr_uuid in self.sr_uuids():
             self.platform.call("SR.scan", self.platform.call("SR.get_by_uuid", sr_uuid))
-        leaves = {}
-        for disk, nid in tree.active.items():
-            vdi_uuid = image_uuid(tree.nodes[nid].path)
-            if vdi_uuid is not None:
-                leaves[disk] = self._vdi_ref(vdi_uuid, tree.nodes[nid].path)
         for n in sorted(tree.nodes.values(), key=lambda n: n.id):
             vdi_uuid = image_uuid(n.path)
             if n.state not in ("snapshot", "hidden") or vdi_uuid is None:
@@ -372,7 +367,7 @@ class XapiDomain(XenDomainBase):
                 if n.snapshot is not None:
                     self.platform.call("VDI.add_to_other_config", ref, "livesnap_snapshot",
                                        n.snapshot)
-            of = leaves.get(n.disk)
+            of = self._vdis.get(n.disk)          # the disk's own VDI (its VBD's)
             if n.state == "snapshot" and n.snapshot in tree.snapshots and of is not None:
                 self._mark_snapshot(ref, rec, of, tree.snapshots[n.snapshot].created)
 
@@ -414,10 +409,9 @@ class XapiDomain(XenDomainBase):
             if n.state == "hidden" and rec.get("managed", True):
                 problems.append("VDI %s (%s) is a hidden image but XAPI lists it as a managed "
                                 "VDI" % (u, n.path))
-            if n.state == "snapshot" and leaves.get(n.disk):
-                of = rec.get("snapshot_of")
-                leaf_ref = self._vdi_ref(leaves[n.disk], n.path)
-                if not rec.get("is_a_snapshot") or of != leaf_ref:
+            if n.state == "snapshot" and self._vdis.get(n.disk):
+                if not rec.get("is_a_snapshot") or \
+                        rec.get("snapshot_of") != self._vdis[n.disk]:
                     problems.append("VDI %s (%s), snapshot %s of disk %s, is not recorded as "
                                     "a snapshot of the disk's VDI %s (is_a_snapshot %s)"
                                     % (u, n.path, n.snapshot, n.disk, leaves[n.disk],
