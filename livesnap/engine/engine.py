@@ -14,10 +14,10 @@ import os
 from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap import faults
-from livesnap.engine import adopt, check, foreign, names, users
+from livesnap.engine import adopt, check, foreign, names, space, users
 from livesnap.engine.session import SessionContext, SignalCatcher
 from livesnap.text import check_description, check_snapshot_name, printable
-from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation, NoSpace,
+from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation,
                              PathOutsideStorage, UnsupportedDisks, UnusablePath, UsageError,
                              WrongState)
 from livesnap.errors import DataFileImage
@@ -28,7 +28,6 @@ from livesnap.model.tree import HIDDEN
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = statedir.DEFAULT_STATE_DIR
-SPACE_MARGIN = 1 << 20
 
 
 def now_iso():
@@ -180,37 +179,7 @@ class Engine(object):
     # -- preflight ---------------------------------------------------------------------------
 
     def _preflight_space(self, plan):
-        need = {}
-        for step in plan.steps:
-            op = step["op"]
-            if op == "commit":
-                where, amount = step["path"], step["bytes"]
-            elif op in ("pull", "fold"):
-                where, amount = step["child_path"], step["bytes"]
-            elif op in ("snapshot", "internal_snapshot"):
-                for it in step.get("items") or [step]:
-                    key = os.path.dirname(it["leaf_path"])
-                    need[key] = need.get(key, 0) + _leaf_cost(it["leaf_path"])
-                continue
-            elif op == "new_leaf":
-                # the parent may be made by an earlier step (a clone): sized from what exists
-                sized = [p for p in (step["parent_path"], step["leaf_path"])
-                         if os.path.exists(p)] or [step["parent_path"]]
-                where, amount = step["leaf_path"], _leaf_cost(sized[0]) - SPACE_MARGIN
-            elif op == "clone":
-                where, amount = step["face_path"], 0
-            else:
-                continue
-            key = os.path.dirname(where)
-            need[key] = need.get(key, 0) + amount + SPACE_MARGIN
-        by_dev = {}
-        for directory, amount in need.items():
-            dev, available = _available(directory)
-            entry = by_dev.setdefault(dev, [directory, 0, available])
-            entry[1] += amount
-        for directory, amount, available in by_dev.values():
-            if amount > available:
-                raise NoSpace(directory, amount, available)
+        space.preflight(plan)
 
     def _users(self, session, tree):
         """{image path: [user, ...]} of the tree's images something else reads."""
@@ -584,24 +553,3 @@ def _impossible_path(plan, start, tree):
             if problem is not None:
                 return i, path, problem
     return None
-
-
-def _leaf_cost(path):
-    """Space a new empty leaf beside ``path`` takes: a file's few KiB (SPACE_MARGIN), or an
-    LV of the leaf's full size (LVHD leaves are fully inflated)."""
-    from livesnap.tools import lvm
-    if lvm.split_path(path) is None:
-        return SPACE_MARGIN
-    from livesnap.datapaths import vhd_storage
-    return vhd_storage.for_path(path).leaf_cost(path)
-
-
-def _available(directory):
-    """(key, bytes free) where new data in ``directory`` goes: its file system, or the free
-    space of the volume group when it is an LV directory (``/dev/<vg>``)."""
-    from livesnap.tools import lvm
-    if lvm.split_path(os.path.join(directory, "x")) is not None:
-        from livesnap.datapaths import vhd_storage
-        return vhd_storage.for_path(os.path.join(directory, "x")).available(directory)
-    st = os.statvfs(directory)
-    return os.stat(directory).st_dev, st.f_bavail * st.f_frsize
