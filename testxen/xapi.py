@@ -11,7 +11,8 @@ message``: ``.get_record``, ``.get_by_uuid``, ``.get_all``, ``.get_all_records``
 ``set_<field>``/``add_to_<map>``/``remove_from_<map>`` for the fields in ``SETTABLE``
 (VDI ``sm_config``, ``other_config``, ``managed``, ``read_only``, ``is_a_snapshot``,
 ``snapshot_of``...; SR ``sm_config``/``other_config``...); ``VDI.forget``/``db_forget``;
-``SR.update``; ``task.create|cancel|destroy``; ``message.create|destroy``; ``Async.<call>``
+``SR.update``; ``VM.snapshot``, ``VBD.create``, ``VM.destroy`` (testxen/xapi_vms.py);
+``task.create|cancel|destroy``; ``message.create|destroy``; ``Async.<call>``
 (a finished task); ``event.from``. What SM's GC (cleanup.py) calls is served with xapi's
 semantics (datamodel: a record's relations kept both ways, map keys unique, forget keeps
 the storage); ``VDI.snapshot`` would need an SM driver behind it and fails as a backend
@@ -40,6 +41,8 @@ import uuid
 import xmlrpc.client
 from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 
+from testxen.xapi_vms import VmCalls
+
 NULL_REF = "OpaqueRef:NULL"
 CLASSES = ("VM", "VBD", "VDI", "SR", "host", "PBD", "pool", "host_metrics", "task", "message")
 
@@ -66,7 +69,7 @@ def _ref():
     return "OpaqueRef:%s" % uuid.uuid4()
 
 
-class Xapi(object):
+class Xapi(VmCalls):
     """The model: ``objects[cls][ref] = record`` (XAPI field names)."""
 
     def __init__(self, sr_mount_base="/run/sr-mount", plugins_dir=None, plugin_env=None,
@@ -211,7 +214,7 @@ class Xapi(object):
             return self._async(method[len("Async."):], session, args)
         if method == "event.from":
             return self._event_from(*args)
-        special = self.SPECIAL.get(method)
+        special = self.SPECIAL.get(method) or self.VM_CALLS.get(method)
         if special is not None:
             with self.lock:
                 return getattr(self, special)(method, *args)
