@@ -21,7 +21,8 @@ class VmCalls(object):
     ``_event``, ``_nargs`` and ``Failure``)."""
 
     VM_CALLS = {"VM.snapshot": "_vm_snapshot", "VBD.create": "_vbd_create",
-                "VM.destroy": "_vm_destroy"}
+                "VM.destroy": "_vm_destroy",
+                "VM.add_to_blocked_operations": "_vm_block"}
 
     def _vm(self, ref):
         from testxen.xapi import Failure
@@ -145,6 +146,18 @@ class VmCalls(object):
             device=r.get("device", "") if suspended else "",
             currently_attached=bool(r.get("currently_attached")) if suspended else False,
             VDI=NULL_REF if empty else r["VDI"]))
+
+    def _vm_block(self, method, *args):
+        """``VM.add_to_blocked_operations(vm, op, reason)`` (datamodel_vm.ml; xapi then refuses
+        ``op`` with OPERATION_BLOCKED, Xapi_vm_lifecycle); a key present: MAP_DUPLICATE_KEY."""
+        from testxen.xapi import Failure
+        self._nargs(method, args, 3)
+        blocked = self._vm(args[0]).setdefault("blocked_operations", {})
+        if args[1] in blocked:
+            raise Failure("MAP_DUPLICATE_KEY", "VM", "blocked_operations", args[0], args[1])
+        blocked[args[1]] = args[2]
+        self._event("VM", "mod", args[0])
+        return ""
 
     def _vm_destroy(self, method, *args):
         """``VM.destroy(vm)`` (xapi_vm.ml ``destroy``, xapi_vm_helpers.ml ``destroy``): only

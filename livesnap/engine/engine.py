@@ -440,7 +440,10 @@ class Engine(object):
         by hand); snapshots livesnap never had are left alone. What changed, as
         ``[[change, name]]``; a failure is the command's error."""
         if s.domain.kind != "libvirt":
-            return []
+            sync = getattr(s.domain, "sync_metadata", None)   # XAPI: its records
+            if sync is None:
+                return []
+            return sync(self.load(s, validate=False)) or []
         from livesnap.platforms import libvirt_snapshots
         tree = self.load(s, validate=False)
         changed = libvirt_snapshots.sync(s.domain, tree, s.catalog.known_names)
@@ -486,6 +489,8 @@ class Engine(object):
         with self._session(domain, lock=False) as s:
             tree = self.load(s, validate=False)
             snaps = sorted(tree.snapshots.values(), key=lambda x: (x.created, x.name))
+            records = getattr(s.domain, "snapshot_records", None)     # XAPI: VM records
+            records = records() if records is not None else None
             out = []
             for snap in snaps:
                 if snap.state == HIDDEN and not include_hidden:
@@ -494,6 +499,8 @@ class Engine(object):
                             "parent": tree.snapshot_parent(snap.name, include_hidden),
                             "created": snap.created, "description": snap.description,
                             "disks": self._snapshot_disks(tree, snap.name)})
+                if records is not None:
+                    out[-1]["xapi_snapshot"] = records.get(snap.name)
             return {"domain": s.domain.name, "current": tree.current_snapshot(),
                     "snapshots": out}
 

@@ -22,7 +22,7 @@ import re
 
 from livesnap.errors import (DatapathError, DomainNotFound, Error, StorageBusy, UsageError,
                              WrongHost)
-from livesnap.platforms import sm_lock
+from livesnap.platforms import sm_lock, xapi_records
 from livesnap.platforms.domain_xml import Disk
 from livesnap.platforms.xen_domain import XenDomainBase
 
@@ -164,6 +164,7 @@ class XapiDomain(XenDomainBase):
             raise UsageError(reason="%s (%s) is a template, not a VM" % (self.name, self.uuid))
         self._srs = {}                  # target -> SR uuid
         self._vdis = {}                 # target -> VDI ref
+        self._vbds = {}                 # target -> the VM's VBD record
         self._sr_types = {}             # target -> SR type
         self._disks = self._read_disks()
 
@@ -186,6 +187,7 @@ class XapiDomain(XenDomainBase):
             path, fmt, source_type = self._image(sr, vdi)
             self._srs[target] = sr.get("uuid")
             self._vdis[target] = vbd["VDI"]
+            self._vbds[target] = vbd
             self._sr_types[target] = sr.get("type")
             out.append(Disk(target, path, fmt, "disk", source_type, vbd.get("mode") == "RO"))
         return out
@@ -345,7 +347,15 @@ class XapiDomain(XenDomainBase):
         VDI is what ``VDI.snapshot`` makes: ``is_a_snapshot``, ``snapshot_of`` the VM's VDI
         of that disk, ``snapshot_time``, labelled ``livesnap <name>: <vm> <disk>`` with
         ``other_config.livesnap_snapshot`` = the snapshot's name; a hidden image livesnap
-        keeps is labelled ``base copy``, as SM labels its own."""
+        keeps is labelled ``base copy``, as SM labels its own. Around them, the VM snapshot
+        record of each snapshot (livesnap.platforms.xapi_records): those of snapshots gone
+        destroyed before the scan, the others made or mended after the marks. Returns the
+        records' changes, ``[[change, name]]``."""
+        try:
+            changes = xapi_records.drop_stale(self, tree)
+        except Error as e:
+            log.warning("stale VM snapshot records of %s not destroyed: %s", self.name, e)
+            changes = []
         for sr_uuid in self.sr_uuids():
             self.platform.call("SR.scan", self.platform.call("SR.get_by_uuid", sr_uuid))
         for n in sorted(tree.nodes.values(), key=lambda n: n.id):
@@ -370,6 +380,16 @@ class XapiDomain(XenDomainBase):
             of = self._vdis.get(n.disk)          # the disk's own VDI (its VBD's)
             if n.state == "snapshot" and n.snapshot in tree.snapshots and of is not None:
                 self._mark_snapshot(ref, rec, of, tree.snapshots[n.snapshot].created)
+        return changes + xapi_records.sync(self, tree, self._node_vdi)
+
+    def _node_vdi(self, node):
+        """The VDI ref of a node's image, or None."""
+        u = image_uuid(node.path)
+        return None if u is None else self._vdi_ref(u, node.path)
+
+    def snapshot_records(self):
+        """{snapshot name: uuid of its VM snapshot record} (``snapshot_list``)."""
+        return xapi_records.uuids(self)
 
     def record_problems(self, tree):
         """What XAPI's records say that the images do not (SM's metadata drifts: a
@@ -421,7 +441,7 @@ class XapiDomain(XenDomainBase):
                 problems.append("image %s (%s) is visible and has children: SM's GC would "
                                 "leaf-coalesce into it (a layout from before SM's; deleting "
                                 "the snapshot merges it)" % (n.path, n.snapshot or n.disk))
-        return problems
+        return problems + xapi_records.problems(self, tree, self._node_vdi)
 
     def _vdi_ref(self, vdi_uuid, path):
         try:

@@ -13,8 +13,7 @@ SM lays them out (vhd-util snapshot, hidden base copies, XAPI records as SM writ
 file and LVHD; an attached leaf served by a real tapdisk) show the harness doing SM's
 documented work.
 
-The one expected failure left is what issue 13 ("XAPI: snapshots in SM's model") has not
-built yet (a VM snapshot record); its xfail says what was observed."""
+No expected failure is left."""
 import os
 import uuid
 
@@ -416,21 +415,33 @@ def test_file_sr_snapshot_vdis_in_xapis_model(scenario):
                                 for ref in x.record("VDI", disk_ref)["snapshots"]}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 13 item 5, left (observed): snapshot_create makes the VDIs XAPI snapshots of the "
-    "VM's VDIs, but no VM snapshot record (is_a_snapshot, snapshot_of the VM, VBDs to those "
-    "VDIs): XenCenter's Snapshots tab and xe vm-snapshot-list show nothing; only "
-    "VM.snapshot makes one, and it has SM make its own snapshot of every disk"))
 def test_file_sr_vm_snapshot_record(scenario):
-    """What XenCenter's Snapshots tab and ``xe vm-snapshot-list`` read: a VM snapshot record
-    (is_a_snapshot, snapshot_of the VM) whose disks are the snapshot's VDIs."""
+    """What XenCenter's Snapshots tab and ``xe snapshot-list`` read: a VM snapshot record
+    (is_a_snapshot, snapshot_of the VM, Halted) whose one disk VBD names the snapshot's VDI,
+    the VDI XAPI marks a snapshot of the VM's; SM's GC pass leaves both."""
     sc = scenario
     x = sc.world.xapi
     sc.write()
-    sc.ok("snapshot_create", name="s1")
-    vms = [rec for rec in x.objects["VM"].values()
+    sc.create("s1")
+    image_uuid = os.path.basename(sc.images()["s1"])[:-len(".vhd")]
+    vms = [(ref, rec) for ref, rec in x.objects["VM"].items()
            if rec["is_a_snapshot"] and rec["snapshot_of"] == sc.vm.ref]
     assert len(vms) == 1, "no VM snapshot record"
+    ref, rec = vms[0]
+    assert rec["name_label"] == "s1" and rec["power_state"] == "Halted"
+    assert rec["other_config"]["livesnap_snapshot"] == "s1"
+    assert x.record("VM", sc.vm.ref)["snapshots"] == [ref]
+    vbds = [x.record("VBD", v) for v in rec["VBDs"]]
+    assert [(v["type"], v["userdevice"], x.record("VDI", v["VDI"])["uuid"]) for v in vbds] \
+        == [("Disk", "0", image_uuid)]
+    snap_vdi = x.record("VDI", vbds[0]["VDI"])
+    assert snap_vdi["is_a_snapshot"] and snap_vdi["snapshot_of"] in [
+        x.record("VBD", v)["VDI"] for v in x.record("VM", sc.vm.ref)["VBDs"]]
+    listed, = sc.ok("snapshot_list")["snapshots"]
+    assert listed["xapi_snapshot"] == rec["uuid"]
+    sc.gc_and_check()
+    assert x.record("VM", ref)["VBDs"] == rec["VBDs"]
+    assert x.record("VBD", rec["VBDs"][0])["VDI"] in x.objects["VDI"]
 
 # -- the fold: a base copy merged into the running leaf at once ---------------------------------
 
