@@ -13,7 +13,9 @@ not yet marked done). ``op`` may be ``*``. Datapaths add points of their own ins
 bitmaps, before the data moves,
 ``trash:emptying:0`` in the detached process that frees merged-away images, before each;
 ``<op>:committed:0`` after the last step's effect is committed to the catalog, before
-libvirt's snapshot metadata (XAPI's records) are brought in step.
+libvirt's snapshot metadata (XAPI's records) are brought in step;
+``xapi:snapshotted:0`` right after ``VM.snapshot`` made a snapshot's VM record, before
+livesnap marked it (livesnap/platforms/xapi_records.py).
 ``action`` is ``kill`` (SIGKILL, the default), ``sleep=SECONDS`` (a stall) or ``wait`` (a
 stall until the file named by ``LIVESNAP_FAULT_RELEASE`` exists, at most 120 s: the test
 does something at that point, then lets the process go on).

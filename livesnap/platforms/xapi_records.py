@@ -70,8 +70,8 @@ def records(domain):
 
 def wanted(domain, tree, vdi_ref):
     """{snapshot name: {userdevice: VDI ref}} of the catalog's visible snapshots, each disk's
-    VDI the one of its snapshot node (``vdi_ref(node)``, None when XAPI has none: then the
-    snapshot is left out, and ``check`` names the missing VDI)."""
+    VDI the one of its snapshot node (``vdi_ref(node)``; None when XAPI has none, e.g. before
+    a scan: ``check`` names the missing VDI)."""
     out = {}
     for snap in tree.visible_snapshots():
         disks = {}
@@ -80,11 +80,7 @@ def wanted(domain, tree, vdi_ref):
             vbd = domain._vbds.get(disk)
             if n.state != "snapshot" or vbd is None:
                 continue
-            ref = vdi_ref(n)
-            if ref is None:
-                disks = None
-                break
-            disks[vbd.get("userdevice")] = ref
+            disks[vbd.get("userdevice")] = vdi_ref(n)
         if disks:
             out[snap.name] = disks
     return out
@@ -117,6 +113,10 @@ def sync(domain, tree, vdi_ref):
     marked, unmarked = records(domain)
     changes = []
     for name, disks in sorted(want.items()):
+        if None in disks.values():
+            log.warning("snapshot %s of %s: a VDI is missing in XAPI; no VM snapshot record "
+                        "made", name, domain.name)
+            continue
         recs = marked.get(name, [])
         keep = None
         for ref, rec, have in recs:
@@ -194,7 +194,7 @@ def problems(domain, tree, vdi_ref):
             out.append("snapshot %s has %d VM snapshot records (%s)" % (
                 name, len(recs), ", ".join(sorted(r[1].get("uuid") for r in recs))))
         for ref, rec, have in recs:
-            if have != disks:
+            if have != disks and None not in disks.values():
                 out.append("VM snapshot record %s of snapshot %s names VDIs %s, the "
                            "snapshot's are %s" % (rec.get("uuid"), name, _show(domain, have),
                                                   _show(domain, disks)))
