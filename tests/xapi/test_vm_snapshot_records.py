@@ -223,3 +223,14 @@ def test_killed_between_the_images_and_the_record(world, fault, change, running)
     assert sorted(records(world, vm)) == ["s1", "s2"]
     if running:
         vm.stop()
+
+
+def test_a_snapshot_of_some_disks_has_their_vbds_only(world):
+    """``disks=xvdb`` on a two-disk VM: the record has the one VBD of slot 1; XAPI's own
+    snapshot of the VM would have had both (nothing is ignored there)."""
+    vm = world.add_vm(ndisks=2)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1", disks="xvdb")
+    ref, rec = records(world, vm)["s1"]
+    assert disks_of(world, rec) == snapshot_disks(world, vm, "s1")
+    assert sorted(disks_of(world, rec)) == ["1"]
+    assert check_problems(world, vm) == []
