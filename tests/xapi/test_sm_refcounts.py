@@ -1,0 +1,102 @@
+"""SM's LV refcounts on LVHD after livesnap's chain changes (issue 13, point 4).
+
+On the pool master SM counts, per VDI uuid in ``/var/run/sm/refcount/lvm-<sr>/``, who needs
+an LV active: an attached leaf holds the binary count, each hidden image under it one normal
+count per attached leaf (SM's attach, ``LVHDVDI._chainSetActive``); SM's snapshot, coalesce
+and leaf-coalesce move the counts with the images. After each livesnap operation the counts
+must be those SM's own code rebuilds from the chain (``lvhdutil.setInnerNodeRefcounts``, run
+by a new pool master; it asserts that no visible image has a normal count), SM's detach must
+find the counts it takes back (no "decrementing ... refcount of 0" in SMlog), and SM's GC must
+run its leaf-coalesce over a livesnap-made chain with them. All of SM's side runs SM's code
+(testxen/sm.py: ``attach``, ``detach``, ``refcounts``, ``fix_refcounts``, ``gc``); LVM is
+configured as in dom0 (tests/conftest.py ``lvm_vg``)."""
+import os
+
+import pytest
+
+from test_sm_gc import blktap, sm, sm_tree  # noqa: F401  (fixtures)
+
+MiB = 1 << 20
+
+
+def _uuid(path):
+    return os.path.basename(path)[len("VHD-"):]
+
+
+@pytest.fixture
+def lvhd(world, sm, lvm_vg):
+    """An LVHD SR (SM's MGT volume made), SR.scan run by SM's own scan."""
+    sr = world.add_lvm_sr(lvm_vg)
+    sm.lvhd_init(sr)
+    world.xapi.scanner = sm.scan
+    return sr
+
+
+def _as_sm_rebuilds(sm, sr):
+    """The refcounts now; SM's setInnerNodeRefcounts over them changes nothing."""
+    before = sm.refcounts(sr)
+    after = sm.fix_refcounts(sr)
+    assert after == before, ("SM's own rebuild of the refcounts differs from what livesnap "
+                             "left", before, after)
+    return before
+
+
+def _no_refcount_warnings(sm):
+    bad = [ln for ln in sm.log().splitlines() if "refcount of 0" in ln
+           or "AssertionError" in ln or "Traceback" in ln]
+    assert not bad, "\n".join(bad)
+
+
+def _images(world, sr):
+    return {_uuid(p) for p in world.xapi.sr_images(sr).values()}
+
+
+@pytest.mark.parametrize("online", [True, False], ids=["attached", "detached"])
+def test_refcounts_after_create_delete_fold_are_sms(world, sm, lvhd, online):
+    """s1, s2 taken, s1 deleted (its base merges with s2's), s2 deleted (its base folds into
+    the leaf). Attached (SM's attach counted, the VM running on real tapdisks): the leaf
+    keeps (0, 1), each hidden base copy under it has (1, 0), a snapshot's own VDI none;
+    detached: no counts at all. Each time as SM rebuilds them, and SM's detach at the end
+    takes back exactly its own."""
+    vm = world.add_vm(ndisks=1, sr=lvhd, size=8 * MiB)
+    disk = vm.paths["xvda"]
+    leaf = _uuid(disk)
+    if online:
+        assert sm.attach(lvhd, leaf) == {leaf: [0, 1]}
+        vm.start()
+
+    r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    face1 = _uuid(r["disks"][0]["image"])
+    counts = _as_sm_rebuilds(sm, lvhd)
+    bases = set(counts) - {leaf}
+    if online:
+        assert counts[leaf] == [0, 1] and len(bases) == 1, counts
+        assert [counts[b] for b in bases] == [[1, 0]] and face1 not in counts, counts
+    else:
+        assert counts == {}, counts
+
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
+    counts = _as_sm_rebuilds(sm, lvhd)
+    if online:
+        assert counts[leaf] == [0, 1] and len(counts) == 3, counts
+        assert all(c == [1, 0] for u, c in counts.items() if u != leaf), counts
+    else:
+        assert counts == {}, counts
+
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    counts = _as_sm_rebuilds(sm, lvhd)
+    if online:
+        assert counts[leaf] == [0, 1] and len(counts) == 2, counts
+        assert all(c == [1, 0] for u, c in counts.items() if u != leaf), counts
+        assert set(counts) <= _images(world, lvhd)
+    else:
+        assert counts == {}, counts
+
+    r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    counts = _as_sm_rebuilds(sm, lvhd)
+    assert counts == ({leaf: [0, 1]} if online else {}), (counts, r)
+    assert _images(world, lvhd) == {leaf}
+    if online:
+        vm.stop()
+        assert sm.detach(lvhd, leaf) == {}
+    _no_refcount_warnings(sm)
