@@ -139,21 +139,19 @@ class LvmStorage(object):
         whose only child was the leaf ``new`` (a fold): SM's refcounts as its leaf-coalesce
         leaves them (cleanup.LVHDSR._updateNode): the leaf keeps its binary count and takes
         ``old``'s normal count less that (the leaf's attach counted ``old`` once); ``old``'s
-        go. A crash between the rename and the counts leaves the leaf's own, which are those
-        when ``old`` was counted as SM counts it."""
+        go. The counts change before the rename, so a re-run after a crash finds them done
+        (``old``'s gone, the leaf's already what they become)."""
         key_old, key_new = self._refkey(old), self._refkey(new)
         if os.path.exists(old):
-            counts = None
+            self._lvremove(new)
             if key_old is not None and key_new is not None:
                 count, _ = sm_refcount.check(*key_old)
                 _, binary = sm_refcount.check(*key_new)
-                counts = (max(count - binary, 0), binary)
-            self._lvremove(new)
+                sm_refcount.set_counts(key_new[0], key_new[1], max(count - binary, 0), binary)
+            if key_old is not None:
+                sm_refcount.reset(*key_old)
+            faults.point("lvm", "replaced", 0)
             self.rename(old, new)
-            if counts is not None:
-                sm_refcount.set_counts(key_new[0], key_new[1], *counts)
-        if key_old is not None:
-            sm_refcount.reset(*key_old)
 
     def frozen_from(self, frozen, leaf):
         """``frozen`` was renamed from ``leaf``, which is now its child: as SM's snapshot

@@ -14,6 +14,8 @@ import os
 
 import pytest
 
+from testxen import sm as smmod
+
 from test_sm_gc import blktap, sm, sm_tree  # noqa: F401  (fixtures)
 
 MiB = 1 << 20
@@ -99,4 +101,79 @@ def test_refcounts_after_create_delete_fold_are_sms(world, sm, lvhd, online):
     if online:
         vm.stop()
         assert sm.detach(lvhd, leaf) == {}
+    _no_refcount_warnings(sm)
+
+
+def test_sms_live_leaf_coalesce_over_a_livesnap_chain(world, blktap, sm, lvhd):  # noqa: F811
+    """The running VM's disk (SM's attach counted) snapshotted by livesnap, then the
+    snapshot's own VDI destroyed behind livesnap's back as ``xe vdi-destroy`` does (SM's
+    LVHDVDI.delete: the LV removed, the record forgotten): the base copy livesnap made is left
+    with one child, the attached leaf, and SM's GC leaf-coalesces it online (pausing the real
+    tapdisk through the tapdisk-pause plugin) with the counts livesnap left: no assertion, no
+    count taken below 0, one LV left with the leaf's counts as SM rebuilds them, every
+    acknowledged guest write kept, and SM's detach takes back exactly its own."""
+    from livesnap.tools import lvm
+    x = world.xapi
+    x.builtin_plugins["tapdisk-pause"] = smmod.tapdisk_pause_plugin(blktap, x)
+    vm = world.add_vm(ndisks=1, sr=lvhd, size=8 * MiB)
+    disk = vm.paths["xvda"]
+    leaf = _uuid(disk)
+    leaf_ref, = [r for r, rec in x.objects["VDI"].items() if rec["uuid"] == leaf]
+    sm.attach(lvhd, leaf)
+    x.record("VDI", leaf_ref)["sm_config"]["host_" + x.host] = "RW"
+    vm.start()
+    r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    face = _uuid(r["disks"][0]["image"])
+    base, = _images(world, lvhd) - {leaf, face}
+    assert _as_sm_rebuilds(sm, lvhd) == {leaf: [0, 1], base: [1, 0]}
+
+    vg, lv = lvm.split_path(r["disks"][0]["image"])
+    lvm.lvremove(vg, lv)                                 # SM's LVHDVDI.delete of the face
+    face_ref, = [r for r, rec in x.objects["VDI"].items() if rec["uuid"] == face]
+    del x.objects["VDI"][face_ref]
+    view = sm.classify(lvhd)
+    assert view["leaf_coalesceable"] == [leaf], view
+
+    after = sm.gc(lvhd)
+    assert list(after["vdis"]) == [leaf], (after, sm.log()[-3000:])
+    log = sm.log()
+    assert "Calling tap-pause on host" in log and "Calling tap-unpause on host" in log
+    _no_refcount_warnings(sm)
+    assert _as_sm_rebuilds(sm, lvhd) == {leaf: [0, 1]}
+    assert _images(world, lvhd) == {leaf}
+    vm.stop()                                 # every acknowledged guest write is there
+    x.record("VDI", leaf_ref)["sm_config"].pop("host_" + x.host)
+    assert sm.detach(lvhd, leaf) == {}
+    _no_refcount_warnings(sm)
+
+
+@pytest.mark.parametrize("fault", ["tapdisk:renamed:0", "lvm:inflated:0", "tapdisk:folded:0",
+                                   "lvm:replaced:0"])
+def test_fold_killed_then_recovered_leaves_sms_counts(world, blktap, sm, lvhd,  # noqa: F811
+                                                      fault):
+    """The plugin killed inside the fold of an attached disk's base copy into its leaf (a
+    round's freeze, the base inflated for a round, the last pause before the rename, between
+    the LV rename and the counts): after ``recover`` the leaf has its attach's counts and
+    nothing else is counted, as SM rebuilds them."""
+    import subprocess
+    import xmlrpc.client
+    from conftest_paths import PLUGIN
+    from test_sm_gc import _fold_vm
+    vm, disk = _fold_vm(world, blktap, lvhd)          # s1 taken offline, data both sides
+    leaf = _uuid(disk)
+    sm.attach(lvhd, leaf)                             # then the VM started
+    vm.start()
+    assert len(_as_sm_rebuilds(sm, lvhd)) == 2
+    p = subprocess.run([PLUGIN, xmlrpc.client.dumps((world.session, {"vm_uuid": vm.uuid,
+                                                                      "name": "s1"}),
+                                                    methodname="snapshot_delete")],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                       env=world.env(LIVESNAP_FAULT=fault), timeout=120)
+    assert p.returncode == -9, (p.returncode, p.stdout, p.stderr)
+    world.ok("recover", vm_uuid=vm.uuid)
+    assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] == []
+    assert _as_sm_rebuilds(sm, lvhd) == {leaf: [0, 1]}
+    assert _images(world, lvhd) == {leaf}
+    vm.stop()
+    assert sm.detach(lvhd, leaf) == {}
     _no_refcount_warnings(sm)
