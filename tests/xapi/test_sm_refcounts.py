@@ -177,3 +177,42 @@ def test_fold_killed_then_recovered_leaves_sms_counts(world, blktap, sm, lvhd,  
     vm.stop()
     assert sm.detach(lvhd, leaf) == {}
     _no_refcount_warnings(sm)
+
+
+@pytest.mark.parametrize("written", [False, True], ids=["read", "written"])
+def test_refcounts_with_a_snapshot_vdi_attached_too(world, blktap, sm, lvhd,  # noqa: F811
+                                                    written):
+    """A snapshot's own VDI attached as well (a backup tool reading it: SM's attach counts
+    its base copy a second time): a later snapshot of the running VM, and a revert to that
+    snapshot after the VM stopped, keeping the current state (the new leaf goes on s1's base
+    copy beside its attached VDI; the old leaf becomes k1's VDI), leave the counts SM rebuilds,
+    and SM's detach of the snapshot VDI at the end takes back exactly its own."""
+    vm = world.add_vm(ndisks=1, sr=lvhd, size=8 * MiB)
+    leaf = _uuid(vm.paths["xvda"])
+    sm.attach(lvhd, leaf)
+    vm.start()
+    face1 = _uuid(world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")["disks"][0]["image"])
+    base1, = _images(world, lvhd) - {leaf, face1}
+    sm.attach(lvhd, face1)
+    if written:
+        sr_uuid = world.xapi.record("SR", lvhd)["uuid"]
+        blktap.write("/dev/VG_XenStorage-%s/VHD-%s" % (sr_uuid, face1), 0, MiB, 0x5a)
+    assert _as_sm_rebuilds(sm, lvhd) == {leaf: [0, 1], face1: [0, 1], base1: [2, 0]}
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
+    counts = _as_sm_rebuilds(sm, lvhd)
+    base2, = set(counts) - {leaf, face1, base1}
+    assert counts == {leaf: [0, 1], face1: [0, 1], base1: [2, 0], base2: [1, 0]}
+    vm.stop()
+    assert sm.detach(lvhd, leaf) == {face1: [0, 1], base1: [1, 0]}
+    before = _images(world, lvhd)
+    world.ok("snapshot_revert", vm_uuid=vm.uuid, name="s1", keep_current="k1")
+    counts = _as_sm_rebuilds(sm, lvhd)
+    new = _images(world, lvhd) - before           # k1 (the old leaf, renamed), the clone's
+    if written:
+        frozen, = [u for u in new if counts.get(u)]
+        assert counts == {face1: [0, 1], frozen: [1, 0], base1: [1, 0]}, counts
+        assert len(new) == 2
+    else:
+        assert counts == {face1: [0, 1], base1: [1, 0]} and len(new) == 1, counts
+    assert sm.detach(lvhd, face1) == {}
+    _no_refcount_warnings(sm)
