@@ -25,8 +25,9 @@ command from LVM's own report (``lvs``, keyed by the LV's UUID, which a rename k
 writes an SR's LVM metadata, with ``LVM_SYSTEM_DIR=/etc/lvm/master``) is enforced here as
 XenServer's LVM (2.02) enforces it: a command that would write metadata is refused with its
 message ("Operation prohibited while global/metadata_read_only is set.", rc 5) and changes
-nothing; reads and activation run. The setting is read from ``$LVM_SYSTEM_DIR/lvm.conf``, as the real
-LVM reads it; this LVM (2.03) reads the key but no longer enforces it. ``dom0_conf`` writes such a pair of configurations for a test.
+nothing; reads and activation run. The setting is read from ``$LVM_SYSTEM_DIR/lvm.conf``,
+as the real LVM reads it; this LVM (2.03) reads the key but no longer enforces it.
+``dom0_conf`` writes such a pair of configurations for a test.
 
 So a VHD on such an LV has a real block device's fixed size (its footer at the device's end,
 no growth past it), which is what a bug in inflate/deflate would run into.

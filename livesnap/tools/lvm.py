@@ -11,8 +11,8 @@ rounded up to the LV extent (SM: 4 MiB). SM's "full" size of a leaf is
 ``virtual size + metadata for 2 TiB + bitmaps``, rounded to the extent (``full_size``).
 
 Metadata writes (``lvcreate``, ``lvrename``, ``lvresize``, ``lvremove``, ``lvchange -p``) run
-with ``LVM_SYSTEM_DIR`` set to SM's master configuration, ``/etc/lvm/master`` (``$LIVESNAP_LVM_MASTER_DIR``
-for tests), when that directory exists. On a XenServer / XCP-ng host SM's package makes
+with ``LVM_SYSTEM_DIR`` set to SM's master configuration, ``/etc/lvm/master``
+(``$LIVESNAP_LVM_MASTER_DIR`` for tests), when that directory exists. On a XenServer / XCP-ng host SM's package makes
 ``/etc/lvm/lvm.conf`` read-only (``metadata_read_only = 1``: every host shares the SR's volume
 group, and only the pool master may write its metadata) and a writable copy in
 ``/etc/lvm/master`` (sm.spec ``%post``); SM's SR process on the master points
