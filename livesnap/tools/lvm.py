@@ -12,9 +12,10 @@ rounded up to the LV extent (SM: 4 MiB). SM's "full" size of a leaf is
 
 Metadata writes (``lvcreate``, ``lvrename``, ``lvresize``, ``lvremove``, ``lvchange -p``) run
 with ``LVM_SYSTEM_DIR`` set to SM's master configuration, ``/etc/lvm/master``
-(``$LIVESNAP_LVM_MASTER_DIR`` for tests), when that directory exists. On a XenServer / XCP-ng host SM's package makes
-``/etc/lvm/lvm.conf`` read-only (``metadata_read_only = 1``: every host shares the SR's volume
-group, and only the pool master may write its metadata) and a writable copy in
+(``$LIVESNAP_LVM_MASTER_DIR`` for tests), when that directory exists. On a XenServer /
+XCP-ng host SM's package makes ``/etc/lvm/lvm.conf`` read-only (``metadata_read_only = 1``:
+every host shares the SR's volume group, and only the pool master may write its metadata)
+and a writable copy in
 ``/etc/lvm/master`` (sm.spec ``%post``); SM's SR process on the master points
 ``LVM_SYSTEM_DIR`` there (SR.py ``if dconf["SRmaster"] == "true"``, lvutil.MASTER_LVM_CONF).
 livesnap writes LVM metadata only on the master (``XapiDomain.refuse_wrong_host``). Reads and
