@@ -63,6 +63,11 @@ def setup_vg(run_dir, root, vg, size):
         f.write(LVM_WRAPPER % {"shebang": shebang, "root": ROOT, "log": log})
     os.chmod(wrapper, 0o755)
     os.environ.update({"TESTXEN_LVM_ROOT": root, "LVM": wrapper, "LSBX_LVM_LOG": log})
+    # LVM configured as in dom0 (writes only with SM's master configuration), SM's refcount
+    # files in the run's directory (tests/conftest.py lvm_vg does the same)
+    default, master = txlvm.dom0_conf(os.path.join(run_dir, "etc-lvm"))
+    os.environ.update({"LVM_SYSTEM_DIR": default, "LIVESNAP_LVM_MASTER_DIR": master,
+                       "LIVESNAP_SM_REFCOUNT_DIR": os.path.join(run_dir, "refcount")})
     txlvm.make_vg(root, vg, size)
 
 

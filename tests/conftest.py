@@ -78,12 +78,19 @@ LVM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 def lvm_vg(monkeypatch):
     """A volume group ``VG_XenStorage-<uuid>`` of the LVM stand-in (real LVM metadata on a
     loop-device PV, loop devices for LVs at /dev/<vg>/<lv>), the ``LVM`` variable pointing
-    livesnap at it; everything removed in teardown."""
+    livesnap at it; everything removed in teardown. LVM is configured as in dom0: the
+    default configuration (``LVM_SYSTEM_DIR``, dom0's /etc/lvm) refuses metadata writes,
+    ``$LIVESNAP_LVM_MASTER_DIR`` (/etc/lvm/master) allows them (testxen.lvm.dom0_conf); SM's
+    refcount files (/var/run/sm/refcount) live in ``$LIVESNAP_SM_REFCOUNT_DIR``."""
     from testxen import lvm as standin
     root = tempfile.mkdtemp(prefix="lvm", dir="/tmp")
     vg = "VG_XenStorage-%s" % uuid.uuid4()
     monkeypatch.setenv("TESTXEN_LVM_ROOT", root)
     monkeypatch.setenv("LVM", LVM)
+    default, master = standin.dom0_conf(os.path.join(root, "etc-lvm"))
+    monkeypatch.setenv("LVM_SYSTEM_DIR", default)
+    monkeypatch.setenv("LIVESNAP_LVM_MASTER_DIR", master)
+    monkeypatch.setenv("LIVESNAP_SM_REFCOUNT_DIR", os.path.join(root, "refcount"))
     v = standin.make_vg(root, vg, 8 << 30)
     try:
         yield v

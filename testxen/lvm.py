@@ -21,6 +21,14 @@ command from LVM's own report (``lvs``, keyed by the LV's UUID, which a rename k
   ``lvchange -ay``), as SM leaves the LVs of a detached VDI;
 * a removed LV loses its link, loop device and data.
 
+``global/metadata_read_only`` (dom0's ``/etc/lvm/lvm.conf`` has it set: only the pool master
+writes an SR's LVM metadata, with ``LVM_SYSTEM_DIR=/etc/lvm/master``) is enforced here as
+XenServer's LVM (2.02) enforces it: a command that would write metadata is refused with its
+message ("Operation prohibited while global/metadata_read_only is set.", rc 5) and changes
+nothing; reads and activation run. The setting is read from ``$LVM_SYSTEM_DIR/lvm.conf``,
+as the real LVM reads it; this LVM (2.03) reads the key but no longer enforces it.
+``dom0_conf`` writes such a pair of configurations for a test.
+
 So a VHD on such an LV has a real block device's fixed size (its footer at the device's end,
 no growth past it), which is what a bug in inflate/deflate would run into.
 
@@ -33,6 +41,7 @@ State lives in ``$TESTXEN_LVM_ROOT`` (``make_vg`` creates it); links go under
 import fcntl
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -180,6 +189,8 @@ class Vg(object):
         """One command, under the stand-in's lock; then activation follows the metadata."""
         with open(os.path.join(self.root, "lock"), "w") as lock:
             fcntl.lockf(lock, fcntl.LOCK_EX)
+            if writes_metadata(cmd, args) and metadata_read_only():
+                return 5, "", "  %s\n" % READ_ONLY_MESSAGE
             rc, out, err = self.lvm(cmd, args)
             if cmd not in READ_ONLY and rc == 0:       # a refused command changed nothing
                 self.sync(_activation(cmd, args, self.name))
@@ -187,6 +198,48 @@ class Vg(object):
 
     def loops(self):
         return {e["name"]: e["loop"] for e in self._state().values()}
+
+
+READ_ONLY_MESSAGE = "Operation prohibited while global/metadata_read_only is set."
+
+
+def metadata_read_only():
+    """``global/metadata_read_only`` of ``$LVM_SYSTEM_DIR/lvm.conf`` (default /etc/lvm), the
+    file the real LVM reads; read here rather than by ``lvm dumpconfig`` (a process, ~15 ms,
+    on every write: the Xen benchmarks time LVM commands inside pauses)."""
+    path = os.path.join(os.environ.get("LVM_SYSTEM_DIR") or "/etc/lvm", "lvm.conf")
+    try:
+        with open(path) as f:
+            text = "".join(line.split("#", 1)[0] + "\n" for line in f)
+    except OSError:
+        return False
+    found = re.findall(r"\bmetadata_read_only\s*=\s*(\d+)", text)
+    return bool(found) and found[-1] != "0"
+
+
+def writes_metadata(cmd, args):
+    """The command changes LVM metadata (an ``lvchange`` only of activation or a refresh
+    does not)."""
+    if cmd in READ_ONLY:
+        return False
+    if cmd != "lvchange":
+        return True
+    changes = [a for a in args if a.startswith("-") and not a.startswith("-a")
+               and a not in ("--activate", "--refresh", "-f", "--force", "-y", "--yes")]
+    return bool(changes)
+
+
+def dom0_conf(root):
+    """dom0's LVM configurations under ``root``, as SM's package leaves them (sm.spec
+    ``%post``): ``root/lvm.conf`` with ``metadata_read_only = 1`` (``/etc/lvm``) and
+    ``root/master/lvm.conf`` writable (``/etc/lvm/master``). Returns (default, master)."""
+    master = os.path.join(root, "master")
+    os.makedirs(master, exist_ok=True)
+    for d, ro in ((root, 1), (master, 0)):
+        with open(os.path.join(d, "lvm.conf"), "w") as f:
+            f.write("global {\n\tmetadata_read_only = %d\n}\nbackup {\n\tbackup = 0\n"
+                    "\tarchive = 0\n}\n" % ro)
+    return root, master
 
 
 def _activation(cmd, args, vg):

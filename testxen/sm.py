@@ -120,13 +120,21 @@ class Sm(object):
         self.log_path = os.path.join(state, "SMlog")
         os.makedirs(state, exist_ok=True)
 
+    @property
+    def refcount_dir(self):
+        """SM's refcount files (``RefCounter.BASE_DIR``): livesnap's
+        (``$LIVESNAP_SM_REFCOUNT_DIR``) where the test set it, so both keep the same counts
+        as on a host."""
+        return os.environ.get("LIVESNAP_SM_REFCOUNT_DIR") or os.path.join(self.state, "refcount")
+
     def config(self, sr):
         rec = self.xapi.record("SR", sr)
         host = self.xapi.record("host", self.xapi.host)["uuid"]
         return {"tree": self.tree, "vhd_util": self.vhd_util, "socket": self.socket,
                 "host_uuid": host, "state": self.state, "lock_dir": self.lock_dir,
                 "log": self.log_path, "sr_uuid": rec["uuid"], "sr_type": rec["type"],
-                "sr_path": self.xapi.sr_dir(sr)}
+                "sr_path": self.xapi.sr_dir(sr), "refcount_dir": self.refcount_dir,
+                "lvm_master": os.environ.get("LIVESNAP_LVM_MASTER_DIR")}
 
     def log(self):
         try:
@@ -135,11 +143,11 @@ class Sm(object):
         except FileNotFoundError:
             return ""
 
-    def run(self, action, sr, timeout=300):
+    def run(self, action, sr, *args, timeout=300):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in sys.path if p])
         p = subprocess.run([sys.executable, "-m", "testxen.sm", json.dumps(self.config(sr)),
-                            action], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            action] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            universal_newlines=True, env=env, timeout=timeout, cwd=ROOT)
         if p.returncode != 0:
             raise SmError(action, p.returncode, p.stdout, p.stderr, self.log())
@@ -161,6 +169,30 @@ class Sm(object):
     def lvhd_init(self, sr):
         """The SR's MGT volume, as SM's LVHDSR makes it (see ``_lvhd_init``)."""
         return self.run("lvhd-init", sr)
+
+    def attach(self, sr, vdi_uuid):
+        """LVHD: SM's refcounts and activation of a VDI's attach on this host, the master
+        (LVHDVDI._attach: ``_chainSetActive(True, True, True)``: the leaf's binary count,
+        one normal count on each image under it, through SM's LVActivator/LVMCache/RefCounter
+        over the chain SM reads, ``vhdutil.getParentChain``). Returns ``refcounts``."""
+        return self.run("attach", sr, vdi_uuid)
+
+    def detach(self, sr, vdi_uuid):
+        """LVHD: SM's detach of a VDI (LVHDVDI._detach: ``_chainSetActive(False, True)``
+        over the chain as it is now, then ``deactivateAll``). Returns ``refcounts``."""
+        return self.run("detach", sr, vdi_uuid)
+
+    def refcounts(self, sr):
+        """LVHD: {VDI uuid: [count, binary count]} of SM's namespace ``lvm-<sr>``, read by
+        SM's ``RefCounter.check``."""
+        return self.run("refcounts", sr)
+
+    def fix_refcounts(self, sr):
+        """LVHD: what SM's ``lvhdutil.setInnerNodeRefcounts`` (run on a new pool master,
+        ``lvhdutil.py fixrefcounts``) makes of the refcounts: every hidden image's normal
+        count rebuilt from the attached leaves above it; it asserts that no visible image has
+        a normal count. Returns ``refcounts`` after it."""
+        return self.run("fixrefcounts", sr)
 
     def gc(self, sr):
         """One real GC run to its end (cleanup ``_gc(session, sr, dryRun=False,
@@ -353,7 +385,7 @@ def _setup(cfg):
     import refcounter
     lock.Lock.BASE_DIR = cfg["lock_dir"]
     ipc.IPCFlag.BASE_DIR = os.path.join(state, "ipc")
-    refcounter.RefCounter.BASE_DIR = os.path.join(state, "refcount")
+    refcounter.RefCounter.BASE_DIR = cfg["refcount_dir"]
     import vhdutil
     vhdutil.VHD_UTIL = cfg["vhd_util"]
     # the rest of blktap's tools where SM expects them (/usr/sbin); some of SM's vhd-util
@@ -374,6 +406,12 @@ def _setup(cfg):
     os.environ["PATH"] = wrappers + os.pathsep + os.environ["PATH"]
     import lvutil
     lvutil.LVM_BIN = wrappers
+    # on the pool master SM's SR process runs LVM with the writable configuration
+    # (SR.__init__: dconf SRmaster=true -> LVM_SYSTEM_DIR=/etc/lvm/master); a test's dom0
+    # configuration (testxen.lvm.dom0_conf) has it elsewhere
+    if cfg.get("lvm_master"):
+        lvutil.MASTER_LVM_CONF = cfg["lvm_master"]
+        os.environ["LVM_SYSTEM_DIR"] = cfg["lvm_master"]
 
     class NoFairlock(object):
         def __init__(self, name):
@@ -472,6 +510,62 @@ def _lvhd_init(cfg):
     return {"mgt": sr.mdpath}
 
 
+def _lvhd_sr(cfg):
+    """SM's LVHDSR object for the SR, with only what its VDI code reads (see _sm_scan)."""
+    import LVHDSR
+    import lvhdutil
+    import lvmcache
+    from lvmanager import LVActivator
+    sr = LVHDSR.LVHDSR.__new__(LVHDSR.LVHDSR)
+    sr.uuid = cfg["sr_uuid"]
+    sr.vgname = lvhdutil.VG_PREFIX + sr.uuid
+    sr.path = os.path.join(lvhdutil.VG_LOCATION, sr.vgname)
+    sr.lvmCache = lvmcache.LVMCache(sr.vgname)
+    sr.lvActivator = LVActivator(sr.uuid, sr.lvmCache)
+    return sr
+
+
+def _refcounts(cfg):
+    import lvhdutil
+    from refcounter import RefCounter
+    ns = lvhdutil.NS_PREFIX_LVM + cfg["sr_uuid"]
+    d = os.path.join(RefCounter.BASE_DIR, ns)
+    names = sorted(n for n in os.listdir(d)) if os.path.isdir(d) else []
+    return {n: list(RefCounter.check(n, ns)) for n in names}
+
+
+def _chain_set_active(cfg, vdi_uuid, active):
+    """LVHDVDI._chainSetActive(active, binary=True, persistent=active) for a VHD VDI, with
+    SM's own objects (the VDI object itself needs an SRCommand)."""
+    import lvhdutil
+    import vhdutil
+    from refcounter import RefCounter
+    sr = _lvhd_sr(cfg)
+    ns = lvhdutil.NS_PREFIX_LVM + sr.uuid
+    count, bcount = RefCounter.check(vdi_uuid, ns)
+    if (active and bcount > 0) or (not active and bcount == 0):
+        return                                      # SM: a redundant call
+    chain = vhdutil.getParentChain(lvhdutil.LV_PREFIX[vhdutil.VDI_TYPE_VHD] + vdi_uuid,
+                                   lvhdutil.extractUuid, sr.vgname)
+    for uuid in chain:
+        lv_name = lvhdutil.LV_PREFIX[vhdutil.VDI_TYPE_VHD] + uuid
+        if active:
+            sr.lvActivator.activate(uuid, lv_name, uuid == vdi_uuid, True)
+        else:
+            sr.lvActivator.add(uuid, lv_name, uuid == vdi_uuid)
+    if active:
+        sr.lvActivator.persist()
+    elif not sr.lvActivator.deactivateAll():
+        raise RuntimeError("SM's deactivateAll failed (see SMlog)")
+
+
+def _fix_refcounts(cfg):
+    import lvhdutil
+    import lvmcache
+    lvhdutil.setInnerNodeRefcounts(lvmcache.LVMCache(lvhdutil.VG_PREFIX + cfg["sr_uuid"]),
+                                   cfg["sr_uuid"])
+
+
 def _classify(cleanup, sr):
     vdis = {}
     for u, v in sr.vdis.items():
@@ -495,12 +589,21 @@ def main(argv):
     cfg = json.loads(argv[1])
     action = argv[2]
     cleanup = _setup(cfg)
-    for d in ("ipc", "refcount", "nonpersistent"):
+    for d in ("ipc", "nonpersistent"):
         os.makedirs(os.path.join(cfg["state"], d), exist_ok=True)
+    os.makedirs(cfg["refcount_dir"], exist_ok=True)
     if action == "scan":
         result = _sm_scan(cfg)
     elif action == "lvhd-init":
         result = _lvhd_init(cfg)
+    elif action in ("attach", "detach"):
+        _chain_set_active(cfg, argv[3], action == "attach")
+        result = _refcounts(cfg)
+    elif action == "refcounts":
+        result = _refcounts(cfg)
+    elif action == "fixrefcounts":
+        _fix_refcounts(cfg)
+        result = _refcounts(cfg)
     elif action in ("classify", "gc"):
         if action == "gc":
             cleanup._gc(None, cfg["sr_uuid"], dryRun=False, immediate=True)

@@ -197,6 +197,7 @@ class VhdOfflineDatapath(Datapath):
                 self._face(it["face_path"], it["frozen_path"])
         for it in items:
             storage(it["frozen_path"]).set_readonly(it["frozen_path"])
+            storage(it["frozen_path"]).frozen_from(it["frozen_path"], it["leaf_path"])
         return {"pause_ms": pause_ms}
 
     def empty(self, tree, node_id):
@@ -227,6 +228,7 @@ class VhdOfflineDatapath(Datapath):
                 vhd.set_hidden(frozen, 1)
             st.create_child(face, frozen, leaf=False)
         st.set_readonly(frozen)
+        st.frozen_from(frozen, face)
 
     def do_fold(self, step):
         """Offline (or into a leaf no tapdisk has open): the leaf takes the node's data by a

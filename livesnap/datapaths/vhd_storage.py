@@ -13,7 +13,14 @@ past it. So, as XAPI's storage manager does (XEN-NOTES.md §1.3, §2.3):
 * names change with ``lvrename``, images go with ``lvremove``;
 * an LV without a device (inactive: SM activates a VDI's chain only while it is attached)
   is activated before its image is read (``Activation``), and what livesnap activated or
-  made for a VM whose disks were detached is deactivated again when the command ends.
+  made for a VM whose disks were detached is deactivated again when the command ends;
+* on an SR of SM's (``VG_XenStorage-<sr>``, ``VHD-<uuid>``), SM's refcounts of the LVs
+  (``sm_refcount``) change as SM's own snapshot and coalesce change them: a frozen image
+  takes the binary count of the leaf it was frozen from as its normal count (it is now a
+  hidden image under that leaf: LVHDVDI._finishSnapshot), a removed image loses its counts
+  (cleanup.LVHDVDI.delete), and a hidden image renamed over its only child, the leaf, gives
+  the leaf its normal count less the leaf's binary count (cleanup.LVHDSR._updateNode). A
+  leaf keeps its own counts through the renames: they are the VDI's attach, not the LV's.
 
 On files, the same calls are renames, creations and unlinks with the directory synced, and
 the writable/inflate steps are nothing. Every call is idempotent: steps are re-run after a
@@ -23,12 +30,13 @@ import contextlib
 import os
 
 from livesnap import vhd
-from livesnap.datapaths import free, own_files, unlink
+from livesnap.datapaths import free, own_files, sm_refcount, unlink
 from livesnap import faults
 from livesnap.tools import lvm
 from livesnap.vhd.edit import set_physical_size
 
 MARGIN = 1 << 20
+SM_VG_PREFIX = "VG_XenStorage-"            # SM: lvhdutil.VG_PREFIX
 
 
 def _fsync_dir(path):
@@ -62,6 +70,11 @@ class FileStorage(object):
 
     def make_leaf(self, path):
         """A frozen image about to become a leaf (a file: nothing to do)."""
+        return None
+
+    def frozen_from(self, frozen, leaf):
+        """``frozen`` was renamed from ``leaf``, which now has it as parent (SM's refcounts,
+        kept on LVs only)."""
         return None
 
     def create_child(self, path, parent, leaf=True):
@@ -116,14 +129,48 @@ class LvmStorage(object):
         return os.path.exists(path)
 
     def rename(self, old, new):
+        """The LV renamed; SM's refcounts stay with the names (the caller says what the
+        rename means: ``frozen_from``, ``replace``)."""
         lvm.lvrename(self.vg, self._lv(old), self._lv(new))
 
     def replace(self, old, new):
         """``old``'s LV renamed to ``new``'s name, the LV at ``new`` removed first (nothing
-        left to do when ``old`` is gone: renamed before a crash)."""
+        left to do when ``old`` is gone: renamed before a crash). ``old`` is a hidden image
+        whose only child was the leaf ``new`` (a fold): SM's refcounts as its leaf-coalesce
+        leaves them (cleanup.LVHDSR._updateNode): the leaf keeps its binary count and takes
+        ``old``'s normal count less that (the leaf's attach counted ``old`` once); ``old``'s
+        go. The counts change before the rename, so a re-run after a crash finds them done
+        (``old``'s gone, the leaf's already what they become)."""
+        key_old, key_new = self._refkey(old), self._refkey(new)
         if os.path.exists(old):
-            self.remove(new)
+            self._lvremove(new)
+            if key_old is not None and key_new is not None:
+                count, _ = sm_refcount.check(*key_old)
+                _, binary = sm_refcount.check(*key_new)
+                sm_refcount.set_counts(key_new[0], key_new[1], max(count - binary, 0), binary)
+            if key_old is not None:
+                sm_refcount.reset(*key_old)
+            faults.point("lvm", "replaced", 0)
             self.rename(old, new)
+
+    def frozen_from(self, frozen, leaf):
+        """``frozen`` was renamed from ``leaf``, which is now its child: as SM's snapshot
+        (LVHDVDI._finishSnapshot), the base copy's normal count is the leaf's binary count
+        (the leaf's attach counts each image under it); the leaf keeps its counts."""
+        key_frozen, key_leaf = self._refkey(frozen), self._refkey(leaf)
+        if key_frozen is None or key_leaf is None:
+            return
+        _, binary = sm_refcount.check(*key_leaf)
+        sm_refcount.set_counts(key_frozen[0], key_frozen[1], binary, 0)
+
+    def _refkey(self, path):
+        """(namespace, object) of SM's refcount of an LV of SM's SR, else None."""
+        if not self.vg.startswith(SM_VG_PREFIX):
+            return None
+        lv = self._lv(path)
+        if not lv.startswith("VHD-") or len(lv) <= len("VHD-"):
+            return None
+        return sm_refcount.namespace(self.vg[len(SM_VG_PREFIX):]), lv[len("VHD-"):]
 
     def make_leaf(self, path):
         """A frozen image about to become a leaf: writable, at a leaf's full size."""
@@ -163,12 +210,19 @@ class LvmStorage(object):
         lvm.set_readonly(self.vg, self._lv(path), True)
 
     def remove(self, path):
+        """The LV goes, and SM's refcounts of it (cleanup.LVHDVDI.delete)."""
+        self._lvremove(path)
+        key = self._refkey(path)
+        if key is not None:
+            sm_refcount.reset(*key)
+
+    release = remove
+
+    def _lvremove(self, path):
         try:
             lvm.lvremove(self.vg, self._lv(path))
         except lvm.LvNotFound:
             pass
-
-    release = remove
 
     @contextlib.contextmanager
     def writable(self, path, extra=0, leaf=False):

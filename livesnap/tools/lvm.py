@@ -10,6 +10,19 @@ with ``vhd-util modify -s``; to shrink, the footer moves first and the LV follow
 rounded up to the LV extent (SM: 4 MiB). SM's "full" size of a leaf is
 ``virtual size + metadata for 2 TiB + bitmaps``, rounded to the extent (``full_size``).
 
+Metadata writes (``lvcreate``, ``lvrename``, ``lvresize``, ``lvremove``, ``lvchange -p``) run
+with ``LVM_SYSTEM_DIR`` set to SM's master configuration, ``/etc/lvm/master``
+(``$LIVESNAP_LVM_MASTER_DIR`` for tests), when that directory exists. On a XenServer /
+XCP-ng host SM's package makes ``/etc/lvm/lvm.conf`` read-only (``metadata_read_only = 1``:
+every host shares the SR's volume group, and only the pool master may write its metadata)
+and a writable copy in
+``/etc/lvm/master`` (sm.spec ``%post``); SM's SR process on the master points
+``LVM_SYSTEM_DIR`` there (SR.py ``if dconf["SRmaster"] == "true"``, lvutil.MASTER_LVM_CONF).
+livesnap writes LVM metadata only on the master (``XapiDomain.refuse_wrong_host``). Reads and
+activation (``lvs``, ``vgs``, ``lvchange -a``) keep the caller's environment, as SM's on-slave
+plugin runs them with the read-only default. Without the directory (not an SM host) every
+command keeps the caller's environment.
+
 Errors: "not found" -> ``LvNotFound``, "already exists" -> ``LvExists``, "Insufficient free
 space" -> ``LvNoSpace`` (a ``livesnap.errors.NoSpace``); others are ``CommandFailed``.
 """
@@ -22,6 +35,7 @@ from livesnap.tools import runner, vhd_util
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+MASTER_CONF_DIR = "/etc/lvm/master"     # SM: lvutil.MASTER_LVM_CONF
 EXTENT = 4 * MiB                  # SM: lvutil.LVM_SIZE_INCREMENT
 MSIZE = 2 << 40                   # SM: lvhdutil.MSIZE, metadata preallocated for 2 TiB
 VHD_BLOCK = 2 * MiB
@@ -53,9 +67,26 @@ def _bin(cmd):
     return [cmd]
 
 
-def _run(cmd, args, vg, lv, size=None):
+def master_conf_dir():
+    """SM's LVM configuration for metadata writes on the pool master, if this host has it."""
+    d = os.environ.get("LIVESNAP_LVM_MASTER_DIR") or MASTER_CONF_DIR
+    return d if os.path.isdir(d) else None
+
+
+def _env(write):
+    """The environment of an LVM command: a metadata write with ``LVM_SYSTEM_DIR`` at SM's
+    master configuration (where there is one), anything else as the caller's."""
+    master = master_conf_dir() if write else None
+    if master is None:
+        return None
+    env = dict(os.environ)
+    env["LVM_SYSTEM_DIR"] = master
+    return env
+
+
+def _run(cmd, args, vg, lv, size=None, write=True):
     argv = _bin(cmd) + [str(a) for a in args]
-    rc, out, err = runner.run_rc(argv)
+    rc, out, err = runner.run_rc(argv, env=_env(write))
     if rc == 0:
         return out
     text = " ".join((err or out).strip().split())
@@ -124,13 +155,13 @@ def set_readonly(vg, lv, readonly=True):
 
 def activate(vg, lv, active=True):
     """``lvchange -ay|-an VG/LV``: the LV's device ``/dev/VG/LV`` appears / goes."""
-    _run("lvchange", ["-ay" if active else "-an", "%s/%s" % (vg, lv)], vg, lv)
+    _run("lvchange", ["-ay" if active else "-an", "%s/%s" % (vg, lv)], vg, lv, write=False)
 
 
 def lv_size(vg, lv):
     """``lvs --noheadings --units b --nosuffix -o lv_size VG/LV``: the size in bytes."""
     argv_args = ["--noheadings", "--units", "b", "--nosuffix", "-o", "lv_size", "%s/%s" % (vg, lv)]
-    out = _run("lvs", argv_args, vg, lv)
+    out = _run("lvs", argv_args, vg, lv, write=False)
     text = out.strip()
     try:
         return int(text.split()[0].split(".")[0])
@@ -141,7 +172,7 @@ def lv_size(vg, lv):
 def vg_free(vg):
     """``vgs --noheadings --units b --nosuffix -o vg_free VG``: free bytes in the VG."""
     args = ["--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", vg]
-    out = _run("vgs", args, vg, None)
+    out = _run("vgs", args, vg, None, write=False)
     try:
         return int(out.strip().split()[0].split(".")[0])
     except (ValueError, IndexError):

@@ -152,6 +152,7 @@ class HostLayout(object):
         # the LVM stand-in makes the /dev/mapper nodes and /dev/<vg>/<lv> links itself, as
         # LVM does in XenServer's dom0 (testxen/lvm.py)
         os.environ["LVM"] = os.path.join(ROOT, "testxen", "lvm")
+        os.environ["LIVESNAP_SM_REFCOUNT_DIR"] = os.path.join(self.tmp, "refcount")
         from testxen import lvm as standin
         self.sr = str(uuid.uuid4())
         self.vg = "VG_XenStorage-%s" % self.sr
