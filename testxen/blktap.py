@@ -305,10 +305,12 @@ def sweep(min_age=10.0):
             _remove(p)
 
 
-def spawn(path, readonly=False):
-    """``tap-ctl create -a vhd:PATH [-R]``: (pid, minor) of the new real tapdisk."""
+def spawn(path, readonly=False, cbtlog=None):
+    """``tap-ctl create -a vhd:PATH [-R] [-C CBTLOG]``: (pid, minor) of the new real tapdisk
+    (``cbtlog``: its changed-block-tracking log, as SM's blktap2 opens a VDI with CBT on)."""
     sweep()
-    args = ["create", "-a", "vhd:%s" % path] + (["-R"] if readonly else [])
+    args = ["create", "-a", "vhd:%s" % path] + (["-R"] if readonly else []) + \
+        (["-C", cbtlog] if cbtlog else [])
     rc, out, err = tap_ctl(*args)
     if rc != 0:
         raise OSError(rc, "tap-ctl create -a vhd:%s failed: %s" % (path, (err or out).strip()))
@@ -406,9 +408,10 @@ class Tapdisks(object):
         self.disks = {}          # (pid, minor) -> path
         self.guests = {}         # (pid, minor) -> Popen
 
-    def create(self, path, guest=True):
-        """Start a real tapdisk on ``path`` and (``guest``) its guest; (pid, minor)."""
-        pid, minor = spawn(path)
+    def create(self, path, guest=True, cbtlog=None):
+        """Start a real tapdisk on ``path`` (with its CBT log ``cbtlog``) and (``guest``) its
+        guest; (pid, minor)."""
+        pid, minor = spawn(path, cbtlog=cbtlog)
         self.disks[(pid, minor)] = path
         if guest:
             self.start_guest(pid, minor)
