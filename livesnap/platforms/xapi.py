@@ -279,11 +279,12 @@ class XapiDomain(XenDomainBase):
         except XapiError:
             return ref
 
-    def refuse_busy(self, disks):
-        """Before an operation changes anything: refuse a disk whose VDI SM is working on, or
-        whose changed blocks are tracked (CBT: tapdisk keeps its log only when every unpause
-        names it, and each snapshot VDI needs its own copy; livesnap does neither yet, so a
-        pause would make the next incremental backup a full one)."""
+    def refuse_busy(self, disks, op=None):
+        """Before an operation ``op`` changes anything: refuse a disk whose VDI SM is working
+        on; and one whose changed blocks are tracked (CBT) where livesnap does not keep the
+        logs as SM does: on LVHD (SM's logs are LVs there) and for a revert (xapi's revert
+        clones the snapshot VDI and moves CBT with its own calls). Elsewhere the datapath
+        keeps them (``cbt_log_path``, livesnap.datapaths.cbt_logs)."""
         for target in sorted(disks):
             ref = self._vdis.get(target)
             if ref is None:
@@ -293,12 +294,25 @@ class XapiDomain(XenDomainBase):
             for key, why in self.SM_BUSY:
                 if key in sm_config and not (key == "paused" and self.PAUSED_BY in sm_config):
                     raise StorageBusy(self.name, target, rec.get("uuid"), why)
-            if rec.get("cbt_enabled"):
+            if rec.get("cbt_enabled") and (self._sr_types.get(target) not in FILE_SR_TYPES
+                                           or op == "revert"):
+                where = ("a revert" if op == "revert" else "a VDI on a %s SR"
+                         % self._sr_types.get(target))
                 raise StorageBusy(self.name, target, rec.get("uuid"),
                                   "changed-block tracking is on, and livesnap does not keep "
-                                  "CBT logs yet (a pause without them makes the next "
-                                  "incremental backup a full one); 'xe vdi-disable-cbt' first, "
-                                  "or use xe vm-snapshot")
+                                  "CBT logs for %s yet (it keeps them for snapshots and "
+                                  "deletes on file SRs); 'xe vdi-disable-cbt' first, or use "
+                                  "xe" % where)
+
+    def cbt_log_path(self, path):
+        """Where SM keeps the CBT log of the VDI whose image is ``path`` on a file SR:
+        ``<uuid>.cbtlog`` in the SR's directory (VDI._get_cbt_logpath: ``sr.path`` joined
+        with ``<uuid>.cbtlog``). None for an LV (LVHD's logs are LVs: refused by
+        ``refuse_busy``) and for a path that names no VDI."""
+        u = image_uuid(path)
+        if u is None or not path.endswith(".vhd"):
+            return None
+        return os.path.join(os.path.dirname(path), u + ".cbtlog")
 
     # livesnap's mark beside SM's "paused": a "paused" left by a livesnap command killed
     # inside a pause is livesnap's own (recover takes it over); any other is SM's
@@ -370,6 +384,10 @@ class XapiDomain(XenDomainBase):
             of = self._vdis.get(n.disk)          # the disk's own VDI (its VBD's)
             if n.state == "snapshot" and n.snapshot in tree.snapshots and of is not None:
                 self._mark_snapshot(ref, rec, of, tree.snapshots[n.snapshot].created)
+            cbt = self.cbt_log_path(n.path)
+            if cbt is not None and os.path.exists(cbt) and not rec.get("cbt_enabled"):
+                # SM's _snapshot: the snapshot VDI of a tracked disk is introduced with CBT on
+                self.platform.call("VDI.set_cbt_enabled", ref, True)
 
     def record_problems(self, tree):
         """What XAPI's records say that the images do not (SM's metadata drifts: a

@@ -1,0 +1,187 @@
+"""Changed-block tracking kept across livesnap's operations as SM keeps it (issue 13 item 6;
+XEN-NOTES.md §7b; livesnap/datapaths/cbt_logs.py): a running disk whose real tapdisk has its
+CBT log open (``tap-ctl create -C``, as SM attaches a VDI with CBT on); after livesnap's
+snapshots the changed blocks that XAPI's ``VDI.list_changed_blocks`` would report (SM's loop
+over the logs, testxen/cbt.py, with the real cbt-util) are exactly the blocks written between
+the two VDIs; after livesnap's deletes (each with pauses of the running leaf) the logs are
+linked as SM's ``VDI.delete`` leaves them and the leaf's log still records every write."""
+import os
+
+from testxen import blktap, cbt, nbd
+from livesnap.tools import tap_ctl
+
+KiB = 1024
+
+
+def _start_tracked(world, ndisks=1):
+    """A VM with CBT on for each disk (log made and activated as SM does), each disk served
+    by a real tapdisk with its log (no guest: the test writes the blocks itself)."""
+    vm = world.add_vm(ndisks=ndisks)
+    x = world.xapi
+    disks = {}
+    for t, path in sorted(vm.paths.items()):
+        u = os.path.basename(path)[:-len(".vhd")]
+        ref, = [r for r, rec in x.objects["VDI"].items() if rec["uuid"] == u]
+        log = cbt.log_path(os.path.dirname(path), u)
+        cbt.enable(log, int(x.record("VDI", ref)["virtual_size"]))
+        x.record("VDI", ref)["cbt_enabled"] = True
+        cbt.activate(log)
+        pid, minor = world.tapdisks.create(path, guest=False, cbtlog=log)
+        vm.tapdisks[t] = tap_ctl.get(pid, minor)
+        disks[t] = (u, ref, log)
+    x.record("VM", vm.ref)["power_state"] = "Running"
+    x.record("VM", vm.ref)["resident_on"] = x.host
+    return vm, disks
+
+
+def _write(td, blocks, pattern):
+    """One 4 KiB write inside each 64 KiB block of ``blocks``, through the running tapdisk."""
+    with nbd.Client(blktap.nbd_socket(td.pid, td.minor), timeout=60) as c:
+        for b in sorted(blocks):
+            c.write(b * cbt.BLOCK + 8 * KiB, bytes([pattern]) * (4 * KiB))
+
+
+def _snapshot_vdi(world, leaf_ref, name):
+    """The uuid of the VDI livesnap's snapshot ``name`` made of the disk ``leaf_ref``."""
+    x = world.xapi
+    found = [rec["uuid"] for rec in x.objects["VDI"].values()
+             if rec.get("is_a_snapshot") and rec.get("snapshot_of") == leaf_ref
+             and rec.get("other_config", {}).get("livesnap_snapshot") == name]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _record(world, vdi_uuid):
+    rec, = [rec for rec in world.xapi.objects["VDI"].values() if rec["uuid"] == vdi_uuid]
+    return rec
+
+
+def _stop(world, vm, disks):
+    for t, td in vm.tapdisks.items():
+        rc, out, err = world.tapdisks.destroy(td.pid, td.minor)
+        assert rc == 0, err
+        cbt.deactivate(disks[t][2])
+        assert blktap.check(vm.paths[t]) == []
+    vm.tapdisks = {}
+    world.xapi.record("VM", vm.ref)["power_state"] = "Halted"
+
+
+def test_snapshots_and_deletes_keep_the_changed_blocks(world):
+    vm, disks = _start_tracked(world)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    td = vm.tapdisks["xvda"]
+    w1, w2, w3, w4, w5 = {1, 5, 40}, {5, 7, 100}, {2, 7, 64}, {3, 90}, {11, 127}
+
+    _write(td, w1, 1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    s1 = _snapshot_vdi(world, ref, "s1")
+    # SM's _cbt_snapshot: the leaf's log became the snapshot's, closed and consistent; the
+    # leaf has a new log that follows it, open (not consistent)
+    assert cbt.blocks(cbt.log_path(sr_dir, s1)) == w1
+    assert cbt.header(cbt.log_path(sr_dir, s1)) == {"parent": cbt.NULL, "child": u,
+                                                    "consistent": True, "size": 8 << 20}
+    assert cbt.header(leaf_log) == {"parent": s1, "child": cbt.NULL, "consistent": False,
+                                    "size": 8 << 20}
+    assert _record(world, s1)["cbt_enabled"] is True        # as SM introduces it
+    assert not [n for n in os.listdir(sr_dir) if "livesnap-new" in n]
+
+    _write(td, w2, 2)                       # after the snapshot's unpause: tracked
+    assert cbt.changed_blocks(sr_dir, s1, u) == w2
+
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
+    s2 = _snapshot_vdi(world, ref, "s2")
+    _write(td, w3, 3)
+    assert cbt.changed_blocks(sr_dir, s1, s2) == w2
+    assert cbt.changed_blocks(sr_dir, s2, u) == w3
+    assert cbt.changed_blocks(sr_dir, s1, u) == w2 | w3
+    assert cbt.header(cbt.log_path(sr_dir, s1))["child"] == s2
+
+    # delete s1: its log ORed into its child's (s2's, closed), s2 now first in the chain
+    r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert r["action"] == "merged", r
+    assert not os.path.exists(cbt.log_path(sr_dir, s1))
+    assert cbt.header(cbt.log_path(sr_dir, s2))["parent"] == cbt.NULL
+    assert cbt.blocks(cbt.log_path(sr_dir, s2)) == w1 | w2
+    _write(td, w4, 4)                       # after the merge's pauses: still tracked
+    assert cbt.changed_blocks(sr_dir, s2, u) == w3 | w4
+
+    # delete s2: its log ORed into the running leaf's (paused around it), the base folded
+    # into the leaf with more pauses; the leaf's log keeps recording
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    assert not os.path.exists(cbt.log_path(sr_dir, s2))
+    assert cbt.header(leaf_log) == {"parent": cbt.NULL, "child": cbt.NULL,
+                                    "consistent": False, "size": 8 << 20}
+    assert cbt.blocks(leaf_log) == w1 | w2 | w3 | w4
+    _write(td, w5, 5)
+    assert cbt.blocks(leaf_log) == w1 | w2 | w3 | w4 | w5
+    assert sorted(n for n in os.listdir(sr_dir) if n.endswith(".cbtlog")) == [u + ".cbtlog"]
+
+    # and a snapshot after all that still starts from here
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s3")
+    s3 = _snapshot_vdi(world, ref, "s3")
+    _write(td, {9}, 6)
+    assert cbt.changed_blocks(sr_dir, s3, u) == {9}
+    assert cbt.blocks(cbt.log_path(sr_dir, s3)) == w1 | w2 | w3 | w4 | w5
+    _stop(world, vm, disks)
+
+
+def test_two_disks_each_keep_their_own_log(world):
+    """Both disks paused together for one snapshot: each unpause names its own disk's log."""
+    vm, disks = _start_tracked(world, ndisks=2)
+    sr_dir = os.path.dirname(disks["xvda"][2])
+    _write(vm.tapdisks["xvda"], {1}, 1)
+    _write(vm.tapdisks["xvdb"], {2}, 1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _write(vm.tapdisks["xvda"], {10}, 2)
+    _write(vm.tapdisks["xvdb"], {20, 21}, 2)
+    for t, (u, ref, log) in disks.items():
+        s = _snapshot_vdi(world, ref, "s1")
+        assert cbt.blocks(cbt.log_path(sr_dir, s)) == {"xvda": {1}, "xvdb": {2}}[t]
+        assert cbt.changed_blocks(sr_dir, s, u) == {"xvda": {10}, "xvdb": {20, 21}}[t]
+    _stop(world, vm, disks)
+
+
+def test_a_halted_vm_keeps_its_logs_too(world):
+    """Offline (no tapdisk): the same logs, the leaf's new log consistent (closed), a
+    delete merges the snapshot's log into the leaf's without a pause."""
+    vm, disks = _start_tracked(world, ndisks=1)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    _write(vm.tapdisks["xvda"], {4}, 1)
+    _stop(world, vm, disks)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    s1 = _snapshot_vdi(world, ref, "s1")
+    assert cbt.blocks(cbt.log_path(sr_dir, s1)) == {4}
+    assert cbt.header(leaf_log) == {"parent": s1, "child": cbt.NULL, "consistent": True,
+                                    "size": 8 << 20}
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert not os.path.exists(cbt.log_path(sr_dir, s1))
+    assert cbt.blocks(leaf_log) == {4}
+    assert cbt.header(leaf_log)["parent"] == cbt.NULL
+
+
+def test_revert_of_a_tracked_disk_is_refused_with_nothing_changed(world):
+    vm, disks = _start_tracked(world, ndisks=1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _stop(world, vm, disks)
+    def files():
+        return {p: v for p, v in world.snapshot_of_files().items() if not p.endswith(".lock")}
+    before = files()
+    desc = world.fail("snapshot_revert", {"vm_uuid": vm.uuid, "name": "s1"},
+                      "LIVESNAP_STORAGE_BUSY")
+    assert "changed-block tracking" in desc[1] and "revert" in desc[1], desc
+    assert files() == before
+
+
+def test_a_tracked_disk_on_lvhd_is_refused(world, lvm_vg):
+    sr = world.add_lvm_sr(lvm_vg)
+    vm = world.add_vm("lv", ndisks=1, sr=sr)
+    ref, = world.xapi.record("VM", vm.ref)["VBDs"]
+    vdi = world.xapi.record("VBD", ref)["VDI"]
+    world.xapi.record("VDI", vdi)["cbt_enabled"] = True
+    loops = sorted(lvm_vg.loops())
+    desc = world.fail("snapshot_create", {"vm_uuid": vm.uuid, "name": "s1"},
+                      "LIVESNAP_STORAGE_BUSY")
+    assert "changed-block tracking" in desc[1] and "lvm SR" in desc[1], desc
+    assert sorted(lvm_vg.loops()) == loops
