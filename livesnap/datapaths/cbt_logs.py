@@ -28,6 +28,7 @@ the XAPI platform refuses those VDIs.
 import logging
 import os
 
+from livesnap import faults
 from livesnap.errors import DatapathError
 from livesnap.tools import cbt_util
 
@@ -89,6 +90,7 @@ class Rotation(object):
         """Inside the pause (tapdisk has closed the log): two renames."""
         if not os.path.exists(self.snap_log) and os.path.exists(self.new_log):
             _rename(self.leaf_log, self.snap_log)
+            faults.point("cbt", "renamed", 0)
         if os.path.exists(self.new_log) and not os.path.exists(self.leaf_log):
             _rename(self.new_log, self.leaf_log)
 

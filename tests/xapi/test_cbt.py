@@ -6,9 +6,12 @@ over the logs, testxen/cbt.py, with the real cbt-util) are exactly the blocks wr
 the two VDIs; after livesnap's deletes (each with pauses of the running leaf) the logs are
 linked as SM's ``VDI.delete`` leaves them and the leaf's log still records every write."""
 import os
+import subprocess
+import xmlrpc.client
 
-from testxen import blktap, cbt, nbd
+from conftest_paths import PLUGIN
 from livesnap.tools import tap_ctl
+from testxen import blktap, cbt, nbd
 
 KiB = 1024
 
@@ -185,3 +188,35 @@ def test_a_tracked_disk_on_lvhd_is_refused(world, lvm_vg):
                       "LIVESNAP_STORAGE_BUSY")
     assert "changed-block tracking" in desc[1] and "lvm SR" in desc[1], desc
     assert sorted(lvm_vg.loops()) == loops
+
+
+def test_killed_between_the_log_renames_recover_puts_the_new_log_in_place(world):
+    """Killed inside the snapshot's pause after the leaf's log became the snapshot's and
+    before the new one is in place (the tapdisk left paused, its log closed): ``recover``
+    finishes the snapshot, the unpause names the leaf's new log, and the logs are what an
+    uninterrupted snapshot leaves."""
+    vm, disks = _start_tracked(world)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    td = vm.tapdisks["xvda"]
+    _write(td, {1}, 1)
+    p = subprocess.run([PLUGIN, xmlrpc.client.dumps(
+        (world.session, {"vm_uuid": vm.uuid, "name": "s1"}), methodname="snapshot_create")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+        env=world.env(LIVESNAP_FAULT="cbt:renamed:0"), timeout=120)
+    assert p.returncode == -9, (p.returncode, p.stderr)
+    assert not os.path.exists(leaf_log)                 # killed between the renames
+    assert tap_ctl.get(td.pid, td.minor).state & tap_ctl.PAUSED
+    r = world.ok("recover", vm_uuid=vm.uuid)
+    assert r["op"] == "create", r
+    assert not tap_ctl.get(td.pid, td.minor).state & tap_ctl.PAUSED
+    s1 = _snapshot_vdi(world, ref, "s1")
+    assert cbt.blocks(cbt.log_path(sr_dir, s1)) == {1}
+    assert cbt.header(cbt.log_path(sr_dir, s1)) == {"parent": cbt.NULL, "child": u,
+                                                    "consistent": True, "size": 8 << 20}
+    assert cbt.header(leaf_log) == {"parent": s1, "child": cbt.NULL, "consistent": False,
+                                    "size": 8 << 20}
+    _write(td, {2}, 2)
+    assert cbt.changed_blocks(sr_dir, s1, u) == {2}
+    assert not [n for n in os.listdir(sr_dir) if "livesnap-new" in n]
+    _stop(world, vm, disks)
