@@ -135,10 +135,11 @@ class Sm(object):
         except FileNotFoundError:
             return ""
 
-    def run(self, action, sr, timeout=300):
+    def run(self, action, sr, timeout=300, extra=None):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in sys.path if p])
-        p = subprocess.run([sys.executable, "-m", "testxen.sm", json.dumps(self.config(sr)),
+        cfg = dict(self.config(sr), **(extra or {}))
+        p = subprocess.run([sys.executable, "-m", "testxen.sm", json.dumps(cfg),
                             action], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            universal_newlines=True, env=env, timeout=timeout, cwd=ROOT)
         if p.returncode != 0:
@@ -161,6 +162,16 @@ class Sm(object):
     def lvhd_init(self, sr):
         """The SR's MGT volume, as SM's LVHDSR makes it (see ``_lvhd_init``)."""
         return self.run("lvhd-init", sr)
+
+    def cbt(self, sr, op, log_dir, vdi_uuid, cbt_util, snapshot_uuid=None, consistent=None,
+            size=None):
+        """SM's own CBT log steps on the logs in ``log_dir`` (see ``_sm_cbt``): ``op``
+        "snapshot" (``VDI._cbt_snapshot(snapshot_uuid, consistent)`` of VDI ``vdi_uuid``, a
+        disk of ``size`` bytes) or "delete" (``VDI.delete``'s CBT part for VDI ``vdi_uuid``).
+        Returns {"paused": [the VDI uuids SM paused around its coalesce]}."""
+        return self.run("cbt", sr, extra={"cbt": {
+            "op": op, "dir": log_dir, "vdi_uuid": vdi_uuid, "snapshot_uuid": snapshot_uuid,
+            "consistent": consistent, "size": size, "cbt_util": cbt_util}})
 
     def gc(self, sr):
         """One real GC run to its end (cleanup ``_gc(session, sr, dryRun=False,
@@ -491,6 +502,45 @@ def _classify(cleanup, sr):
             "garbage": sorted(v.uuid for v in sr.findGarbage())}
 
 
+def _sm_cbt(cfg):
+    """SM's CBT code (VDI.py ``_cbt_snapshot``, ``delete``; FileSR.py ``_create_cbt_log``,
+    ``_rename``, ``_delete_cbt_log``; cbtutil.py with the real cbt-util) on a FileVDI made
+    without its driver: the SR's path is the log directory, the VDI's virtual size what the
+    test says (``VDI.get_virtual_size``), blocktracking on (the log exists). SM's pause of the
+    child VDI around a coalesce (blktap2.VDI.tap_pause/tap_unpause: the copies here are open
+    in no tapdisk) is recorded, not done."""
+    import cbtutil
+    import blktap2
+    import FileSR
+    import VDI
+    c = cfg["cbt"]
+    cbtutil.CBT_UTIL = c["cbt_util"]
+    paused = []
+    blktap2.VDI.tap_pause = staticmethod(lambda session, sr, vdi: paused.append(vdi) or True)
+    blktap2.VDI.tap_unpause = staticmethod(lambda session, sr, vdi, *a: True)
+
+    class Stub(object):
+        pass
+    sr = Stub()
+    sr.path, sr.uuid = c["dir"], cfg["sr_uuid"]
+    sr.srcmd = Stub()
+    sr.srcmd.params = {"vdi_ref": "OpaqueRef:stub"}
+    session = Stub()
+    session.xenapi = Stub()
+    session.xenapi.VDI = Stub()
+    session.xenapi.VDI.get_virtual_size = lambda ref: str(c["size"])
+    v = object.__new__(FileSR.FileVDI)
+    v.sr, v.session, v.uuid = sr, session, c["vdi_uuid"]
+    if c["op"] == "snapshot":
+        v._cbt_snapshot(c["snapshot_uuid"], c["consistent"])
+    elif c["op"] == "delete":
+        v._get_blocktracking_status = lambda uuid=None: True
+        VDI.VDI.delete(v, cfg["sr_uuid"], c["vdi_uuid"])
+    else:
+        raise SystemExit("unknown CBT op %s" % c["op"])
+    return {"paused": paused}
+
+
 def main(argv):
     cfg = json.loads(argv[1])
     action = argv[2]
@@ -501,6 +551,8 @@ def main(argv):
         result = _sm_scan(cfg)
     elif action == "lvhd-init":
         result = _lvhd_init(cfg)
+    elif action == "cbt":
+        result = _sm_cbt(cfg)
     elif action in ("classify", "gc"):
         if action == "gc":
             cleanup._gc(None, cfg["sr_uuid"], dryRun=False, immediate=True)

@@ -6,8 +6,11 @@ over the logs, testxen/cbt.py, with the real cbt-util) are exactly the blocks wr
 the two VDIs; after livesnap's deletes (each with pauses of the running leaf) the logs are
 linked as SM's ``VDI.delete`` leaves them and the leaf's log still records every write."""
 import os
+import shutil
 import subprocess
 import xmlrpc.client
+
+import pytest
 
 from conftest_paths import PLUGIN
 from livesnap.tools import tap_ctl
@@ -219,4 +222,63 @@ def test_killed_between_the_log_renames_recover_puts_the_new_log_in_place(world)
     _write(td, {2}, 2)
     assert cbt.changed_blocks(sr_dir, s1, u) == {2}
     assert not [n for n in os.listdir(sr_dir) if "livesnap-new" in n]
+    _stop(world, vm, disks)
+
+
+# -- against SM's own CBT code ---------------------------------------------------------------
+
+@pytest.fixture
+def sm(world):
+    from testxen import sm as smmod
+    return smmod.Sm(smmod.unpack(), blktap.vhd_util_bin(), world.xapi, world.socket,
+                    os.path.join(world.base, "sm"), lock_dir=world.sm_lock_dir)
+
+
+def _logs(d):
+    """{file name: (header, blocks)} of the CBT logs in ``d`` (headers compared by field:
+    cbt-util leaves the header's padding uninitialised)."""
+    return {n: (cbt.header(os.path.join(d, n)), cbt.blocks(os.path.join(d, n)))
+            for n in sorted(os.listdir(d)) if n.endswith(".cbtlog")}
+
+
+def _copy_logs(src, dst):
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    for n in os.listdir(src):
+        if n.endswith(".cbtlog"):
+            shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+
+
+def test_the_logs_are_what_sms_own_code_leaves(world, sm):
+    """Before each livesnap operation on the running disk the logs are copied; SM's own
+    ``_cbt_snapshot`` / ``VDI.delete`` (its code, the real cbt-util) then runs on the copy
+    for the same VDIs: afterwards both directories hold the same logs, field by field and
+    bit by bit (and SM, too, pauses the running leaf for the delete whose log merges into
+    the leaf's)."""
+    vm, disks = _start_tracked(world)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    sm_dir = os.path.join(world.base, "sm-logs")
+    td = vm.tapdisks["xvda"]
+
+    def as_sm(op, vdi, **kw):
+        return sm.cbt(world.sr, op, sm_dir, vdi, blktap.cbt_util_bin(), size=8 << 20, **kw)
+
+    _write(td, {1, 5}, 1)
+    for name, writes in (("s1", {7}), ("s2", {9, 5})):
+        _copy_logs(sr_dir, sm_dir)
+        world.ok("snapshot_create", vm_uuid=vm.uuid, name=name)
+        s = _snapshot_vdi(world, ref, name)
+        as_sm("snapshot", u, snapshot_uuid=s, consistent=False)     # attached: not consistent
+        assert _logs(sr_dir) == _logs(sm_dir), name
+        _write(td, writes, 2)
+    s1, s2 = _snapshot_vdi(world, ref, "s1"), _snapshot_vdi(world, ref, "s2")
+    _copy_logs(sr_dir, sm_dir)
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert as_sm("delete", s1) == {"paused": []}                 # s2's log is closed
+    assert _logs(sr_dir) == _logs(sm_dir)
+    _copy_logs(sr_dir, sm_dir)
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    assert as_sm("delete", s2) == {"paused": [u]}                # the leaf's log is open
+    assert _logs(sr_dir) == _logs(sm_dir)
     _stop(world, vm, disks)
