@@ -242,21 +242,25 @@ class VhdOfflineDatapath(Datapath):
         return out
 
     def _cbt_drop(self, disk, path):
-        """A removed image's CBT log merged into the next log and removed (SM's delete)."""
+        """A removed image's CBT log merged into the next log and removed (SM's delete);
+        ``{"pause_ms": ...}`` of the running leaf's pause for it, or {}."""
         log_path = self._cbt_log(path)
         if log_path is None:
-            return
+            return {}
         leaf_log = self._cbt_log_path(self._leaf_path(disk))
+        facts = {}
 
         @contextlib.contextmanager
         def pause_for(child):
             if child == leaf_log and self.pauses:
-                with self._paused([disk]):
+                with self._paused([disk]) as window:
                     yield
+                facts["pause_ms"] = window.ms
                 return
             cbt_logs.refuse_open_child(child, leaf_log)
             yield
         cbt_logs.drop(log_path, pause_for)
+        return facts
 
     def empty(self, tree, node_id):
         """The node's image holds no data blocks (a snapshot's face as made)."""
@@ -305,7 +309,7 @@ class VhdOfflineDatapath(Datapath):
 
     def do_remove(self, step):
         storage(step["path"]).remove(step["path"])
-        self._cbt_drop(step["disk"], step["path"])
+        return self._cbt_drop(step["disk"], step["path"])
 
     def _reparent(self, disk, paths, new_parent, in_chain):
         """Point ``paths`` at ``new_parent``. When one of them is in the chain a tapdisk
@@ -430,7 +434,7 @@ class TapdiskDatapath(VhdOfflineDatapath):
         if self._is_leaf(step["path"]):
             raise DatapathError(reason="%s is served by a tapdisk: not removed" % step["path"])
         storage(step["path"]).remove(step["path"])
-        self._cbt_drop(step["disk"], step["path"])
+        return self._cbt_drop(step["disk"], step["path"])
 
     def _discard(self, path):
         """An image merged away while the domain runs: a large file on a file system that

@@ -112,9 +112,11 @@ def test_snapshots_and_deletes_keep_the_changed_blocks(world):
     _write(td, w4, 4)                       # after the merge's pauses: still tracked
     assert cbt.changed_blocks(sr_dir, s2, u) == w3 | w4
 
-    # delete s2: its log ORed into the running leaf's (paused around it), the base folded
-    # into the leaf with more pauses; the leaf's log keeps recording
-    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    # delete s2: its log ORed into the running leaf's (paused around it, a pause reported as
+    # the remove's), the base folded into the leaf with more pauses; the leaf's log keeps
+    # recording
+    r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    assert [p["disk"] for p in r["pauses"] if p["step"] == "remove"] == ["xvda"], r["pauses"]
     assert not os.path.exists(cbt.log_path(sr_dir, s2))
     assert cbt.header(leaf_log) == {"parent": cbt.NULL, "child": cbt.NULL,
                                     "consistent": False, "size": 8 << 20}
