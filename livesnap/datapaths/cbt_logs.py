@@ -94,6 +94,12 @@ class Rotation(object):
         if os.path.exists(self.new_log) and not os.path.exists(self.leaf_log):
             _rename(self.new_log, self.leaf_log)
 
+    def abandon(self):
+        """The snapshot failed before the renames: the new log goes."""
+        if not os.path.exists(self.snap_log) and os.path.exists(self.leaf_log) and \
+                os.path.exists(self.new_log):
+            os.unlink(self.new_log)
+
     def finish(self):
         """After the pause: the snapshot's log, closed now, consistent and followed by the
         leaf's; the log before it followed by it."""

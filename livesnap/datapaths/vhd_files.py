@@ -377,6 +377,13 @@ class VhdOfflineDatapath(Datapath):
             storage(kept).freeze(kept)
 
     def abandon(self, step):
+        """A snapshot that failed before its pause took effect: the leaf's next CBT log, made
+        before the pause, is removed (the leaf keeps its log)."""
+        for it in step.get("items", []) if step["op"] == "snapshot" else []:
+            leaf_log = self._cbt_log_path(it["leaf_path"])
+            snap_log = self._cbt_log_path(it["face_path"]) if it.get("face_path") else None
+            if leaf_log is not None and snap_log is not None:
+                cbt_logs.Rotation(leaf_log, snap_log).abandon()
         return None
 
     def heal(self):

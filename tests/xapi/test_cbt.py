@@ -284,3 +284,30 @@ def test_the_logs_are_what_sms_own_code_leaves(world, sm):
     assert as_sm("delete", s2) == {"paused": [u]}                # the leaf's log is open
     assert _logs(sr_dir) == _logs(sm_dir)
     _stop(world, vm, disks)
+
+
+def test_a_snapshot_whose_pause_fails_leaves_the_logs_as_they_were(world):
+    """tap-ctl's pause fails (a wrapper that refuses ``pause``): the snapshot is rolled back
+    before anything took effect, and the leaf's next log, made before the pause, is gone; the
+    leaf's log is untouched and still records; the next snapshot works."""
+    vm, disks = _start_tracked(world)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    td = vm.tapdisks["xvda"]
+    _write(td, {3}, 1)
+    before = _logs(sr_dir)
+    wrapper = os.path.join(world.base, "tap-ctl-no-pause")
+    with open(wrapper, "w") as f:
+        f.write('#!/bin/sh\n[ "$1" = pause ] && { echo refused >&2; exit 5; }\nexec %s "$@"\n'
+                % blktap.tap_ctl_bin())
+    os.chmod(wrapper, 0o755)
+    reply = world.run_plugin("snapshot_create", {"vm_uuid": vm.uuid, "name": "s1"},
+                             TAP_CTL=wrapper)
+    assert reply["Status"] == "Failure", reply
+    assert _logs(sr_dir) == before
+    assert not [n for n in os.listdir(sr_dir) if "livesnap-new" in n]
+    _write(td, {4}, 2)
+    assert cbt.blocks(leaf_log) == {3, 4}
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    assert cbt.blocks(cbt.log_path(sr_dir, _snapshot_vdi(world, ref, "s1"))) == {3, 4}
+    _stop(world, vm, disks)
