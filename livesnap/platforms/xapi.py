@@ -387,7 +387,11 @@ class XapiDomain(XenDomainBase):
             cbt = self.cbt_log_path(n.path)
             if cbt is not None and os.path.exists(cbt) and not rec.get("cbt_enabled"):
                 # SM's _snapshot: the snapshot VDI of a tracked disk is introduced with CBT on
-                self.platform.call("VDI.set_cbt_enabled", ref, True)
+                # (on a host SM's own scan sets it too: a refusal is not worth failing for)
+                try:
+                    self.platform.call("VDI.set_cbt_enabled", ref, True)
+                except XapiError as e:
+                    log.warning("cbt_enabled of VDI %s not set: %s", vdi_uuid, e)
 
     def record_problems(self, tree):
         """What XAPI's records say that the images do not (SM's metadata drifts: a
