@@ -42,8 +42,10 @@ attached and its pause is only the ``paused`` key (blktap2.VDI.tap_pause). SM's 
 SM attach, which does not exist here; ``tapdisk_pause_plugin`` serves the same calls on this
 host from the real ``tap-ctl``: the tapdisk whose image is the VDI's path is paused
 (``tap-ctl pause``), unpaused with ``-a vhd:<path>`` (tapdisk reopens the chain by path, as
-the plugin's unpause does) or both (``refresh``); no tapdisk for the path is success, as in
-the plugin ("not attached on this host"). LVM activation of the plugin's unpause is not done.
+the plugin's unpause does) and ``-c <sr>/<vdi>.cbtlog`` when the VDI has that CBT log (the
+plugin's ``Unpause``: ``_get_blocktracking_status``), or both (``refresh``); no tapdisk for
+the path is success, as in the plugin ("not attached on this host"). LVM activation of the
+plugin's unpause is not done.
 """
 import glob
 import hashlib
@@ -286,7 +288,9 @@ def tapdisk_pause_plugin(blktap, xapi):
                     raise RuntimeError("tap-ctl pause %s: rc %d: %s %s"
                                        % (" ".join(pid_minor), rc, out, err))
             if fn in ("unpause", "refresh"):
-                blktap._run([blktap.tap_ctl_path, "unpause"] + pid_minor + ["-a", "vhd:" + path])
+                cbtlog = os.path.join(os.path.dirname(path), args["vdi_uuid"] + ".cbtlog")
+                blktap._run([blktap.tap_ctl_path, "unpause"] + pid_minor + ["-a", "vhd:" + path]
+                            + (["-c", cbtlog] if os.path.exists(cbtlog) else []))
         return "True"
     return plugin
 

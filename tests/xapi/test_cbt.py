@@ -311,3 +311,30 @@ def test_a_snapshot_whose_pause_fails_leaves_the_logs_as_they_were(world):
     world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
     assert cbt.blocks(cbt.log_path(sr_dir, _snapshot_vdi(world, ref, "s1"))) == {3, 4}
     _stop(world, vm, disks)
+
+
+def test_sms_gc_leaf_coalesce_keeps_the_log_too(world, sm):
+    """The control: SM's own GC leaf-coalesces a running tracked leaf (its pauses through the
+    tapdisk-pause plugin, which names the log at the unpause as SM's does): the same tapdisk
+    records the writes after it, as after livesnap's fold."""
+    from testxen import sm as smmod
+    x = world.xapi
+    tools = smmod.Blktap(blktap.prefix())
+    x.builtin_plugins["tapdisk-pause"] = smmod.tapdisk_pause_plugin(tools, x)
+    ref, bases = smmod.file_layout(x, world.sr, tools, 8 << 20, [[(0, 1 << 20, 0x11)]],
+                                   [(3 << 20, 1 << 20, 0x77)])
+    path = x.vdi_path(ref)
+    u = x.record("VDI", ref)["uuid"]
+    log = cbt.log_path(os.path.dirname(path), u)
+    cbt.enable(log, 8 << 20)
+    cbt.activate(log)
+    x.record("VDI", ref)["cbt_enabled"] = True
+    x.record("VDI", ref)["sm_config"]["host_" + x.host] = "RW"
+    pid, minor = world.tapdisks.create(path, guest=False, cbtlog=log)
+    td = tap_ctl.get(pid, minor)
+    _write(td, {2}, 1)
+    after = sm.gc(world.sr)
+    assert list(after["vdis"]) == [u], after
+    assert "Calling tap-unpause on host" in sm.log()
+    _write(td, {5}, 2)
+    assert cbt.blocks(log) == {2, 5}
