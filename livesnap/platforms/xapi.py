@@ -282,9 +282,9 @@ class XapiDomain(XenDomainBase):
     def refuse_busy(self, disks, op=None):
         """Before an operation ``op`` changes anything: refuse a disk whose VDI SM is working
         on; and one whose changed blocks are tracked (CBT) where livesnap does not keep the
-        logs as SM does: on LVHD (SM's logs are LVs there) and for a revert (the new
-        leaf under the VDI's uuid would keep a log of changes to contents that are gone). Elsewhere the datapath
-        keeps them (``cbt_log_path``, livesnap.datapaths.cbt_logs)."""
+        logs as SM does: on LVHD (SM's logs are LVs there) and for a revert (the new leaf
+        under the VDI's uuid would keep a log of changes to contents that are gone).
+        Elsewhere the datapath keeps them (``cbt_log_path``, livesnap.datapaths.cbt_logs)."""
         for target in sorted(disks):
             ref = self._vdis.get(target)
             if ref is None:
