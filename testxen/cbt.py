@@ -48,17 +48,33 @@ def deactivate(log):
     _cbt("set", "-n", log, "-f", "1")
 
 
+def _readable(log):
+    """An LV log (SM leaves a detached VDI's inactive) is activated to be read."""
+    from livesnap.tools import lvm
+    if not os.path.exists(log) and lvm.split_path(log):
+        lvm.activate(*lvm.split_path(log))
+
+
 def header(log):
+    _readable(log)
     return {"parent": _cbt("get", "-n", log, "-p"), "child": _cbt("get", "-n", log, "-c"),
             "consistent": _cbt("get", "-n", log, "-f") == "1",
             "size": int(_cbt("get", "-n", log, "-s"))}
 
 
 def blocks(log):
+    _readable(log)
     p = subprocess.run([blktap.cbt_util_bin(), "get", "-n", log, "-b"], stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, timeout=60)
     assert p.returncode == 0, p.stderr
     return {8 * i + j for i, byte in enumerate(p.stdout) for j in range(8) if byte >> j & 1}
+
+
+def _exists(log):
+    from livesnap.tools import lvm
+    if os.path.exists(log):
+        return True
+    return bool(lvm.split_path(log)) and lvm.lv_exists(*lvm.split_path(log))
 
 
 def changed_blocks(sr_dir, vdi_from, vdi_to):
@@ -68,7 +84,7 @@ def changed_blocks(sr_dir, vdi_from, vdi_to):
     curr = vdi_from
     while True:
         nxt = header(log_path(sr_dir, curr))["child"]
-        if not os.path.exists(log_path(sr_dir, nxt)):
+        if not _exists(log_path(sr_dir, nxt)):
             raise Unrelated("%s and %s: the chain ends at %s" % (vdi_from, vdi_to, curr))
         curr = nxt
         bits = blocks(log_path(sr_dir, curr))

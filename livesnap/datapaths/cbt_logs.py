@@ -22,20 +22,29 @@ the logs after ``a`` up to ``b``. What SM does, and livesnap with it:
   changes it held now count for the next log. Hidden base copies have no logs: merging them
   changes no log.
 
-LVHD keeps its logs as LVs (``<uuid>.cbtlog``, activated around each use): not done here,
-the XAPI platform refuses those VDIs.
+On LVHD the logs are LVs ``/dev/VG_XenStorage-<sr>/<uuid>.cbtlog`` (LVHDSR.py
+``_create_cbt_log``: ``journaler.LV_SIZE``, 4 MiB, tagged ``cbtlog``; ``_rename``: lvrename;
+``_delete_cbt_log``: lvremove; ``_activate_cbt_log``/``_cbt_op``: an inactive log is activated
+around each use and deactivated after). livesnap's next log LV gets its ``cbtlog`` tag only
+once it has the leaf's name (SM's scan makes a ``cbt_metadata`` VDI of every tagged LV it
+cannot match, by the part of the name before the first dot). The leaf's log is active while a
+tapdisk has it open, and an active LV keeps its device through a rename: inside the pause
+only device paths are looked at, no LVM metadata is read.
 """
+import contextlib
 import logging
 import os
 
 from livesnap import faults
 from livesnap.errors import DatapathError
-from livesnap.tools import cbt_util
+from livesnap.tools import cbt_util, lvm
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".cbtlog"
 NEW_SUFFIX = ".livesnap-new"       # the leaf's next log, made before the pause
+TAG = "cbtlog"                     # SM: constants.CBTLOG_TAG, the LVs' tag
+LV_SIZE = 4 << 20                  # SM: journaler.Journaler.LV_SIZE
 
 
 def log_uuid(path):
@@ -58,9 +67,86 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _rename(old, new):
-    os.rename(old, new)
-    _fsync_dir(new)
+class _Files(object):
+    """Logs as files beside the VDIs (FileSR)."""
+
+    def exists(self, path):
+        return os.path.exists(path)
+
+    @contextlib.contextmanager
+    def active(self, path):
+        yield
+
+    def make(self, path):
+        return None                           # cbt-util create makes the file
+
+    def rename(self, old, new):
+        os.rename(old, new)
+        _fsync_dir(new)
+
+    def remove(self, path):
+        os.unlink(path)
+        _fsync_dir(path)
+
+    def tag(self, path):
+        return None
+
+    def deactivate(self, path):
+        return None
+
+
+class _Lvs(object):
+    """Logs as LVs of the SR's volume group (LVHDSR)."""
+
+    def __init__(self, vg):
+        self.vg = vg
+
+    def _lv(self, path):
+        return lvm.split_path(path)[1]
+
+    def exists(self, path):
+        return os.path.exists(path) or lvm.lv_exists(self.vg, self._lv(path))
+
+    @contextlib.contextmanager
+    def active(self, path):
+        """Active for the block; deactivated after when it was not (SM's ``_cbt_op``)."""
+        if os.path.exists(path):
+            yield
+            return
+        lvm.activate(self.vg, self._lv(path))
+        try:
+            yield
+        finally:
+            lvm.activate(self.vg, self._lv(path), False)
+
+    def make(self, path):
+        if not os.path.exists(path):
+            if lvm.lv_exists(self.vg, self._lv(path)):
+                lvm.activate(self.vg, self._lv(path))
+            else:
+                lvm.lvcreate(self.vg, self._lv(path), LV_SIZE)
+
+    def rename(self, old, new):
+        lvm.lvrename(self.vg, self._lv(old), self._lv(new))
+
+    def remove(self, path):
+        try:
+            lvm.lvremove(self.vg, self._lv(path))
+        except lvm.LvNotFound:
+            pass
+
+    def tag(self, path):
+        lvm.add_tag(self.vg, self._lv(path), TAG)
+
+    def deactivate(self, path):
+        if os.path.exists(path):
+            lvm.activate(self.vg, self._lv(path), False)
+
+
+def store(path):
+    """Where the log ``path`` lives: an LV (``/dev/<vg>/<lv>``) or a file."""
+    vg_lv = lvm.split_path(path)
+    return _Lvs(vg_lv[0]) if vg_lv is not None else _Files()
 
 
 class Rotation(object):
@@ -71,52 +157,71 @@ class Rotation(object):
     def __init__(self, leaf_log, snap_log):
         self.leaf_log, self.snap_log = leaf_log, snap_log
         self.new_log = leaf_log + NEW_SUFFIX
+        self.store = store(leaf_log)
+
+    def wanted(self):
+        """The leaf has a log, or is in the middle of a rotation."""
+        return self.store.exists(self.leaf_log) or self.store.exists(self.new_log)
 
     def done(self):
-        return os.path.exists(self.snap_log) and not os.path.exists(self.new_log)
+        return self.store.exists(self.snap_log) and not self.store.exists(self.new_log)
 
     def prepare(self, size, open_by_tapdisk):
         """Before the pause: the leaf's next log, empty, for a disk of ``size`` bytes, with
         the header SM gives it (parent: the snapshot; child: the old log's child; consistent
-        unless a tapdisk will have it open)."""
-        if os.path.exists(self.snap_log):
-            return                                      # renamed before a crash
+        unless a tapdisk will have it open); both logs active (an LV) for the renames."""
+        if self.store.exists(self.snap_log):
+            if self.store.exists(self.new_log):
+                self.store.make(self.new_log)           # renamed before a crash: activate
+            return
+        self.store.make(self.leaf_log)                  # an inactive LV: activated
         child = cbt_util.get_child(self.leaf_log)
+        self.store.make(self.new_log)
         cbt_util.create(self.new_log, size)
         cbt_util.set_(self.new_log, parent=log_uuid(self.snap_log), child=child,
                       consistent=not open_by_tapdisk)
+        self.open_by_tapdisk = open_by_tapdisk
 
     def in_pause(self):
         """Inside the pause (tapdisk has closed the log): two renames."""
         if not os.path.exists(self.snap_log) and os.path.exists(self.new_log):
-            _rename(self.leaf_log, self.snap_log)
+            self.store.rename(self.leaf_log, self.snap_log)
             faults.point("cbt", "renamed", 0)
         if os.path.exists(self.new_log) and not os.path.exists(self.leaf_log):
-            _rename(self.new_log, self.leaf_log)
+            self.store.rename(self.new_log, self.leaf_log)
 
     def abandon(self):
         """The snapshot failed before the renames: the new log goes."""
-        if not os.path.exists(self.snap_log) and os.path.exists(self.leaf_log) and \
-                os.path.exists(self.new_log):
-            os.unlink(self.new_log)
+        if not self.store.exists(self.snap_log) and self.store.exists(self.leaf_log) and \
+                self.store.exists(self.new_log):
+            self.store.remove(self.new_log)
 
     def finish(self):
         """After the pause: the snapshot's log, closed now, consistent and followed by the
-        leaf's; the log before it followed by it."""
-        if not os.path.exists(self.snap_log):
+        leaf's; the log before it followed by it; the leaf's new log tagged (an LV)."""
+        if not self.store.exists(self.snap_log):
             return
-        cbt_util.set_(self.snap_log, child=log_uuid(self.leaf_log), consistent=True)
-        parent = sibling(self.snap_log, cbt_util.get_parent(self.snap_log))
-        if parent is not None and os.path.exists(parent):
-            cbt_util.set_(parent, child=log_uuid(self.snap_log))
+        with self.store.active(self.snap_log):
+            cbt_util.set_(self.snap_log, child=log_uuid(self.leaf_log), consistent=True)
+            parent = sibling(self.snap_log, cbt_util.get_parent(self.snap_log))
+        if parent is not None and self.store.exists(parent):
+            with self.store.active(parent):
+                cbt_util.set_(parent, child=log_uuid(self.snap_log))
+        self.store.tag(self.leaf_log)
+        if not getattr(self, "open_by_tapdisk", True):
+            # SM leaves a detached VDI's logs inactive (_create_cbt_log, _cbt_op)
+            self.store.deactivate(self.leaf_log)
+            self.store.deactivate(self.snap_log)
 
 
 def finish_pending(leaf_log):
     """A leaf whose log was renamed to a snapshot's and whose new log is not in place yet (a
     command killed inside the pause): put the new one in place, so the unpause names it."""
+    st = store(leaf_log)
     new = leaf_log + NEW_SUFFIX
-    if not os.path.exists(leaf_log) and os.path.exists(new):
-        _rename(new, leaf_log)
+    if not st.exists(leaf_log) and st.exists(new):
+        st.make(new)
+        st.rename(new, leaf_log)
 
 
 def drop(path, pause_for):
@@ -125,18 +230,21 @@ def drop(path, pause_for):
     that log open, or nothing), parent and child linked, the log removed. The coalesce comes
     first, so that a re-run after a crash does it again rather than lose it (an OR twice is
     the same)."""
-    if not os.path.exists(path):
+    st = store(path)
+    if not st.exists(path):
         return
-    parent = sibling(path, cbt_util.get_parent(path))
-    child = sibling(path, cbt_util.get_child(path))
-    if child is not None and os.path.exists(child):
-        with pause_for(child):
-            cbt_util.coalesce(path, child)
-        cbt_util.set_(child, parent=cbt_util.get_parent(path))
-    if parent is not None and os.path.exists(parent):
-        cbt_util.set_(parent, child=cbt_util.get_child(path))
-    os.unlink(path)
-    _fsync_dir(path)
+    with st.active(path):
+        parent_uuid, child_uuid = cbt_util.get_parent(path), cbt_util.get_child(path)
+        parent, child = sibling(path, parent_uuid), sibling(path, child_uuid)
+        if child is not None and st.exists(child):
+            with st.active(child):
+                with pause_for(child):
+                    cbt_util.coalesce(path, child)
+                cbt_util.set_(child, parent=parent_uuid)
+    if parent is not None and st.exists(parent):
+        with st.active(parent):
+            cbt_util.set_(parent, child=child_uuid)
+    st.remove(path)
     log.info("CBT log %s merged into %s and removed", path, child or "(no child)")
 
 

@@ -220,7 +220,7 @@ class VhdOfflineDatapath(Datapath):
     def _cbt_log(self, path):
         """The CBT log of ``path``'s VDI when it exists (SM: tracking is on while it does)."""
         p = self._cbt_log_path(path)
-        return p if p is not None and os.path.exists(p) else None
+        return p if p is not None and cbt_logs.store(p).exists(p) else None
 
     def _cbt_rotations(self, items):
         """[(Rotation, disk)] for the snapshot items whose leaf has a CBT log (or is in the
@@ -232,7 +232,7 @@ class VhdOfflineDatapath(Datapath):
             if leaf_log is None or snap_log is None:
                 continue
             r = cbt_logs.Rotation(leaf_log, snap_log)
-            if not (os.path.exists(leaf_log) or os.path.exists(r.new_log)):
+            if not r.wanted():
                 continue
             if not r.done():
                 with vhd.open_header(it["leaf_path"]) as img:      # footer only: may be open
@@ -539,6 +539,8 @@ class TapdiskDatapath(VhdOfflineDatapath):
                 cbt = self._cbt_log_path(d.path)
                 if cbt is not None:
                     cbt_logs.finish_pending(cbt)
+                    if cbt_logs.store(cbt).exists(cbt):
+                        cbt_logs.store(cbt).make(cbt)     # an inactive LV: activated
                 tap_ctl.unpause(td.pid, td.minor, td.path or d.path,
                                 cbtlog=cbt if cbt is not None and os.path.exists(cbt) else None)
                 healed.append(d.target)

@@ -13,22 +13,34 @@ import xmlrpc.client
 import pytest
 
 from conftest_paths import PLUGIN
-from livesnap.tools import tap_ctl
+from livesnap.platforms.xapi import image_uuid
+from livesnap.tools import lvm, tap_ctl
 from testxen import blktap, cbt, nbd
 
 KiB = 1024
 
 
-def _start_tracked(world, ndisks=1):
-    """A VM with CBT on for each disk (log made and activated as SM does), each disk served
-    by a real tapdisk with its log (no guest: the test writes the blocks itself)."""
-    vm = world.add_vm(ndisks=ndisks)
+@pytest.fixture(params=["ext", "lvm"])
+def sr_of(request, world):
+    if request.param == "ext":
+        return world.sr
+    world.lvm_vg = request.getfixturevalue("lvm_vg")
+    return world.add_lvm_sr(world.lvm_vg)
+
+
+def _start_tracked(world, ndisks=1, sr=None):
+    """A VM with CBT on for each disk (log made and activated as SM does: a file, or on LVHD
+    an LV of 4 MiB tagged ``cbtlog``), each disk served by a real tapdisk with its log (no
+    guest: the test writes the blocks itself)."""
+    vm = world.add_vm(ndisks=ndisks, sr=sr)
     x = world.xapi
     disks = {}
     for t, path in sorted(vm.paths.items()):
-        u = os.path.basename(path)[:-len(".vhd")]
+        u = image_uuid(path)
         ref, = [r for r, rec in x.objects["VDI"].items() if rec["uuid"] == u]
         log = cbt.log_path(os.path.dirname(path), u)
+        if lvm.split_path(log):
+            lvm.lvcreate(lvm.split_path(log)[0], lvm.split_path(log)[1], 4 << 20, tag="cbtlog")
         cbt.enable(log, int(x.record("VDI", ref)["virtual_size"]))
         x.record("VDI", ref)["cbt_enabled"] = True
         cbt.activate(log)
@@ -67,13 +79,15 @@ def _stop(world, vm, disks):
         rc, out, err = world.tapdisks.destroy(td.pid, td.minor)
         assert rc == 0, err
         cbt.deactivate(disks[t][2])
+        if lvm.split_path(disks[t][2]):                  # SM's deactivate: the LV too
+            lvm.activate(*lvm.split_path(disks[t][2]), active=False)
         assert blktap.check(vm.paths[t]) == []
     vm.tapdisks = {}
     world.xapi.record("VM", vm.ref)["power_state"] = "Halted"
 
 
-def test_snapshots_and_deletes_keep_the_changed_blocks(world):
-    vm, disks = _start_tracked(world)
+def test_snapshots_and_deletes_keep_the_changed_blocks(world, sr_of):
+    vm, disks = _start_tracked(world, sr=sr_of)
     (u, ref, leaf_log), = disks.values()
     sr_dir = os.path.dirname(leaf_log)
     td = vm.tapdisks["xvda"]
@@ -150,16 +164,24 @@ def test_two_disks_each_keep_their_own_log(world):
     _stop(world, vm, disks)
 
 
-def test_a_halted_vm_keeps_its_logs_too(world):
+def test_a_halted_vm_keeps_its_logs_too(world, sr_of):
     """Offline (no tapdisk): the same logs, the leaf's new log consistent (closed), a
-    delete merges the snapshot's log into the leaf's without a pause."""
-    vm, disks = _start_tracked(world, ndisks=1)
+    delete merges the snapshot's log into the leaf's without a pause; on LVHD the logs'
+    LVs, inactive as SM leaves a detached VDI's, are inactive again afterwards."""
+    vm, disks = _start_tracked(world, ndisks=1, sr=sr_of)
     (u, ref, leaf_log), = disks.values()
     sr_dir = os.path.dirname(leaf_log)
     _write(vm.tapdisks["xvda"], {4}, 1)
     _stop(world, vm, disks)
     world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
     s1 = _snapshot_vdi(world, ref, "s1")
+    lv = lvm.split_path(leaf_log)
+    if lv:
+        assert not os.path.exists(leaf_log)
+        assert not os.path.exists(cbt.log_path(sr_dir, s1))
+        assert sorted(n for n in world.lvm_vg.loops() if n.endswith("cbtlog")) == \
+            sorted([u + ".cbtlog", s1 + ".cbtlog"])
+        assert _record(world, s1)["cbt_enabled"] is True
     assert cbt.blocks(cbt.log_path(sr_dir, s1)) == {4}
     assert cbt.header(leaf_log) == {"parent": s1, "child": cbt.NULL, "consistent": True,
                                     "size": 8 << 20}
@@ -182,25 +204,12 @@ def test_revert_of_a_tracked_disk_is_refused_with_nothing_changed(world):
     assert files() == before
 
 
-def test_a_tracked_disk_on_lvhd_is_refused(world, lvm_vg):
-    sr = world.add_lvm_sr(lvm_vg)
-    vm = world.add_vm("lv", ndisks=1, sr=sr)
-    ref, = world.xapi.record("VM", vm.ref)["VBDs"]
-    vdi = world.xapi.record("VBD", ref)["VDI"]
-    world.xapi.record("VDI", vdi)["cbt_enabled"] = True
-    loops = sorted(lvm_vg.loops())
-    desc = world.fail("snapshot_create", {"vm_uuid": vm.uuid, "name": "s1"},
-                      "LIVESNAP_STORAGE_BUSY")
-    assert "changed-block tracking" in desc[1] and "lvm SR" in desc[1], desc
-    assert sorted(lvm_vg.loops()) == loops
-
-
-def test_killed_between_the_log_renames_recover_puts_the_new_log_in_place(world):
+def test_killed_between_the_log_renames_recover_puts_the_new_log_in_place(world, sr_of):
     """Killed inside the snapshot's pause after the leaf's log became the snapshot's and
     before the new one is in place (the tapdisk left paused, its log closed): ``recover``
     finishes the snapshot, the unpause names the leaf's new log, and the logs are what an
     uninterrupted snapshot leaves."""
-    vm, disks = _start_tracked(world)
+    vm, disks = _start_tracked(world, sr=sr_of)
     (u, ref, leaf_log), = disks.values()
     sr_dir = os.path.dirname(leaf_log)
     td = vm.tapdisks["xvda"]
