@@ -74,6 +74,19 @@ def _record(world, vdi_uuid):
     return rec
 
 
+def _log_lvs(log):
+    """{LV name: tags} of the CBT logs' LVs in ``log``'s VG (LVM's own report), or None for a
+    file log."""
+    vg_lv = lvm.split_path(log)
+    if vg_lv is None:
+        return None
+    out = subprocess.run([os.environ["LVM"], "lvs", "--noheadings", "-o", "lv_name,lv_tags",
+                          vg_lv[0]], stdout=subprocess.PIPE, universal_newlines=True,
+                         check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    return {r[0]: (r[1] if len(r) > 1 else "") for r in rows if "cbtlog" in r[0]}
+
+
 def _stop(world, vm, disks):
     for t, td in vm.tapdisks.items():
         rc, out, err = world.tapdisks.destroy(td.pid, td.minor)
@@ -125,6 +138,8 @@ def test_snapshots_and_deletes_keep_the_changed_blocks(world, sr_of):
     assert cbt.blocks(cbt.log_path(sr_dir, s2)) == w1 | w2
     _write(td, w4, 4)                       # after the merge's pauses: still tracked
     assert cbt.changed_blocks(sr_dir, s2, u) == w3 | w4
+    # LVHD: every log an LV tagged as SM tags them (its scan finds logs by the tag)
+    assert _log_lvs(leaf_log) in (None, {u + ".cbtlog": "cbtlog", s2 + ".cbtlog": "cbtlog"})
 
     # delete s2: its log ORed into the running leaf's (paused around it, a pause reported as
     # the remove's), the base folded into the leaf with more pauses; the leaf's log keeps
