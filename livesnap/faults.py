@@ -5,6 +5,8 @@ so crash recovery can be tested at every journal step.
 not yet marked done). ``op`` may be ``*``. Datapaths add points of their own inside a step:
 ``job:started:0`` right after a block job was started (it goes on running in QEMU),
 ``tapdisk:renamed:0`` inside a tapdisk pause right after a leaf was renamed,
+``cbt:renamed:0`` inside a tapdisk pause right after a leaf's CBT log became the snapshot's,
+before the leaf's new log is in place,
 ``quiesce:frozen:0`` while the guest's file systems are frozen,
 ``snapshot:overlays:0`` when a live snapshot's overlays are made, before the switch,
 ``snapshot:switched:0`` right after a live snapshot's switch (and thaw), before its checks,

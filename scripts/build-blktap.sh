@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Build the real blktap (tapdisk, tap-ctl, vhd-util) from ../shared/upstream for the Xen tests,
-# plus the LD_PRELOAD shim that lets tapdisk start without CAP_SYS_RESOURCE (see
+# Build the real blktap (tapdisk, tap-ctl, vhd-util, cbt-util) from ../shared/upstream for the
+# Xen tests, plus the LD_PRELOAD shim that lets tapdisk start without CAP_SYS_RESOURCE (see
 # testxen/preload/memlock_shim.c). The result lives in a cache directory keyed by the archive's
 # sha256, so a second run does not rebuild. Prints the prefix (bin/vhd-util, sbin/tap-ctl,
-# libexec/tapdisk, lib/memlock_shim.so, testbed/tap-ctl: tap-ctl with the shim preloaded).
+# sbin/cbt-util, libexec/tapdisk, lib/memlock_shim.so, testbed/tap-ctl: tap-ctl with the shim
+# preloaded).
 # Idempotent; run as root (installs missing build dependencies with apt).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -62,6 +63,24 @@ if [ ! -f "$stamp" ]; then
   trap - EXIT
 fi
 
+# cbt-util (blktap's cbt/: two C files and libuuid, what SM's cbtutil.py runs as
+# /usr/sbin/cbt-util) is compiled on its own, as its cbt/Makefile.am would (-Wall -Werror), so
+# that a cache built before it was added gets it without a full rebuild.
+cbt_util="$prefix/sbin/cbt-util"
+if [ ! -x "$cbt_util" ]; then
+  cbt_work="$(mktemp -d "${TMPDIR:-/tmp}/blktap-cbt.XXXXXX")"
+  trap 'rm -rf "$cbt_work"' EXIT
+  tar xzf "$archive" -C "$cbt_work" --wildcards '*/cbt/*' '*/include/*' '*/drivers/tapdisk-log.h'
+  cbt_src=("$cbt_work"/blktap-*/)
+  cbt_src="${cbt_src[0]}"
+  mkdir -p "$prefix/sbin"
+  gcc -g -O2 -Wall -Werror -I"$cbt_src/include" -o "$cbt_util.tmp" \
+    "$cbt_src/cbt/main.c" "$cbt_src/cbt/cbt-util.c" -luuid
+  mv "$cbt_util.tmp" "$cbt_util"
+  rm -rf "$cbt_work"
+  trap - EXIT
+fi
+
 # The shim is our code: rebuild it when its source is newer than the built library.
 if [ ! -f "$shim" ] || [ "$shim_src" -nt "$shim" ]; then
   mkdir -p "$prefix/lib"
@@ -77,7 +96,7 @@ printf '#!/bin/sh\nLD_PRELOAD=%s/lib/memlock_shim.so exec %s/sbin/tap-ctl "$@"\n
 chmod 755 "$prefix/testbed/tap-ctl.tmp"
 mv "$prefix/testbed/tap-ctl.tmp" "$prefix/testbed/tap-ctl"
 
-for t in sbin/tap-ctl bin/vhd-util libexec/tapdisk lib/memlock_shim.so testbed/tap-ctl; do
+for t in sbin/tap-ctl sbin/cbt-util bin/vhd-util libexec/tapdisk lib/memlock_shim.so testbed/tap-ctl; do
   if [ ! -e "$prefix/$t" ]; then
     echo "build-blktap: $prefix/$t missing after the build" >&2
     exit 1

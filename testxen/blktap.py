@@ -1,9 +1,10 @@
-"""The real blktap in the test bed: tapdisk, tap-ctl and vhd-util built by
+"""The real blktap in the test bed: tapdisk, tap-ctl, vhd-util and cbt-util built by
 scripts/build-blktap.sh from ../shared/upstream, found here by the same cache lookup (the
 archive's sha256), and the helpers the Xen tests use to drive them.
 
 * ``prefix()``: the built prefix; ``MissingBuild`` (a failure, not a skip) when it is absent.
-* ``env()``: TAP_CTL (tap-ctl with the memlock shim preloaded) and VHD_UTIL for livesnap.
+* ``env()``: TAP_CTL (tap-ctl with the memlock shim preloaded), VHD_UTIL and CBT_UTIL for
+  livesnap.
 * ``pause(pid, minor)``: ``tap-ctl pause``, nudged (tapdisk may leave a finished pause
   unanswered until something wakes it; docs/xen.md).
 * ``vhd_util(*args)``, ``check(path)`` (``vhd-util check -n PATH -p -b``: [] or the problems),
@@ -76,6 +77,11 @@ def vhd_util_bin():
     return os.path.join(prefix(), "bin", "vhd-util")
 
 
+def cbt_util_bin():
+    """blktap's cbt-util (SM's cbtutil.py runs it as /usr/sbin/cbt-util)."""
+    return os.path.join(prefix(), "sbin", "cbt-util")
+
+
 # tapdisk's resume retry pause (10 x 1 s upstream) in ms per second: see memlock_shim.c
 RETRY_MS = "100"
 
@@ -83,7 +89,7 @@ RETRY_MS = "100"
 def env():
     """The variables that point livesnap at the real tools (and shorten tapdisk's resume
     retry pause, testxen/preload/memlock_shim.c)."""
-    return {"TAP_CTL": tap_ctl_bin(), "VHD_UTIL": vhd_util_bin(),
+    return {"TAP_CTL": tap_ctl_bin(), "VHD_UTIL": vhd_util_bin(), "CBT_UTIL": cbt_util_bin(),
             "TESTXEN_TAPDISK_RETRY_MS": RETRY_MS}
 
 
@@ -96,6 +102,11 @@ def _run(argv, timeout=120, env=None):
 def vhd_util(*args):
     """(rc, stdout, stderr) of the real vhd-util."""
     return _run([vhd_util_bin()] + list(args))
+
+
+def cbt_util(*args):
+    """(rc, stdout, stderr) of the real cbt-util (stdout as text: not for ``get -b``)."""
+    return _run([cbt_util_bin()] + list(args))
 
 
 def tap_ctl(*args):
@@ -294,10 +305,12 @@ def sweep(min_age=10.0):
             _remove(p)
 
 
-def spawn(path, readonly=False):
-    """``tap-ctl create -a vhd:PATH [-R]``: (pid, minor) of the new real tapdisk."""
+def spawn(path, readonly=False, cbtlog=None):
+    """``tap-ctl create -a vhd:PATH [-R] [-C CBTLOG]``: (pid, minor) of the new real tapdisk
+    (``cbtlog``: its changed-block-tracking log, as SM's blktap2 opens a VDI with CBT on)."""
     sweep()
-    args = ["create", "-a", "vhd:%s" % path] + (["-R"] if readonly else [])
+    args = ["create", "-a", "vhd:%s" % path] + (["-R"] if readonly else []) + \
+        (["-C", cbtlog] if cbtlog else [])
     rc, out, err = tap_ctl(*args)
     if rc != 0:
         raise OSError(rc, "tap-ctl create -a vhd:%s failed: %s" % (path, (err or out).strip()))
@@ -395,9 +408,10 @@ class Tapdisks(object):
         self.disks = {}          # (pid, minor) -> path
         self.guests = {}         # (pid, minor) -> Popen
 
-    def create(self, path, guest=True):
-        """Start a real tapdisk on ``path`` and (``guest``) its guest; (pid, minor)."""
-        pid, minor = spawn(path)
+    def create(self, path, guest=True, cbtlog=None):
+        """Start a real tapdisk on ``path`` (with its CBT log ``cbtlog``) and (``guest``) its
+        guest; (pid, minor)."""
+        pid, minor = spawn(path, cbtlog=cbtlog)
         self.disks[(pid, minor)] = path
         if guest:
             self.start_guest(pid, minor)

@@ -42,8 +42,10 @@ attached and its pause is only the ``paused`` key (blktap2.VDI.tap_pause). SM's 
 SM attach, which does not exist here; ``tapdisk_pause_plugin`` serves the same calls on this
 host from the real ``tap-ctl``: the tapdisk whose image is the VDI's path is paused
 (``tap-ctl pause``), unpaused with ``-a vhd:<path>`` (tapdisk reopens the chain by path, as
-the plugin's unpause does) or both (``refresh``); no tapdisk for the path is success, as in
-the plugin ("not attached on this host"). LVM activation of the plugin's unpause is not done.
+the plugin's unpause does) and ``-c <sr>/<vdi>.cbtlog`` when the VDI has that CBT log (the
+plugin's ``Unpause``: ``_get_blocktracking_status``), or both (``refresh``); no tapdisk for
+the path is success, as in the plugin ("not attached on this host"). LVM activation of the
+plugin's unpause is not done.
 """
 import glob
 import hashlib
@@ -143,10 +145,11 @@ class Sm(object):
         except FileNotFoundError:
             return ""
 
-    def run(self, action, sr, *args, timeout=300):
+    def run(self, action, sr, *args, timeout=300, extra=None):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in sys.path if p])
-        p = subprocess.run([sys.executable, "-m", "testxen.sm", json.dumps(self.config(sr)),
+        cfg = dict(self.config(sr), **(extra or {}))
+        p = subprocess.run([sys.executable, "-m", "testxen.sm", json.dumps(cfg),
                             action] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            universal_newlines=True, env=env, timeout=timeout, cwd=ROOT)
         if p.returncode != 0:
@@ -193,6 +196,16 @@ class Sm(object):
         count rebuilt from the attached leaves above it; it asserts that no visible image has
         a normal count. Returns ``refcounts`` after it."""
         return self.run("fixrefcounts", sr)
+
+    def cbt(self, sr, op, log_dir, vdi_uuid, cbt_util, snapshot_uuid=None, consistent=None,
+            size=None):
+        """SM's own CBT log steps on the logs in ``log_dir`` (see ``_sm_cbt``): ``op``
+        "snapshot" (``VDI._cbt_snapshot(snapshot_uuid, consistent)`` of VDI ``vdi_uuid``, a
+        disk of ``size`` bytes) or "delete" (``VDI.delete``'s CBT part for VDI ``vdi_uuid``).
+        Returns {"paused": [the VDI uuids SM paused around its coalesce]}."""
+        return self.run("cbt", sr, extra={"cbt": {
+            "op": op, "dir": log_dir, "vdi_uuid": vdi_uuid, "snapshot_uuid": snapshot_uuid,
+            "consistent": consistent, "size": size, "cbt_util": cbt_util}})
 
     def gc(self, sr):
         """One real GC run to its end (cleanup ``_gc(session, sr, dryRun=False,
@@ -307,7 +320,9 @@ def tapdisk_pause_plugin(blktap, xapi):
                     raise RuntimeError("tap-ctl pause %s: rc %d: %s %s"
                                        % (" ".join(pid_minor), rc, out, err))
             if fn in ("unpause", "refresh"):
-                blktap._run([blktap.tap_ctl_path, "unpause"] + pid_minor + ["-a", "vhd:" + path])
+                cbtlog = os.path.join(os.path.dirname(path), args["vdi_uuid"] + ".cbtlog")
+                blktap._run([blktap.tap_ctl_path, "unpause"] + pid_minor + ["-a", "vhd:" + path]
+                            + (["-c", cbtlog] if os.path.exists(cbtlog) else []))
         return "True"
     return plugin
 
@@ -585,6 +600,45 @@ def _classify(cleanup, sr):
             "garbage": sorted(v.uuid for v in sr.findGarbage())}
 
 
+def _sm_cbt(cfg):
+    """SM's CBT code (VDI.py ``_cbt_snapshot``, ``delete``; FileSR.py ``_create_cbt_log``,
+    ``_rename``, ``_delete_cbt_log``; cbtutil.py with the real cbt-util) on a FileVDI made
+    without its driver: the SR's path is the log directory, the VDI's virtual size what the
+    test says (``VDI.get_virtual_size``), blocktracking on (the log exists). SM's pause of the
+    child VDI around a coalesce (blktap2.VDI.tap_pause/tap_unpause: the copies here are open
+    in no tapdisk) is recorded, not done."""
+    import cbtutil
+    import blktap2
+    import FileSR
+    import VDI
+    c = cfg["cbt"]
+    cbtutil.CBT_UTIL = c["cbt_util"]
+    paused = []
+    blktap2.VDI.tap_pause = staticmethod(lambda session, sr, vdi: paused.append(vdi) or True)
+    blktap2.VDI.tap_unpause = staticmethod(lambda session, sr, vdi, *a: True)
+
+    class Stub(object):
+        pass
+    sr = Stub()
+    sr.path, sr.uuid = c["dir"], cfg["sr_uuid"]
+    sr.srcmd = Stub()
+    sr.srcmd.params = {"vdi_ref": "OpaqueRef:stub"}
+    session = Stub()
+    session.xenapi = Stub()
+    session.xenapi.VDI = Stub()
+    session.xenapi.VDI.get_virtual_size = lambda ref: str(c["size"])
+    v = object.__new__(FileSR.FileVDI)
+    v.sr, v.session, v.uuid = sr, session, c["vdi_uuid"]
+    if c["op"] == "snapshot":
+        v._cbt_snapshot(c["snapshot_uuid"], c["consistent"])
+    elif c["op"] == "delete":
+        v._get_blocktracking_status = lambda uuid=None: True
+        VDI.VDI.delete(v, cfg["sr_uuid"], c["vdi_uuid"])
+    else:
+        raise SystemExit("unknown CBT op %s" % c["op"])
+    return {"paused": paused}
+
+
 def main(argv):
     cfg = json.loads(argv[1])
     action = argv[2]
@@ -604,6 +658,8 @@ def main(argv):
     elif action == "fixrefcounts":
         _fix_refcounts(cfg)
         result = _refcounts(cfg)
+    elif action == "cbt":
+        result = _sm_cbt(cfg)
     elif action in ("classify", "gc"):
         if action == "gc":
             cleanup._gc(None, cfg["sr_uuid"], dryRun=False, immediate=True)

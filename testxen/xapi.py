@@ -264,12 +264,12 @@ class Xapi(VmCalls):
 
     # Fields a client may change, per class. VDI: the public setters plus the ones xapi
     # exposes to SM for its records (VDI.set_managed, set_read_only, set_is_a_snapshot,
-    # set_snapshot_of, set_snapshot_time, set_virtual_size, set_physical_utilisation: datamodel_vdi.ml, "internal"
-    # calls SM's VDI._db_update and LVHDSR make).
+    # set_snapshot_of, set_snapshot_time, set_virtual_size, set_physical_utilisation,
+    # set_cbt_enabled: datamodel_vdi.ml, "internal" calls SM's VDI._db_update and LVHDSR make).
     SETTABLE = {
         "VDI": {"name_label", "name_description", "other_config", "sm_config", "managed",
                 "read_only", "is_a_snapshot", "snapshot_of", "snapshot_time", "virtual_size",
-                "physical_utilisation", "on_boot", "allow_caching", "missing"},
+                "physical_utilisation", "on_boot", "allow_caching", "missing", "cbt_enabled"},
         "SR": {"name_label", "name_description", "other_config", "sm_config",
                "physical_size", "physical_utilisation", "virtual_allocation"},
         "VM": {"name_label", "name_description", "other_config"},

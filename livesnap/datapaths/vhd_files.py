@@ -15,6 +15,10 @@ read-write, with a stale footer on disk; the parents read-only, their metadata c
 * a merge that involves the active leaf first takes an internal snapshot (planned by the
   planner), so the pause covers only the rename and, later, the reparenting.
 
+Changed-block tracking (a platform with ``cbt_log_path``: XAPI): every unpause names the
+leaf's CBT log, a snapshot gives the snapshot's VDI the leaf's log and the leaf a new one, a
+removed image's log is merged into the next, as SM does (livesnap.datapaths.cbt_logs).
+
 Every step checks what is already done, so it can be re-run after a crash; ``heal`` unpauses
 any tapdisk of the domain left paused.
 """
@@ -26,7 +30,7 @@ import time
 import uuid
 
 from livesnap import vhd
-from livesnap.datapaths import Datapath, Namer
+from livesnap.datapaths import Datapath, Namer, cbt_logs
 from livesnap.datapaths.vhd_storage import Activation, for_path as storage, merge_extra
 from livesnap import faults
 from livesnap.errors import DatapathError
@@ -178,9 +182,13 @@ class VhdOfflineDatapath(Datapath):
             if storage(frozen).exists(frozen) and _is_child(leaf, frozen):
                 continue                                    # done before a crash
             todo.append(it)
+        rotations = self._cbt_rotations(items)
         pause_ms = None
-        if todo:
-            with self._paused([it["disk"] for it in todo]) as window:
+        if todo or [r for r, _ in rotations if not r.done()]:
+            with self._paused([it["disk"] for it in todo] +
+                              [d for r, d in rotations if not r.done()]) as window:
+                for r, _ in rotations:
+                    r.in_pause()
                 for it in todo:
                     frozen, leaf = it["frozen_path"], it["leaf_path"]
                     st = storage(leaf)
@@ -192,6 +200,8 @@ class VhdOfflineDatapath(Datapath):
                         vhd.set_hidden(frozen, 1)
                     st.create_child(leaf, frozen, leaf=True)
             pause_ms = getattr(window, "ms", None)
+        for r, _ in rotations:
+            r.finish()
         for it in items:
             if it.get("face_path"):
                 self._face(it["face_path"], it["frozen_path"])
@@ -199,6 +209,59 @@ class VhdOfflineDatapath(Datapath):
             storage(it["frozen_path"]).set_readonly(it["frozen_path"])
             storage(it["frozen_path"]).frozen_from(it["frozen_path"], it["leaf_path"])
         return {"pause_ms": pause_ms}
+
+    # -- changed-block tracking (livesnap.datapaths.cbt_logs) ---------------------------------
+
+    def _cbt_log_path(self, path):
+        """Where the platform keeps the CBT log of the VDI whose image is ``path`` (None: no
+        CBT on this platform or storage)."""
+        where = getattr(self.domain, "cbt_log_path", None)
+        return where(path) if where is not None else None
+
+    def _cbt_log(self, path):
+        """The CBT log of ``path``'s VDI when it exists (SM: tracking is on while it does)."""
+        p = self._cbt_log_path(path)
+        return p if p is not None and cbt_logs.store(p).exists(p) else None
+
+    def _cbt_rotations(self, items):
+        """[(Rotation, disk)] for the snapshot items whose leaf has a CBT log (or is in the
+        middle of a rotation), each prepared (its new log made) before the pause."""
+        out = []
+        for it in items:
+            leaf_log = self._cbt_log_path(it["leaf_path"])
+            snap_log = self._cbt_log_path(it["face_path"]) if it.get("face_path") else None
+            if leaf_log is None or snap_log is None:
+                continue
+            r = cbt_logs.Rotation(leaf_log, snap_log)
+            if not r.wanted():
+                continue
+            if not r.done():
+                with vhd.open_header(it["leaf_path"]) as img:      # footer only: may be open
+                    size = img.virtual_size
+                r.prepare(size, open_by_tapdisk=self.pauses)
+            out.append((r, it["disk"]))
+        return out
+
+    def _cbt_drop(self, disk, path):
+        """A removed image's CBT log merged into the next log and removed (SM's delete);
+        ``{"pause_ms": ...}`` of the running leaf's pause for it, or {}."""
+        log_path = self._cbt_log(path)
+        if log_path is None:
+            return {}
+        leaf_log = self._cbt_log_path(self._leaf_path(disk))
+        facts = {}
+
+        @contextlib.contextmanager
+        def pause_for(child):
+            if child == leaf_log and self.pauses:
+                with self._paused([disk]) as window:
+                    yield
+                facts["pause_ms"] = window.ms
+                return
+            cbt_logs.refuse_open_child(child, leaf_log)
+            yield
+        cbt_logs.drop(log_path, pause_for)
+        return facts
 
     def empty(self, tree, node_id):
         """The node's image holds no data blocks (a snapshot's face as made)."""
@@ -248,6 +311,7 @@ class VhdOfflineDatapath(Datapath):
 
     def do_remove(self, step):
         storage(step["path"]).remove(step["path"])
+        return self._cbt_drop(step["disk"], step["path"])
 
     def _reparent(self, disk, paths, new_parent, in_chain):
         """Point ``paths`` at ``new_parent``. When one of them is in the chain a tapdisk
@@ -315,6 +379,13 @@ class VhdOfflineDatapath(Datapath):
             storage(kept).freeze(kept)
 
     def abandon(self, step):
+        """A snapshot that failed before its pause took effect: the leaf's next CBT log, made
+        before the pause, is removed (the leaf keeps its log)."""
+        for it in step.get("items", []) if step["op"] == "snapshot" else []:
+            leaf_log = self._cbt_log_path(it["leaf_path"])
+            snap_log = self._cbt_log_path(it["face_path"]) if it.get("face_path") else None
+            if leaf_log is not None and snap_log is not None:
+                cbt_logs.Rotation(leaf_log, snap_log).abandon()
         return None
 
     def heal(self):
@@ -345,9 +416,12 @@ class TapdiskDatapath(VhdOfflineDatapath):
     @contextlib.contextmanager
     def _paused(self, disks):
         """Pause the tapdisks of ``disks`` together; unpause each with -a on its leaf path
-        whatever happens. Yields an object whose ``ms`` is the whole window, from the first
-        pause to the last unpause (the unpause reopens the chain: part of the pause)."""
-        targets = [self._tapdisk(disk) for disk in sorted(set(disks))]
+        whatever happens, and with -c on its leaf's CBT log when it has one then (SM's
+        tapdisk-pause; a snapshot inside the pause may have just put a new one in place).
+        Yields an object whose ``ms`` is the whole window, from the first pause to the last
+        unpause (the unpause reopens the chain: part of the pause)."""
+        disks = sorted(set(disks))
+        targets = [self._tapdisk(disk) for disk in disks]
         window = _Window()
         guard = getattr(self.domain, "pause_guard", None)       # XAPI: SM's pause protocol
         with contextlib.ExitStack() as stack:
@@ -355,15 +429,21 @@ class TapdiskDatapath(VhdOfflineDatapath):
                 stack.enter_context(guard(sorted(set(disks))))
             t0 = time.monotonic()
             stack.callback(window.stop, t0)          # runs last, after every unpause
-            for td, path in targets:
-                stack.enter_context(tap_ctl.paused(td.pid, td.minor, path=path,
-                                                   timeout=self.pause_timeout))
+            logs = []
+            for disk, (td, path) in zip(disks, targets):
+                cbt = self._cbt_log_path(self._leaf_path(disk))
+                w = stack.enter_context(tap_ctl.paused(
+                    td.pid, td.minor, path=path, timeout=self.pause_timeout,
+                    cbtlog=cbt if cbt is not None and os.path.exists(cbt) else None))
+                logs.append((w, cbt))
+            stack.callback(_name_cbt_logs, logs)         # runs first: before the unpauses
             yield window
 
     def do_remove(self, step):
         if self._is_leaf(step["path"]):
             raise DatapathError(reason="%s is served by a tapdisk: not removed" % step["path"])
         storage(step["path"]).remove(step["path"])
+        return self._cbt_drop(step["disk"], step["path"])
 
     def _discard(self, path):
         """An image merged away while the domain runs: a large file on a file system that
@@ -458,9 +538,21 @@ class TapdiskDatapath(VhdOfflineDatapath):
             td = tap_ctl.find(d.path)
             if td is not None and td.state is not None and td.state & tap_ctl.PAUSED \
                     and os.path.exists(d.path):
-                tap_ctl.unpause(td.pid, td.minor, td.path or d.path)
+                cbt = self._cbt_log_path(d.path)
+                if cbt is not None:
+                    cbt_logs.finish_pending(cbt)
+                    if cbt_logs.store(cbt).exists(cbt):
+                        cbt_logs.store(cbt).make(cbt)     # an inactive LV: activated
+                tap_ctl.unpause(td.pid, td.minor, td.path or d.path,
+                                cbtlog=cbt if cbt is not None and os.path.exists(cbt) else None)
                 healed.append(d.target)
         return healed
+
+
+def _name_cbt_logs(logs):
+    """Each unpause names its leaf's CBT log if the log exists now."""
+    for w, cbt in logs:
+        w.cbtlog = cbt if cbt is not None and os.path.exists(cbt) else None
 
 
 @contextlib.contextmanager

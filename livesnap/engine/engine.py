@@ -292,7 +292,7 @@ class Engine(object):
         foreign.refuse_bitmaps(session.domain, plan)
         refuse_busy = getattr(session.domain, "refuse_busy", None)    # XAPI: SM at work
         if refuse_busy is not None:
-            refuse_busy(P.plan_disks(plan))
+            refuse_busy(P.plan_disks(plan), plan.op)
         result = dict(plan.result)
         self._preflight_paths(session, plan)
         if dry_run:

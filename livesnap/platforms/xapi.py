@@ -25,6 +25,7 @@ from livesnap.errors import (DatapathError, DomainNotFound, Error, StorageBusy, 
 from livesnap.platforms import sm_lock, xapi_records
 from livesnap.platforms.domain_xml import Disk
 from livesnap.platforms.xen_domain import XenDomainBase
+from livesnap.tools import lvm
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,14 @@ def image_uuid(path):
             if is_uuid(cand):
                 return cand.lower()
     return None
+
+
+def _log_exists(path):
+    """A CBT log exists: a file, or an LV in LVM's metadata, active or not."""
+    if os.path.exists(path):
+        return True
+    vg_lv = lvm.split_path(path)
+    return vg_lv is not None and lvm.lv_exists(*vg_lv)
 
 
 def xapi_time(iso):
@@ -281,11 +290,11 @@ class XapiDomain(XenDomainBase):
         except XapiError:
             return ref
 
-    def refuse_busy(self, disks):
-        """Before an operation changes anything: refuse a disk whose VDI SM is working on, or
-        whose changed blocks are tracked (CBT: tapdisk keeps its log only when every unpause
-        names it, and each snapshot VDI needs its own copy; livesnap does neither yet, so a
-        pause would make the next incremental backup a full one)."""
+    def refuse_busy(self, disks, op=None):
+        """Before an operation ``op`` changes anything: refuse a disk whose VDI SM is working
+        on; and for a revert, one whose changed blocks are tracked (CBT): the new leaf under
+        the VDI's uuid would keep a log of changes to contents that are gone.
+        Elsewhere the datapath keeps them (``cbt_log_path``, livesnap.datapaths.cbt_logs)."""
         for target in sorted(disks):
             ref = self._vdis.get(target)
             if ref is None:
@@ -295,12 +304,21 @@ class XapiDomain(XenDomainBase):
             for key, why in self.SM_BUSY:
                 if key in sm_config and not (key == "paused" and self.PAUSED_BY in sm_config):
                     raise StorageBusy(self.name, target, rec.get("uuid"), why)
-            if rec.get("cbt_enabled"):
+            if rec.get("cbt_enabled") and op == "revert":
                 raise StorageBusy(self.name, target, rec.get("uuid"),
                                   "changed-block tracking is on, and livesnap does not keep "
-                                  "CBT logs yet (a pause without them makes the next "
-                                  "incremental backup a full one); 'xe vdi-disable-cbt' first, "
-                                  "or use xe vm-snapshot")
+                                  "CBT logs across a revert (it keeps them for snapshots and "
+                                  "deletes); 'xe vdi-disable-cbt' first, or revert with xe")
+
+    def cbt_log_path(self, path):
+        """Where SM keeps the CBT log of the VDI whose image is ``path``: ``<uuid>.cbtlog``
+        in ``sr.path`` (VDI._get_cbt_logpath): the SR's directory on a file SR, the VG's
+        ``/dev/VG_XenStorage-<sr>`` on LVHD (an LV). None for a path that names no VDI."""
+        u = image_uuid(path)
+        if u is None or not (path.endswith(".vhd") or
+                             os.path.basename(path).startswith("VHD-")):
+            return None
+        return os.path.join(os.path.dirname(path), u + ".cbtlog")
 
     # livesnap's mark beside SM's "paused": a "paused" left by a livesnap command killed
     # inside a pause is livesnap's own (recover takes it over); any other is SM's
@@ -380,6 +398,14 @@ class XapiDomain(XenDomainBase):
             of = self._vdis.get(n.disk)          # the disk's own VDI (its VBD's)
             if n.state == "snapshot" and n.snapshot in tree.snapshots and of is not None:
                 self._mark_snapshot(ref, rec, of, tree.snapshots[n.snapshot].created)
+            cbt = self.cbt_log_path(n.path)
+            if cbt is not None and _log_exists(cbt) and not rec.get("cbt_enabled"):
+                # SM's _snapshot: the snapshot VDI of a tracked disk is introduced with CBT on
+                # (on a host SM's own scan sets it too: a refusal is not worth failing for)
+                try:
+                    self.platform.call("VDI.set_cbt_enabled", ref, True)
+                except XapiError as e:
+                    log.warning("cbt_enabled of VDI %s not set: %s", vdi_uuid, e)
         return changes + xapi_records.sync(self, tree, self._node_vdi)
 
     def _node_vdi(self, node):

@@ -158,6 +158,20 @@ def activate(vg, lv, active=True):
     _run("lvchange", ["-ay" if active else "-an", "%s/%s" % (vg, lv)], vg, lv, write=False)
 
 
+def add_tag(vg, lv, tag):
+    """``lvchange --addtag TAG VG/LV`` (a tag the LV has already: LVM does nothing)."""
+    _run("lvchange", ["--addtag", tag, "%s/%s" % (vg, lv)], vg, lv)
+
+
+def lv_exists(vg, lv):
+    """Whether LVM's metadata has ``VG/LV``, active or not (``lvs``)."""
+    try:
+        lv_size(vg, lv)
+        return True
+    except LvNotFound:
+        return False
+
+
 def lv_size(vg, lv):
     """``lvs --noheadings --units b --nosuffix -o lv_size VG/LV``: the size in bytes."""
     argv_args = ["--noheadings", "--units", "b", "--nosuffix", "-o", "lv_size", "%s/%s" % (vg, lv)]

@@ -201,17 +201,18 @@ def get(pid, minor):
 
 # --- pause / unpause ----------------------------------------------------------------------
 
-def pause(pid, minor, timeout=DEFAULT_PAUSE_TIMEOUT, path=None):
+def pause(pid, minor, timeout=DEFAULT_PAUSE_TIMEOUT, path=None, cbtlog=None):
     """``tap-ctl pause -p PID -m MINOR`` under livesnap's own ``timeout`` (seconds); afterwards
-    the tapdisk must show state 0x20. A timed-out pause is undone (best effort) before
-    ``PauseTimeout`` is raised, so that the guest is not left paused by a late pause."""
+    the tapdisk must show state 0x20. A timed-out pause is undone (best effort, with
+    ``cbtlog`` passed on) before ``PauseTimeout`` is raised, so that the guest is not left
+    paused by a late pause."""
     argv = [_bin(), "pause", "-p", str(pid), "-m", str(minor)]
     with _nudging(pid):
         rc, out, err = runner.run_rc(argv, timeout=timeout)
     if rc == -9:
         e = PauseTimeout("pause", pid, minor, path, "no answer within %ss" % timeout)
         e.rc, e.err, e.cmd = rc, err, argv
-        _undo_late_pause(pid, minor, path)
+        _undo_late_pause(pid, minor, path, cbtlog)
         raise e
     if rc != 0:
         e = PauseFailed("pause", pid, minor, path, _reason(rc, out, err))
@@ -259,21 +260,26 @@ def _hex(state):
     return "-" if state is None else "%#x" % state
 
 
-def _undo_late_pause(pid, minor, path):
+def _undo_late_pause(pid, minor, path, cbtlog=None):
     try:
         disk = get(pid, minor)
         if disk.state and disk.state & (PAUSED | PAUSE_REQUESTED):
-            unpause(pid, minor, path or disk.path, disk.type or "vhd")
+            unpause(pid, minor, path or disk.path, disk.type or "vhd", cbtlog=cbtlog)
     except Exception as e:         # the timeout is the error the caller gets
         log.error("could not undo the timed-out pause of tapdisk %s/%s: %s", pid, minor, e)
 
 
-def unpause(pid, minor, path=None, type="vhd", timeout=None):
-    """``tap-ctl unpause -p PID -m MINOR [-a TYPE:PATH]``; afterwards the tapdisk must not be
-    paused. Unpausing a tapdisk that already runs ``path`` succeeds (idempotent)."""
+def unpause(pid, minor, path=None, type="vhd", timeout=None, cbtlog=None):
+    """``tap-ctl unpause -p PID -m MINOR [-a TYPE:PATH] [-c CBTLOG]``; afterwards the tapdisk
+    must not be paused. Unpausing a tapdisk that already runs ``path`` succeeds (idempotent).
+    ``cbtlog``: the disk's changed-block-tracking log, which tapdisk drops at an unpause that
+    does not name it (blktap drivers/tapdisk-control.c ``tapdisk_control_resume_vbd``); SM's
+    tapdisk-pause names it whenever the VDI has one."""
     argv = [_bin(), "unpause", "-p", str(pid), "-m", str(minor)]
     if path is not None:
         argv += ["-a", "%s:%s" % (type, path)]
+    if cbtlog is not None:
+        argv += ["-c", cbtlog]
     rc, out, err = runner.run_rc(argv, timeout=timeout)
     if rc != 0:
         if rc == EMEDIUMTYPE:
@@ -304,8 +310,9 @@ class PauseWindow(object):
     (``-a type:path``). After the block: ``pause_ms`` (the pause command), ``window_ms`` (from
     the start of the pause command until the unpause returned), ``signals`` received."""
 
-    def __init__(self, pid, minor, path, type):
+    def __init__(self, pid, minor, path, type, cbtlog=None):
         self.pid, self.minor, self.path, self.type = pid, minor, path, type
+        self.cbtlog = cbtlog
         self.pause_ms = None
         self.window_ms = None
         self.signals = []
@@ -322,15 +329,16 @@ class PauseWindow(object):
 
 @contextmanager
 def paused(pid, minor, path=None, type="vhd", timeout=DEFAULT_PAUSE_TIMEOUT,
-           unpause_attempts=3, retry_delay=0.2):
+           unpause_attempts=3, retry_delay=0.2, cbtlog=None):
     """Pause tapdisk ``pid``/``minor`` for the ``with`` block and always unpause it, with
     ``-a type:path`` (``path``: the tapdisk's current path unless given or set on the yielded
-    ``PauseWindow``). SIGINT/SIGTERM arriving meanwhile are only recorded; they are delivered
+    ``PauseWindow``), and ``-c cbtlog`` when given (also settable on the window).
+    SIGINT/SIGTERM arriving meanwhile are only recorded; they are delivered
     again after the unpause. A failing unpause is retried (not ``MediumChanged``) and then
     raised, even when the block raised too (the guest's IO is the bigger problem)."""
     if path is None:
         path = get(pid, minor).path
-    win = PauseWindow(pid, minor, path, type)
+    win = PauseWindow(pid, minor, path, type, cbtlog)
     old_handlers = {}
 
     def record(signo, frame):
@@ -344,7 +352,7 @@ def paused(pid, minor, path=None, type="vhd", timeout=DEFAULT_PAUSE_TIMEOUT,
     t0 = time.monotonic()
     try:
         try:
-            pause(pid, minor, timeout=timeout, path=path)
+            pause(pid, minor, timeout=timeout, path=path, cbtlog=cbtlog)
             win.paused = True
             win.pause_ms = (time.monotonic() - t0) * 1000.0
             yield win
@@ -364,7 +372,7 @@ def paused(pid, minor, path=None, type="vhd", timeout=DEFAULT_PAUSE_TIMEOUT,
 def _unpause_retrying(win, attempts, delay):
     for attempt in range(1, attempts + 1):
         try:
-            unpause(win.pid, win.minor, win.path, win.type)
+            unpause(win.pid, win.minor, win.path, win.type, cbtlog=win.cbtlog)
             return
         except MediumChanged:
             raise

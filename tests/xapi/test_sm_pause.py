@@ -1,8 +1,8 @@
 """SM's pause protocol around livesnap's pauses (issue 13 item 6): while livesnap has a VDI's
 real tapdisk paused, the VDI's SM lock (``/var/lock/sm/<vdi>/vdi``) is held and its
 ``sm_config`` says ``paused``, as SM's ``tap_pause`` leaves them; a VDI SM is working on
-(paused, relinking, mirrored) or whose changed blocks are tracked is refused before anything
-changes."""
+(paused, relinking, mirrored) is refused before anything changes (changed-block tracking:
+tests/xapi/test_cbt.py)."""
 import fcntl
 import os
 import subprocess
@@ -79,11 +79,10 @@ def test_a_pause_holds_the_vdi_lock_and_says_paused(world):
     vm.stop()
 
 
-@pytest.mark.parametrize("state", ["paused", "relinking", "mirror", "cbt"])
+@pytest.mark.parametrize("state", ["paused", "relinking", "mirror"])
 @pytest.mark.parametrize("fn", ["snapshot_create", "snapshot_delete"])
 def test_a_vdi_sm_works_on_is_refused_with_nothing_changed(world, state, fn):
-    """A VDI SM has paused, relinks or mirrors, or one with changed-block tracking on: the
-    create or delete is refused (LIVESNAP_STORAGE_BUSY, naming the disk and why), no file,
+    """A VDI SM has paused, relinks or mirrors: the create or delete is refused (LIVESNAP_STORAGE_BUSY, naming the disk and why), no file,
     record or tapdisk changed."""
     vm = world.add_vm()
     vm.start()
@@ -92,10 +91,7 @@ def test_a_vdi_sm_works_on_is_refused_with_nothing_changed(world, state, fn):
     world.ok("snapshot_list", vm_uuid=vm.uuid)      # livesnap's catalog made (adoption)
     ref, u = _vdi(world, vm, "xvdb")
     rec = world.xapi.record("VDI", ref)
-    if state == "cbt":
-        rec["cbt_enabled"] = True
-    else:
-        rec["sm_config"][state] = "true"
+    rec["sm_config"][state] = "true"
     def files():
         """Every file with its size and mtime; the VM's leaves (the guest writes them) by
         name only."""
@@ -110,11 +106,8 @@ def test_a_vdi_sm_works_on_is_refused_with_nothing_changed(world, state, fn):
     assert sorted(r["uuid"] for r in world.xapi.objects["VDI"].values()) == before_vdis
     for td in vm.tapdisks.values():
         assert not _paused(td)
-    assert (state in rec["sm_config"]) == (state != "cbt")       # SM's keys left as they are
-    if state == "cbt":
-        rec["cbt_enabled"] = False
-    else:
-        del rec["sm_config"][state]
+    assert state in rec["sm_config"]                    # SM's keys left as they are
+    del rec["sm_config"][state]
     world.ok(fn, vm_uuid=vm.uuid, name="s1")
     vm.stop()
 

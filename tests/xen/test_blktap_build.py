@@ -17,7 +17,7 @@ def test_second_run_does_not_rebuild():
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == blktap.prefix()
     assert p.stderr == ""                               # no apt, no configure, no make
-    for tool in ("sbin/tap-ctl", "bin/vhd-util", "libexec/tapdisk", "testbed/tap-ctl"):
+    for tool in ("sbin/tap-ctl", "sbin/cbt-util", "bin/vhd-util", "libexec/tapdisk", "testbed/tap-ctl"):
         assert os.access(os.path.join(blktap.prefix(), tool), os.X_OK), tool
 
 

@@ -1,0 +1,364 @@
+"""Changed-block tracking kept across livesnap's operations as SM keeps it (issue 13 item 6;
+XEN-NOTES.md §7b; livesnap/datapaths/cbt_logs.py): a running disk whose real tapdisk has its
+CBT log open (``tap-ctl create -C``, as SM attaches a VDI with CBT on); after livesnap's
+snapshots the changed blocks that XAPI's ``VDI.list_changed_blocks`` would report (SM's loop
+over the logs, testxen/cbt.py, with the real cbt-util) are exactly the blocks written between
+the two VDIs; after livesnap's deletes (each with pauses of the running leaf) the logs are
+linked as SM's ``VDI.delete`` leaves them and the leaf's log still records every write."""
+import os
+import shutil
+import subprocess
+import xmlrpc.client
+
+import pytest
+
+from conftest_paths import PLUGIN
+from livesnap.platforms.xapi import image_uuid
+from livesnap.tools import lvm, tap_ctl
+from testxen import blktap, cbt, nbd
+
+KiB = 1024
+
+
+@pytest.fixture(params=["ext", "lvm"])
+def sr_of(request, world):
+    if request.param == "ext":
+        return world.sr
+    world.lvm_vg = request.getfixturevalue("lvm_vg")
+    return world.add_lvm_sr(world.lvm_vg)
+
+
+def _start_tracked(world, ndisks=1, sr=None):
+    """A VM with CBT on for each disk (log made and activated as SM does: a file, or on LVHD
+    an LV of 4 MiB tagged ``cbtlog``), each disk served by a real tapdisk with its log (no
+    guest: the test writes the blocks itself)."""
+    vm = world.add_vm(ndisks=ndisks, sr=sr)
+    x = world.xapi
+    disks = {}
+    for t, path in sorted(vm.paths.items()):
+        u = image_uuid(path)
+        ref, = [r for r, rec in x.objects["VDI"].items() if rec["uuid"] == u]
+        log = cbt.log_path(os.path.dirname(path), u)
+        if lvm.split_path(log):
+            lvm.lvcreate(lvm.split_path(log)[0], lvm.split_path(log)[1], 4 << 20, tag="cbtlog")
+        cbt.enable(log, int(x.record("VDI", ref)["virtual_size"]))
+        x.record("VDI", ref)["cbt_enabled"] = True
+        cbt.activate(log)
+        pid, minor = world.tapdisks.create(path, guest=False, cbtlog=log)
+        vm.tapdisks[t] = tap_ctl.get(pid, minor)
+        disks[t] = (u, ref, log)
+    x.record("VM", vm.ref)["power_state"] = "Running"
+    x.record("VM", vm.ref)["resident_on"] = x.host
+    return vm, disks
+
+
+def _write(td, blocks, pattern):
+    """One 4 KiB write inside each 64 KiB block of ``blocks``, through the running tapdisk."""
+    with nbd.Client(blktap.nbd_socket(td.pid, td.minor), timeout=60) as c:
+        for b in sorted(blocks):
+            c.write(b * cbt.BLOCK + 8 * KiB, bytes([pattern]) * (4 * KiB))
+
+
+def _snapshot_vdi(world, leaf_ref, name):
+    """The uuid of the VDI livesnap's snapshot ``name`` made of the disk ``leaf_ref``."""
+    x = world.xapi
+    found = [rec["uuid"] for rec in x.objects["VDI"].values()
+             if rec.get("is_a_snapshot") and rec.get("snapshot_of") == leaf_ref
+             and rec.get("other_config", {}).get("livesnap_snapshot") == name]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _record(world, vdi_uuid):
+    rec, = [rec for rec in world.xapi.objects["VDI"].values() if rec["uuid"] == vdi_uuid]
+    return rec
+
+
+def _log_lvs(log):
+    """{LV name: tags} of the CBT logs' LVs in ``log``'s VG (LVM's own report), or None for a
+    file log."""
+    vg_lv = lvm.split_path(log)
+    if vg_lv is None:
+        return None
+    out = subprocess.run([os.environ["LVM"], "lvs", "--noheadings", "-o", "lv_name,lv_tags",
+                          vg_lv[0]], stdout=subprocess.PIPE, universal_newlines=True,
+                         check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    return {r[0]: (r[1] if len(r) > 1 else "") for r in rows if "cbtlog" in r[0]}
+
+
+def _stop(world, vm, disks):
+    for t, td in vm.tapdisks.items():
+        rc, out, err = world.tapdisks.destroy(td.pid, td.minor)
+        assert rc == 0, err
+        cbt.deactivate(disks[t][2])
+        if lvm.split_path(disks[t][2]):                  # SM's deactivate: the LV too
+            lvm.activate(*lvm.split_path(disks[t][2]), active=False)
+        assert blktap.check(vm.paths[t]) == []
+    vm.tapdisks = {}
+    world.xapi.record("VM", vm.ref)["power_state"] = "Halted"
+
+
+def test_snapshots_and_deletes_keep_the_changed_blocks(world, sr_of):
+    vm, disks = _start_tracked(world, sr=sr_of)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    td = vm.tapdisks["xvda"]
+    w1, w2, w3, w4, w5 = {1, 5, 40}, {5, 7, 100}, {2, 7, 64}, {3, 90}, {11, 127}
+
+    _write(td, w1, 1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    s1 = _snapshot_vdi(world, ref, "s1")
+    # SM's _cbt_snapshot: the leaf's log became the snapshot's, closed and consistent; the
+    # leaf has a new log that follows it, open (not consistent)
+    assert cbt.blocks(cbt.log_path(sr_dir, s1)) == w1
+    assert cbt.header(cbt.log_path(sr_dir, s1)) == {"parent": cbt.NULL, "child": u,
+                                                    "consistent": True, "size": 8 << 20}
+    assert cbt.header(leaf_log) == {"parent": s1, "child": cbt.NULL, "consistent": False,
+                                    "size": 8 << 20}
+    assert _record(world, s1)["cbt_enabled"] is True        # as SM introduces it
+    assert not [n for n in os.listdir(sr_dir) if "livesnap-new" in n]
+
+    _write(td, w2, 2)                       # after the snapshot's unpause: tracked
+    assert cbt.changed_blocks(sr_dir, s1, u) == w2
+
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
+    s2 = _snapshot_vdi(world, ref, "s2")
+    _write(td, w3, 3)
+    assert cbt.changed_blocks(sr_dir, s1, s2) == w2
+    assert cbt.changed_blocks(sr_dir, s2, u) == w3
+    assert cbt.changed_blocks(sr_dir, s1, u) == w2 | w3
+    assert cbt.header(cbt.log_path(sr_dir, s1))["child"] == s2
+
+    # delete s1: its log ORed into its child's (s2's, closed), s2 now first in the chain
+    r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert r["action"] == "merged", r
+    assert not os.path.exists(cbt.log_path(sr_dir, s1))
+    assert cbt.header(cbt.log_path(sr_dir, s2))["parent"] == cbt.NULL
+    assert cbt.blocks(cbt.log_path(sr_dir, s2)) == w1 | w2
+    _write(td, w4, 4)                       # after the merge's pauses: still tracked
+    assert cbt.changed_blocks(sr_dir, s2, u) == w3 | w4
+    # LVHD: every log an LV tagged as SM tags them (its scan finds logs by the tag)
+    assert _log_lvs(leaf_log) in (None, {u + ".cbtlog": "cbtlog", s2 + ".cbtlog": "cbtlog"})
+
+    # delete s2: its log ORed into the running leaf's (paused around it, a pause reported as
+    # the remove's), the base folded into the leaf with more pauses; the leaf's log keeps
+    # recording
+    r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    assert [p["disk"] for p in r["pauses"] if p["step"] == "remove"] == ["xvda"], r["pauses"]
+    assert not os.path.exists(cbt.log_path(sr_dir, s2))
+    assert cbt.header(leaf_log) == {"parent": cbt.NULL, "child": cbt.NULL,
+                                    "consistent": False, "size": 8 << 20}
+    assert cbt.blocks(leaf_log) == w1 | w2 | w3 | w4
+    _write(td, w5, 5)
+    assert cbt.blocks(leaf_log) == w1 | w2 | w3 | w4 | w5
+    assert sorted(n for n in os.listdir(sr_dir) if n.endswith(".cbtlog")) == [u + ".cbtlog"]
+
+    # and a snapshot after all that still starts from here
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s3")
+    s3 = _snapshot_vdi(world, ref, "s3")
+    _write(td, {9}, 6)
+    assert cbt.changed_blocks(sr_dir, s3, u) == {9}
+    assert cbt.blocks(cbt.log_path(sr_dir, s3)) == w1 | w2 | w3 | w4 | w5
+    _stop(world, vm, disks)
+
+
+def test_two_disks_each_keep_their_own_log(world):
+    """Both disks paused together for one snapshot: each unpause names its own disk's log."""
+    vm, disks = _start_tracked(world, ndisks=2)
+    sr_dir = os.path.dirname(disks["xvda"][2])
+    _write(vm.tapdisks["xvda"], {1}, 1)
+    _write(vm.tapdisks["xvdb"], {2}, 1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _write(vm.tapdisks["xvda"], {10}, 2)
+    _write(vm.tapdisks["xvdb"], {20, 21}, 2)
+    for t, (u, ref, log) in disks.items():
+        s = _snapshot_vdi(world, ref, "s1")
+        assert cbt.blocks(cbt.log_path(sr_dir, s)) == {"xvda": {1}, "xvdb": {2}}[t]
+        assert cbt.changed_blocks(sr_dir, s, u) == {"xvda": {10}, "xvdb": {20, 21}}[t]
+    _stop(world, vm, disks)
+
+
+def test_a_halted_vm_keeps_its_logs_too(world, sr_of):
+    """Offline (no tapdisk): the same logs, the leaf's new log consistent (closed), a
+    delete merges the snapshot's log into the leaf's without a pause; on LVHD the logs'
+    LVs, inactive as SM leaves a detached VDI's, are inactive again afterwards."""
+    vm, disks = _start_tracked(world, ndisks=1, sr=sr_of)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    _write(vm.tapdisks["xvda"], {4}, 1)
+    _stop(world, vm, disks)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    s1 = _snapshot_vdi(world, ref, "s1")
+    lv = lvm.split_path(leaf_log)
+    if lv:
+        assert not os.path.exists(leaf_log)
+        assert not os.path.exists(cbt.log_path(sr_dir, s1))
+        assert sorted(n for n in world.lvm_vg.loops() if n.endswith("cbtlog")) == \
+            sorted([u + ".cbtlog", s1 + ".cbtlog"])
+        assert _record(world, s1)["cbt_enabled"] is True
+    assert cbt.blocks(cbt.log_path(sr_dir, s1)) == {4}
+    assert cbt.header(leaf_log) == {"parent": s1, "child": cbt.NULL, "consistent": True,
+                                    "size": 8 << 20}
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert not os.path.exists(cbt.log_path(sr_dir, s1))
+    assert cbt.blocks(leaf_log) == {4}
+    assert cbt.header(leaf_log)["parent"] == cbt.NULL
+
+
+def test_revert_of_a_tracked_disk_is_refused_with_nothing_changed(world):
+    vm, disks = _start_tracked(world, ndisks=1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _stop(world, vm, disks)
+    def files():
+        return {p: v for p, v in world.snapshot_of_files().items() if not p.endswith(".lock")}
+    before = files()
+    desc = world.fail("snapshot_revert", {"vm_uuid": vm.uuid, "name": "s1"},
+                      "LIVESNAP_STORAGE_BUSY")
+    assert "changed-block tracking" in desc[1] and "revert" in desc[1], desc
+    assert files() == before
+
+
+def test_killed_between_the_log_renames_recover_puts_the_new_log_in_place(world, sr_of):
+    """Killed inside the snapshot's pause after the leaf's log became the snapshot's and
+    before the new one is in place (the tapdisk left paused, its log closed): ``recover``
+    finishes the snapshot, the unpause names the leaf's new log, and the logs are what an
+    uninterrupted snapshot leaves."""
+    vm, disks = _start_tracked(world, sr=sr_of)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    td = vm.tapdisks["xvda"]
+    _write(td, {1}, 1)
+    p = subprocess.run([PLUGIN, xmlrpc.client.dumps(
+        (world.session, {"vm_uuid": vm.uuid, "name": "s1"}), methodname="snapshot_create")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+        env=world.env(LIVESNAP_FAULT="cbt:renamed:0"), timeout=120)
+    assert p.returncode == -9, (p.returncode, p.stderr)
+    assert not os.path.exists(leaf_log)                 # killed between the renames
+    assert tap_ctl.get(td.pid, td.minor).state & tap_ctl.PAUSED
+    r = world.ok("recover", vm_uuid=vm.uuid)
+    assert r["op"] == "create", r
+    assert not tap_ctl.get(td.pid, td.minor).state & tap_ctl.PAUSED
+    s1 = _snapshot_vdi(world, ref, "s1")
+    assert cbt.blocks(cbt.log_path(sr_dir, s1)) == {1}
+    assert cbt.header(cbt.log_path(sr_dir, s1)) == {"parent": cbt.NULL, "child": u,
+                                                    "consistent": True, "size": 8 << 20}
+    assert cbt.header(leaf_log) == {"parent": s1, "child": cbt.NULL, "consistent": False,
+                                    "size": 8 << 20}
+    _write(td, {2}, 2)
+    assert cbt.changed_blocks(sr_dir, s1, u) == {2}
+    assert not [n for n in os.listdir(sr_dir) if "livesnap-new" in n]
+    _stop(world, vm, disks)
+
+
+# -- against SM's own CBT code ---------------------------------------------------------------
+
+@pytest.fixture
+def sm(world):
+    from testxen import sm as smmod
+    return smmod.Sm(smmod.unpack(), blktap.vhd_util_bin(), world.xapi, world.socket,
+                    os.path.join(world.base, "sm"), lock_dir=world.sm_lock_dir)
+
+
+def _logs(d):
+    """{file name: (header, blocks)} of the CBT logs in ``d`` (headers compared by field:
+    cbt-util leaves the header's padding uninitialised)."""
+    return {n: (cbt.header(os.path.join(d, n)), cbt.blocks(os.path.join(d, n)))
+            for n in sorted(os.listdir(d)) if n.endswith(".cbtlog")}
+
+
+def _copy_logs(src, dst):
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    for n in os.listdir(src):
+        if n.endswith(".cbtlog"):
+            shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+
+
+def test_the_logs_are_what_sms_own_code_leaves(world, sm):
+    """Before each livesnap operation on the running disk the logs are copied; SM's own
+    ``_cbt_snapshot`` / ``VDI.delete`` (its code, the real cbt-util) then runs on the copy
+    for the same VDIs: afterwards both directories hold the same logs, field by field and
+    bit by bit (and SM, too, pauses the running leaf for the delete whose log merges into
+    the leaf's)."""
+    vm, disks = _start_tracked(world)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    sm_dir = os.path.join(world.base, "sm-logs")
+    td = vm.tapdisks["xvda"]
+
+    def as_sm(op, vdi, **kw):
+        return sm.cbt(world.sr, op, sm_dir, vdi, blktap.cbt_util_bin(), size=8 << 20, **kw)
+
+    _write(td, {1, 5}, 1)
+    for name, writes in (("s1", {7}), ("s2", {9, 5})):
+        _copy_logs(sr_dir, sm_dir)
+        world.ok("snapshot_create", vm_uuid=vm.uuid, name=name)
+        s = _snapshot_vdi(world, ref, name)
+        as_sm("snapshot", u, snapshot_uuid=s, consistent=False)     # attached: not consistent
+        assert _logs(sr_dir) == _logs(sm_dir), name
+        _write(td, writes, 2)
+    s1, s2 = _snapshot_vdi(world, ref, "s1"), _snapshot_vdi(world, ref, "s2")
+    _copy_logs(sr_dir, sm_dir)
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert as_sm("delete", s1) == {"paused": []}                 # s2's log is closed
+    assert _logs(sr_dir) == _logs(sm_dir)
+    _copy_logs(sr_dir, sm_dir)
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    assert as_sm("delete", s2) == {"paused": [u]}                # the leaf's log is open
+    assert _logs(sr_dir) == _logs(sm_dir)
+    _stop(world, vm, disks)
+
+
+def test_a_snapshot_whose_pause_fails_leaves_the_logs_as_they_were(world):
+    """tap-ctl's pause fails (a wrapper that refuses ``pause``): the snapshot is rolled back
+    before anything took effect, and the leaf's next log, made before the pause, is gone; the
+    leaf's log is untouched and still records; the next snapshot works."""
+    vm, disks = _start_tracked(world)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    td = vm.tapdisks["xvda"]
+    _write(td, {3}, 1)
+    before = _logs(sr_dir)
+    wrapper = os.path.join(world.base, "tap-ctl-no-pause")
+    with open(wrapper, "w") as f:
+        f.write('#!/bin/sh\n[ "$1" = pause ] && { echo refused >&2; exit 5; }\nexec %s "$@"\n'
+                % blktap.tap_ctl_bin())
+    os.chmod(wrapper, 0o755)
+    reply = world.run_plugin("snapshot_create", {"vm_uuid": vm.uuid, "name": "s1"},
+                             TAP_CTL=wrapper)
+    assert reply["Status"] == "Failure", reply
+    assert _logs(sr_dir) == before
+    assert not [n for n in os.listdir(sr_dir) if "livesnap-new" in n]
+    _write(td, {4}, 2)
+    assert cbt.blocks(leaf_log) == {3, 4}
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    assert cbt.blocks(cbt.log_path(sr_dir, _snapshot_vdi(world, ref, "s1"))) == {3, 4}
+    _stop(world, vm, disks)
+
+
+def test_sms_gc_leaf_coalesce_keeps_the_log_too(world, sm):
+    """The control: SM's own GC leaf-coalesces a running tracked leaf (its pauses through the
+    tapdisk-pause plugin, which names the log at the unpause as SM's does): the same tapdisk
+    records the writes after it, as after livesnap's fold."""
+    from testxen import sm as smmod
+    x = world.xapi
+    tools = smmod.Blktap(blktap.prefix())
+    x.builtin_plugins["tapdisk-pause"] = smmod.tapdisk_pause_plugin(tools, x)
+    ref, bases = smmod.file_layout(x, world.sr, tools, 8 << 20, [[(0, 1 << 20, 0x11)]],
+                                   [(3 << 20, 1 << 20, 0x77)])
+    path = x.vdi_path(ref)
+    u = x.record("VDI", ref)["uuid"]
+    log = cbt.log_path(os.path.dirname(path), u)
+    cbt.enable(log, 8 << 20)
+    cbt.activate(log)
+    x.record("VDI", ref)["cbt_enabled"] = True
+    x.record("VDI", ref)["sm_config"]["host_" + x.host] = "RW"
+    pid, minor = world.tapdisks.create(path, guest=False, cbtlog=log)
+    td = tap_ctl.get(pid, minor)
+    _write(td, {2}, 1)
+    after = sm.gc(world.sr)
+    assert list(after["vdis"]) == [u], after
+    assert "Calling tap-unpause on host" in sm.log()
+    _write(td, {5}, 2)
+    assert cbt.blocks(log) == {2, 5}
