@@ -8,7 +8,7 @@ import logging
 import os
 
 from livesnap import faults, qcow2
-from livesnap.datapaths import Datapath, bitmaps, own_files, unlink
+from livesnap.datapaths import Datapath, bitmaps, lv_images, new_overlay, unlink
 from livesnap.errors import BitmapsPresent, DatapathError, Error
 from livesnap.tools import qemu_img
 
@@ -42,9 +42,7 @@ class OfflineDatapath(Datapath):
                         "kept as the disk's image", path, backing, self.domain.name, backing)
             return True
         # a leftover of a crashed attempt (nothing uses it yet); not ours: NotOurFile
-        own_files.remove(path)
-        own_files.create(path)
-        qemu_img.create(path, "qcow2", backing=backing, backing_fmt=backing_fmt)
+        new_overlay(path, backing, backing_fmt)
         return False
 
     def do_snapshot(self, step):
@@ -85,6 +83,8 @@ class OfflineDatapath(Datapath):
         node, child = step["path"], step["child_path"]
         if os.path.exists(child) and self._backing(child) == node:
             self._keep_bitmaps(step, node, child, into=node)
+            if lv_images.is_lv(node):
+                lv_images.grow_for(node, child)
             qemu_img.commit(child, node)
         for g in step["grandchildren"]:
             if self._backing(g["path"]) != node:
@@ -109,6 +109,8 @@ class OfflineDatapath(Datapath):
         if self._backing(child) != step["parent_path"]:
             if self._backing(child) == step["path"]:
                 self._keep_bitmaps(step, step["path"], child, into=child)
+            if lv_images.is_lv(child):
+                lv_images.grow_for(child, step["path"])
             qemu_img.rebase(child, step["parent_path"], step["parent_fmt"])
         unlink(step["path"])
 
@@ -135,7 +137,7 @@ def holds_writes(path, backing):
     """``path`` is a qcow2 overlay over ``backing`` that holds data of its own: a guest
     wrote to it, so it is no leftover to remove or re-create (a fresh overlay holds none).
     An image that cannot be read is not one."""
-    if not os.path.isfile(path):
+    if not (os.path.isfile(path) or lv_images.is_lv(path) and os.path.exists(path)):
         return False
     try:
         entry = qemu_img.info(path, force_share=True)

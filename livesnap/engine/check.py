@@ -214,5 +214,8 @@ def _own_file_patterns(domain, tree):
             stem = base[:-4] if base.endswith(".vhd") else base
             out.add((directory, stem + ".", ".vhd"))
         else:
-            out.add((directory, domain.name + "-", ".qcow2"))
+            from livesnap.datapaths import lv_images
+            prefix = domain.name + "-"
+            out.add((directory, lv_images.lv_name(prefix) if lv_images.is_lv(leaf) else prefix,
+                     ".qcow2"))
     return out

@@ -138,6 +138,12 @@ def lv_size(vg, lv):
         raise InvalidOutput(_bin("lvs") + argv_args, out, "no size")
 
 
+def lv_tags(vg, lv):
+    """``lvs --noheadings -o lv_tags VG/LV``: the LV's tags (LvNotFound when there is none)."""
+    out = _run("lvs", ["--noheadings", "-o", "lv_tags", "%s/%s" % (vg, lv)], vg, lv)
+    return [t for t in out.strip().split(",") if t]
+
+
 def vg_free(vg):
     """``vgs --noheadings --units b --nosuffix -o vg_free VG``: free bytes in the VG."""
     args = ["--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", vg]
