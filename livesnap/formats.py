@@ -98,8 +98,11 @@ def _check_vhd_footers(path):
 def _qcow2_info(path, header, st=None):
     path = os.path.abspath(path)
     st = st or os.stat(path)
+    alloc = st.st_blocks * 512
+    if stat.S_ISBLK(st.st_mode):                 # an LV: what its clusters map
+        alloc = _alloc(path, {"format": "qcow2"})
     return ImageInfo(path, "qcow2", qemu_img.resolve_backing(header.backing, path),
-                     st.st_blocks * 512, header.size)
+                     alloc, header.size)
 
 
 def _plain_qcow2_chain(path):

@@ -293,6 +293,17 @@ def test_a_merge_that_would_overflow_a_small_lv_grows_it_or_is_refused(make_lv_d
     assert "not enough space" in proc.stderr, proc.stderr
     assert dom.fingerprint() == before
     lvm(dom.vg, "lvremove", "-f", filler)
+    # the domain running (the LV open in QEMU, which would not see it grow): refused even
+    # with room in the VG
+    import types
+    from livesnap.datapaths.lv_images import LvTooSmall
+    from livesnap.engine import space
+    plan = types.SimpleNamespace(steps=dom.json("snapshot-delete", dom.name, "s1",
+                                                "--dry-run")["steps"])
+    with pytest.raises(LvTooSmall) as e:
+        space.preflight(plan, live=True)
+    assert small in str(e.value) and "shut the domain down" in str(e.value)
+    space.preflight(plan, live=False)
     r = dom.json("snapshot-delete", dom.name, "s1")
     assert r["merges"][0]["method"] == "commit"
     assert dom.source() == small and dom.digest() == live
@@ -392,3 +403,14 @@ def test_storage_dir_bounds_the_vgs_livesnap_may_use(make_lv_dom, tmp_path):
     assert sorted(d["target"] for d in r["disks"]) == ["vda", "vdb"]
     assert dom.disks()["vda"] == ("block", "/dev/%s/%s-vda.s1.qcow2" % (dom.vg, dom.name))
     assert dom.disks()["vdb"][0] == "file"
+
+
+def test_an_lv_name_lvm_keeps_for_itself_is_refused_before_any_change(make_lv_dom):
+    """A snapshot name that would put a part LVM reserves (``_tmeta``, ``_rimage``...) in
+    the new LV's name: refused before anything is journaled, with the reason."""
+    dom = make_lv_dom()
+    dom.json("snapshot-list", dom.name)
+    before = dom.fingerprint()
+    proc = dom.cli("snapshot-create", dom.name, "pool_tmeta", expect=1)
+    assert "_tmeta" in proc.stderr and "LVM keeps" in proc.stderr, proc.stderr
+    assert dom.fingerprint() == before
