@@ -107,7 +107,7 @@ def check(engine, s):
             path = os.path.join(directory, entry)
             if entry.startswith(prefix) and entry.endswith(suffix) and path not in known:
                 problems.append("image %s looks like livesnap's but the catalog does not "
-                                "know it" % path)
+                                "know it%s" % (path, _lv_hint(path)))
     if problems and op is None:
         problems += _repair_hint(engine, s, tree)
     return {"domain": s.domain.name, "ok": not problems, "problems": problems,
@@ -202,6 +202,18 @@ def _next_boot_problems(domain, tree):
                         % (domain.name, d.target, d.path, what, tree.nodes[leaf].path,
                            d.target, tree.nodes[leaf].path, domain.name))
     return problems
+
+
+def _lv_hint(path):
+    """What to do about an LV in no chain of the catalog (e.g. one libvirt's snapshot-delete
+    merged away: libvirt does not remove block devices)."""
+    from livesnap.datapaths import lv_images
+    if not lv_images.is_lv(path):
+        return ""
+    vg, lv = lv_images.split(path)
+    return ("; an LV a merge outside livesnap (virsh snapshot-delete, blockcommit) left "
+            "behind? libvirt removes no block device: 'lvremove %s/%s' once its data is not "
+            "needed" % (vg, lv))
 
 
 def _own_file_patterns(domain, tree):

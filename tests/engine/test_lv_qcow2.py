@@ -414,3 +414,41 @@ def test_an_lv_name_lvm_keeps_for_itself_is_refused_before_any_change(make_lv_do
     proc = dom.cli("snapshot-create", dom.name, "pool_tmeta", expect=1)
     assert "_tmeta" in proc.stderr and "LVM keeps" in proc.stderr, proc.stderr
     assert dom.fingerprint() == before
+
+
+def test_libvirt_metadata_names_the_lvs_and_virsh_lists_livesnaps_tree(make_lv_dom):
+    """libvirt's snapshot metadata of snapshots on LVs: ``type='block'`` disks naming the
+    LVs (the overlay each made in <disks>, its own image in the embedded domain), which
+    ``virsh snapshot-delete`` acts on; livesnap follows what it did."""
+    from xml.etree import ElementTree
+    from test_virsh_adopt import livesnap_tree, virsh, virsh_tree
+    dom = make_lv_dom()
+    dom.json("snapshot-create", dom.name, "s1")
+    dom.write(3, 0)
+    dom.json("snapshot-create", dom.name, "s2")
+    assert virsh_tree(dom) == livesnap_tree(dom) == {"s1": None, "s2": "s1"}
+    xml = ElementTree.fromstring(virsh("snapshot-dumpxml", dom.name, "s1").stdout)
+    disks = xml.findall("disks/disk")
+    assert [(d.get("type"), d.find("source").get("dev")) for d in disks] == \
+        [("block", dom.images("s2")["vda"])]
+    inner = xml.findall("domain/devices/disk")
+    assert [(d.get("type"), d.find("source").get("dev")) for d in inner] == \
+        [("block", dom.images("s1")["vda"])]
+
+    # virsh snapshot-delete of the current snapshot merges its overlay (commit) and, unlike
+    # a file, leaves the LV: livesnap follows the merge and names the LV left behind
+    live, s1 = dom.digest(), chain_digest(dom.images("s1")["vda"])
+    leaf, s2_image = dom.source(), dom.images("s2")["vda"]
+    virsh("snapshot-delete", dom.name, "s2")
+    assert dom.source() == s2_image and os.path.exists(leaf)
+    chk = dom.json("check", dom.name, expect=None)
+    # named, and as what reads the disk's image (its backing file)
+    assert chk["problems"] and all(leaf in p for p in chk["problems"]), chk
+    assert any("lvremove %s/%s" % (dom.vg, os.path.basename(leaf)) in p
+               for p in chk["problems"]), chk
+    assert virsh_tree(dom) == livesnap_tree(dom) == {"s1": None}
+    assert dom.digest() == live and chain_digest(dom.images("s1")["vda"]) == s1
+    lvm(dom.vg, "lvremove", "-f", leaf)
+    assert dom.json("check", dom.name)["ok"]
+    assert dom.json("snapshot-delete", dom.name, "s1")["action"] == "merged"
+    assert dom.digest() == live and dom.json("check", dom.name)["ok"]
