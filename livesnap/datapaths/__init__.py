@@ -62,7 +62,7 @@ def discards_on_free(path):
     return True
 
 
-def unlink(path):
+def unlink(path, made_here=False):
     """Remove an image file; a file already gone is fine (steps are re-run after crashes).
 
     On a file system mounted with ``discard``, a large file is first shrunk in 8 MiB steps,
@@ -74,11 +74,16 @@ def unlink(path):
 
     Only a file livesnap made is truncated or unlinked (``own_files``); whatever else is at
     the name (a link, a hard link, a device, another user's file) is left, with a warning.
-    An LV (``/dev/<vg>/<lv>``: a qcow2 on LVM) is removed with lvremove (``lv_images``).
+    An LV (``/dev/<vg>/<lv>``: a qcow2 on LVM) is removed with lvremove (``lv_images``);
+    ``made_here`` (a new image of a step taken back): only one with livesnap's tag, anything
+    else at its name is left, with a warning.
     """
     from livesnap.datapaths import lv_images
     if lv_images.is_lv(path):
-        lv_images.remove(path)
+        try:
+            lv_images.remove(path, made_here=made_here)
+        except NotOurFile as e:
+            log.warning("%s", e)
         return
     try:
         slow = _slow_to_free(path)

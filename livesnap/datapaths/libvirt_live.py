@@ -177,7 +177,7 @@ class LibvirtLiveDatapath(Datapath):
                 self._refuse_held(it)
         for it in step.get("items", []):
             if it["leaf_path"] not in live:
-                unlink(it["leaf_path"])
+                unlink(it["leaf_path"], made_here=True)
 
     # -- delete -----------------------------------------------------------------------------
 

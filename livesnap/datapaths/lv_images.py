@@ -132,12 +132,16 @@ def create(path, backing, backing_fmt):
     qemu_img.create(path, "qcow2", backing=backing, backing_fmt=backing_fmt)
 
 
-def remove(path, wait=0.0):
+def remove(path, wait=0.0, made_here=False):
     """``lvremove`` the LV at ``path`` once no process holds it open, waiting up to ``wait``
-    seconds for that; DatapathError when one still does. False when it is gone."""
+    seconds for that; DatapathError when one still does. False when it is gone.
+    ``made_here``: the new image of a step taken back, which livesnap made: an LV without
+    its tag at that name is not removed (NotOurFile)."""
     vg, lv = split(path)
     if not os.path.exists(path):
         return False
+    if made_here and TAG not in lvm.lv_tags(vg, lv):
+        raise NotOurFile(path, "an LV without livesnap's tag %r" % TAG)
     deadline = time.monotonic() + wait
     pids = holders.open_by(path)
     while pids and time.monotonic() < deadline:

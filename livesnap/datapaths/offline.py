@@ -74,7 +74,7 @@ class OfflineDatapath(Datapath):
                                            "removed" % (p, backings[p]))
         for p in paths:
             if p not in in_use:
-                unlink(p)
+                unlink(p, made_here=True)
 
     def do_remove(self, step):
         unlink(step["path"])

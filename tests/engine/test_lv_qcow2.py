@@ -142,6 +142,12 @@ def test_create_makes_a_thick_tagged_lv_per_snapshot_and_switches_the_disk(make_
     dom = make_lv_dom()
     dom.write(1, 0)
     before = dom.digest()
+    dom.json("snapshot-list", dom.name)
+    unchanged = dom.fingerprint()
+    dry = dom.json("snapshot-create", dom.name, "s1", "--dry-run")          # changes nothing
+    assert dry["steps"][0]["items"][0]["leaf_path"] == \
+        "/dev/%s/%s-vda.s1.qcow2" % (dom.vg, dom.name)
+    assert dom.fingerprint() == unchanged
     r = dom.json("snapshot-create", dom.name, "s1")
     leaf = "/dev/%s/%s-vda.s1.qcow2" % (dom.vg, dom.name)
     assert r["disks"] == [{"target": "vda", "image": "/dev/%s/%s-vda" % (dom.vg, dom.name),
@@ -347,21 +353,42 @@ def test_an_lv_named_as_livesnap_names_its_images_is_found_by_check(make_lv_dom)
     assert any(stray in p and "does not know it" in p for p in chk["problems"]), chk
 
 
-def test_a_foreign_lv_at_a_new_image_name_is_neither_reused_nor_removed(make_lv_dom):
-    """An LV without livesnap's tag already at the new overlay's name when the create runs
-    (made between the plan and the step): refused, the LV left as it was."""
+def test_a_foreign_lv_at_a_new_image_name_is_neither_reused_nor_removed(make_lv_dom,
+                                                                        tmp_path):
+    """An LV without livesnap's tag made at the new overlay's name between the plan and the
+    step (the create waits at its first step while another tool makes it): the create is
+    refused and rolled back, the LV left as it was, with its data."""
+    import subprocess
+    import sys
+    import time
+    from helpers import ROOT
     dom = make_lv_dom()
-    from livesnap.datapaths import lv_images
-    from livesnap.errors import NotOurFile
-    lv = new_lv(dom.vg, "foreign", 16 * MiB)
-    qemu_io_write_raw = b"user data"
-    with open(lv, "r+b") as f:
-        f.write(qemu_io_write_raw)
-    with pytest.raises(NotOurFile):
-        lv_images.create(lv, dom.source(), "qcow2")
-    with open(lv, "rb") as f:
-        assert f.read(len(qemu_io_write_raw)) == qemu_io_write_raw
-    assert "foreign" in lvs(dom.vg)
+    dom.json("snapshot-list", dom.name)
+    xml = dom.dom.XMLDesc(2)
+    reached, release = str(tmp_path / "reached"), str(tmp_path / "release")
+    env = dict(dom.env(), LIVESNAP_FAULT="create:before:0:wait",
+               LIVESNAP_FAULT_REACHED=reached, LIVESNAP_FAULT_RELEASE=release)
+    proc = subprocess.Popen([sys.executable, "-m", "livesnap", "snapshot-create", dom.name,
+                             "s1"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(reached):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        planted = new_lv(dom.vg, "%s-vda.s1.qcow2" % dom.name, 16 * MiB)
+        with open(planted, "r+b") as f:
+            f.write(b"user data")
+    finally:
+        open(release, "w").close()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "not a file livesnap made" in err, (out, err)
+    assert "without livesnap's tag" in err
+    with open(planted, "rb") as f:
+        assert f.read(9) == b"user data"
+    assert lvs(dom.vg)[os.path.basename(planted)] == (16 * MiB, [])
+    assert dom.dom.XMLDesc(2) == xml
+    assert dom.json("snapshot-list", dom.name)["snapshots"] == []
 
 
 def test_a_raw_lv_is_still_named_unsupported(make_lv_dom, lvm_vg):
