@@ -21,7 +21,10 @@ its new images in the same volume group:
   merge into an LV QEMU holds open that would need it (QEMU does not see a block device
   grow under it);
 * an image merged away is removed with ``lvremove`` once no process has it open (QEMU lets
-  go of an image when its block job ends): ``remove``.
+  go of an image when its block job ends): ``remove``;
+* the LVs of a shut-off domain may be inactive: a command activates the chains it reads and
+  puts activation back at its end (``activation``: ``vhd_storage.Activation``, which does
+  the same for LVHD, walking qcow2 backing files instead of VHD parent locators).
 """
 import logging
 import os
@@ -130,6 +133,35 @@ def create(path, backing, backing_fmt):
         log.info("created LV %s/%s (%d bytes)", vg, lv, size)
         faults.point("lvm", "created", 0)
     qemu_img.create(path, "qcow2", backing=backing, backing_fmt=backing_fmt)
+
+
+def backing_of(path):
+    """The backing image a qcow2's header names (absolute), or None: how the LVs of a chain
+    are found before they are active (``vhd_storage.Activation``)."""
+    from livesnap import qcow2
+    h = qcow2.read_header(path)
+    if h is not None:
+        return qemu_img.resolve_backing(h.backing, path)
+    try:
+        return qemu_img.backing_path(qemu_img.info(path, force_share=True), path)
+    except Exception as e:       # an image we cannot read names no parent we can see
+        log.debug("%s not read: %s", path, e)
+        return None
+
+
+def activation(domain):
+    """A ``vhd_storage.Activation`` of the domain's qcow2-on-LV disks, their chains made
+    active (LVs of a stopped domain may be inactive: Proxmox VE deactivates those on shared
+    LVM), or None when no disk is one."""
+    leaves = [d.path for d in domain.disks(inactive=True)
+              if domain.snapshottable(d) and is_lv(d.path)]
+    if not leaves:
+        return None
+    from livesnap.datapaths.vhd_storage import Activation
+    act = Activation(parent_of=backing_of)
+    for leaf in leaves:
+        act.begin(leaf)
+    return act
 
 
 def remove(path, wait=0.0, made_here=False):

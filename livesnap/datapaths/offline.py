@@ -20,6 +20,28 @@ class OfflineDatapath(Datapath):
 
     def __init__(self, domain):
         self.domain = domain
+        # qcow2 on LVs: the chains' LVs made active for the command, put back at its end
+        self.activation = lv_images.activation(domain)
+
+    def prepare(self, tree):
+        """Before the tree's images are read: every LV among them active."""
+        if self.activation is not None:
+            self.activation.need(n.path for n in tree.nodes.values())
+
+    def close(self):
+        """LV activation put back as it was: on a VG whose disk LV was inactive (a stopped
+        domain on shared LVM), what the command activated or made goes inactive again."""
+        if self.activation is None:
+            return
+        current = set()
+        for d in self.domain.disks(inactive=True):
+            path, seen = d.path, set()
+            while path is not None and path not in seen and lv_images.is_lv(path) and \
+                    os.path.exists(path):
+                seen.add(path)
+                path = lv_images.backing_of(path)
+            current |= seen
+        self.activation.end(current)
 
     def _sources(self):
         return {d.target: d.path for d in self.domain.disks(inactive=True)}

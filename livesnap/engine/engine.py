@@ -512,7 +512,7 @@ class Engine(object):
         ``repair``: first bring the catalog in step from libvirt's metadata and the images
         (``follow.reconcile``; refused with the reason when they do not explain it)."""
         with self._session(domain) as s:
-            if s.domain.kind == "xen":
+            if s.domain.kind == "xen" or not s.domain.is_running():
                 s.datapath = self.datapath_for(s.domain)      # it makes the images readable
             repaired = None
             if repair:

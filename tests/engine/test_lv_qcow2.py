@@ -479,3 +479,38 @@ def test_libvirt_metadata_names_the_lvs_and_virsh_lists_livesnaps_tree(make_lv_d
     assert dom.json("check", dom.name)["ok"]
     assert dom.json("snapshot-delete", dom.name, "s1")["action"] == "merged"
     assert dom.digest() == live and dom.json("check", dom.name)["ok"]
+
+
+def active_lvs(vg, prefix):
+    return sorted(n for n in os.listdir("/dev/%s" % vg) if n.startswith(prefix))
+
+
+def test_inactive_lvs_of_a_stopped_domain_are_activated_for_the_command_and_put_back(
+        make_lv_dom):
+    """A stopped domain's LVs inactive (Proxmox VE deactivates them on shared LVM): each
+    command activates the chain it reads and leaves every LV of the domain inactive again,
+    the new ones too; an LV active before stays active."""
+    dom = make_lv_dom()
+    dom.write(1, 0)
+    live = dom.digest()
+    names = sorted(lvs(dom.vg))
+    for n in names:
+        lvm(dom.vg, "lvchange", "-an", "%s/%s" % (dom.vg, n))
+    assert active_lvs(dom.vg, dom.name) == []
+    r = dom.json("snapshot-create", dom.name, "s1")
+    assert active_lvs(dom.vg, dom.name) == []
+    assert "%s-vda.s1.qcow2" % dom.name in lvs(dom.vg)
+    dom.json("snapshot-create", dom.name, "s2")
+    assert dom.json("check", dom.name)["ok"]
+    assert active_lvs(dom.vg, dom.name) == []
+    r = dom.json("snapshot-delete", dom.name, "s1")
+    assert r["action"] == "merged" and active_lvs(dom.vg, dom.name) == []
+    for n in lvs(dom.vg):
+        lvm(dom.vg, "lvchange", "-ay", "%s/%s" % (dom.vg, n))
+    assert dom.digest() == live
+    # the disk's LVs active before the command: left active
+    before = active_lvs(dom.vg, dom.name)
+    dom.json("snapshot-delete", dom.name, "s2")
+    assert set(active_lvs(dom.vg, dom.name)) <= set(before)
+    assert dom.source() in ["/dev/%s/%s" % (dom.vg, n) for n in active_lvs(dom.vg, dom.name)]
+    assert dom.digest() == live and dom.json("check", dom.name)["ok"]
