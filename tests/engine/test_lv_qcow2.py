@@ -514,3 +514,35 @@ def test_inactive_lvs_of_a_stopped_domain_are_activated_for_the_command_and_put_
     assert set(active_lvs(dom.vg, dom.name)) <= set(before)
     assert dom.source() in ["/dev/%s/%s" % (dom.vg, n) for n in active_lvs(dom.vg, dom.name)]
     assert dom.digest() == live and dom.json("check", dom.name)["ok"]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("big", ["child", "snapshot"])
+def test_a_killed_delete_is_finished_by_recover_and_its_lv_removed(make_lv_dom, big, when):
+    """SIGKILL before or after the merge step (commit or pull) of a delete on LVs: recover
+    finishes it; the disk and the other snapshot read as before, the LV merged away is
+    gone and every LV left is one the catalog knows."""
+    dom = make_lv_dom()
+    seen = _chain(dom, 2)
+    if big == "child":
+        for i in range(8):
+            dom.write(0x40 + i, i * 65536)
+    live = dom.digest()
+    plan = dom.json("snapshot-delete", dom.name, "s2", "--dry-run")
+    merge = [s for s in plan["steps"] if s["op"] in ("commit", "pull")][0]
+    assert merge["op"] == ("pull" if big == "child" else "commit")
+    index = plan["steps"].index(merge)
+    gone = merge["path"] if merge["op"] == "pull" else merge["child_path"]
+    proc = dom.cli("snapshot-delete", dom.name, "s2", expect=None,
+                   env_extra={"LIVESNAP_FAULT": "delete:%s:%d" % (when, index)})
+    assert proc.returncode != 0
+    dom.json("recover", dom.name)
+    del seen["s2"]
+    assert dom.digest() == live and os.path.basename(gone) not in lvs(dom.vg)
+    known = {dom.source()} | {d["image"] for s in dom.json("snapshot-list", dom.name)
+                               ["snapshots"] for d in s["disks"]}
+    chain = qemu_img("info", "--backing-chain", "-U", "--output=json", dom.source())
+    for name in lvs(dom.vg):
+        path = "/dev/%s/%s" % (dom.vg, name)
+        assert path in known or path in chain, name
+    _assert_snapshots_read(dom, seen)
