@@ -73,15 +73,28 @@ def virtual_size(path):
     return int(qemu_img.info(path, force_share=True)["virtual-size"])
 
 
-def full_size(size):
+_extents = {}
+
+
+def _extent(vg):
+    if vg not in _extents:
+        _extents[vg] = lvm.vg_extent_size(vg)
+    return _extents[vg]
+
+
+def full_size(size, vg=None):
     """The LV size of a qcow2 image of virtual size ``size`` that may be written all over:
-    ``qemu-img measure``'s fully-allocated size, rounded up to the extent."""
-    return lvm.round_extent(int(qemu_img.measure(size=size)["fully-allocated"]))
+    ``qemu-img measure``'s fully-allocated size, rounded up to the extent of ``vg`` (as LVM
+    rounds it; LVM's default extent, 4 MiB, when no VG is named)."""
+    extent = _extent(vg) if vg else lvm.EXTENT
+    return lvm.round_extent(int(qemu_img.measure(size=size)["fully-allocated"]), extent)
 
 
-def leaf_cost(below):
-    """Bytes of the VG a new image over ``below`` takes."""
-    return full_size(virtual_size(below))
+def leaf_cost(below, beside=None):
+    """Bytes of the VG a new image over ``below`` takes, made beside ``beside`` (an LV path:
+    its VG's extent; default: ``below``'s)."""
+    where = split(beside or below)
+    return full_size(virtual_size(below), where[0] if where else None)
 
 
 def _lv_size(path):
@@ -94,7 +107,7 @@ def growth(path, adds):
     its size now): 0 when it is at its full size or its free room past the image's end
     holds the data with a margin for qcow2's tables; else what takes it to its full size."""
     size = _lv_size(path)
-    full = full_size(virtual_size(path))
+    full = full_size(virtual_size(path), split(path)[0])
     if size >= full:
         return 0, size
     end = qemu_img.check(path, force_share=True).get("image-end-offset") or size
@@ -122,7 +135,7 @@ def create(path, backing, backing_fmt):
     """A new qcow2 overlay over ``backing`` on a new LV at ``path`` (see the module's doc);
     an LV livesnap left there (a crashed attempt, not yet used) is reused."""
     vg, lv = split(path)
-    size = leaf_cost(backing)
+    size = leaf_cost(backing, path)
     if os.path.exists(path):
         if TAG not in lvm.lv_tags(vg, lv):
             raise NotOurFile(path, "an LV without livesnap's tag %r" % TAG)

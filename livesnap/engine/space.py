@@ -31,7 +31,7 @@ def preflight(plan, live=False):
             for it in step.get("items") or [step]:
                 key = os.path.dirname(it["leaf_path"])
                 if it.get("fmt") == "qcow2" and lv_images.is_lv(it["leaf_path"]):
-                    cost = lv_images.leaf_cost(it["frozen_path"])     # a thick LV
+                    cost = lv_images.leaf_cost(it["frozen_path"], it["leaf_path"])  # thick
                 else:
                     cost = _leaf_cost(it["leaf_path"])
                 need[key] = need.get(key, 0) + cost
@@ -42,7 +42,8 @@ def preflight(plan, live=False):
                      if os.path.exists(p)] or [step["parent_path"]]
             if step.get("fmt") == "qcow2" and lv_images.is_lv(step["leaf_path"]):
                 key = os.path.dirname(step["leaf_path"])
-                need[key] = need.get(key, 0) + lv_images.leaf_cost(step["parent_path"])
+                need[key] = need.get(key, 0) + lv_images.leaf_cost(step["parent_path"],
+                                                                   step["leaf_path"])
                 continue
             where, amount = step["leaf_path"], _leaf_cost(sized[0]) - SPACE_MARGIN
         elif op == "clone":

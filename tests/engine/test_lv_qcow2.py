@@ -546,3 +546,52 @@ def test_a_killed_delete_is_finished_by_recover_and_its_lv_removed(make_lv_dom, 
         path = "/dev/%s/%s" % (dom.vg, name)
         assert path in known or path in chain, name
     _assert_snapshots_read(dom, seen)
+
+
+@pytest.fixture
+def vg_16m(monkeypatch):
+    """A VG of the LVM stand-in with 16 MiB extents (its PV a whole number of them)."""
+    import tempfile
+    from conftest import LVM
+    from testxen import lvm as standin
+    root = tempfile.mkdtemp(prefix="lvm", dir="/tmp")
+    monkeypatch.setenv("TESTXEN_LVM_ROOT", root)
+    monkeypatch.setenv("LVM", LVM)
+    v = standin.make_vg(root, "vg16-%s" % uuid.uuid4().hex[:8], (1 << 30) + MiB)
+    try:
+        v.lvm("vgchange", ["-s", "16m", v.name], check=True)
+        yield v
+    finally:
+        standin.destroy_vg(root)
+
+
+def test_the_space_preflight_rounds_to_the_vgs_own_extent(conn, tmp_path, vg_16m):
+    """A VG of 16 MiB extents: each new LV of a four-disk snapshot takes 16 MiB, not the
+    12 MiB its qcow2 needs rounded to LVM's default 4 MiB; with 48 MiB free the create is
+    refused by the preflight (nothing changed), not by the fourth lvcreate."""
+    vg = vg_16m.name
+    extra = ""
+    for t in ("vdb", "vdc", "vdd"):
+        p = new_lv(vg, "x-%s" % t, 16 * MiB)
+        qemu_img("create", "-q", "-f", "qcow2", p, DISK)
+        extra += ("<disk type='block' device='disk'><driver name='qemu' type='qcow2'/>"
+                  "<source dev='%s'/><target dev='%s' bus='virtio'/></disk>" % (p, t))
+    dom = LvDom(conn, tmp_path, vg, extra_xml=extra)
+    try:
+        from livesnap.tools import lvm as lvm_tool
+        new_lv(vg, "filler", lvm_tool.vg_free(vg) - 48 * MiB)
+        assert lvm_tool.vg_free(vg) == 48 * MiB
+        dom.json("snapshot-list", dom.name)
+        before = dom.fingerprint()
+        proc = dom.cli("snapshot-create", dom.name, "s1", expect=1)
+        assert "%d bytes needed, %d available" % (64 * MiB, 48 * MiB) in proc.stderr, \
+            proc.stderr
+        assert dom.fingerprint() == before
+        lvm(vg, "lvresize", "-f", "-L", "%db" % (lvm_tool.lv_size(vg, "filler") - 16 * MiB),
+            "%s/filler" % vg)
+        r = dom.json("snapshot-create", dom.name, "s1")
+        assert len(r["disks"]) == 4
+        assert {size for name, (size, tags) in lvs(vg).items() if "livesnap" in tags} == \
+            {16 * MiB}
+    finally:
+        dom.destroy()
