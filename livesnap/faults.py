@@ -10,6 +10,7 @@ before the leaf's new log is in place,
 ``quiesce:frozen:0`` while the guest's file systems are frozen,
 ``snapshot:overlays:0`` when a live snapshot's overlays are made, before the switch,
 ``snapshot:switched:0`` right after a live snapshot's switch (and thaw), before its checks,
+``lvm:created:0`` after a new qcow2 image's LV was created, before qemu-img writes it,
 ``lvm:inflated:0`` after a merge target's LV was made writable and inflated,
 ``bitmaps:kept:0`` after an offline merge gave the surviving image the other's dirty
 bitmaps, before the data moves,

@@ -29,7 +29,19 @@ def info(path, fmt):
             return _qcow2_info(path, h)
     entry = qemu_img.info(path, force_share=True)
     return ImageInfo(os.path.abspath(path), entry["format"], qemu_img.backing_path(entry, path),
-                     entry.get("actual-size", 0), entry["virtual-size"])
+                     _alloc(path, entry), entry["virtual-size"])
+
+
+def _alloc(path, entry):
+    """What an image holds itself: qemu-img's ``actual-size`` of a file; of a qcow2 on a
+    block device (an LV, whose size says nothing), the bytes its own clusters map."""
+    try:
+        block = stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        block = False
+    if block and entry.get("format") == "qcow2":
+        return sum(n for _, n in qemu_img.allocated(path, force_share=True))
+    return entry.get("actual-size", 0)
 
 
 def open_leaf_info(path):
@@ -64,7 +76,7 @@ def chain(path, fmt, open_leaf=False):
     for i, entry in enumerate(entries):
         p = os.path.abspath(entry["filename"])
         backing = os.path.abspath(entries[i + 1]["filename"]) if i + 1 < len(entries) else None
-        out.append(ImageInfo(p, entry["format"], backing, entry.get("actual-size", 0),
+        out.append(ImageInfo(p, entry["format"], backing, _alloc(p, entry),
                              entry["virtual-size"]))
     return out
 
@@ -86,8 +98,11 @@ def _check_vhd_footers(path):
 def _qcow2_info(path, header, st=None):
     path = os.path.abspath(path)
     st = st or os.stat(path)
+    alloc = st.st_blocks * 512
+    if stat.S_ISBLK(st.st_mode):                 # an LV: what its clusters map
+        alloc = _alloc(path, {"format": "qcow2"})
     return ImageInfo(path, "qcow2", qemu_img.resolve_backing(header.backing, path),
-                     st.st_blocks * 512, header.size)
+                     alloc, header.size)
 
 
 def _plain_qcow2_chain(path):

@@ -52,7 +52,8 @@ def read_header(path):
             # the L1 table must map the whole virtual size, and not be absurdly large
             if l1_size * 8 > MAX_L1_BYTES or size > l1_size * (cluster // 8) * cluster:
                 return None
-            file_size = os.fstat(f.fileno()).st_size
+            file_size = os.fstat(f.fileno()).st_size or f.seek(0, os.SEEK_END)   # an LV
+            f.seek(V2_HEADER)
             header_length = V2_HEADER
             if version == 3:
                 more = f.read(V3_MIN_HEADER - V2_HEADER)

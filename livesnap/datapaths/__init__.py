@@ -62,7 +62,7 @@ def discards_on_free(path):
     return True
 
 
-def unlink(path):
+def unlink(path, made_here=False):
     """Remove an image file; a file already gone is fine (steps are re-run after crashes).
 
     On a file system mounted with ``discard``, a large file is first shrunk in 8 MiB steps,
@@ -74,7 +74,17 @@ def unlink(path):
 
     Only a file livesnap made is truncated or unlinked (``own_files``); whatever else is at
     the name (a link, a hard link, a device, another user's file) is left, with a warning.
+    An LV (``/dev/<vg>/<lv>``: a qcow2 on LVM) is removed with lvremove (``lv_images``);
+    ``made_here`` (a new image of a step taken back): only one with livesnap's tag, anything
+    else at its name is left, with a warning.
     """
+    from livesnap.datapaths import lv_images
+    if lv_images.is_lv(path):
+        try:
+            lv_images.remove(path, made_here=made_here)
+        except NotOurFile as e:
+            log.warning("%s", e)
+        return
     try:
         slow = _slow_to_free(path)
         if slow is None:
@@ -100,6 +110,21 @@ def _slow_to_free(path):
     return size > 2 * TRUNCATE_STEP and discards_on_free(path)
 
 
+def new_overlay(path, backing, backing_fmt):
+    """A new empty qcow2 overlay at ``path`` over ``backing`` (a leftover of a crashed
+    attempt at that name, not yet used, is replaced): a file of mode 0600 made by livesnap
+    (``own_files.create``: never through a link planted at its name), or on an LV, a new LV
+    (``lv_images.create``); then qemu-img writes the overlay."""
+    from livesnap.datapaths import lv_images
+    if lv_images.is_lv(path):
+        lv_images.create(path, backing, backing_fmt)
+        return
+    own_files.remove(path)
+    own_files.create(path)
+    from livesnap.tools import qemu_img
+    qemu_img.create(path, "qcow2", backing=backing, backing_fmt=backing_fmt)
+
+
 def _unlink_now(path):
     if own_files.remove(path):
         log.info("removed %s", path)
@@ -109,7 +134,12 @@ def free(path):
     """Remove an image merged away on a running domain. A large one on a file system that
     discards on free is renamed aside and freed after the command, in small synced steps
     (``trash``): its wall time then holds neither the discard nor a guest stall behind it.
-    Elsewhere it is unlinked at once. Only a file livesnap made (``unlink``)."""
+    Elsewhere it is unlinked at once. Only a file livesnap made (``unlink``). An LV goes
+    with lvremove once QEMU has closed it (``lv_images.remove``)."""
+    from livesnap.datapaths import lv_images
+    if lv_images.is_lv(path):
+        lv_images.remove(path, wait=lv_images.RELEASE_TIMEOUT)
+        return
     try:
         slow = _slow_to_free(path)
         if slow:
@@ -148,6 +178,9 @@ class LibvirtNamer(Namer):
     def __call__(self, tree, disk, purpose, name, keep=None):
         leaf = tree.nodes[tree.active[disk]]
         token = name if purpose == "snapshot" else "revert-" + name
-        base = os.path.join(os.path.dirname(leaf.path),
-                            "%s-%s.%s" % (self.domain_name, disk, token))
+        stem = "%s-%s.%s" % (self.domain_name, disk, token)
+        from livesnap.datapaths import lv_images
+        if lv_images.is_lv(leaf.path):
+            stem = lv_images.lv_name(stem)          # an LV beside it, named as LVM allows
+        base = os.path.join(os.path.dirname(leaf.path), stem)
         return {"frozen": leaf.path, "leaf": self.free_path(tree, base, ".qcow2"), "kept": None}

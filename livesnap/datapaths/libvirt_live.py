@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 
-from livesnap.datapaths import Datapath, free, holders, own_files, unlink
+from livesnap.datapaths import Datapath, free, holders, new_overlay, unlink
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap import faults
 from livesnap.errors import DatapathError, ForeignJob
@@ -78,10 +78,9 @@ class LibvirtLiveDatapath(Datapath):
             self._persist_overlays(held)
             self._refuse_held(held[0])
         for it in items:
-            own_files.remove(it["leaf_path"])           # leftover of an attempt: unused
-            own_files.create(it["leaf_path"])           # 0600, never through a link
-            qemu_img.create(it["leaf_path"], "qcow2", backing=it["frozen_path"],
-                            backing_fmt=it["frozen_fmt"])
+            # a leftover of an attempt is unused: replaced; a new file 0600, never through
+            # a link, or a new LV
+            new_overlay(it["leaf_path"], it["frozen_path"], it["frozen_fmt"])
         targets = {it["disk"] for it in items}
         others = [d.target for d in self.domain.disks() if d.target not in targets]
         faults.point("snapshot", "overlays", 0)
@@ -178,7 +177,7 @@ class LibvirtLiveDatapath(Datapath):
                 self._refuse_held(it)
         for it in step.get("items", []):
             if it["leaf_path"] not in live:
-                unlink(it["leaf_path"])
+                unlink(it["leaf_path"], made_here=True)
 
     # -- delete -----------------------------------------------------------------------------
 

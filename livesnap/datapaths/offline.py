@@ -8,7 +8,7 @@ import logging
 import os
 
 from livesnap import faults, qcow2
-from livesnap.datapaths import Datapath, bitmaps, own_files, unlink
+from livesnap.datapaths import Datapath, bitmaps, lv_images, new_overlay, unlink
 from livesnap.errors import BitmapsPresent, DatapathError, Error
 from livesnap.tools import qemu_img
 
@@ -20,6 +20,28 @@ class OfflineDatapath(Datapath):
 
     def __init__(self, domain):
         self.domain = domain
+        # qcow2 on LVs: the chains' LVs made active for the command, put back at its end
+        self.activation = lv_images.activation(domain)
+
+    def prepare(self, tree):
+        """Before the tree's images are read: every LV among them active."""
+        if self.activation is not None:
+            self.activation.need(n.path for n in tree.nodes.values())
+
+    def close(self):
+        """LV activation put back as it was: on a VG whose disk LV was inactive (a stopped
+        domain on shared LVM), what the command activated or made goes inactive again."""
+        if self.activation is None:
+            return
+        current = set()
+        for d in self.domain.disks(inactive=True):
+            path, seen = d.path, set()
+            while path is not None and path not in seen and lv_images.is_lv(path) and \
+                    os.path.exists(path):
+                seen.add(path)
+                path = lv_images.backing_of(path)
+            current |= seen
+        self.activation.end(current)
 
     def _sources(self):
         return {d.target: d.path for d in self.domain.disks(inactive=True)}
@@ -42,9 +64,7 @@ class OfflineDatapath(Datapath):
                         "kept as the disk's image", path, backing, self.domain.name, backing)
             return True
         # a leftover of a crashed attempt (nothing uses it yet); not ours: NotOurFile
-        own_files.remove(path)
-        own_files.create(path)
-        qemu_img.create(path, "qcow2", backing=backing, backing_fmt=backing_fmt)
+        new_overlay(path, backing, backing_fmt)
         return False
 
     def do_snapshot(self, step):
@@ -76,7 +96,7 @@ class OfflineDatapath(Datapath):
                                            "removed" % (p, backings[p]))
         for p in paths:
             if p not in in_use:
-                unlink(p)
+                unlink(p, made_here=True)
 
     def do_remove(self, step):
         unlink(step["path"])
@@ -85,6 +105,8 @@ class OfflineDatapath(Datapath):
         node, child = step["path"], step["child_path"]
         if os.path.exists(child) and self._backing(child) == node:
             self._keep_bitmaps(step, node, child, into=node)
+            if lv_images.is_lv(node):
+                lv_images.grow_for(node, child)
             qemu_img.commit(child, node)
         for g in step["grandchildren"]:
             if self._backing(g["path"]) != node:
@@ -109,6 +131,8 @@ class OfflineDatapath(Datapath):
         if self._backing(child) != step["parent_path"]:
             if self._backing(child) == step["path"]:
                 self._keep_bitmaps(step, step["path"], child, into=child)
+            if lv_images.is_lv(child):
+                lv_images.grow_for(child, step["path"])
             qemu_img.rebase(child, step["parent_path"], step["parent_fmt"])
         unlink(step["path"])
 
@@ -135,7 +159,7 @@ def holds_writes(path, backing):
     """``path`` is a qcow2 overlay over ``backing`` that holds data of its own: a guest
     wrote to it, so it is no leftover to remove or re-create (a fresh overlay holds none).
     An image that cannot be read is not one."""
-    if not os.path.isfile(path):
+    if not (os.path.isfile(path) or lv_images.is_lv(path) and os.path.exists(path)):
         return False
     try:
         entry = qemu_img.info(path, force_share=True)

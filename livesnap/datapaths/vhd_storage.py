@@ -300,10 +300,13 @@ class Activation(object):
     the leaf was active, only what livesnap activated. LVs active at the start (a base copy
     another running VM shares, say) are never touched."""
 
-    def __init__(self):
+    def __init__(self, parent_of=None):
+        """``parent_of(path)``: the parent image's path as the image names it (default: a
+        VHD's parent locators; ``lv_images.backing_of`` for qcow2)."""
         self.was_active = set()
         self.activated = set()
         self.detached_vgs = set()
+        self.parent_of = parent_of or _parent_lv
 
     def _ensure(self, path):
         vg_lv = lvm.split_path(path)
@@ -329,7 +332,7 @@ class Activation(object):
         path, seen = leaf, set()
         while path is not None and path not in seen and self._ensure(path):
             seen.add(path)
-            path = _parent_lv(path)
+            path = self.parent_of(path)
 
     def need(self, paths):
         for p in paths:

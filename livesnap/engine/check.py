@@ -107,7 +107,7 @@ def check(engine, s):
             path = os.path.join(directory, entry)
             if entry.startswith(prefix) and entry.endswith(suffix) and path not in known:
                 problems.append("image %s looks like livesnap's but the catalog does not "
-                                "know it" % path)
+                                "know it%s" % (path, _lv_hint(path)))
     if problems and op is None:
         problems += _repair_hint(engine, s, tree)
     return {"domain": s.domain.name, "ok": not problems, "problems": problems,
@@ -204,6 +204,18 @@ def _next_boot_problems(domain, tree):
     return problems
 
 
+def _lv_hint(path):
+    """What to do about an LV in no chain of the catalog (e.g. one libvirt's snapshot-delete
+    merged away: libvirt does not remove block devices)."""
+    from livesnap.datapaths import lv_images
+    if not lv_images.is_lv(path):
+        return ""
+    vg, lv = lv_images.split(path)
+    return ("; an LV a merge outside livesnap (virsh snapshot-delete, blockcommit) left "
+            "behind? libvirt removes no block device: 'lvremove %s/%s' once its data is not "
+            "needed" % (vg, lv))
+
+
 def _own_file_patterns(domain, tree):
     """(directory, prefix, suffix) of the file names livesnap gives new images."""
     out = set()
@@ -214,5 +226,8 @@ def _own_file_patterns(domain, tree):
             stem = base[:-4] if base.endswith(".vhd") else base
             out.add((directory, stem + ".", ".vhd"))
         else:
-            out.add((directory, domain.name + "-", ".qcow2"))
+            from livesnap.datapaths import lv_images
+            prefix = domain.name + "-"
+            out.add((directory, lv_images.lv_name(prefix) if lv_images.is_lv(leaf) else prefix,
+                     ".qcow2"))
     return out

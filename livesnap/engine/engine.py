@@ -82,6 +82,11 @@ class Engine(object):
     def _check_storage(self, path):
         if self.storage_dirs:
             real = os.path.realpath(path)
+            from livesnap.tools import lvm
+            if lvm.split_path(path) is not None:
+                # an LV's link leads to /dev/mapper: its VG's directory is what is allowed
+                real = os.path.join(os.path.realpath(os.path.dirname(path)),
+                                    os.path.basename(path))
             if not any(real == d or real.startswith(d + os.sep) for d in self.storage_dirs):
                 raise PathOutsideStorage(path, ":".join(self.storage_dirs))
         self._check_data_file(path)
@@ -178,8 +183,8 @@ class Engine(object):
 
     # -- preflight ---------------------------------------------------------------------------
 
-    def _preflight_space(self, plan):
-        space.preflight(plan)
+    def _preflight_space(self, plan, datapath=None):
+        space.preflight(plan, live=getattr(datapath, "name", None) == "libvirt-live")
 
     def _users(self, session, tree):
         """{image path: [user, ...]} of the tree's images something else reads."""
@@ -302,7 +307,7 @@ class Engine(object):
             result["steps"] = plan.steps
             result["datapath"] = datapath.name
             return result
-        self._preflight_space(plan)
+        self._preflight_space(plan, datapath)
         plan.result["datapath"] = datapath.name     # the hook reads which datapath it needs
         op_id = session.catalog.begin(plan)
         pauses, merges = self._execute(session, datapath, plan, op_id)
@@ -514,7 +519,7 @@ class Engine(object):
         ``repair``: first bring the catalog in step from libvirt's metadata and the images
         (``follow.reconcile``; refused with the reason when they do not explain it)."""
         with self._session(domain) as s:
-            if s.domain.kind == "xen":
+            if s.domain.kind == "xen" or not s.domain.is_running():
                 s.datapath = self.datapath_for(s.domain)      # it makes the images readable
             repaired = None
             if repair:

@@ -11,6 +11,11 @@ from livesnap.text import UNPRINTABLE_RE, printable
 
 LV_NAME_MAX = 127
 LV_NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]*\Z")
+# what LVM keeps for its own volumes (lvcreate refuses these names; checked with LVM 2.03)
+LV_RESERVED_PREFIXES = ("snapshot", "pvmove")
+LV_RESERVED_PARTS = ("_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_imeta", "_iorig",
+                     "_mimage", "_mlog", "_pmspare", "_rimage", "_rmeta", "_tdata", "_tmeta",
+                     "_vdata", "_vorigin", "_wcorig")
 
 
 def _room_for_trash():
@@ -49,6 +54,10 @@ def path_problem(path):
                     % (len(name), LV_NAME_MAX))
         if not LV_NAME_RE.match(name) or name in (".", ".."):
             return "%r is not a name LVM allows for an LV" % name
+        reserved = [r for r in LV_RESERVED_PARTS if r in name] + [
+            r for r in LV_RESERVED_PREFIXES if name.startswith(r)]
+        if reserved:
+            return "%r holds %r, which LVM keeps for its own volumes" % (name, reserved[0])
         return None
     directory, base = os.path.split(raw)
     extra = _room_for_trash()

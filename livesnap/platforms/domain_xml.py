@@ -8,6 +8,8 @@ comments) is kept as it is; reading alone needs no lxml (``parse``: the element 
 here is common to both).
 """
 import collections
+import os
+import stat
 import xml.etree.ElementTree as ET
 
 Disk = collections.namedtuple("Disk", "target path fmt device source_type readonly")
@@ -58,15 +60,39 @@ def disks(root):
 
 
 def snapshottable(disk):
-    """A writable file-backed qcow2 disk: what the libvirt datapaths can snapshot."""
-    return (disk.device == "disk" and disk.source_type == "file" and disk.path is not None
-            and not disk.readonly and disk.fmt == "qcow2")
+    """A writable qcow2 disk on a file, or on a logical volume (``/dev/<vg>/<lv>``, as
+    Proxmox VE and oVirt keep qcow2 on LVM): what the libvirt datapaths can snapshot."""
+    if disk.device != "disk" or disk.path is None or disk.readonly or disk.fmt != "qcow2":
+        return False
+    if disk.source_type == "block":
+        return is_lv_path(disk.path)
+    return disk.source_type == "file"
 
+
+def is_lv_path(path):
+    """``path`` names a logical volume as LVM links it: ``/dev/<vg>/<lv>``."""
+    from livesnap.tools import lvm
+    return lvm.split_path(path) is not None
+
+
+def is_block(path):
+    """An image path that goes in a ``type='block'`` disk: a block device, or (not there
+    yet) an LV path."""
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return is_lv_path(path)
+
+
+def source_kind(path):
+    """(disk type, <source> attribute) for an image path: ('block', 'dev') or
+    ('file', 'file')."""
+    return ("block", "dev") if is_block(path) else ("file", "file")
 
 
 def unsupported(root):
     """[(target, reason)] of the domain's disks with data that ``snapshottable`` refuses:
-    raw or other formats, block devices (qcow2 on an LV included: not supported yet),
+    raw or other formats, block devices (but qcow2 on an LV, ``/dev/<vg>/<lv>``),
     network and pool volumes, read-only (CD-ROMs with media) and shareable disks. Drives
     without media hold nothing to snapshot and are not named."""
     out = []
@@ -85,8 +111,18 @@ def unsupported(root):
             why = "network disk (%s)" % (source.get("protocol") if source is not None
                                          else "no source")
         elif kind == "block":
-            why = ("%s on a block device (qcow2 on block devices is not supported yet)" % fmt
-                   if fmt == "qcow2" else "%s block device" % fmt)
+            path = source.get("dev") or source.get("file")
+            if fmt == "qcow2" and is_lv_path(path) and device == "disk" and \
+                    d.find("readonly") is None and d.find("shareable") is None:
+                continue
+            why = ("%s on a block device that is not a logical volume /dev/<vg>/<lv> (qcow2 "
+                   "is snapshotted on LVs only)" % fmt if fmt == "qcow2"
+                   else "%s block device (livesnap snapshots qcow2 images only)" % fmt)
+            if fmt == "qcow2" and is_lv_path(path):
+                why = ("read-only disk" if d.find("readonly") is not None else
+                       "shareable disk (other domains write it too)"
+                       if d.find("shareable") is not None else "%s device (read-only media)"
+                       % device)
         elif kind != "file":
             why = "%s disk (a storage pool volume or other source)" % kind
         elif device != "disk":
@@ -120,8 +156,10 @@ def set_disk_sources(root, sources):
         source = d.find("source")
         if source is None:
             source = etree.SubElement(d, "source")
-        source.set("file", path)
-        for attr in ("index",):
+        kind, attr_name = source_kind(path)
+        d.set("type", kind)
+        source.set(attr_name, path)
+        for attr in ("index", "file" if attr_name == "dev" else "dev"):
             if attr in source.attrib:
                 del source.attrib[attr]
         driver = d.find("driver")

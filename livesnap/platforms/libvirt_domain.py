@@ -191,8 +191,10 @@ class Domain(object):
         ``items`` is [(target, overlay path, fmt)], every other disk is left out.
         Returns the time the call took, in ms (the guest's IO waits at most that long)."""
         libvirt = _libvirt()
-        disks = "".join("<disk name='%s' snapshot='external' type='file'><driver type='%s'/>"
-                        "<source file='%s'/></disk>" % (_x(t), _x(f), _x(p)) for t, p, f in items)
+        disks = "".join("<disk name='%s' snapshot='external' type='%s'><driver type='%s'/>"
+                        "<source %s='%s'/></disk>"
+                        % ((_x(t), domain_xml.source_kind(p)[0], _x(f))
+                           + (domain_xml.source_kind(p)[1], _x(p))) for t, p, f in items)
         disks += "".join("<disk name='%s' snapshot='no'/>" % _x(t) for t in other_targets)
         xml = ("<domainsnapshot><name>livesnap-%d</name><disks>%s</disks></domainsnapshot>"
                % (int(time.time() * 1000), disks))

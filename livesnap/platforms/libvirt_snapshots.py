@@ -35,7 +35,8 @@ def parse(xml_text):
     for d in root.findall("./disks/disk"):
         source = d.find("source")
         disks[d.get("name")] = (d.get("snapshot", "external"),
-                                source.get("file") if source is not None else None)
+                                (source.get("file") or source.get("dev"))
+                                if source is not None else None)
     images = {}
     dom = root.find("domain")
     if dom is not None:
@@ -107,8 +108,9 @@ def snapshot_xml(domain, name, description, created, parent, images, state, over
     dom = domain_xml.parse_for_edit(domain.xml(inactive=True))
     domain_xml.set_disk_sources(dom, images)
     overlays = dict(images, **(overlays or {}))
-    disks = "".join("<disk name='%s' snapshot='external' type='file'><driver type='%s'/>"
-                    "<source file='%s'/></disk>" % (_x(t), _x(f), _x(p))
+    disks = "".join("<disk name='%s' snapshot='external' type='%s'><driver type='%s'/>"
+                    "<source %s='%s'/></disk>" % ((_x(t), domain_xml.source_kind(p)[0], _x(f))
+                                                  + (domain_xml.source_kind(p)[1], _x(p)))
                     for t, (p, f) in sorted(overlays.items()))
     return ("<domainsnapshot><name>%s</name><description>%s</description>"
             "<state>%s</state>%s<creationTime>%d</creationTime><memory snapshot='no'/>"

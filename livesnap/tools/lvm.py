@@ -183,6 +183,23 @@ def lv_size(vg, lv):
         raise InvalidOutput(_bin("lvs") + argv_args, out, "no size")
 
 
+def lv_tags(vg, lv):
+    """``lvs --noheadings -o lv_tags VG/LV``: the LV's tags (LvNotFound when there is none)."""
+    out = _run("lvs", ["--noheadings", "-o", "lv_tags", "%s/%s" % (vg, lv)], vg, lv)
+    return [t for t in out.strip().split(",") if t]
+
+
+def vg_extent_size(vg):
+    """``vgs --noheadings --units b --nosuffix -o vg_extent_size VG``: the VG's extent, in
+    bytes (LVM rounds every LV size up to it)."""
+    args = ["--noheadings", "--units", "b", "--nosuffix", "-o", "vg_extent_size", vg]
+    out = _run("vgs", args, vg, None)
+    try:
+        return int(out.strip().split()[0].split(".")[0])
+    except (ValueError, IndexError):
+        raise InvalidOutput(_bin("vgs") + args, out, "no size")
+
+
 def vg_free(vg):
     """``vgs --noheadings --units b --nosuffix -o vg_free VG``: free bytes in the VG."""
     args = ["--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", vg]

@@ -6,6 +6,7 @@ Failures to open an image (corrupt header, missing backing file, a backing loop)
 import json
 import logging
 import os
+import stat
 
 from livesnap.errors import BadImage, CommandFailed, InvalidOutput
 from livesnap.tools import runner
@@ -122,11 +123,15 @@ def bitmap_merge(path, name, source, source_name=None, source_fmt="qcow2", add=F
     runner.run(argv + [path, name])
 
 
-def allocated(path, fmt="qcow2"):
+def allocated(path, fmt="qcow2", force_share=False):
     """[(offset, length)] of the areas an image holds itself, data or zeroes, leaving its
-    backing file out (``qemu-img map`` of the image opened without one)."""
-    spec = {"driver": fmt, "backing": None, "file": {"driver": "file", "filename": path}}
-    argv = [_bin(), "map", "--output=json", "json:" + json.dumps(spec)]
+    backing file out (``qemu-img map`` of the image opened without one; on a block device,
+    an LV, through QEMU's ``host_device`` driver). ``force_share``: ``-U``, an image a QEMU
+    has open."""
+    proto = "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
+    spec = {"driver": fmt, "backing": None, "file": {"driver": proto, "filename": path}}
+    argv = [_bin(), "map", "--output=json"] + (["-U"] if force_share else []) + [
+        "json:" + json.dumps(spec)]
     extents = _json(argv, path)
     found = []
     for e in extents:
@@ -157,8 +162,11 @@ def rebase(path, backing, backing_fmt=None, unsafe=False):
     runner.run(argv)
 
 
-def measure(path, out_fmt="qcow2"):
-    argv = [_bin(), "measure", "--output=json", "-O", out_fmt, path]
+def measure(path=None, out_fmt="qcow2", size=None):
+    """``qemu-img measure``: {"required": bytes, "fully-allocated": bytes} of converting
+    ``path`` to ``out_fmt``, or of a new ``out_fmt`` image of ``size`` bytes."""
+    argv = [_bin(), "measure", "--output=json", "-O", out_fmt]
+    argv += ["--size", str(size)] if size is not None else [path]
     out = runner.run(argv)
     try:
         return json.loads(out)
@@ -166,10 +174,10 @@ def measure(path, out_fmt="qcow2"):
         raise InvalidOutput(argv, out, str(e))
 
 
-def check(path):
+def check(path, force_share=False):
     """``qemu-img check``: the parsed report; corruption raises ``BadImage``, leaks (rc 3) only
-    warn, as vdsm does."""
-    argv = [_bin(), "check", "--output=json", path]
+    warn, as vdsm does. ``force_share``: ``-U``, an image a QEMU has open."""
+    argv = [_bin(), "check", "--output=json"] + (["-U"] if force_share else []) + [path]
     rc, out, err = runner.run_rc(argv)
     if rc == 3:
         log.warning("%s has leaked clusters (harmless): %s", path, out.strip())

@@ -94,7 +94,7 @@ def test_read_only_shareable_block_and_network_disks_are_named(make_dom, kind):
     elif kind == "block":
         xml = ("<disk type='block' device='disk'><driver name='qemu' type='qcow2'/>"
                "<source dev='/dev/null'/><target dev='vdb' bus='virtio'/></disk>")
-        target, why = "vdb", "qcow2 on block devices is not supported yet"
+        target, why = "vdb", "qcow2 on a block device that is not a logical volume"
     else:
         xml = ("<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
                "<source protocol='nbd' name='x'><host name='127.0.0.1' port='10809'/>"
