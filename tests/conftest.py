@@ -96,3 +96,17 @@ def lvm_vg(monkeypatch):
         yield v
     finally:
         standin.destroy_vg(root)
+
+
+@pytest.fixture
+def kvm_lvm_vg(lvm_vg, tmp_path, monkeypatch):
+    """``lvm_vg`` with LVM configured as on a KVM host (Proxmox, oVirt): one writable
+    configuration, no dom0 read-only default and no SM master directory, so livesnap's
+    wrapper runs LVM with the caller's environment."""
+    conf = tmp_path / "kvm-etc-lvm"
+    conf.mkdir()
+    (conf / "lvm.conf").write_text("global {\n\tmetadata_read_only = 0\n}\nbackup {\n\tbackup = 0\n"
+                                     "\tarchive = 0\n}\n")
+    monkeypatch.setenv("LVM_SYSTEM_DIR", str(conf))
+    monkeypatch.delenv("LIVESNAP_LVM_MASTER_DIR")
+    return lvm_vg

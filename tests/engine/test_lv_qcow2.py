@@ -120,11 +120,11 @@ class LvDom(Cli):
 
 
 @pytest.fixture
-def make_lv_dom(conn, tmp_path, lvm_vg):
+def make_lv_dom(conn, tmp_path, kvm_lvm_vg):
     made = []
 
     def make(**kw):
-        d = LvDom(conn, tmp_path / ("d%d" % len(made)), lvm_vg.name, **kw)
+        d = LvDom(conn, tmp_path / ("d%d" % len(made)), kvm_lvm_vg.name, **kw)
         made.append(d)
         return d
     yield make
@@ -391,8 +391,8 @@ def test_a_foreign_lv_at_a_new_image_name_is_neither_reused_nor_removed(make_lv_
     assert dom.json("snapshot-list", dom.name)["snapshots"] == []
 
 
-def test_a_raw_lv_is_still_named_unsupported(make_lv_dom, lvm_vg):
-    raw = new_lv(lvm_vg.name, "rawdisk", 8 * MiB)
+def test_a_raw_lv_is_still_named_unsupported(make_lv_dom, kvm_lvm_vg):
+    raw = new_lv(kvm_lvm_vg.name, "rawdisk", 8 * MiB)
     dom = make_lv_dom(extra_xml="<disk type='block' device='disk'><driver name='qemu' "
                                 "type='raw'/><source dev='%s'/><target dev='vdc' "
                                 "bus='virtio'/></disk>" % raw)
@@ -406,10 +406,10 @@ def test_a_raw_lv_is_still_named_unsupported(make_lv_dom, lvm_vg):
                                                         "snapshots qcow2 images only)"}]
 
 
-def test_qcow2_on_a_block_device_that_is_not_an_lv_is_named(make_lv_dom, lvm_vg):
+def test_qcow2_on_a_block_device_that_is_not_an_lv_is_named(make_lv_dom, kvm_lvm_vg):
     """A qcow2 on a block device outside /dev/<vg>/ (a /dev/mapper node, a loop device) is
     not taken for an LV: named, with the reason."""
-    loop = os.path.realpath(new_lv(lvm_vg.name, "other", 8 * MiB))
+    loop = os.path.realpath(new_lv(kvm_lvm_vg.name, "other", 8 * MiB))
     dom = make_lv_dom(extra_xml="<disk type='block' device='disk'><driver name='qemu' "
                                 "type='qcow2'/><source dev='%s'/><target dev='vdc' "
                                 "bus='virtio'/></disk>" % loop)
@@ -552,11 +552,11 @@ def test_a_killed_delete_is_finished_by_recover_and_its_lv_removed(make_lv_dom, 
 def vg_16m(monkeypatch):
     """A VG of the LVM stand-in with 16 MiB extents (its PV a whole number of them)."""
     import tempfile
-    from conftest import LVM
+    from helpers import ROOT
     from testxen import lvm as standin
     root = tempfile.mkdtemp(prefix="lvm", dir="/tmp")
     monkeypatch.setenv("TESTXEN_LVM_ROOT", root)
-    monkeypatch.setenv("LVM", LVM)
+    monkeypatch.setenv("LVM", os.path.join(ROOT, "testxen", "lvm"))
     v = standin.make_vg(root, "vg16-%s" % uuid.uuid4().hex[:8], (1 << 30) + MiB)
     try:
         v.lvm("vgchange", ["-s", "16m", v.name], check=True)

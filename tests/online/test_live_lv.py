@@ -47,8 +47,8 @@ def lvs(vg):
     return {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
 
 
-def test_snapshots_on_lvs_while_the_guest_writes(lvm_vg, tmp_path):
-    vg = lvm_vg.name
+def test_snapshots_on_lvs_while_the_guest_writes(kvm_lvm_vg, tmp_path):
+    vg = kvm_lvm_vg.name
     cli = Cli()
     cli.state_dir = str(tmp_path / "state")
     name = "lsg-lv-" + secrets.token_hex(4)
