@@ -14,10 +14,13 @@ but the scheduler's 600 s. When the last in-flight request completes within 10 m
 the event loop itself finishes the pause (the state is 0x2a: paused, quiesced, closed), but
 the answer waits for the next unrelated event on any of tapdisk's descriptors, e.g. another
 tap-ctl connecting. So while a pause runs livesnap connects to that tapdisk with
-``tap-ctl list -p PID`` (read-only; tapdisk answers a list even while busy with the pause):
-soon after the pause starts (``PAUSE_NUDGE_FIRST``: tapdisk's 10 ms retries mean a short
-pause is usually finished within a few of them), then every ``PAUSE_NUDGE_INTERVAL``
-seconds, and the pause is answered within about that interval.
+``tap-ctl list -p PID`` (read-only; tapdisk answers a list even while busy with the pause),
+timed by what each list shows (``_Nudger``): the first soon after the pause starts
+(``PAUSE_NUDGE_FIRST``); once one shows the pause begun (state 0x10 or 0x20) the next comes
+``PAUSE_NUDGE_RETRY`` after it, when tapdisk's next try is due (it tried at the latest when
+it answered that list), up to ``PAUSE_NUDGE_CLOSE`` times, then every ``PAUSE_NUDGE_INTERVAL``
+seconds. A list that shows the tapdisk paused is also the state check after the pause: no
+other ``list`` runs while the guest waits.
 
 Errors (all ``livesnap.errors.DatapathError``, carrying op, pid, minor, path, rc, err)::
 
@@ -30,7 +33,6 @@ Errors (all ``livesnap.errors.DatapathError``, carrying op, pid, minor, path, rc
 """
 import collections
 import errno
-import itertools
 import logging
 import os
 import signal
@@ -54,8 +56,12 @@ SHUTDOWN_REQUESTED = 0x40
 
 EMEDIUMTYPE = getattr(errno, "EMEDIUMTYPE", 124)
 DEFAULT_PAUSE_TIMEOUT = 30.0
-PAUSE_NUDGE_INTERVAL = 0.05     # seconds; see the module's docstring
-PAUSE_NUDGE_FIRST = (0.005, 0.01, 0.01, 0.02)     # the first waits, then the interval
+# the nudges' waits, in seconds (see the module's docstring and ``_Nudger``)
+PAUSE_NUDGE_FIRST = 0.006       # the first nudge, after the pause command started
+PAUSE_NUDGE_EARLY = 0.003       # again after a list that shows the pause not yet begun
+PAUSE_NUDGE_RETRY = 0.0095      # after one that shows it begun: tapdisk's next try (10 ms)
+PAUSE_NUDGE_CLOSE = 10          # nudges that close together, then the interval
+PAUSE_NUDGE_INTERVAL = 0.05
 # SM (blktap2.py TapCtl.list) retries list 10x with 0.5 s backoff on these exit codes
 LIST_RETRY_CODES = (errno.EPROTO, errno.ENOENT)
 
@@ -203,10 +209,11 @@ def get(pid, minor):
 
 def pause(pid, minor, timeout=DEFAULT_PAUSE_TIMEOUT, path=None):
     """``tap-ctl pause -p PID -m MINOR`` under livesnap's own ``timeout`` (seconds); afterwards
-    the tapdisk must show state 0x20. A timed-out pause is undone (best effort) before
-    ``PauseTimeout`` is raised, so that the guest is not left paused by a late pause."""
+    the tapdisk must show state 0x20 (in a nudge's list served during the pause, else in a
+    list run after it). A timed-out pause is undone (best effort) before ``PauseTimeout`` is
+    raised, so that the guest is not left paused by a late pause."""
     argv = [_bin(), "pause", "-p", str(pid), "-m", str(minor)]
-    with _nudging(pid):
+    with _nudging(pid, minor) as nudger:
         rc, out, err = runner.run_rc(argv, timeout=timeout)
     if rc == -9:
         e = PauseTimeout("pause", pid, minor, path, "no answer within %ss" % timeout)
@@ -217,7 +224,7 @@ def pause(pid, minor, timeout=DEFAULT_PAUSE_TIMEOUT, path=None):
         e = PauseFailed("pause", pid, minor, path, _reason(rc, out, err))
         e.rc, e.err, e.cmd = rc, err, argv
         raise e
-    disk = get(pid, minor)
+    disk = nudger.paused or get(pid, minor)
     if disk.state is None or not disk.state & PAUSED:
         e = PauseFailed("pause", pid, minor, path or disk.path,
                         "state is %s after pause, not paused (0x20)" % _hex(disk.state))
@@ -226,32 +233,63 @@ def pause(pid, minor, timeout=DEFAULT_PAUSE_TIMEOUT, path=None):
     return disk
 
 
-@contextmanager
-def _nudging(pid, interval=None):
-    """While the block runs, ``tap-ctl list -p PID`` every ``interval`` seconds (default: after
-    ``PAUSE_NUDGE_FIRST``, every ``PAUSE_NUDGE_INTERVAL``): a control connection wakes tapdisk's event loop, so that a
-    pause it has finished is answered (see the module's docstring). Failures are ignored:
-    the pause itself reports."""
-    if interval is None:
-        waits = itertools.chain(PAUSE_NUDGE_FIRST, itertools.repeat(PAUSE_NUDGE_INTERVAL))
-    else:
-        waits = itertools.repeat(interval)
-    stop = threading.Event()
+class _Nudger(object):
+    """``tap-ctl list -p PID`` while a pause of ``pid``/``minor`` runs, each timed by what the
+    last one showed of ``minor`` (``interval``: a fixed wait instead). ``paused``: the
+    ``TapDisk`` of a list that showed it paused (PAUSED set: tapdisk had paused it when it
+    answered), else None."""
 
-    def nudge():
-        while not stop.wait(next(waits)):
+    def __init__(self, pid, minor, interval=None):
+        self.pid, self.minor, self.interval = pid, minor, interval
+        self.paused = None
+        self.close = 0
+        self.stop = threading.Event()
+
+    def run(self):
+        wait = self.interval or PAUSE_NUDGE_FIRST
+        while not self.stop.wait(wait):
             try:
-                runner.run_rc([_bin(), "list", "-p", str(pid)], timeout=10)
+                rc, out, err = runner.run_rc([_bin(), "list", "-p", str(self.pid)], timeout=10)
+                state = self._state(out) if rc == 0 else None
             except Exception as e:          # a pause must not fail for want of a nudge
-                log.debug("nudging tapdisk %s: %s", pid, e)
+                log.debug("nudging tapdisk %s: %s", self.pid, e)
+                state = None
+            wait = self.interval or self._next(state)
 
-    t = threading.Thread(target=nudge, name="tap-ctl-nudge-%s" % pid)
+    def _state(self, out):
+        try:
+            disks = [d for d in parse_list(out) if d.pid == self.pid and d.minor == self.minor]
+        except (ValueError, KeyError):
+            return None
+        if len(disks) != 1 or disks[0].state is None:
+            return None
+        if disks[0].state & PAUSED:
+            self.paused = disks[0]
+        return disks[0].state
+
+    def _next(self, state):
+        self.close += 1
+        if state is None or self.close > PAUSE_NUDGE_CLOSE:
+            return PAUSE_NUDGE_INTERVAL
+        if state & (PAUSE_REQUESTED | PAUSED):
+            return PAUSE_NUDGE_RETRY
+        return PAUSE_NUDGE_EARLY
+
+
+@contextmanager
+def _nudging(pid, minor=None, interval=None):
+    """While the block runs, nudge tapdisk ``pid`` (``_Nudger``; ``interval``: every
+    ``interval`` seconds): a control connection wakes tapdisk's event loop, so that a pause it
+    has finished is answered (see the module's docstring). Failures are ignored: the pause
+    itself reports. Yields the ``_Nudger``."""
+    nudger = _Nudger(pid, minor, interval)
+    t = threading.Thread(target=nudger.run, name="tap-ctl-nudge-%s" % pid)
     t.daemon = True
     t.start()
     try:
-        yield
+        yield nudger
     finally:
-        stop.set()
+        nudger.stop.set()
         t.join()
 
 

@@ -23,15 +23,21 @@ FAKE = textwrap.dedent('''\
         open(os.path.join(d, name), "w").close()
     verb = sys.argv[1]
     if verb == "pause":
-        put("paused")                    # done at once; the answer waits for a connection
+        if not has("liar"):              # "liar": answers 0 without pausing
+            put("paused")                # done at once; the answer waits for a connection
         deadline = time.time() + 60
-        while not (has("nudged") and not has("deaf")) and time.time() < deadline:
+        while not (has("nudged") or has("prompt") or has("liar")) or has("deaf"):
+            if time.time() > deadline:
+                break
             time.sleep(0.01)
+        put("answered")
     elif verb == "unpause":
         os.unlink(os.path.join(d, "paused"))
     elif verb == "list":
         if has("paused"):
             put("nudged")
+        if has("answered"):
+            put("listed-after-answer")
         print("pid=7 minor=3 state=%s args=vhd:/sr/leaf.vhd" % ("0x2a" if has("paused") else "0"))
     ''')
 
@@ -59,6 +65,56 @@ def test_a_finished_pause_left_unanswered_is_answered(tapdisk):
     assert disk.state & tap_ctl.PAUSED
     assert (tapdisk / "nudged").exists()
     assert _nudgers() == []
+
+
+def test_the_nudge_that_saw_the_tapdisk_paused_is_the_check_after_the_pause(tapdisk):
+    """No list runs after the answer while the guest waits: the nudge's list, served while
+    tapdisk had paused, already showed state 0x20."""
+    disk = tap_ctl.pause(7, 3, timeout=20)
+    assert disk.state & tap_ctl.PAUSED
+    assert not (tapdisk / "listed-after-answer").exists()
+
+
+def test_a_pause_answered_before_any_nudge_is_checked_by_a_list(tapdisk):
+    (tapdisk / "prompt").write_text("")        # answered at once
+    disk = tap_ctl.pause(7, 3, timeout=20)
+    assert disk.state & tap_ctl.PAUSED
+    assert (tapdisk / "listed-after-answer").exists()
+
+
+def test_a_pause_answered_but_not_paused_fails_before_the_block(tapdisk):
+    (tapdisk / "liar").write_text("")
+    ran = []
+    with pytest.raises(tap_ctl.PauseFailed) as ei:
+        with tap_ctl.paused(7, 3, path="/sr/leaf.vhd", timeout=20):
+            ran.append(1)
+    assert ran == []
+    assert "state is 0x0 after pause, not paused" in str(ei.value)
+    assert _nudgers() == []
+
+
+@pytest.mark.parametrize("state,wait", [
+    (None, tap_ctl.PAUSE_NUDGE_INTERVAL),            # no answer: the slow pace
+    (0, tap_ctl.PAUSE_NUDGE_EARLY),                  # the pause not received yet
+    (tap_ctl.PAUSE_REQUESTED, tap_ctl.PAUSE_NUDGE_RETRY),
+    (tap_ctl.PAUSED | tap_ctl.QUIESCED | tap_ctl.CLOSED, tap_ctl.PAUSE_NUDGE_RETRY),
+])
+def test_the_next_nudge_follows_what_the_last_list_showed(state, wait):
+    n = tap_ctl._Nudger(7, 3)
+    assert n._next(state) == wait
+    for _ in range(tap_ctl.PAUSE_NUDGE_CLOSE):
+        n._next(state)
+    assert n._next(state) == tap_ctl.PAUSE_NUDGE_INTERVAL   # then the slow pace
+
+
+def test_a_nudge_sees_only_its_own_minor_paused():
+    n = tap_ctl._Nudger(7, 3)
+    assert n._state("pid=7 minor=2 state=0x2a args=vhd:/a\npid=7 minor=3 state=0x10 "
+                    "args=vhd:/b\n") == tap_ctl.PAUSE_REQUESTED
+    assert n.paused is None
+    assert n._state("pid=7 minor=3 state=0x2a args=vhd:/b\n") == 0x2a
+    assert n.paused.path == "/b"
+    assert n._state("garbage") is None
 
 
 def test_paused_block_runs_and_unpauses(tapdisk):
