@@ -15,12 +15,12 @@ the event loop itself finishes the pause (the state is 0x2a: paused, quiesced, c
 the answer waits for the next unrelated event on any of tapdisk's descriptors, e.g. another
 tap-ctl connecting. So while a pause runs livesnap connects to that tapdisk with
 ``tap-ctl list -p PID`` (read-only; tapdisk answers a list even while busy with the pause),
-timed by what each list shows (``_Nudger``): the first soon after the pause starts
-(``PAUSE_NUDGE_FIRST``); once one shows the pause begun (state 0x10 or 0x20) the next comes
-``PAUSE_NUDGE_RETRY`` after it, when tapdisk's next try is due (it tried at the latest when
-it answered that list), up to ``PAUSE_NUDGE_CLOSE`` times, then every ``PAUSE_NUDGE_INTERVAL``
-seconds. A list that shows the tapdisk paused is also the state check after the pause: no
-other ``list`` runs while the guest waits.
+the first ``PAUSE_NUDGE_FIRST`` after the pause command started (tapdisk makes its first try a
+few ms after that, and its next one is due 10 ms after the first), then one every
+``PAUSE_NUDGE_CLOSE_WAIT`` seconds after the last returned, ``PAUSE_NUDGE_CLOSE`` of them,
+then every ``PAUSE_NUDGE_INTERVAL`` seconds (``_Nudger``). A nudge's list that shows the
+tapdisk paused is also the state check after the pause: no other ``list`` runs while the
+guest waits.
 
 Errors (all ``livesnap.errors.DatapathError``, carrying op, pid, minor, path, rc, err)::
 
@@ -57,11 +57,10 @@ SHUTDOWN_REQUESTED = 0x40
 EMEDIUMTYPE = getattr(errno, "EMEDIUMTYPE", 124)
 DEFAULT_PAUSE_TIMEOUT = 30.0
 # the nudges' waits, in seconds (see the module's docstring and ``_Nudger``)
-PAUSE_NUDGE_FIRST = 0.006       # the first nudge, after the pause command started
-PAUSE_NUDGE_EARLY = 0.003       # again after a list that shows the pause not yet begun
-PAUSE_NUDGE_RETRY = 0.0095      # after one that shows it begun: tapdisk's next try (10 ms)
-PAUSE_NUDGE_CLOSE = 10          # nudges that close together, then the interval
-PAUSE_NUDGE_INTERVAL = 0.05
+PAUSE_NUDGE_FIRST = 0.009       # the first nudge, after the pause command started
+PAUSE_NUDGE_CLOSE_WAIT = 0.002  # then after each list returned, PAUSE_NUDGE_CLOSE times
+PAUSE_NUDGE_CLOSE = 10
+PAUSE_NUDGE_INTERVAL = 0.05     # then
 # SM (blktap2.py TapCtl.list) retries list 10x with 0.5 s backoff on these exit codes
 LIST_RETRY_CODES = (errno.EPROTO, errno.ENOENT)
 
@@ -234,9 +233,9 @@ def pause(pid, minor, timeout=DEFAULT_PAUSE_TIMEOUT, path=None):
 
 
 class _Nudger(object):
-    """``tap-ctl list -p PID`` while a pause of ``pid``/``minor`` runs, each timed by what the
-    last one showed of ``minor`` (``interval``: a fixed wait instead). ``paused``: the
-    ``TapDisk`` of a list that showed it paused (PAUSED set: tapdisk had paused it when it
+    """``tap-ctl list -p PID`` while a pause of ``pid``/``minor`` runs (``interval``: every
+    ``interval`` seconds, else as the module's docstring says). ``paused``: the ``TapDisk``
+    of a list that showed ``minor`` paused (PAUSED set: tapdisk had paused it when it
     answered), else None."""
 
     def __init__(self, pid, minor, interval=None):
@@ -257,6 +256,8 @@ class _Nudger(object):
             wait = self.interval or self._next(state)
 
     def _state(self, out):
+        """``minor``'s state in a list's output (None: not there, not parsable); records it
+        in ``paused`` when PAUSED is set."""
         try:
             disks = [d for d in parse_list(out) if d.pid == self.pid and d.minor == self.minor]
         except (ValueError, KeyError):
@@ -268,12 +269,13 @@ class _Nudger(object):
         return disks[0].state
 
     def _next(self, state):
+        """The wait before the next nudge, after one whose list showed ``state``: close
+        together at first, at the slow pace once ``PAUSE_NUDGE_CLOSE`` have run or after a
+        list that did not show the tapdisk (failed: no use in hurrying)."""
         self.close += 1
-        if state is None or self.close > PAUSE_NUDGE_CLOSE:
+        if state is None or self.close >= PAUSE_NUDGE_CLOSE:
             return PAUSE_NUDGE_INTERVAL
-        if state & (PAUSE_REQUESTED | PAUSED):
-            return PAUSE_NUDGE_RETRY
-        return PAUSE_NUDGE_EARLY
+        return PAUSE_NUDGE_CLOSE_WAIT
 
 
 @contextmanager

@@ -93,18 +93,17 @@ def test_a_pause_answered_but_not_paused_fails_before_the_block(tapdisk):
     assert _nudgers() == []
 
 
-@pytest.mark.parametrize("state,wait", [
-    (None, tap_ctl.PAUSE_NUDGE_INTERVAL),            # no answer: the slow pace
-    (0, tap_ctl.PAUSE_NUDGE_EARLY),                  # the pause not received yet
-    (tap_ctl.PAUSE_REQUESTED, tap_ctl.PAUSE_NUDGE_RETRY),
-    (tap_ctl.PAUSED | tap_ctl.QUIESCED | tap_ctl.CLOSED, tap_ctl.PAUSE_NUDGE_RETRY),
-])
-def test_the_next_nudge_follows_what_the_last_list_showed(state, wait):
+@pytest.mark.parametrize("state", [0, tap_ctl.PAUSE_REQUESTED,
+                                   tap_ctl.PAUSED | tap_ctl.QUIESCED | tap_ctl.CLOSED])
+def test_nudges_come_close_together_then_at_the_slow_pace(state):
     n = tap_ctl._Nudger(7, 3)
-    assert n._next(state) == wait
-    for _ in range(tap_ctl.PAUSE_NUDGE_CLOSE):
-        n._next(state)
-    assert n._next(state) == tap_ctl.PAUSE_NUDGE_INTERVAL   # then the slow pace
+    waits = [n._next(state) for _ in range(tap_ctl.PAUSE_NUDGE_CLOSE + 2)]
+    assert waits == [tap_ctl.PAUSE_NUDGE_CLOSE_WAIT] * (tap_ctl.PAUSE_NUDGE_CLOSE - 1) + \
+        [tap_ctl.PAUSE_NUDGE_INTERVAL] * 3
+
+
+def test_a_nudge_whose_list_failed_is_followed_at_the_slow_pace():
+    assert tap_ctl._Nudger(7, 3)._next(None) == tap_ctl.PAUSE_NUDGE_INTERVAL
 
 
 def test_a_nudge_sees_only_its_own_minor_paused():
