@@ -57,8 +57,8 @@ SHUTDOWN_REQUESTED = 0x40
 EMEDIUMTYPE = getattr(errno, "EMEDIUMTYPE", 124)
 DEFAULT_PAUSE_TIMEOUT = 30.0
 # the nudges' waits, in seconds (see the module's docstring and ``_Nudger``)
-PAUSE_NUDGE_FIRST = 0.009       # the first nudge, after the pause command started
-PAUSE_NUDGE_CLOSE_WAIT = 0.002  # then after each list returned, PAUSE_NUDGE_CLOSE times
+PAUSE_NUDGE_FIRST = 0.011       # the first nudge, after the pause command started
+PAUSE_NUDGE_CLOSE_WAIT = 0.001  # then after each list returned, PAUSE_NUDGE_CLOSE times
 PAUSE_NUDGE_CLOSE = 10
 PAUSE_NUDGE_INTERVAL = 0.05     # then
 # SM (blktap2.py TapCtl.list) retries list 10x with 0.5 s backoff on these exit codes
