@@ -15,12 +15,13 @@ the event loop itself finishes the pause (the state is 0x2a: paused, quiesced, c
 the answer waits for the next unrelated event on any of tapdisk's descriptors, e.g. another
 tap-ctl connecting. So while a pause runs livesnap connects to that tapdisk with
 ``tap-ctl list -p PID`` (read-only; tapdisk answers a list even while busy with the pause),
-the first ``PAUSE_NUDGE_FIRST`` after the pause command started (tapdisk makes its first try a
-few ms after that, and its next one is due 10 ms after the first), then one every
-``PAUSE_NUDGE_CLOSE_WAIT`` seconds after the last returned, ``PAUSE_NUDGE_CLOSE`` of them,
-then every ``PAUSE_NUDGE_INTERVAL`` seconds (``_Nudger``). A nudge's list that shows the
-tapdisk paused is also the state check after the pause: no other ``list`` runs while the
-guest waits.
+one ``PAUSE_NUDGE_EARLY`` after the pause command started (served right after tapdisk took
+the pause: when no request was in flight tapdisk paused at once and this list shows it
+paused), one ``PAUSE_NUDGE_FIRST`` after the start (tapdisk makes its first try a few ms
+after the start, its next one is due 10 ms after that), then ``PAUSE_NUDGE_CLOSE`` more, each
+``PAUSE_NUDGE_CLOSE_WAIT`` after the last returned, then every ``PAUSE_NUDGE_INTERVAL``
+seconds (``_Nudger``). A nudge's list that shows the tapdisk paused is also the state check
+after the pause: no other ``list`` runs while the guest waits.
 
 Errors (all ``livesnap.errors.DatapathError``, carrying op, pid, minor, path, rc, err)::
 
@@ -57,7 +58,8 @@ SHUTDOWN_REQUESTED = 0x40
 EMEDIUMTYPE = getattr(errno, "EMEDIUMTYPE", 124)
 DEFAULT_PAUSE_TIMEOUT = 30.0
 # the nudges' waits, in seconds (see the module's docstring and ``_Nudger``)
-PAUSE_NUDGE_FIRST = 0.011       # the first nudge, after the pause command started
+PAUSE_NUDGE_EARLY = 0.001       # after the pause command started
+PAUSE_NUDGE_FIRST = 0.011       # after the start too: tapdisk's next try is due
 PAUSE_NUDGE_CLOSE_WAIT = 0.001  # then after each list returned, PAUSE_NUDGE_CLOSE times
 PAUSE_NUDGE_CLOSE = 10
 PAUSE_NUDGE_INTERVAL = 0.05     # then
@@ -242,10 +244,12 @@ class _Nudger(object):
         self.pid, self.minor, self.interval = pid, minor, interval
         self.paused = None
         self.close = 0
+        self.start = time.monotonic()
         self.stop = threading.Event()
 
     def run(self):
-        wait = self.interval or PAUSE_NUDGE_FIRST
+        self.start = time.monotonic()
+        wait = self.interval or PAUSE_NUDGE_EARLY
         while not self.stop.wait(wait):
             try:
                 rc, out, err = runner.run_rc([_bin(), "list", "-p", str(self.pid)], timeout=10)
@@ -273,7 +277,9 @@ class _Nudger(object):
         together at first, at the slow pace once ``PAUSE_NUDGE_CLOSE`` have run or after a
         list that did not show the tapdisk (failed: no use in hurrying)."""
         self.close += 1
-        if state is None or self.close >= PAUSE_NUDGE_CLOSE:
+        if self.close == 1:                 # the early one
+            return max(0.0, self.start + PAUSE_NUDGE_FIRST - time.monotonic())
+        if state is None or self.close > PAUSE_NUDGE_CLOSE + 1:
             return PAUSE_NUDGE_INTERVAL
         return PAUSE_NUDGE_CLOSE_WAIT
 

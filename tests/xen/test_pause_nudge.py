@@ -36,9 +36,12 @@ FAKE = textwrap.dedent('''\
     elif verb == "list":
         if has("paused"):
             put("nudged")
-        if has("answered"):
+        if has("answered") and "-m" in sys.argv:     # a check (get), not a nudge
             put("listed-after-answer")
-        print("pid=7 minor=3 state=%s args=vhd:/sr/leaf.vhd" % ("0x2a" if has("paused") else "0"))
+        state = "0x2a" if has("paused") else "0"
+        if state != "0" and has("busy") and "-m" not in sys.argv:
+            state = "0x10"                   # "busy": the nudges see the pause requested only
+        print("pid=7 minor=3 state=%s args=vhd:/sr/leaf.vhd" % state)
     ''')
 
 
@@ -68,15 +71,16 @@ def test_a_finished_pause_left_unanswered_is_answered(tapdisk):
 
 
 def test_the_nudge_that_saw_the_tapdisk_paused_is_the_check_after_the_pause(tapdisk):
-    """No list runs after the answer while the guest waits: the nudge's list, served while
-    tapdisk had paused, already showed state 0x20."""
+    """No check (``list -p -m``) runs after the answer while the guest waits: the nudge's
+    list, served while tapdisk had paused, already showed state 0x20."""
     disk = tap_ctl.pause(7, 3, timeout=20)
     assert disk.state & tap_ctl.PAUSED
     assert not (tapdisk / "listed-after-answer").exists()
 
 
-def test_a_pause_answered_before_any_nudge_is_checked_by_a_list(tapdisk):
+def test_a_pause_no_nudge_saw_done_is_checked_by_a_list(tapdisk):
     (tapdisk / "prompt").write_text("")        # answered at once
+    (tapdisk / "busy").write_text("")          # while the nudges saw it requested only
     disk = tap_ctl.pause(7, 3, timeout=20)
     assert disk.state & tap_ctl.PAUSED
     assert (tapdisk / "listed-after-answer").exists()
@@ -95,15 +99,19 @@ def test_a_pause_answered_but_not_paused_fails_before_the_block(tapdisk):
 
 @pytest.mark.parametrize("state", [0, tap_ctl.PAUSE_REQUESTED,
                                    tap_ctl.PAUSED | tap_ctl.QUIESCED | tap_ctl.CLOSED])
-def test_nudges_come_close_together_then_at_the_slow_pace(state):
+def test_nudges_early_then_when_the_retry_is_due_then_close_together_then_slowly(state):
     n = tap_ctl._Nudger(7, 3)
+    first = n._next(state)                     # after the early nudge: until FIRST from start
+    assert 0 <= first <= tap_ctl.PAUSE_NUDGE_FIRST
     waits = [n._next(state) for _ in range(tap_ctl.PAUSE_NUDGE_CLOSE + 2)]
-    assert waits == [tap_ctl.PAUSE_NUDGE_CLOSE_WAIT] * (tap_ctl.PAUSE_NUDGE_CLOSE - 1) + \
-        [tap_ctl.PAUSE_NUDGE_INTERVAL] * 3
+    assert waits == [tap_ctl.PAUSE_NUDGE_CLOSE_WAIT] * tap_ctl.PAUSE_NUDGE_CLOSE + \
+        [tap_ctl.PAUSE_NUDGE_INTERVAL] * 2
 
 
 def test_a_nudge_whose_list_failed_is_followed_at_the_slow_pace():
-    assert tap_ctl._Nudger(7, 3)._next(None) == tap_ctl.PAUSE_NUDGE_INTERVAL
+    n = tap_ctl._Nudger(7, 3)
+    n._next(0)
+    assert n._next(None) == tap_ctl.PAUSE_NUDGE_INTERVAL
 
 
 def test_a_nudge_sees_only_its_own_minor_paused():
