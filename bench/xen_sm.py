@@ -261,6 +261,19 @@ class Run(object):
         return out
 
 
+def _shim(prefix):
+    return os.path.join(prefix, "lib", "memlock_shim.so")
+
+
+def _shim_knows(prefix, name):
+    """Whether the test bed's LD_PRELOAD shim reads the environment variable ``name``."""
+    try:
+        with open(_shim(prefix), "rb") as f:
+            return name in f.read()
+    except OSError:
+        return False
+
+
 def _chain(path):
     """The images of ``path``'s chain below it (file names), as vhd-util reads them."""
     out = []
@@ -345,9 +358,15 @@ def main(argv=None):
     except blktap.MissingBuild as e:
         print("bench/xen_sm.py: %s" % e, file=sys.stderr)
         return 2
+    console = a.tapdisk_console
+    if not console and not _shim_knows(prefix, b"TESTXEN_TAPDISK_NO_CONSOLE"):
+        print("bench/xen_sm.py: the blktap build's shim (%s) predates "
+              "TESTXEN_TAPDISK_NO_CONSOLE (run scripts/build-blktap.sh): tapdisk logs to the "
+              "console in this run" % _shim(prefix), file=sys.stderr)
+        console = "kept: the shim predates TESTXEN_TAPDISK_NO_CONSOLE"
     harness.unwind_on_sigterm()
     os.environ.update(blktap.env())
-    if not a.tapdisk_console:
+    if not console:
         os.environ["TESTXEN_TAPDISK_NO_CONSOLE"] = "1"     # the tapdisks started below
     # short and without "_" (XenAPI's UNIX-socket URL naming)
     base = os.path.join(a.dir or "/tmp", "xsb" + uuid.uuid4().hex[:10])
@@ -398,7 +417,7 @@ def main(argv=None):
                  "tapdisk": "real blktap tapdisk and tap-ctl (%s), the guest writing over NBD"
                             % prefix, "sm": os.path.basename(smmod.archive())},
         "params": {"sizes_mib": sizes, "quiet_s": a.quiet_s, "no_speed_log": a.no_speed_log,
-                   "tapdisk_console": a.tapdisk_console,
+                   "tapdisk_console": console,
                    "data_offset_mib": DATA_OFFSET_MIB,
                    "disk_mib": {str(s): 2 * DATA_OFFSET_MIB + 2 * s for s in sizes},
                    "max_gap": "longest gap between acknowledged guest writes over the "
