@@ -41,6 +41,13 @@ side: the guest stopped, the tapdisk destroyed, every acknowledged write present
 check' of the disk, the chain left (chain_after: one image on each side for a verified
 run). Ratio: livesnap's max gap / SM's.
 
+tapdisk's syslog: the test bed has no syslog daemon on /dev/log, so glibc would write every
+tapdisk message to /dev/console (tapdisk opens its log with LOG_CONS), synchronously, 2-3 ms
+each here, and tapdisk logs several per pause and per unpause (each image closed, opened, its
+parent validated): a cost a host's syslog does not have, paid inside every pause of both
+sides. The run's tapdisks drop them instead (TESTXEN_TAPDISK_NO_CONSOLE, the test bed's
+LD_PRELOAD shim, testxen/preload/memlock_shim.c); --tapdisk-console keeps them.
+
 A livesnap attempt that fails (a 'tap-ctl pause' the real tapdisk never answers: a known
 test-bed problem) is reported, the plugin's recover run, and another VM tried (--attempts);
 the failed ones are listed in livesnap_failed_attempts, and the run is then not verified if
@@ -48,7 +55,7 @@ the last one failed too. Only the tapdisks this run started are destroyed (by pi
 run's world is removed at the end (also on SIGTERM / Ctrl-C).
 
     python3 bench/xen_sm.py [--sizes 8,32,128,512] [--quiet-s 1] [--no-speed-log] [--attempts 2]
-                            [--dir DIR] [--out FILE]
+                            [--tapdisk-console] [--dir DIR] [--out FILE]
 """
 import argparse
 import json
@@ -254,6 +261,19 @@ class Run(object):
         return out
 
 
+def _shim(prefix):
+    return os.path.join(prefix, "lib", "memlock_shim.so")
+
+
+def _shim_knows(prefix, name):
+    """Whether the test bed's LD_PRELOAD shim reads the environment variable ``name``."""
+    try:
+        with open(_shim(prefix), "rb") as f:
+            return name in f.read()
+    except OSError:
+        return False
+
+
 def _chain(path):
     """The images of ``path``'s chain below it (file names), as vhd-util reads them."""
     out = []
@@ -327,6 +347,9 @@ def main(argv=None):
                     help="remove SM's speed log before each GC pass (a fresh SR's decision)")
     ap.add_argument("--attempts", type=int, default=2,
                     help="livesnap attempts per size when one fails (an unanswered pause)")
+    ap.add_argument("--tapdisk-console", action="store_true",
+                    help="let tapdisk's syslog go to /dev/console, as it does in the test bed "
+                         "without a syslog daemon (2-3 ms per message, inside the pauses)")
     harness.add_output_options(ap)
     a = ap.parse_args(argv)
     sizes = harness.sizes_of(a)
@@ -335,8 +358,16 @@ def main(argv=None):
     except blktap.MissingBuild as e:
         print("bench/xen_sm.py: %s" % e, file=sys.stderr)
         return 2
+    console = a.tapdisk_console
+    if not console and not _shim_knows(prefix, b"TESTXEN_TAPDISK_NO_CONSOLE"):
+        print("bench/xen_sm.py: the blktap build's shim (%s) predates "
+              "TESTXEN_TAPDISK_NO_CONSOLE (run scripts/build-blktap.sh): tapdisk logs to the "
+              "console in this run" % _shim(prefix), file=sys.stderr)
+        console = "kept: the shim predates TESTXEN_TAPDISK_NO_CONSOLE"
     harness.unwind_on_sigterm()
     os.environ.update(blktap.env())
+    if not console:
+        os.environ["TESTXEN_TAPDISK_NO_CONSOLE"] = "1"     # the tapdisks started below
     # short and without "_" (XenAPI's UNIX-socket URL naming)
     base = os.path.join(a.dir or "/tmp", "xsb" + uuid.uuid4().hex[:10])
     os.makedirs(base)
@@ -386,6 +417,7 @@ def main(argv=None):
                  "tapdisk": "real blktap tapdisk and tap-ctl (%s), the guest writing over NBD"
                             % prefix, "sm": os.path.basename(smmod.archive())},
         "params": {"sizes_mib": sizes, "quiet_s": a.quiet_s, "no_speed_log": a.no_speed_log,
+                   "tapdisk_console": console,
                    "data_offset_mib": DATA_OFFSET_MIB,
                    "disk_mib": {str(s): 2 * DATA_OFFSET_MIB + 2 * s for s in sizes},
                    "max_gap": "longest gap between acknowledged guest writes over the "

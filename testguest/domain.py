@@ -180,6 +180,7 @@ class WriterGuest(object):
         self._ready = None
         self._stopped = None        # dict from the latest STOPPED line
         self._resumed = 0
+        self._writes_paused = False     # stopped by pause_writes, not resumed since
         self._eof = False
         self._sock = None
         self._thread = None
@@ -235,6 +236,7 @@ class WriterGuest(object):
             self._lines, self._errors = [], []
             self._ready = self._stopped = None
             self._resumed, self._eof = 0, False
+            self._writes_paused = False
         self.clean_stop = self.stop_error = None
         return self.start(wait_ready=wait_ready, timeout=timeout)
 
@@ -423,6 +425,7 @@ class WriterGuest(object):
             if seq != self.last_acked(t):
                 raise self._fail("guest says last %s seq is %d, host saw ACK %d"
                                  % (t, seq, self.last_acked(t)))
+        self._writes_paused = True
         return stopped
 
     def resume_writes(self, timeout=30):
@@ -430,6 +433,24 @@ class WriterGuest(object):
             n = self._resumed
         self.send("GO")
         self._wait(lambda: self._resumed > n, timeout, "RESUMED")
+        self._writes_paused = False
+
+    def sync_acks(self, timeout=30):
+        """{disk: last acked seq}, counting every ACK the guest printed before this call.
+
+        The host reads the console behind the guest: an ACK line waits in the guest's tty
+        buffer (4 KiB, a hundred lines), in QEMU and in this reader before ``last_acked``
+        counts it, while the guest writes on. So ``last_acked`` right after an operation is
+        not a bound on what the guest wrote before it (a snapshot's frozen image can hold
+        writes whose ACKs the host has not read yet). A STOP/GO round trip is the barrier:
+        the guest prints STOPPED after every ACK line it printed before it read STOP. The
+        guest stops writing for the round trip; one stopped by ``pause_writes`` stays
+        stopped (its STOPPED line was the barrier)."""
+        if self._writes_paused:
+            return {t: self.last_acked(t) for t in self.targets}
+        stopped = self.pause_writes(timeout)
+        self.resume_writes(timeout)
+        return stopped
 
     # -- facts -------------------------------------------------------------------------------
     def acks(self, disk=None):

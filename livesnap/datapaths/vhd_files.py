@@ -174,7 +174,8 @@ class VhdOfflineDatapath(Datapath):
     def _freeze(self, items, hidden=False):
         """Rename each leaf away and put a new empty leaf at its path (idempotent). Inside
         the pause, per disk: rename, (LV: deflate the renamed image), hidden flag for an
-        internal image, the new leaf; after it the frozen images become read-only (LV)."""
+        internal image, the new leaf, both names durable (one directory fsync for the two);
+        after it the frozen images become read-only (LV)."""
         todo = []
         for it in items:
             frozen, leaf = it["frozen_path"], it["leaf_path"]
@@ -193,12 +194,13 @@ class VhdOfflineDatapath(Datapath):
                     frozen, leaf = it["frozen_path"], it["leaf_path"]
                     st = storage(leaf)
                     if st.exists(leaf) and not st.exists(frozen):
-                        st.rename(leaf, frozen)
+                        st.rename(leaf, frozen, sync=False)
                         faults.point("tapdisk", "renamed", 0)
                     st.freeze(frozen, readonly=False)
                     if hidden or it.get("face_path"):
                         vhd.set_hidden(frozen, 1)
-                    st.create_child(leaf, frozen, leaf=True)
+                    st.create_child(leaf, frozen, leaf=True, sync=False)
+                    st.sync([frozen, leaf])       # before tapdisk writes into the new leaf
             pause_ms = getattr(window, "ms", None)
         for r, _ in rotations:
             r.finish()

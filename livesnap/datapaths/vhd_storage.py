@@ -40,7 +40,12 @@ SM_VG_PREFIX = "VG_XenStorage-"            # SM: lvhdutil.VG_PREFIX
 
 
 def _fsync_dir(path):
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    """The directory holding ``path`` fsynced (its entries durable)."""
+    _fsync_directory(os.path.dirname(path) or ".")
+
+
+def _fsync_directory(d):
+    fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -59,9 +64,11 @@ class FileStorage(object):
     def exists(self, path):
         return os.path.exists(path)
 
-    def rename(self, old, new):
+    def rename(self, old, new, sync=True):
+        """``sync=False``: the caller makes it durable (``sync``)."""
         os.rename(old, new)
-        _fsync_dir(new)
+        if sync:
+            _fsync_dir(new)
 
     def replace(self, old, new):
         """``old`` renamed over ``new`` (the image at ``new`` goes)."""
@@ -77,18 +84,26 @@ class FileStorage(object):
         kept on LVs only)."""
         return None
 
-    def create_child(self, path, parent, leaf=True):
+    def create_child(self, path, parent, leaf=True, sync=True):
         """A new empty VHD at ``path`` whose parent is ``parent`` (a half-made one from a
         crash is replaced; a name that is not livesnap's file: NotOurFile). Mode 0600, as
         created (umask 077 around it: the VHD engine creates files 0644 as vhd-util does),
-        whatever the mode of the leaf it replaces: never wider."""
+        whatever the mode of the leaf it replaces: never wider. ``sync=False``: the caller
+        makes its name durable (``sync``)."""
         own_files.remove(path)
         old = os.umask(0o077)
         try:
             vhd.snapshot(path, parent)
         finally:
             os.umask(old)
-        _fsync_dir(path)
+        if sync:
+            _fsync_dir(path)
+
+    def sync(self, paths):
+        """The names of ``paths`` (renamed or created with ``sync=False``) durable: one fsync
+        of each directory holding them."""
+        for d in sorted({os.path.dirname(p) or "." for p in paths}):
+            _fsync_directory(d)
 
     def freeze(self, path, readonly=True):
         """``path`` will not be written again (a frozen image)."""
@@ -128,7 +143,7 @@ class LvmStorage(object):
     def exists(self, path):
         return os.path.exists(path)
 
-    def rename(self, old, new):
+    def rename(self, old, new, sync=True):
         """The LV renamed; SM's refcounts stay with the names (the caller says what the
         rename means: ``frozen_from``, ``replace``)."""
         lvm.lvrename(self.vg, self._lv(old), self._lv(new))
@@ -177,7 +192,7 @@ class LvmStorage(object):
         lvm.set_readonly(self.vg, self._lv(path), False)
         self._inflate(path, lvm.full_size(_virtual_size(path)))
 
-    def create_child(self, path, parent, leaf=True):
+    def create_child(self, path, parent, leaf=True, sync=True):
         """An LV for the new image, then the VHD on it, as SM's LVHDSR makes a snapshot's
         children (``_createSnap``): the VHD with its metadata preallocated for 2 TiB
         (``vhd-util snapshot -S`` ``lvhdutil.MSIZE_MB``: BAT and batmap for that size, so SM's
@@ -208,6 +223,10 @@ class LvmStorage(object):
 
     def set_readonly(self, path):
         lvm.set_readonly(self.vg, self._lv(path), True)
+
+    def sync(self, paths):
+        """LVM's metadata is written by each command: nothing left to make durable."""
+        return None
 
     def remove(self, path):
         """The LV goes, and SM's refcounts of it (cleanup.LVHDVDI.delete)."""

@@ -14,10 +14,14 @@ but the scheduler's 600 s. When the last in-flight request completes within 10 m
 the event loop itself finishes the pause (the state is 0x2a: paused, quiesced, closed), but
 the answer waits for the next unrelated event on any of tapdisk's descriptors, e.g. another
 tap-ctl connecting. So while a pause runs livesnap connects to that tapdisk with
-``tap-ctl list -p PID`` (read-only; tapdisk answers a list even while busy with the pause):
-soon after the pause starts (``PAUSE_NUDGE_FIRST``: tapdisk's 10 ms retries mean a short
-pause is usually finished within a few of them), then every ``PAUSE_NUDGE_INTERVAL``
-seconds, and the pause is answered within about that interval.
+``tap-ctl list -p PID`` (read-only; tapdisk answers a list even while busy with the pause),
+one ``PAUSE_NUDGE_EARLY`` after the pause command started (served right after tapdisk took
+the pause: when no request was in flight tapdisk paused at once and this list shows it
+paused), one ``PAUSE_NUDGE_FIRST`` after the start (tapdisk makes its first try a few ms
+after the start, its next one is due 10 ms after that), then ``PAUSE_NUDGE_CLOSE`` more, each
+``PAUSE_NUDGE_CLOSE_WAIT`` after the last returned, then every ``PAUSE_NUDGE_INTERVAL``
+seconds (``_Nudger``). A nudge's list that shows the tapdisk paused is also the state check
+after the pause: no other ``list`` runs while the guest waits.
 
 Errors (all ``livesnap.errors.DatapathError``, carrying op, pid, minor, path, rc, err)::
 
@@ -30,7 +34,6 @@ Errors (all ``livesnap.errors.DatapathError``, carrying op, pid, minor, path, rc
 """
 import collections
 import errno
-import itertools
 import logging
 import os
 import signal
@@ -54,8 +57,12 @@ SHUTDOWN_REQUESTED = 0x40
 
 EMEDIUMTYPE = getattr(errno, "EMEDIUMTYPE", 124)
 DEFAULT_PAUSE_TIMEOUT = 30.0
-PAUSE_NUDGE_INTERVAL = 0.05     # seconds; see the module's docstring
-PAUSE_NUDGE_FIRST = (0.005, 0.01, 0.01, 0.02)     # the first waits, then the interval
+# the nudges' waits, in seconds (see the module's docstring and ``_Nudger``)
+PAUSE_NUDGE_EARLY = 0.001       # after the pause command started
+PAUSE_NUDGE_FIRST = 0.011       # after the start too: tapdisk's next try is due
+PAUSE_NUDGE_CLOSE_WAIT = 0.001  # then after each list returned, PAUSE_NUDGE_CLOSE times
+PAUSE_NUDGE_CLOSE = 10
+PAUSE_NUDGE_INTERVAL = 0.05     # then
 # SM (blktap2.py TapCtl.list) retries list 10x with 0.5 s backoff on these exit codes
 LIST_RETRY_CODES = (errno.EPROTO, errno.ENOENT)
 
@@ -203,11 +210,11 @@ def get(pid, minor):
 
 def pause(pid, minor, timeout=DEFAULT_PAUSE_TIMEOUT, path=None, cbtlog=None):
     """``tap-ctl pause -p PID -m MINOR`` under livesnap's own ``timeout`` (seconds); afterwards
-    the tapdisk must show state 0x20. A timed-out pause is undone (best effort, with
-    ``cbtlog`` passed on) before ``PauseTimeout`` is raised, so that the guest is not left
-    paused by a late pause."""
+    the tapdisk must show state 0x20 (in a nudge's list served during the pause, else in a
+    list run after it). A timed-out pause is undone (best effort, with ``cbtlog`` passed on)
+    before ``PauseTimeout`` is raised, so that the guest is not left paused by a late pause."""
     argv = [_bin(), "pause", "-p", str(pid), "-m", str(minor)]
-    with _nudging(pid):
+    with _nudging(pid, minor) as nudger:
         rc, out, err = runner.run_rc(argv, timeout=timeout)
     if rc == -9:
         e = PauseTimeout("pause", pid, minor, path, "no answer within %ss" % timeout)
@@ -218,7 +225,7 @@ def pause(pid, minor, timeout=DEFAULT_PAUSE_TIMEOUT, path=None, cbtlog=None):
         e = PauseFailed("pause", pid, minor, path, _reason(rc, out, err))
         e.rc, e.err, e.cmd = rc, err, argv
         raise e
-    disk = get(pid, minor)
+    disk = nudger.paused or get(pid, minor)
     if disk.state is None or not disk.state & PAUSED:
         e = PauseFailed("pause", pid, minor, path or disk.path,
                         "state is %s after pause, not paused (0x20)" % _hex(disk.state))
@@ -227,32 +234,70 @@ def pause(pid, minor, timeout=DEFAULT_PAUSE_TIMEOUT, path=None, cbtlog=None):
     return disk
 
 
-@contextmanager
-def _nudging(pid, interval=None):
-    """While the block runs, ``tap-ctl list -p PID`` every ``interval`` seconds (default: after
-    ``PAUSE_NUDGE_FIRST``, every ``PAUSE_NUDGE_INTERVAL``): a control connection wakes tapdisk's event loop, so that a
-    pause it has finished is answered (see the module's docstring). Failures are ignored:
-    the pause itself reports."""
-    if interval is None:
-        waits = itertools.chain(PAUSE_NUDGE_FIRST, itertools.repeat(PAUSE_NUDGE_INTERVAL))
-    else:
-        waits = itertools.repeat(interval)
-    stop = threading.Event()
+class _Nudger(object):
+    """``tap-ctl list -p PID`` while a pause of ``pid``/``minor`` runs (``interval``: every
+    ``interval`` seconds, else as the module's docstring says). ``paused``: the ``TapDisk``
+    of a list that showed ``minor`` paused (PAUSED set: tapdisk had paused it when it
+    answered), else None."""
 
-    def nudge():
-        while not stop.wait(next(waits)):
+    def __init__(self, pid, minor, interval=None):
+        self.pid, self.minor, self.interval = pid, minor, interval
+        self.paused = None
+        self.close = 0
+        self.start = time.monotonic()
+        self.stop = threading.Event()
+
+    def run(self):
+        self.start = time.monotonic()
+        wait = self.interval or PAUSE_NUDGE_EARLY
+        while not self.stop.wait(wait):
             try:
-                runner.run_rc([_bin(), "list", "-p", str(pid)], timeout=10)
+                rc, out, err = runner.run_rc([_bin(), "list", "-p", str(self.pid)], timeout=10)
+                state = self._state(out) if rc == 0 else None
             except Exception as e:          # a pause must not fail for want of a nudge
-                log.debug("nudging tapdisk %s: %s", pid, e)
+                log.debug("nudging tapdisk %s: %s", self.pid, e)
+                state = None
+            wait = self.interval or self._next(state)
 
-    t = threading.Thread(target=nudge, name="tap-ctl-nudge-%s" % pid)
+    def _state(self, out):
+        """``minor``'s state in a list's output (None: not there, not parsable); records it
+        in ``paused`` when PAUSED is set."""
+        try:
+            disks = [d for d in parse_list(out) if d.pid == self.pid and d.minor == self.minor]
+        except (ValueError, KeyError):
+            return None
+        if len(disks) != 1 or disks[0].state is None:
+            return None
+        if disks[0].state & PAUSED:
+            self.paused = disks[0]
+        return disks[0].state
+
+    def _next(self, state):
+        """The wait before the next nudge, after one whose list showed ``state``: close
+        together at first, at the slow pace once ``PAUSE_NUDGE_CLOSE`` have run or after a
+        list that did not show the tapdisk (failed: no use in hurrying)."""
+        self.close += 1
+        if self.close == 1:                 # the early one
+            return max(0.0, self.start + PAUSE_NUDGE_FIRST - time.monotonic())
+        if state is None or self.close > PAUSE_NUDGE_CLOSE + 1:
+            return PAUSE_NUDGE_INTERVAL
+        return PAUSE_NUDGE_CLOSE_WAIT
+
+
+@contextmanager
+def _nudging(pid, minor=None, interval=None):
+    """While the block runs, nudge tapdisk ``pid`` (``_Nudger``; ``interval``: every
+    ``interval`` seconds): a control connection wakes tapdisk's event loop, so that a pause it
+    has finished is answered (see the module's docstring). Failures are ignored: the pause
+    itself reports. Yields the ``_Nudger``."""
+    nudger = _Nudger(pid, minor, interval)
+    t = threading.Thread(target=nudger.run, name="tap-ctl-nudge-%s" % pid)
     t.daemon = True
     t.start()
     try:
-        yield
+        yield nudger
     finally:
-        stop.set()
+        nudger.stop.set()
         t.join()
 
 

@@ -39,16 +39,17 @@ qcow2 = testguest.create_qcow2
 
 @pytest.fixture(scope="module")
 def make_guest(guest_image, lsg_conn, tmp_path_factory):
-    """make_guest(disks=None, **kw) -> started WriterGuest; disks default to two fresh qcow2
-    images (vda, vdb) of ring_mib MiB each in a temporary directory."""
+    """make_guest(disks=None, cls=WriterGuest, **kw) -> started guest; disks default to two
+    fresh qcow2 images (vda, vdb) of ring_mib MiB each in a temporary directory."""
     made = []
 
-    def make(disks=None, ring_mib=1, interval_ms=10, start=True, **kw):
+    def make(disks=None, ring_mib=1, interval_ms=10, start=True, cls=testguest.WriterGuest,
+             **kw):
         name = "lsg-test-" + uuid.uuid4().hex[:10]
         if disks is None:
             d = tmp_path_factory.mktemp(name)
             disks = [(t, qcow2(d / (t + ".qcow2"), ring_mib), "qcow2") for t in ("vda", "vdb")]
-        g = testguest.WriterGuest(name, disks, ring_mib=ring_mib, interval_ms=interval_ms,
+        g = cls(name, disks, ring_mib=ring_mib, interval_ms=interval_ms,
                                   conn=lsg_conn, **kw)
         made.append(g)
         if start:

@@ -3,10 +3,12 @@ are all found by verify() through the chain, a live snapshot reads what it read 
 tampering is caught by slot, and max_gap measures a stall."""
 import os
 import subprocess
+import threading
 import time
 
 import pytest
 
+import testguest
 from testguest import VerifyError, chain_digest, read_records, records, verify
 from testguest import create_qcow2 as qcow2
 
@@ -47,7 +49,7 @@ def run(make_guest, tmp_path_factory):
                             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
                             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
     f["snap_window"] = (ts, time.monotonic())
-    f["after_snap"] = {t: g.last_acked(t) for t in g.targets}
+    f["after_snap"] = g.sync_acks()        # every ACK printed before now (console lag)
     f["overlays"] = over
     f["frozen_digest"] = {t: chain_digest(f["images"][t]) for t in g.targets}
     f["frozen_records"] = {t: read_records(f["images"][t], RING_MIB) for t in g.targets}
@@ -169,3 +171,90 @@ def test_torn_acked_record_and_wrong_disk_are_caught(run, tmp_path):
     assert e.value.result.bad_slots == [7] and "torn" in str(e.value)
     with pytest.raises(VerifyError):
         verify(run["overlays"]["vdb"], "vda", run["last"]["vda"], RING_MIB, g.run_id)
+
+
+class _HeldConsole(object):
+    """The guest's console socket as a loaded host reads it: while held, what arrives is kept
+    from the reader (the guest writes on, its ACK lines wait); sending STOP (a STOP/GO round
+    trip) lets everything through again, in order."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.cv = threading.Condition()
+        self.holding = False
+        self.kept = b""
+
+    def hold(self):
+        with self.cv:
+            self.holding = True
+
+    def acks_kept(self, disk):
+        with self.cv:
+            return self.kept.count(("ACK %s " % disk).encode())
+
+    def recv(self, n):
+        while True:
+            data = self.sock.recv(n)
+            with self.cv:
+                self.kept += data
+                if not self.holding or not data:
+                    out, self.kept = self.kept, b""
+                    return out
+                self.cv.notify_all()
+
+    def sendall(self, data):
+        if data.startswith(b"STOP"):
+            with self.cv:
+                self.holding = False
+        return self.sock.sendall(data)
+
+    def close(self):
+        self.sock.close()
+
+
+class _LaggingGuest(testguest.WriterGuest):
+    """A writer guest whose console the test can hold back (``console.hold()``)."""
+    console = None
+
+    def _connect(self, timeout):
+        self.console = _HeldConsole(super(_LaggingGuest, self)._connect(timeout))
+        return self.console
+
+
+def test_acks_the_host_has_not_read_yet_are_counted_by_sync_acks(make_guest, tmp_path):
+    """The online tests bound what a snapshot's frozen image may hold by the guest's last
+    ACK after the snapshot; the host reads the console behind the guest, so that bound is
+    ``sync_acks()``, not ``last_acked()`` (a CI run saw a frozen image hold seq 503 while
+    the host had read ACKs up to 501 when the snapshot call returned). Here the console is
+    held back while the guest writes, and the snapshot is taken then."""
+    import libvirt
+    g = make_guest(cls=_LaggingGuest)
+    g.wait_acks(5, timeout=60)
+    g.console.hold()
+    with g.console.cv:
+        assert g.console.cv.wait_for(
+            lambda: all(g.console.acks_kept(t) >= 3 for t in g.targets), timeout=60)
+    before = {t: g.last_acked(t) for t in g.targets}
+    over = {t: str(tmp_path / ("%s.s1.qcow2" % t)) for t in g.targets}
+    xml = ("<domainsnapshot><name>s1</name><disks>%s</disks></domainsnapshot>"
+           % "".join("<disk name='%s' snapshot='external'><source file='%s'/></disk>" % (t, p)
+                     for t, p in over.items()))
+    frozen = dict(g.disk_sources())
+    g.dom.snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+                            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+                            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+    read_so_far = {t: g.last_acked(t) for t in g.targets}
+    synced = g.sync_acks()
+    for t in g.targets:
+        assert read_so_far[t] == before[t]            # the console was held: nothing new read
+        # the frozen image holds writes the host had not read the ACKs of ...
+        with pytest.raises(VerifyError, match="beyond last acknowledged"):
+            verify(frozen[t], t, before[t], RING_MIB, g.run_id,
+                   inflight=read_so_far[t] - before[t] + 1)
+        # ... and sync_acks() counts them
+        assert synced[t] >= before[t] + 3
+        res = verify(frozen[t], t, before[t], RING_MIB, g.run_id,
+                     inflight=synced[t] - before[t] + 1)
+        assert before[t] + 3 <= res.newest_seq <= synced[t] + 1
+    g.wait_acks(3, timeout=60)                        # writing again after the round trip
+    assert g.sync_acks() == {t: g.last_acked(t) for t in g.targets}

@@ -38,12 +38,14 @@ class Live(Cli):
     def create(self, name, *extra):
         before = {t: self.guest.last_acked(t) for t in self.guest.targets}
         r = self.json("snapshot-create", self.name, name, *extra)
-        after = {t: self.guest.last_acked(t) for t in self.guest.targets}
-        self.snaps[name] = {}
+        # what the frozen images read as the call returned (check_snapshots compares)
+        self.snaps[name] = {d["target"]: chain_digest(d["image"]) for d in r["disks"]}
+        # every ACK the guest printed before now (the console lags behind the guest: the
+        # frozen image may hold writes whose ACK lines the host has not read yet)
+        after = self.guest.sync_acks() if self.guest.is_active() else None
         for d in r["disks"]:
             t = d["target"]
-            self.snaps[name][t] = chain_digest(d["image"])
-            if self.guest.is_active():
+            if after is not None:
                 # the frozen image holds every write acked before the call, maybe some after
                 verify(d["image"], t, before[t], RING_MIB, self.guest.run_id,
                        inflight=after[t] - before[t] + 1)

@@ -23,16 +23,25 @@ FAKE = textwrap.dedent('''\
         open(os.path.join(d, name), "w").close()
     verb = sys.argv[1]
     if verb == "pause":
-        put("paused")                    # done at once; the answer waits for a connection
+        if not has("liar"):              # "liar": answers 0 without pausing
+            put("paused")                # done at once; the answer waits for a connection
         deadline = time.time() + 60
-        while not (has("nudged") and not has("deaf")) and time.time() < deadline:
+        while not (has("nudged") or has("prompt") or has("liar")) or has("deaf"):
+            if time.time() > deadline:
+                break
             time.sleep(0.01)
+        put("answered")
     elif verb == "unpause":
         os.unlink(os.path.join(d, "paused"))
     elif verb == "list":
         if has("paused"):
             put("nudged")
-        print("pid=7 minor=3 state=%s args=vhd:/sr/leaf.vhd" % ("0x2a" if has("paused") else "0"))
+        if has("answered") and "-m" in sys.argv:     # a check (get), not a nudge
+            put("listed-after-answer")
+        state = "0x2a" if has("paused") else "0"
+        if state != "0" and has("busy") and "-m" not in sys.argv:
+            state = "0x10"                   # "busy": the nudges see the pause requested only
+        print("pid=7 minor=3 state=%s args=vhd:/sr/leaf.vhd" % state)
     ''')
 
 
@@ -59,6 +68,60 @@ def test_a_finished_pause_left_unanswered_is_answered(tapdisk):
     assert disk.state & tap_ctl.PAUSED
     assert (tapdisk / "nudged").exists()
     assert _nudgers() == []
+
+
+def test_the_nudge_that_saw_the_tapdisk_paused_is_the_check_after_the_pause(tapdisk):
+    """No check (``list -p -m``) runs after the answer while the guest waits: the nudge's
+    list, served while tapdisk had paused, already showed state 0x20."""
+    disk = tap_ctl.pause(7, 3, timeout=20)
+    assert disk.state & tap_ctl.PAUSED
+    assert not (tapdisk / "listed-after-answer").exists()
+
+
+def test_a_pause_no_nudge_saw_done_is_checked_by_a_list(tapdisk):
+    (tapdisk / "prompt").write_text("")        # answered at once
+    (tapdisk / "busy").write_text("")          # while the nudges saw it requested only
+    disk = tap_ctl.pause(7, 3, timeout=20)
+    assert disk.state & tap_ctl.PAUSED
+    assert (tapdisk / "listed-after-answer").exists()
+
+
+def test_a_pause_answered_but_not_paused_fails_before_the_block(tapdisk):
+    (tapdisk / "liar").write_text("")
+    ran = []
+    with pytest.raises(tap_ctl.PauseFailed) as ei:
+        with tap_ctl.paused(7, 3, path="/sr/leaf.vhd", timeout=20):
+            ran.append(1)
+    assert ran == []
+    assert "state is 0x0 after pause, not paused" in str(ei.value)
+    assert _nudgers() == []
+
+
+@pytest.mark.parametrize("state", [0, tap_ctl.PAUSE_REQUESTED,
+                                   tap_ctl.PAUSED | tap_ctl.QUIESCED | tap_ctl.CLOSED])
+def test_nudges_early_then_when_the_retry_is_due_then_close_together_then_slowly(state):
+    n = tap_ctl._Nudger(7, 3)
+    first = n._next(state)                     # after the early nudge: until FIRST from start
+    assert 0 <= first <= tap_ctl.PAUSE_NUDGE_FIRST
+    waits = [n._next(state) for _ in range(tap_ctl.PAUSE_NUDGE_CLOSE + 2)]
+    assert waits == [tap_ctl.PAUSE_NUDGE_CLOSE_WAIT] * tap_ctl.PAUSE_NUDGE_CLOSE + \
+        [tap_ctl.PAUSE_NUDGE_INTERVAL] * 2
+
+
+def test_a_nudge_whose_list_failed_is_followed_at_the_slow_pace():
+    n = tap_ctl._Nudger(7, 3)
+    n._next(0)
+    assert n._next(None) == tap_ctl.PAUSE_NUDGE_INTERVAL
+
+
+def test_a_nudge_sees_only_its_own_minor_paused():
+    n = tap_ctl._Nudger(7, 3)
+    assert n._state("pid=7 minor=2 state=0x2a args=vhd:/a\npid=7 minor=3 state=0x10 "
+                    "args=vhd:/b\n") == tap_ctl.PAUSE_REQUESTED
+    assert n.paused is None
+    assert n._state("pid=7 minor=3 state=0x2a args=vhd:/b\n") == 0x2a
+    assert n.paused.path == "/b"
+    assert n._state("garbage") is None
 
 
 def test_paused_block_runs_and_unpauses(tapdisk):

@@ -159,3 +159,51 @@ def test_heal_unpauses_under_the_name_tapdisk_was_opened_by(tapdisks, run_dir):
     assert healed == ["xvda"]
     now = tap_ctl.get(td.pid, td.minor)
     assert now.state == 0 and now.path == sm_path
+
+
+def test_a_freeze_makes_both_names_durable_with_one_fsync_before_the_unpause(
+        tapdisks, run_dir, monkeypatch):
+    """Inside the pause the leaf is renamed to the frozen name and a new leaf made at its
+    path; both names must be durable before tapdisk writes the guest's data into the new
+    leaf (the unpause), and one fsync of their directory does it (each is a journal commit
+    while the guest waits)."""
+    from livesnap.datapaths import vhd_storage
+    leaf = os.path.join(run_dir, "leaf.vhd")
+    frozen = os.path.join(run_dir, "leaf.internal.vhd")
+    tapdisks.create_vhd(leaf)
+    td = tapdisks.open(leaf)
+    events = []
+    real_sync, real_pause, real_unpause = (vhd_storage._fsync_directory, tap_ctl.pause,
+                                           tap_ctl.unpause)
+
+    def dir_sync(d):
+        events.append(("fsync", d, os.path.exists(frozen) and vhd_is_child(leaf, frozen)))
+        return real_sync(d)
+
+    def pause(*a, **kw):
+        events.append(("pause",))
+        return real_pause(*a, **kw)
+
+    def unpause(*a, **kw):
+        events.append(("unpause",))
+        return real_unpause(*a, **kw)
+
+    monkeypatch.setattr(vhd_storage, "_fsync_directory", dir_sync)
+    monkeypatch.setattr(tap_ctl, "pause", pause)
+    monkeypatch.setattr(tap_ctl, "unpause", unpause)
+    r = TapdiskDatapath(Domain([leaf])).do_internal_snapshot(
+        {"disk": "xvda", "frozen_path": frozen, "leaf_path": leaf})
+    assert r["pause_ms"] is not None
+    window = events[events.index(("pause",)) + 1:events.index(("unpause",))]
+    assert window == [("fsync", run_dir, True)]
+    now = tap_ctl.get(td.pid, td.minor)
+    assert now.state == 0 and now.path == leaf
+    assert vhd_is_child(leaf, frozen)
+
+
+def vhd_is_child(path, parent):
+    from livesnap import vhd
+    try:
+        return os.path.abspath(vhd.parent_of(path) or "") == parent
+    except vhd.VhdError:
+        return False
