@@ -82,6 +82,7 @@ class Xapi(object):
         # this host's tapdisks, e.g. SM's tapdisk-pause, see testxen/sm.py)
         self.builtin_plugins = {}
         self.scanner = None                # SR.scan's source of truth, see scan()
+        self.vdi_destroyer = None          # VDI.destroy's SM driver, see _vdi_destroy()
         self.lock = threading.Lock()
         self.server = None
         self.thread = None
@@ -211,6 +212,8 @@ class Xapi(object):
             return self._async(method[len("Async."):], session, args)
         if method == "event.from":
             return self._event_from(*args)
+        if method == "VDI.destroy":
+            return self._vdi_destroy(method, *args)
         special = self.SPECIAL.get(method)
         if special is not None:
             with self.lock:
@@ -338,6 +341,33 @@ class Xapi(object):
                 vm["VBDs"].remove(vbd)
             self._del("VBD", vbd)
         self._del("VDI", ref)
+        return ""
+
+    def _vdi_destroy(self, method, *args):
+        """``VDI.destroy`` (``xe vdi-destroy``, and per disk ``xe snapshot-uninstall`` /
+        ``vm-uninstall``): xapi refuses a VDI a running VM has attached (``VDI_IN_USE``)
+        and one SM does not manage (a base copy: ``VDI_NOT_MANAGED``), then has the SR's
+        SM driver run ``vdi_delete`` (``vdi_destroyer(ref)``, e.g. SM's real driver,
+        testxen/sm.py ``Sm.destroyer``; it forgets the record itself through
+        ``VDI.db_forget``); a record SM left is then removed, with its VBDs. Runs outside
+        the model's lock: SM calls back into this server."""
+        self._nargs(method, args, 1)
+        ref = args[0]
+        with self.lock:
+            rec = self.objects["VDI"].get(ref)
+            if rec is None:
+                raise Failure("HANDLE_INVALID", "VDI", ref)
+            if any(self.objects["VBD"][v].get("currently_attached") for v in rec["VBDs"]):
+                raise Failure("VDI_IN_USE", ref, "destroy")
+            if not rec.get("managed", True):
+                raise Failure("VDI_NOT_MANAGED", ref)
+        if self.vdi_destroyer is None:
+            raise Failure("SR_BACKEND_FAILURE_1200", "", "VDI.destroy has no SM driver in "
+                          "the XAPI stand-in (vdi_destroyer unset)", "")
+        self.vdi_destroyer(ref)
+        with self.lock:
+            if ref in self.objects["VDI"]:
+                self._vdi_forget("VDI.db_forget", ref)
         return ""
 
     def _vdi_snapshot(self, method, *args):
