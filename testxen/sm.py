@@ -147,6 +147,16 @@ class Sm(object):
             raise SmError(action, p.returncode, p.stdout, p.stderr, self.log())
         return json.loads(p.stdout.strip().splitlines()[-1])
 
+    def start(self, action, sr, **extra):
+        """``action`` in a process of its own, not waited for (a ``Popen``)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in sys.path if p])
+        cfg = self.config(sr)
+        cfg.update(extra)
+        return subprocess.Popen([sys.executable, "-m", "testxen.sm", json.dumps(cfg), action],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, env=env, cwd=ROOT)
+
     def scan(self, sr):
         """SM's own SR scan (FileSR / LVHDSR ``_loadvdis``): {uuid: {parent, hidden,
         read_only}} of the VDIs SM would introduce to XAPI (hidden leaves left out, as SM
@@ -598,6 +608,16 @@ def main(argv):
         result = _vdi_delete(cfg)
     elif action == "lvhd-init":
         result = _lvhd_init(cfg)
+    elif action == "gc-quiet":
+        # the GC as the SMGC service runs it after a kick: its quiet period first
+        # (_gcLoopPause, GCPAUSE_DEFAULT_SLEEP), which an abort ends
+        cleanup._create_init_file(cfg["sr_uuid"])
+        try:
+            cleanup._gc(None, cfg["sr_uuid"], dryRun=False, immediate=False)
+            result = {"aborted": False}
+        except cleanup.AbortException:
+            cleanup.Util.log("Aborted")
+            result = {"aborted": True}
     elif action in ("classify", "gc"):
         if action == "gc":
             cleanup._gc(None, cfg["sr_uuid"], dryRun=False, immediate=True)

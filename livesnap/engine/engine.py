@@ -121,6 +121,8 @@ class Engine(object):
             tree = self._follow(session, cat.load_tree(), strict=validate)
         if datapath is not None and hasattr(datapath, "prepare"):
             datapath.prepare(tree)           # e.g. activate the LVs of the tree's images
+        if not cat.is_empty():
+            tree = self._follow_sm(session, tree)
         if validate:
             self._validate(domain, tree, datapath)
         session.tree = tree
@@ -157,6 +159,25 @@ class Engine(object):
                  changes["adopted"] or "nothing", changes["gone"] or "nothing")
         session.catalog.save_tree(followed)
         self._sync_metadata(session, followed)
+        return session.catalog.load_tree()
+
+    def _follow_sm(self, session, tree):
+        """XAPI (SM's layout): snapshot VDIs SM deleted (xe, XenCenter) and merges its GC
+        made, taken into the catalog (engine/sm_follow.py; ``session.followed``), saved when
+        the session holds the lock."""
+        if getattr(session.domain, "vdi_exists", None) is None or \
+                session.catalog.unfinished() is not None:
+            return tree
+        from livesnap.engine import sm_follow
+        followed, changes = sm_follow.follow(session.domain, tree)
+        if changes is None:
+            return tree
+        session.followed = changes
+        if not session.locked or session.dry_run:
+            return followed
+        log.info("%s changed by SM: snapshots deleted %s, images merged %s",
+                 session.domain.name, changes["deleted"] or "none", changes["merged"] or "none")
+        session.catalog.save_tree(followed)
         return session.catalog.load_tree()
 
     def _validate(self, domain, tree, datapath=None):
@@ -379,7 +400,15 @@ class Engine(object):
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
-            plan = self._planner(s, datapath, self._users(s, tree)).delete(tree, name)
+            planner = self._planner(s, datapath, self._users(s, tree))
+            if name in ((s.followed or {}).get("deleted") or ()):
+                # its VDIs were deleted through XAPI (xe, XenCenter): what is left is the
+                # merge of its base copies
+                r = self._reclaim(s, datapath, planner.reclaim(tree), dry_run)
+                r.update(snapshot=name, deleted_by="xapi", action="merged" if r.get(
+                    "merges") else "deleted")
+                return r
+            plan = planner.delete(tree, name)
             return self._run(s, datapath, plan, dry_run)
 
     def revert(self, domain, name, keep_current=None, dry_run=False):
@@ -407,9 +436,16 @@ class Engine(object):
             datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath, self._users(s, tree)).reclaim(tree)
-            if not plan.steps:
-                return dict(plan.result, pause_ms=None)
-            return self._run(s, datapath, plan, dry_run)
+            return self._reclaim(s, datapath, plan, dry_run)
+
+    def _reclaim(self, s, datapath, plan, dry_run):
+        if not plan.steps:
+            r = dict(plan.result, pause_ms=None)
+        else:
+            r = self._run(s, datapath, plan, dry_run)
+        if s.followed and "faces_deleted" in s.followed:
+            r["followed_sm"] = s.followed           # what SM had done (engine/sm_follow.py)
+        return r
 
     def recover(self, domain):
         with self._session(domain) as s:

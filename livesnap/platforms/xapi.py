@@ -423,6 +423,16 @@ class XapiDomain(XenDomainBase):
                                 "the snapshot merges it)" % (n.path, n.snapshot or n.disk))
         return problems
 
+    def vdi_exists(self, vdi_uuid):
+        """XAPI has a VDI record with this uuid (SM's ``vdi_delete`` forgets it)."""
+        try:
+            self.platform.call("VDI.get_by_uuid", vdi_uuid)
+            return True
+        except XapiError as e:
+            if e.details and e.details[0] == "UUID_INVALID":
+                return False
+            raise
+
     def _vdi_ref(self, vdi_uuid, path):
         try:
             return self.platform.call("VDI.get_by_uuid", vdi_uuid)

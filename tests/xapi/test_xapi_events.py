@@ -1,0 +1,320 @@
+"""A livesnap snapshot deleted outside livesnap, as ``xe vdi-destroy`` / ``xe
+snapshot-uninstall`` / XenCenter delete it: ``VDI.destroy`` on the XAPI stand-in runs SM's
+real driver ``vdi_delete`` (testxen/sm.py: the image unlinked or its LV removed, the record
+forgotten, SM's GC kicked), and livesnap's follower (``livesnap xapi-follow``,
+livesnap/platforms/xapi_follow.py) gives it livesnap's merge at once, with SM's GC held off
+the SR by SM's own ``gc_active`` lock and abort flag. Then SM's real GC finds nothing to do,
+and every guest write and every other snapshot's data is there (reads through the real
+tapdisk). Also: SM's GC first (the catalog follows its leaf-coalesce), the follower started
+after the delete, a VDI that is not livesnap's, a base copy left with two children."""
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from testxen import blktap as txblktap
+from testxen import sm as smmod
+from testxen.world import ROOT
+
+from test_sm_gc import (BIG, MiB, Scenario, _fold_sr, _fold_vm, _only_image,  # noqa: F401
+                        blktap, sm, sm_tree)
+
+
+def _face(world, name):
+    """The VDI ref of snapshot ``name``'s face (other_config livesnap_snapshot)."""
+    refs = [r for r, rec in world.xapi.objects["VDI"].items()
+            if rec["other_config"].get("livesnap_snapshot") == name]
+    assert len(refs) == 1, refs
+    return refs[0]
+
+
+def _xe(world):
+    """A XenAPI session over xapi's socket, as ``xe`` opens one."""
+    import XenAPI
+    s = XenAPI.Session("http://%s/" % world.socket.replace("/", "_"),
+                       transport=XenAPI.UDSTransport())
+    s.xenapi.login_with_password("root", "", "", "xe")
+    return s
+
+
+def _vdi_destroy(world, ref):
+    """``xe vdi-destroy uuid=...``: VDI.destroy through xapi's API."""
+    s = _xe(world)
+    try:
+        s.xenapi.VDI.destroy(ref)
+    finally:
+        s.xenapi.session.logout()
+
+
+def _ipc_dir(sm):
+    return os.path.join(sm.state, "ipc")
+
+
+def _follow_argv(world, sm, *extra):
+    return [sys.executable, "-m", "livesnap", "xapi-follow", "--xapi-socket", world.socket,
+            "--sm-ipc-dir", _ipc_dir(sm)] + list(extra)
+
+
+def _follow_once(world, sm):
+    """``livesnap xapi-follow --once``: [one JSON line per VM acted on]."""
+    p = subprocess.run(_follow_argv(world, sm, "--once"), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, env=world.env(),
+                       cwd=ROOT, timeout=300)
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+    return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def sm_world(world, sm):
+    """The world with SM behind SR.scan and VDI.destroy, and SM's tapdisk-pause plugin."""
+    world.xapi.scanner = sm.scan
+    world.xapi.vdi_destroyer = sm.destroyer()
+    world.xapi.builtin_plugins["tapdisk-pause"] = smmod.tapdisk_pause_plugin(
+        smmod.Blktap(txblktap.prefix()), world.xapi)
+    return world
+
+
+def _check_sm_end_state(world, sm, sr, vm, disk, expected):
+    """The VM stopped (every acknowledged guest write in its disk): one image at the disk's
+    path holding the earlier data, SM finds nothing to coalesce, and a full GC pass changes
+    nothing."""
+    vm.stop()
+    _only_image(world, sr, disk)
+    assert txblktap.read(disk, 8 * MiB, 24 * MiB) == expected
+    view = sm.classify(sr)
+    assert view["coalesceable"] == view["leaf_coalesceable"] == view["garbage"] == [], view
+    after = sm.gc(sr)
+    assert list(after["vdis"]) == [os.path.basename(disk)[:-len(".vhd")]
+                                   if disk.endswith(".vhd") else
+                                   os.path.basename(disk)[len("VHD-"):]], after
+    _only_image(world, sr, disk)
+    assert txblktap.read(disk, 8 * MiB, 24 * MiB) == expected
+
+
+@pytest.mark.parametrize("kind", ["ext", "lvm"])
+def test_xe_delete_then_follower_started_after_folds(request, sm_world, sm, kind):
+    """The running VM's only snapshot deleted with ``xe vdi-destroy`` while no follower
+    runs: SM unlinks (LVHD: removes) the face and kicks its GC. ``xapi-follow --once``
+    (what the service does when it starts) finds the face gone from XAPI, holds SM's GC off
+    and folds the base copy into the running leaf with livesnap's pauses."""
+    world = sm_world
+    sr = _fold_sr(request, world, sm, kind)
+    vm, disk = _fold_vm(world, smmod.Blktap(txblktap.prefix()), sr)
+    expected = txblktap.read(disk, 8 * MiB, 24 * MiB)
+    face = _face(world, "s1")
+    face_path = world.xapi.vdi_path(face)
+    vm.start()
+    _vdi_destroy(world, face)
+    assert world.xapi.vdi_destroyer is not None and sm.kicks == [sr]
+    assert face not in world.xapi.objects["VDI"]
+    if kind == "ext":
+        assert not os.path.exists(face_path)
+    out, = _follow_once(world, sm)
+    assert out["vm_uuid"] == vm.uuid and "error" not in out, out
+    r = out["result"]
+    merge, = r["merges"]
+    assert merge["method"] == "fold" and r["datapath"] == "tapdisk", r
+    assert r["followed_sm"]["deleted"] == ["s1"] and r["followed_sm"]["merged"] == [], r
+    assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] == []
+    assert _follow_once(world, sm) == []              # nothing left to follow
+    _check_sm_end_state(world, sm, sr, vm, disk, expected)
+
+
+def test_xe_delete_followed_through_events(sm_world, sm):
+    """The follower running (``livesnap xapi-follow``, event.from on vdi and vm): the
+    snapshot's VDI destroyed as xe destroys it is followed by the fold, reported on the
+    follower's stdout; SM's GC then has nothing to do."""
+    world = sm_world
+    bt = smmod.Blktap(txblktap.prefix())
+    vm, disk = _fold_vm(world, bt, world.sr)
+    expected = txblktap.read(disk, 8 * MiB, 24 * MiB)
+    vm.start()
+    p = subprocess.Popen(_follow_argv(world, sm), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, env=world.env(),
+                         cwd=ROOT)
+    try:
+        # the follower has its token once it has called event.from
+        _wait(lambda: any(m == "event.from" for m, _ in world.xapi.calls), p)
+        assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] != []
+        _vdi_destroy(world, _face(world, "s1"))
+        line = _readline(p)
+        out = json.loads(line)
+        assert out["vm_uuid"] == vm.uuid and "error" not in out, (out, _stderr(p))
+        assert out["result"]["merges"][0]["method"] == "fold", out
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+    assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] == []
+    _check_sm_end_state(world, sm, world.sr, vm, disk, expected)
+
+
+def _wait(cond, p, limit=120.0):
+    """Until ``cond()``; fails if the follower ``p`` exits first, or after ``limit``
+    seconds (a hang, not a timing check)."""
+    end = time.monotonic() + limit
+    while not cond():
+        assert p.poll() is None, ("the follower exited", p.returncode, _stderr(p))
+        assert time.monotonic() < end, "the follower did not call event.from"
+        time.sleep(0.05)
+
+
+def _readline(p, limit=300.0):
+    ready, _, _ = select.select([p.stdout], [], [], limit)
+    assert ready, ("no report from the follower", _stderr(p))
+    line = p.stdout.readline()
+    assert line, ("the follower exited", p.poll(), _stderr(p))
+    return line
+
+
+def _stderr(p):
+    if p.poll() is None:
+        return "(running)"
+    return p.stderr.read()
+
+
+def test_sms_gc_first_then_follower_follows(sm_world, sm):
+    """The race the other way: SM's GC, kicked by the delete, runs before livesnap (here to
+    its end: an online leaf-coalesce through SM's tapdisk-pause plugin). The follower then
+    re-reads the images under SM's SR lock and its catalog follows what SM did (the face
+    deleted, the base copy merged away into the leaf): nothing left to merge, no snapshot
+    listed, the data intact."""
+    world = sm_world
+    x = world.xapi
+    bt = smmod.Blktap(txblktap.prefix())
+    # a leaf small enough for SM's live leaf-coalesce (LIVE_LEAF_COALESCE_MAX_SIZE, 20 MiB;
+    # a bigger one SM first snapshots, VDI.snapshot, which the stand-in has no driver for)
+    vm = world.add_vm(ndisks=1, sr=world.sr, size=BIG)
+    disk = vm.paths["xvda"]
+    bt.write(disk, 8 * MiB, 8 * MiB, 0x31)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    bt.write(disk, 12 * MiB, 4 * MiB, 0x32)
+    expected = txblktap.read(disk, 8 * MiB, 24 * MiB)
+    leaf_ref, = [r for r, rec in x.objects["VDI"].items()
+                 if x.vdi_path(r) == disk]
+    x.record("VDI", leaf_ref)["sm_config"]["host_" + x.host] = "RW"   # attached here
+    vm.start()
+    _vdi_destroy(world, _face(world, "s1"))
+    sm.gc(world.sr)                                       # SM's GC wins the race
+    assert "Calling tap-pause on host" in sm.log()
+    out, = _follow_once(world, sm)
+    assert "error" not in out, out
+    r = out["result"]
+    assert r["followed_sm"]["deleted"] == ["s1"] and len(r["followed_sm"]["merged"]) == 1, r
+    assert "merges" not in r or r["merges"] == [], r
+    assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] == []
+    check = world.ok("check", vm_uuid=vm.uuid)
+    assert check["ok"], check
+    _check_sm_end_state(world, sm, world.sr, vm, disk, expected)
+
+
+def test_vdi_not_livesnaps_is_ignored(sm_world, sm):
+    """A VDI no livesnap catalog knows, destroyed with xe (SM deletes it): the follower
+    does nothing; the livesnap VM's snapshot stays as it was."""
+    world = sm_world
+    bt = smmod.Blktap(txblktap.prefix())
+    vm, disk = _fold_vm(world, bt, world.sr)
+    other = world.add_vm("other", ndisks=1)
+    ref, = [r for r, rec in world.xapi.objects["VDI"].items()
+            if world.xapi.vdi_path(r) == other.paths["xvda"]]
+    before = world.ok("snapshot_list", vm_uuid=vm.uuid)
+    _vdi_destroy(world, ref)
+    assert not os.path.exists(other.paths["xvda"])
+    assert _follow_once(world, sm) == []
+    assert world.ok("snapshot_list", vm_uuid=vm.uuid) == before
+    assert world.ok("check", vm_uuid=vm.uuid)["ok"]
+
+
+def test_two_children_stay_hidden_until_one(sm_world, sm):
+    """s1, then a revert to s1 keeping the current state as k1 (VM halted): s1's base copy
+    has three children (s1's face, k1, the new leaf). s1 destroyed with xe: the follower
+    forgets s1, the base stays hidden with two children, SM's GC finds nothing to merge and
+    k1 reads as before. k1 destroyed with xe: the base, down to one child, is merged into
+    the leaf at once."""
+    world = sm_world
+    bt = smmod.Blktap(txblktap.prefix())
+    sc = Scenario(world, bt, sm, world.sr)
+    sc.write()
+    sc.create("s1")
+    sc.write()
+    world.ok("snapshot_revert", vm_uuid=sc.vm.uuid, name="s1", keep_current="k1")
+    k1 = bt.read(sc.images()["k1"])
+    disk_before = bt.read(sc.disk)
+    _vdi_destroy(world, _face(world, "s1"))
+    out, = _follow_once(world, sm)
+    assert "error" not in out and out["result"]["followed_sm"]["deleted"] == ["s1"], out
+    assert not out["result"].get("merges"), out
+    listing = world.ok("snapshot_list", vm_uuid=sc.vm.uuid)
+    assert [s["name"] for s in listing["snapshots"]] == ["k1"], listing
+    view = sm.classify(world.sr)
+    assert view["coalesceable"] == view["leaf_coalesceable"] == [], view
+    sm.gc(world.sr)
+    assert bt.read(sc.images()["k1"]) == k1
+    assert bt.read(sc.disk) == disk_before
+    _vdi_destroy(world, _face(world, "k1"))
+    out, = _follow_once(world, sm)
+    assert "error" not in out and out["result"]["followed_sm"]["deleted"] == ["k1"], out
+    assert [m["method"] for m in out["result"]["merges"]] == ["fold"], out
+    assert world.ok("snapshot_list", vm_uuid=sc.vm.uuid)["snapshots"] == []
+    assert sorted(world.xapi.sr_images(world.sr).values()) == [sc.disk]
+    assert bt.read(sc.disk) == disk_before
+    view = sm.classify(world.sr)
+    assert view["coalesceable"] == view["leaf_coalesceable"] == view["garbage"] == [], view
+
+
+def test_gc_held_off_while_livesnap_holds_gc_active(sm_world, sm):
+    """SM's GC kicked while livesnap holds the SR's ``gc_active`` (sm_gc.held_off) exits
+    at once ("Another GC instance already active") and changes nothing; after the release
+    it runs."""
+    from livesnap.platforms import sm_gc
+    world = sm_world
+    ref, bases, before = _sm_layout_ref(world)
+    sr_uuid = world.xapi.record("SR", world.sr)["uuid"]
+    with sm_gc.held_off(sr_uuid, lock_dir=world.sm_lock_dir, ipc_dir=_ipc_dir(sm)) as held:
+        assert held["aborted"] is False
+        view = sm.gc(world.sr)
+        assert "Another GC instance already active, exiting" in sm.log()
+        assert sorted(view["vdis"]) == sorted(bases + [world.xapi.record("VDI", ref)["uuid"]])
+    after = sm.gc(world.sr)
+    assert list(after["vdis"]) == [world.xapi.record("VDI", ref)["uuid"]], after
+
+
+def _sm_layout_ref(world):
+    bt = smmod.Blktap(txblktap.prefix())
+    ref, bases = smmod.file_layout(world.xapi, world.sr, bt, 4 * MiB,
+                                   [[(0, MiB // 2, 0x11)]], [(3 * MiB, MiB, 0x77)])
+    return ref, bases, bt.read(world.xapi.vdi_path(ref))
+
+
+def test_running_gc_aborted_by_sms_abort_flag(sm_world, sm):
+    """A GC in its quiet period (SM's ``_gcLoopPause``: 5 minutes after a kick, holding
+    ``gc_active``) is asked to stop by the abort flag, as ``cleanup.py -a`` asks it: livesnap
+    gets ``gc_active`` once the GC has let go, clears the flag, and the GC did nothing."""
+    from livesnap.platforms import sm_gc
+    world = sm_world
+    ref, bases, before = _sm_layout_ref(world)
+    sr_uuid = world.xapi.record("SR", world.sr)["uuid"]
+    p = sm.start("gc-quiet", world.sr)
+    try:
+        end = time.monotonic() + 120
+        while "GC active, about to go quiet" not in sm.log():
+            assert p.poll() is None, (p.returncode, p.communicate(), sm.log()[-3000:])
+            assert time.monotonic() < end, sm.log()[-3000:]
+            time.sleep(0.05)
+        with sm_gc.held_off(sr_uuid, lock_dir=world.sm_lock_dir, ipc_dir=_ipc_dir(sm),
+                            timeout=120) as held:
+            assert held["aborted"] is True
+            assert not os.path.exists(os.path.join(_ipc_dir(sm), sr_uuid, "abort"))
+            p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "Aborted" in sm.log() or "abort" in sm.log().lower(), sm.log()[-3000:]
+    view = sm.classify(world.sr)
+    assert sorted(view["vdis"]) == sorted(bases + [world.xapi.record("VDI", ref)["uuid"]])
+
