@@ -318,3 +318,65 @@ def test_running_gc_aborted_by_sms_abort_flag(sm_world, sm):
     view = sm.classify(world.sr)
     assert sorted(view["vdis"]) == sorted(bases + [world.xapi.record("VDI", ref)["uuid"]])
 
+
+
+def test_livesnap_delete_after_xe_delete_merges_what_is_left(sm_world, sm):
+    """``snapshot_delete`` (livesnap's own, the plugin) of a snapshot whose VDI was already
+    deleted with xe: not "no such snapshot", but the merge SM's delete left to do, reported
+    as deleted through XAPI."""
+    world = sm_world
+    vm, disk = _fold_vm(world, smmod.Blktap(txblktap.prefix()), world.sr)
+    expected = txblktap.read(disk, 8 * MiB, 24 * MiB)
+    vm.start()
+    _vdi_destroy(world, _face(world, "s1"))
+    r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert r["deleted_by"] == "xapi" and r["action"] == "merged", r
+    assert [m["method"] for m in r["merges"]] == ["fold"], r
+    assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] == []
+    world.fail("snapshot_delete", {"vm_uuid": vm.uuid, "name": "s1"},
+               "LIVESNAP_SNAPSHOT_NOT_FOUND")
+    _check_sm_end_state(world, sm, world.sr, vm, disk, expected)
+
+
+def test_one_disk_of_two_deleted_with_xe(sm_world, sm):
+    """A two-disk snapshot of which xe deletes one disk's VDI: that disk's base copy is
+    folded into its leaf; the snapshot stays with its other disk, which reads as taken;
+    SM's GC finds nothing to do."""
+    world = sm_world
+    bt = smmod.Blktap(txblktap.prefix())
+    vm = world.add_vm(ndisks=2)
+    for t, p in sorted(vm.paths.items()):
+        bt.write(p, 0, MiB, 0x41 if t == "xvda" else 0x42)
+    r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    images = {d["target"]: d["image"] for d in r["disks"]}
+    taken = {t: bt.read(p) for t, p in images.items()}
+    for p in vm.paths.values():
+        bt.write(p, 2 * MiB, MiB, 0x43)
+    disks = {t: bt.read(p) for t, p in vm.paths.items()}
+    face_a, = [ref for ref in world.xapi.objects["VDI"]
+               if world.xapi.vdi_path(ref) == images["xvda"]]
+    _vdi_destroy(world, face_a)
+    out, = _follow_once(world, sm)
+    assert "error" not in out, out
+    assert out["result"]["followed_sm"]["deleted"] == [], out          # xvdb's face is left
+    assert [(m["disk"], m["method"]) for m in out["result"]["merges"]] == [("xvda", "fold")]
+    snap, = world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"]
+    assert [d["target"] for d in snap["disks"]] == ["xvdb"], snap
+    assert bt.read(images["xvdb"]) == taken["xvdb"]
+    assert {t: bt.read(p) for t, p in vm.paths.items()} == disks
+    view = sm.classify(world.sr)
+    assert view["coalesceable"] == view["leaf_coalesceable"] == view["garbage"] == [], view
+    assert world.ok("check", vm_uuid=vm.uuid)["ok"]
+
+
+def test_install_unit(tmp_path):
+    """``xapi-follow --install-unit DIR`` writes the systemd unit that runs the follower
+    with this interpreter and state directory (no XAPI needed)."""
+    state = str(tmp_path / "state")
+    p = subprocess.run([sys.executable, "-m", "livesnap", "xapi-follow", "--state-dir", state,
+                        "--install-unit", str(tmp_path / "units")], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 0, p.stderr
+    text = (tmp_path / "units" / "livesnap-xapi-follow.service").read_text()
+    assert "ExecStart=%s -m livesnap xapi-follow --state-dir %s" % (sys.executable, state) \
+        in text and "After=xapi.service" in text, text
