@@ -164,7 +164,8 @@ class Follower(object):
             try:
                 got = self.platform.call("event.from", CLASSES, token, float(wait))
             except XapiError as e:
-                if e.details and e.details[0] == "EVENTS_LOST":
+                if e.details and e.details[0] in ("EVENTS_LOST",
+                                                  "EVENT_FROM_TOKEN_PARSE_FAILURE"):
                     token = ""
                     self.reconcile()
                     continue
