@@ -14,7 +14,7 @@ import os
 from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap import faults
-from livesnap.engine import adopt, check, foreign, names, space, users
+from livesnap.engine import adopt, check, foreign, names, sm_follow, space, users
 from livesnap.engine.session import SessionContext, SignalCatcher
 from livesnap.text import check_description, check_snapshot_name, printable
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation,
@@ -168,7 +168,6 @@ class Engine(object):
         if getattr(session.domain, "vdi_exists", None) is None or \
                 session.catalog.unfinished() is not None:
             return tree
-        from livesnap.engine import sm_follow
         followed, changes = sm_follow.follow(session.domain, tree)
         if changes is None:
             return tree
@@ -325,8 +324,10 @@ class Engine(object):
             return result
         self._preflight_space(plan)
         plan.result["datapath"] = datapath.name     # the hook reads which datapath it needs
-        op_id = session.catalog.begin(plan)
-        pauses, merges = self._execute(session, datapath, plan, op_id)
+        # (SM's GC held off before the journal: a Busy leaves nothing to recover)
+        with sm_follow.merge_guard(session.domain, plan.steps):
+            op_id = session.catalog.begin(plan)
+            pauses, merges = self._execute(session, datapath, plan, op_id)
         faults.point(plan.op, "committed", 0)
         self._sync_metadata(session, session.tree)
         # every pause of the guest's IO, and the longest one (what the guest felt most)
@@ -461,7 +462,8 @@ class Engine(object):
                 return self._roll_back_impossible(s, datapath, op, plan, *impossible)
             log.info("recovering operation #%d (%s) from step %d of %d", op.id, op.op,
                      op.steps_done, len(plan.steps))
-            self._execute(s, datapath, plan, op.id, start=op.steps_done)
+            with sm_follow.merge_guard(s.domain, plan.steps[op.steps_done:]):
+                self._execute(s, datapath, plan, op.id, start=op.steps_done)
             # a crash inside a pause may have left a tapdisk paused although its step is
             # done: nothing stays paused after recover
             healed = datapath.heal() if hasattr(datapath, "heal") else []

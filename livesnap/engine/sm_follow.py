@@ -14,7 +14,11 @@ re-read under SM's SR lock (``domain.chain_lock``), and the tree takes what is f
   away by SM's GC: its node goes and its children hang from its parent.
 
 Anything else missing stays missing: the engine's validation names it.
+
+``merge_guard``: around the steps of a plan that merge, the domain's guard (XAPI: SM's GC
+held off the VM's SRs, platforms/sm_gc.py), so that SM's GC does not merge the same images.
 """
+import contextlib
 import logging
 import os
 
@@ -98,3 +102,12 @@ def follow(domain, tree):
     if not faces and not merged:
         return tree, None
     return work, {"deleted": sorted(set(deleted)), "faces_deleted": faces, "merged": merged}
+
+
+def merge_guard(domain, steps):
+    """Around ``steps`` that merge (commit, pull, fold): the domain's ``merge_guard`` (XAPI:
+    SM's GC held off the VM's SRs, platforms/sm_gc.py); else nothing."""
+    guard = getattr(domain, "merge_guard", None)
+    if guard is None or not any(s["op"] in ("commit", "pull", "fold") for s in steps):
+        return contextlib.ExitStack()
+    return guard()

@@ -33,6 +33,8 @@ GC_ACTIVE = "gc_active"
 ABORT_FLAG = "abort"
 IPC_BASE_DIR = "/var/run/sm/ipc"
 
+_HELD = {}                  # (lock dir, sr uuid) -> how many blocks of this process hold it
+
 
 def _try_lock(fd):
     try:
@@ -50,6 +52,16 @@ def held_off(sr_uuid, lock_dir=sm_lock.BASE_DIR, ipc_dir=IPC_BASE_DIR, timeout=6
     """Hold SM's GC off SR ``sr_uuid``: ``gc_active`` held for the block, a running GC
     aborted first. Yields ``{"aborted": True}`` when a GC had to be asked to stop.
     ``Busy`` when the GC has not let go within ``timeout``."""
+    key = (os.path.abspath(lock_dir), sr_uuid)
+    if key in _HELD:
+        # already held by this process (the follower around the engine's merge): POSIX
+        # locks belong to the process, and a second descriptor's close would drop it
+        _HELD[key] += 1
+        try:
+            yield {"aborted": False}
+        finally:
+            _HELD[key] -= 1
+        return
     nspath = os.path.join(lock_dir, sr_uuid)
     if not os.path.isdir(nspath):
         os.makedirs(nspath, 0o755)
@@ -75,9 +87,11 @@ def held_off(sr_uuid, lock_dir=sm_lock.BASE_DIR, ipc_dir=IPC_BASE_DIR, timeout=6
         if set_flag:
             _clear_flag(flag)
             set_flag = False
+        _HELD[key] = 1
         try:
             yield state
         finally:
+            del _HELD[key]
             fcntl.lockf(fd, fcntl.LOCK_UN)
     finally:
         if set_flag:

@@ -22,7 +22,7 @@ import re
 
 from livesnap.errors import (DatapathError, DomainNotFound, Error, StorageBusy, UsageError,
                              WrongHost)
-from livesnap.platforms import sm_lock
+from livesnap.platforms import sm_gc, sm_lock
 from livesnap.platforms.domain_xml import Disk
 from livesnap.platforms.xen_domain import XenDomainBase
 
@@ -87,11 +87,13 @@ def userdevice_target(userdevice):
 
 class XapiPlatform(object):
     def __init__(self, session, sr_mount_base=DEFAULT_SR_MOUNT_BASE,
-                 sm_lock_dir=sm_lock.BASE_DIR, sm_lock_timeout=60.0):
+                 sm_lock_dir=sm_lock.BASE_DIR, sm_lock_timeout=60.0,
+                 sm_ipc_dir=sm_gc.IPC_BASE_DIR):
         self.session = session
         self.sr_mount_base = sr_mount_base
         self.sm_lock_dir = sm_lock_dir
         self.sm_lock_timeout = sm_lock_timeout
+        self.sm_ipc_dir = sm_ipc_dir
 
     def call(self, name, *args):
         """``session.xenapi.<name>(*args)``; a XenAPI failure becomes ``XapiError``."""
@@ -236,6 +238,14 @@ class XapiDomain(XenDomainBase):
                 stack.enter_context(sm_lock.sr_lock(sr_uuid, base_dir=self.platform.sm_lock_dir,
                                                     timeout=self.platform.sm_lock_timeout))
             yield
+
+    def merge_guard(self):
+        """SM's garbage collector held off the VM's SRs (SM's ``gc_active`` lock and abort
+        flag, platforms/sm_gc.py) while livesnap merges there: a GC kicked meanwhile exits,
+        one running is asked to stop first."""
+        return sm_gc.held_off_all(self.sr_uuids(), lock_dir=self.platform.sm_lock_dir,
+                                  ipc_dir=self.platform.sm_ipc_dir,
+                                  timeout=self.platform.sm_lock_timeout)
 
     # -- SM's pause protocol -------------------------------------------------------------------
 

@@ -86,7 +86,8 @@ class Follower(object):
         self.session = session
         self.state_dir = state_dir
         self.platform = XapiPlatform(session, sr_mount_base=sr_mount_base,
-                                     sm_lock_dir=sm_lock_dir)
+                                     sm_lock_dir=sm_lock_dir, sm_ipc_dir=sm_ipc_dir,
+                                     sm_lock_timeout=gc_timeout)
         if engine is None:
             from livesnap.engine.engine import Engine
             engine = Engine(state_dir=state_dir, storage_dirs=[sr_mount_base, "/dev"],

@@ -380,3 +380,34 @@ def test_install_unit(tmp_path):
     text = (tmp_path / "units" / "livesnap-xapi-follow.service").read_text()
     assert "ExecStart=%s -m livesnap xapi-follow --state-dir %s" % (sys.executable, state) \
         in text and "After=xapi.service" in text, text
+
+
+def test_livesnap_delete_aborts_a_waiting_gc(sm_world, sm):
+    """livesnap's own delete (the plugin) of a running VM's only snapshot while SM's GC,
+    kicked earlier, waits in its quiet period holding ``gc_active``: the delete asks it to
+    stop with SM's abort flag, folds with the GC held off, and the GC process ends without
+    having done anything; the flag is gone afterwards."""
+    world = sm_world
+    vm, disk = _fold_vm(world, smmod.Blktap(txblktap.prefix()), world.sr)
+    expected = txblktap.read(disk, 8 * MiB, 24 * MiB)
+    sr_uuid = world.xapi.record("SR", world.sr)["uuid"]
+    vm.start()
+    p = sm.start("gc-quiet", world.sr)
+    try:
+        end = time.monotonic() + 120
+        while "GC active, about to go quiet" not in sm.log():
+            assert p.poll() is None, (p.returncode, p.communicate(), sm.log()[-3000:])
+            assert time.monotonic() < end, sm.log()[-3000:]
+            time.sleep(0.05)
+        r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+        assert r["action"] == "merged" and r["merges"][0]["method"] == "fold", r
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and json.loads(out.splitlines()[-1]) == {"aborted": True}, (
+            out, err)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "IPCFlag: set" not in sm.log()                 # the flag was livesnap's, not SM's
+    assert not os.path.exists(os.path.join(_ipc_dir(sm), sr_uuid, "abort"))
+    _check_sm_end_state(world, sm, world.sr, vm, disk, expected)
