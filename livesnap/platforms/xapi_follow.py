@@ -19,7 +19,8 @@ faces (``sm_gc.held_off``: SM's ``gc_active`` lock and abort flag), run through 
 (engine/sm_follow.py: the face deleted; the base copy already leaf-coalesced by SM's GC if it
 won the race), and what is left to merge is merged. On start the same comparison runs once
 (faces deleted while the follower was not running). A VM another livesnap command holds is
-tried again shortly after.
+tried again shortly after; one with an operation a killed livesnap command left open is
+recovered first.
 
 Python 3.6, stdlib only; the XenAPI session is the caller's (``XenAPI.xapi_local()`` on a
 host).
@@ -29,7 +30,7 @@ import json
 import logging
 import os
 
-from livesnap.errors import Busy, Error
+from livesnap.errors import Busy, Error, InterruptedOperation
 from livesnap.platforms import sm_gc, sm_lock
 from livesnap.platforms.xapi import (DEFAULT_SR_MOUNT_BASE, XapiError, XapiPlatform,
                                      image_uuid, is_uuid)
@@ -138,7 +139,13 @@ class Follower(object):
             with sm_gc.held_off_all(srs, self.sm_lock_dir, self.sm_ipc_dir,
                                     self.gc_timeout) as held:
                 out["gc_aborted"] = held["aborted"]
-                out["result"] = self.engine.reclaim(vm)
+                try:
+                    out["result"] = self.engine.reclaim(vm)
+                except InterruptedOperation:
+                    # a livesnap command died mid-operation: finished first (the catalog
+                    # follows SM only with no operation open)
+                    out["recovered"] = self.engine.recover(vm)
+                    out["result"] = self.engine.reclaim(vm)
             self.retry.discard(vm)
         except Busy as e:
             self.retry.add(vm)

@@ -177,7 +177,8 @@ def _stderr(p):
     return p.stderr.read()
 
 
-def test_sms_gc_first_then_follower_follows(sm_world, sm):
+@pytest.mark.parametrize("kind", ["ext", "lvm"])
+def test_sms_gc_first_then_follower_follows(request, sm_world, sm, kind):
     """The race the other way: SM's GC, kicked by the delete, runs before livesnap (here to
     its end: an online leaf-coalesce through SM's tapdisk-pause plugin). The follower then
     re-reads the images under SM's SR lock and its catalog follows what SM did (the face
@@ -188,7 +189,8 @@ def test_sms_gc_first_then_follower_follows(sm_world, sm):
     bt = smmod.Blktap(txblktap.prefix())
     # a leaf small enough for SM's live leaf-coalesce (LIVE_LEAF_COALESCE_MAX_SIZE, 20 MiB;
     # a bigger one SM first snapshots, VDI.snapshot, which the stand-in has no driver for)
-    vm = world.add_vm(ndisks=1, sr=world.sr, size=BIG)
+    sr = _fold_sr(request, world, sm, kind)
+    vm = world.add_vm(ndisks=1, sr=sr, size=BIG)
     disk = vm.paths["xvda"]
     bt.write(disk, 8 * MiB, 8 * MiB, 0x31)
     world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
@@ -199,8 +201,15 @@ def test_sms_gc_first_then_follower_follows(sm_world, sm):
     x.record("VDI", leaf_ref)["sm_config"]["host_" + x.host] = "RW"   # attached here
     vm.start()
     _vdi_destroy(world, _face(world, "s1"))
-    sm.gc(world.sr)                                       # SM's GC wins the race
+    sm.gc(sr)                                             # SM's GC wins the race
     assert "Calling tap-pause on host" in sm.log()
+    if kind == "lvm":
+        # the stand-in's attach keeps no SM refcount (RefCounter "lvm-<sr>"), so SM's GC
+        # deactivates the LV it renamed to the leaf's name; on a host the attached VDI's
+        # refcount keeps it active
+        sc = Scenario.__new__(Scenario)
+        sc.world, sc.sr = world, sr
+        sc.activate()
     out, = _follow_once(world, sm)
     assert "error" not in out, out
     r = out["result"]
@@ -209,7 +218,7 @@ def test_sms_gc_first_then_follower_follows(sm_world, sm):
     assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] == []
     check = world.ok("check", vm_uuid=vm.uuid)
     assert check["ok"], check
-    _check_sm_end_state(world, sm, world.sr, vm, disk, expected)
+    _check_sm_end_state(world, sm, sr, vm, disk, expected)
 
 
 def test_vdi_not_livesnaps_is_ignored(sm_world, sm):
@@ -411,3 +420,32 @@ def test_livesnap_delete_aborts_a_waiting_gc(sm_world, sm):
     assert "IPCFlag: set" not in sm.log()                 # the flag was livesnap's, not SM's
     assert not os.path.exists(os.path.join(_ipc_dir(sm), sr_uuid, "abort"))
     _check_sm_end_state(world, sm, world.sr, vm, disk, expected)
+
+
+def test_follower_recovers_an_interrupted_delete_first(sm_world, sm):
+    """s1, s2 of a running VM; livesnap's delete of s2 killed inside its fold (the last
+    pause); then s1 destroyed with xe. The follower finishes the interrupted delete
+    (``recover``) before it follows SM, then folds s1's base copy, now down to the leaf."""
+    import xmlrpc.client
+    from conftest_paths import PLUGIN
+    world = sm_world
+    vm, disk = _fold_vm(world, smmod.Blktap(txblktap.prefix()), world.sr)
+    vm.start()
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
+    p = subprocess.run([PLUGIN, xmlrpc.client.dumps((world.session, {"vm_uuid": vm.uuid,
+                                                                      "name": "s2"}),
+                                                    methodname="snapshot_delete")],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                       env=world.env(LIVESNAP_FAULT="tapdisk:folded:0"), timeout=120)
+    assert p.returncode == -9, (p.returncode, p.stdout, p.stderr)
+    _vdi_destroy(world, _face(world, "s1"))
+    out, = _follow_once(world, sm)
+    assert "error" not in out, out
+    assert out["recovered"]["op"] == "delete", out
+    assert out["result"]["followed_sm"]["deleted"] == ["s1"], out
+    assert [m["method"] for m in out["result"]["merges"]] == ["fold"], out
+    assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] == []
+    vm.stop()
+    _only_image(world, world.sr, disk)
+    view = sm.classify(world.sr)
+    assert view["coalesceable"] == view["leaf_coalesceable"] == view["garbage"] == [], view
