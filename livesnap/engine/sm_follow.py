@@ -8,7 +8,8 @@ re-read under SM's SR lock (``domain.chain_lock``), and the tree takes what is f
 
 * a snapshot's face (its VDI, a leaf) whose image is gone and whose VDI record XAPI no
   longer has was deleted by SM: its node goes, and a snapshot left with no node is
-  forgotten. Its base copy, down to one child, is then reclaimed by livesnap's own merge
+  forgotten; with its image still there but hidden (LVHD's ``lvremove`` failed) the node is
+  marked hidden, and the engine's reclaim removes the image. Its base copy, down to one child, is then reclaimed by livesnap's own merge
   (the engine's ``reclaim``: the fold), not left to SM's GC;
 * an image gone whose every child now names the image's parent as its VHD parent was merged
   away by SM's GC: its node goes and its children hang from its parent.
@@ -37,16 +38,31 @@ def _parent(path):
 
 
 def deleted_by_sm(domain, tree):
-    """The face nodes (snapshot leaves) SM deleted: image gone, VDI record gone."""
+    """(gone, left) face nodes (snapshot leaves) SM deleted, their VDI record gone: ``gone``
+    with their image, ``left`` with their image still there but hidden (``LVHDVDI.delete``
+    hides the VHD before its ``lvremove``, which may fail: a hidden leaf for the GC). A
+    visible image whose record is gone (``xe vdi-forget``) is not a delete."""
+    from livesnap import vhd
     from livesnap.platforms.xapi import image_uuid
-    gone = []
+    gone, left = [], []
     for n in sorted(tree.nodes.values(), key=lambda n: n.path):
-        if n.state != SNAPSHOT or n.snapshot is None or tree.children(n.id) or _exists(n.path):
+        # (a hidden one: a face whose image SM left, marked by an earlier follow)
+        if n.state not in (SNAPSHOT, HIDDEN) or n.snapshot is None or tree.children(n.id):
             continue
         vdi_uuid = image_uuid(n.path)
-        if vdi_uuid is not None and not domain.vdi_exists(vdi_uuid):
+        if vdi_uuid is None or domain.vdi_exists(vdi_uuid):
+            continue
+        if not _exists(n.path):
             gone.append(n.id)
-    return gone
+            continue
+        if n.state == HIDDEN:
+            continue
+        try:
+            if vhd.query(n.path).hidden:
+                left.append(n.id)
+        except vhd.VhdError:
+            pass                            # the engine's validation names it
+    return gone, left
 
 
 def merged_by_sm(tree):
@@ -76,7 +92,18 @@ def follow(domain, tree):
     faces, merged, deleted = [], [], []
     with lock():
         while True:
-            todo = deleted_by_sm(domain, work)
+            todo, left = deleted_by_sm(domain, work)
+            for nid in left:
+                # its image is removed by the engine's reclaim (a hidden snapshot node)
+                n = work.nodes[nid]
+                n.state = HIDDEN
+                faces.append(n.path)
+                log.info("%s: snapshot %s's VDI %s (disk %s) was deleted through XAPI/SM, "
+                         "its image left hidden", domain.name, n.snapshot, n.path, n.disk)
+                if all(work.nodes[i].state == HIDDEN
+                       for i in work.snapshot_nodes(n.snapshot).values()):
+                    work.snapshots[n.snapshot].state = HIDDEN
+                    deleted.append(n.snapshot)
             for nid in todo:
                 n = work.nodes.pop(nid)
                 faces.append(n.path)
@@ -93,12 +120,14 @@ def follow(domain, tree):
                 merged.append(n.path)
                 log.info("%s: image %s was merged away by SM's garbage collector",
                          domain.name, n.path)
-            if not todo and not merged_now:
+            if not todo and not left and not merged_now:
                 break
         # a hidden snapshot (logically deleted) whose nodes all went with SM's merges
         for name in sorted(work.snapshots):
             if work.snapshots[name].state == HIDDEN and not work.snapshot_nodes(name):
                 del work.snapshots[name]
+                if name not in deleted:
+                    deleted.append(name)
     if not faces and not merged:
         return tree, None
     return work, {"deleted": sorted(set(deleted)), "faces_deleted": faces, "merged": merged}

@@ -449,3 +449,39 @@ def test_follower_recovers_an_interrupted_delete_first(sm_world, sm):
     _only_image(world, world.sr, disk)
     view = sm.classify(world.sr)
     assert view["coalesceable"] == view["leaf_coalesceable"] == view["garbage"] == [], view
+
+
+def test_lvhd_face_left_hidden_by_a_failed_lvremove(request, sm_world, sm):
+    """``LVHDVDI.delete`` hides the snapshot's VHD and forgets its record before its
+    ``lvremove``, and goes on when that fails ("maybe is leaf coalescing"): a hidden leaf
+    LV whose VDI is gone. The follower takes it as deleted: livesnap removes the LV and folds
+    the base copy, and SM's GC finds nothing (no garbage left either)."""
+    from livesnap import vhd
+    world = sm_world
+    sr = _fold_sr(request, world, sm, "lvm")
+    vm, disk = _fold_vm(world, smmod.Blktap(txblktap.prefix()), sr)
+    expected = txblktap.read(disk, 8 * MiB, 24 * MiB)
+    face = _face(world, "s1")
+    face_path = world.xapi.vdi_path(face)
+    vm.start()
+    # what LVHDVDI.delete leaves when its lvremove fails (l. 1424-1448)
+    from livesnap.tools import lvm
+    vg, lv = lvm.split_path(face_path)
+    if not os.path.exists(face_path):
+        lvm.activate(vg, lv)
+    lvm.set_readonly(vg, lv, False)
+    vhd.set_hidden(face_path, 1)
+    world.xapi.call("VDI.db_forget", [world.session, face])
+    out, = _follow_once(world, sm)
+    assert "error" not in out, out
+    r = out["result"]
+    assert r["followed_sm"]["deleted"] == ["s1"], r
+    assert [m["method"] for m in r["merges"]] == ["fold"], r
+    assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] == []
+    assert lv not in standin_lvs()
+    _check_sm_end_state(world, sm, sr, vm, disk, expected)
+
+
+def standin_lvs():
+    from testxen import lvm as standin
+    return sorted(standin.Vg(os.environ["TESTXEN_LVM_ROOT"]).loops())
