@@ -32,6 +32,15 @@ SM's ``lvutil._lvmBugCleanup`` runs the real ``dmsetup``, which finds no device-
 this kernel, and removes what it takes for leftovers of a deactivated LV (its
 ``/dev/mapper`` node and ``/dev/<vg>/<lv>`` link), as it would on a host.
 
+SM's driver ``vdi_delete`` (``FileVDI.delete`` / ``LVHDVDI.delete``: what xapi's
+``VDI.destroy`` runs, ``Sm.destroyer`` for the stand-in's ``vdi_destroyer``) runs on SR and
+VDI objects made as SRCommand makes them, under SM's SR lock; its ``_kickGC`` (``systemctl
+start SMGC@<sr>`` on a host) is recorded instead (``Sm.kicks``), and the test runs the GC
+where it chooses: to its end (``gc``) or as the SMGC service does, quiet period first
+(``gc-quiet``, ``Sm.start``: a process left running, which SM's abort flag ends).
+``util.sr_get_capability`` (xapi's ``SM`` record of the SR type, which xapi fills from the
+driver's ``DRIVER_INFO``) returns the driver's own ``CAPABILITIES``.
+
 Everything else (which VHDs are coalesceable, leaf-coalesceable, garbage; the coalesce,
 relink, rename, hide, journal and XAPI record steps of a GC pass) is SM's code unchanged.
 

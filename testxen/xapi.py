@@ -8,6 +8,7 @@ Served: ``session.login_with_password``, ``session.logout``, ``session.get_this_
 message``: ``.get_record``, ``.get_by_uuid``, ``.get_all``, ``.get_all_records``,
 ``.get_all_records_where`` (the ``field "NAME" = "VALUE"`` form SM uses), ``.get_<field>``;
 ``VM.get_by_name_label``; ``SR.scan`` (``scan``: records follow the VHD images, as SM's scan);
+``VDI.destroy`` (xapi's checks, then the SR's SM driver: ``vdi_destroyer``);
 ``set_<field>``/``add_to_<map>``/``remove_from_<map>`` for the fields in ``SETTABLE``
 (VDI ``sm_config``, ``other_config``, ``managed``, ``read_only``, ``is_a_snapshot``,
 ``snapshot_of``...; SR ``sm_config``/``other_config``...); ``VDI.forget``/``db_forget``;
