@@ -71,10 +71,15 @@ def run(args):
         DEFAULT_SR_MOUNT_BASE
     sm_lock_dir = args.sm_lock_dir or env.get("LIVESNAP_SM_LOCK_DIR") or sm_lock.BASE_DIR
     sm_ipc_dir = args.sm_ipc_dir or env.get("LIVESNAP_SM_IPC_DIR") or sm_gc.IPC_BASE_DIR
-    session = xapi_follow.connect(args.xapi_socket)
+    from livesnap.engine.engine import Engine
+    from livesnap.platforms.xapi import XapiPlatform, connect_local
+    session = connect_local(args.xapi_socket, originator="livesnap-xapi-follow")
     try:
-        f = xapi_follow.Follower(session, state_dir, sr_mount_base=sr_mount_base,
-                                 sm_lock_dir=sm_lock_dir, sm_ipc_dir=sm_ipc_dir,
+        platform = XapiPlatform(session, sr_mount_base=sr_mount_base, sm_lock_dir=sm_lock_dir,
+                                sm_ipc_dir=sm_ipc_dir)
+        engine = Engine(state_dir=state_dir, storage_dirs=[sr_mount_base, "/dev"],
+                        platform=platform)
+        f = xapi_follow.Follower(platform, engine, state_dir,
                                  report=xapi_follow.json_report(sys.stdout))
         if args.once:
             results = f.reconcile()

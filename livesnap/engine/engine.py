@@ -454,8 +454,11 @@ class Engine(object):
             datapath = s.datapath = self.datapath_for(s.domain)
             if op is None:
                 healed = datapath.heal() if hasattr(datapath, "heal") else []
-                return {"domain": s.domain.name, "recovered": None, "unpaused": healed,
-                        "metadata": self._bring_metadata_in_step(s)}
+                r = {"domain": s.domain.name, "recovered": None, "unpaused": healed,
+                     "metadata": self._bring_metadata_in_step(s)}
+                if getattr(s.domain, "vdi_exists", None) is not None:    # XAPI: SM's deletes
+                    r["followed_sm"] = sm_follow.reclaim_followed(self, s, datapath)
+                return r
             plan = P.Plan.from_dict(op.plan)
             impossible = _impossible_path(plan, op.steps_done, s.catalog.load_tree())
             if impossible is not None:

@@ -16,6 +16,7 @@ re-read under SM's SR lock (``domain.chain_lock``), and the tree takes what is f
 
 Anything else missing stays missing: the engine's validation names it.
 
+``reclaim_followed``: what ``recover`` does with it when no operation is open.
 ``merge_guard``: around the steps of a plan that merge, the domain's guard (XAPI: SM's GC
 held off the VM's SRs, platforms/sm_gc.py), so that SM's GC does not merge the same images.
 """
@@ -140,3 +141,15 @@ def merge_guard(domain, steps):
     if guard is None or not any(s["op"] in ("commit", "pull", "fold") for s in steps):
         return contextlib.ExitStack()
     return guard()
+
+
+def reclaim_followed(engine, s, datapath):
+    """``recover`` with no open operation (XAPI): when SM deleted snapshot VDIs or merged
+    images since livesnap last looked, the catalog follows and what is left to merge is
+    merged (the engine's reclaim, validated first); None when SM did nothing."""
+    tree = engine.load(s, validate=False, datapath=datapath)
+    if not s.followed or "faces_deleted" not in s.followed:
+        return None
+    engine._validate(s.domain, tree, datapath)
+    plan = engine._planner(s, datapath, engine._users(s, tree)).reclaim(tree)
+    return engine._reclaim(s, datapath, plan, False)

@@ -85,6 +85,21 @@ def userdevice_target(userdevice):
     return "xvd" + letters
 
 
+def connect_local(socket_path=None, user="root", password="", originator="livesnap"):
+    """A XenAPI session to this host's xapi (``XenAPI.xapi_local()``, or the UNIX socket
+    ``socket_path``), logged in as dom0's root (the local socket trusts it); for the
+    commands that run outside xapi's plugin (``livesnap xapi-follow``)."""
+    import XenAPI
+    if socket_path:
+        # XenAPI's UDS transport turns every "_" of the host part into "/"
+        session = XenAPI.Session("http://%s/" % socket_path.replace("/", "_"),
+                                 transport=XenAPI.UDSTransport())
+    else:
+        session = XenAPI.xapi_local()
+    session.xenapi.login_with_password(user, password, "", originator)
+    return session
+
+
 class XapiPlatform(object):
     def __init__(self, session, sr_mount_base=DEFAULT_SR_MOUNT_BASE,
                  sm_lock_dir=sm_lock.BASE_DIR, sm_lock_timeout=60.0,

@@ -22,7 +22,7 @@ won the race), and what is left to merge is merged. On start the same comparison
 tried again shortly after; one with an operation a killed livesnap command left open is
 recovered first.
 
-Python 3.6, stdlib only; the XenAPI session is the caller's (``XenAPI.xapi_local()`` on a
+Python 3.6, stdlib only; the XenAPI session is the caller's (``xapi.connect_local`` on a
 host).
 """
 import glob
@@ -31,9 +31,8 @@ import logging
 import os
 
 from livesnap.errors import Busy, Error, InterruptedOperation
-from livesnap.platforms import sm_gc, sm_lock
-from livesnap.platforms.xapi import (DEFAULT_SR_MOUNT_BASE, XapiError, XapiPlatform,
-                                     image_uuid, is_uuid)
+from livesnap.platforms import sm_gc
+from livesnap.platforms.xapi import XapiError, image_uuid, is_uuid
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +77,16 @@ def catalog_faces(state_dir):
 
 
 class Follower(object):
-    """Follows XAPI for the catalogs in ``state_dir``; ``engine`` runs livesnap's commands
-    (an ``Engine`` on an ``XapiPlatform`` of ``session``)."""
+    """Follows XAPI for the catalogs in ``state_dir``: ``platform`` an ``XapiPlatform``,
+    ``engine`` an ``Engine`` on it (made by the front end: platforms do not drive the
+    engine)."""
 
-    def __init__(self, session, state_dir, engine=None, sr_mount_base=DEFAULT_SR_MOUNT_BASE,
-                 sm_lock_dir=sm_lock.BASE_DIR, sm_ipc_dir=sm_gc.IPC_BASE_DIR,
-                 gc_timeout=60.0, report=None):
-        self.session = session
-        self.state_dir = state_dir
-        self.platform = XapiPlatform(session, sr_mount_base=sr_mount_base,
-                                     sm_lock_dir=sm_lock_dir, sm_ipc_dir=sm_ipc_dir,
-                                     sm_lock_timeout=gc_timeout)
-        if engine is None:
-            from livesnap.engine.engine import Engine
-            engine = Engine(state_dir=state_dir, storage_dirs=[sr_mount_base, "/dev"],
-                            platform=self.platform)
+    def __init__(self, platform, engine, state_dir, gc_timeout=60.0, report=None):
+        self.platform = platform
         self.engine = engine
-        self.sm_lock_dir = sm_lock_dir
-        self.sm_ipc_dir = sm_ipc_dir
+        self.state_dir = state_dir
+        self.sm_lock_dir = platform.sm_lock_dir
+        self.sm_ipc_dir = platform.sm_ipc_dir
         self.gc_timeout = gc_timeout
         self.report = report            # f(dict) for each VM acted on, e.g. a JSON line
         self.retry = set()              # VMs to try again (another command held them)
@@ -195,15 +186,3 @@ def json_report(stream):
         stream.flush()
     return report
 
-
-def connect(socket_path=None, user="root", password=""):
-    """A XenAPI session to the local xapi (``XenAPI.xapi_local()``; or the UNIX socket
-    ``socket_path``), logged in as dom0's root (the local socket trusts it)."""
-    import XenAPI
-    if socket_path:
-        session = XenAPI.Session("http://%s/" % socket_path.replace("/", "_"),
-                                 transport=XenAPI.UDSTransport())
-    else:
-        session = XenAPI.xapi_local()
-    session.xenapi.login_with_password(user, password, "", "livesnap-xapi-follow")
-    return session

@@ -485,3 +485,20 @@ def test_lvhd_face_left_hidden_by_a_failed_lvremove(request, sm_world, sm):
 def standin_lvs():
     from testxen import lvm as standin
     return sorted(standin.Vg(os.environ["TESTXEN_LVM_ROOT"]).loops())
+
+
+def test_recover_after_xe_delete_merges(sm_world, sm):
+    """``recover`` (the plugin's, no operation open) after an xe delete: the catalog follows
+    SM and the base copy is folded, as the follower would."""
+    world = sm_world
+    vm, disk = _fold_vm(world, smmod.Blktap(txblktap.prefix()), world.sr)
+    expected = txblktap.read(disk, 8 * MiB, 24 * MiB)
+    vm.start()
+    _vdi_destroy(world, _face(world, "s1"))
+    r = world.ok("recover", vm_uuid=vm.uuid)
+    assert r["recovered"] is None, r
+    f = r["followed_sm"]
+    assert f["followed_sm"]["deleted"] == ["s1"], r
+    assert [m["method"] for m in f["merges"]] == ["fold"], r
+    assert world.ok("recover", vm_uuid=vm.uuid)["followed_sm"] is None
+    _check_sm_end_state(world, sm, world.sr, vm, disk, expected)
