@@ -18,7 +18,9 @@ Wants=xapi.service
 [Service]
 Type=simple
 Environment=PYTHONPATH={pythonpath}
-ExecStart={python} -m livesnap xapi-follow --state-dir {state_dir}
+# livesnap.cli.main, not the livesnap program: a long-running command is never handed
+# to the livesnap service (livesnap.cli.client)
+ExecStart={python} -m livesnap.cli.main xapi-follow --state-dir {state_dir}
 Restart=always
 RestartSec=5
 

@@ -387,8 +387,13 @@ def test_install_unit(tmp_path):
                        stderr=subprocess.PIPE, universal_newlines=True, cwd=ROOT, timeout=60)
     assert p.returncode == 0, p.stderr
     text = (tmp_path / "units" / "livesnap-xapi-follow.service").read_text()
-    assert "ExecStart=%s -m livesnap xapi-follow --state-dir %s" % (sys.executable, state) \
-        in text and "After=xapi.service" in text, text
+    assert "ExecStart=%s -m livesnap.cli.main xapi-follow --state-dir %s" % (
+        sys.executable, state) in text and "After=xapi.service" in text, text
+    # what the unit runs is the command itself (never handed to a livesnap service)
+    p = subprocess.run([sys.executable, "-m", "livesnap.cli.main", "xapi-follow", "--help"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                       cwd=ROOT, timeout=60)
+    assert p.returncode == 0 and "--once" in p.stdout, (p.stdout, p.stderr)
 
 
 def test_livesnap_delete_aborts_a_waiting_gc(sm_world, sm):
