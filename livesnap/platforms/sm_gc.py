@@ -26,7 +26,7 @@ import fcntl
 import os
 import time
 
-from livesnap.errors import Busy
+from livesnap.errors import SmGcBusy
 from livesnap.platforms import sm_lock
 
 GC_ACTIVE = "gc_active"
@@ -51,7 +51,7 @@ def held_off(sr_uuid, lock_dir=sm_lock.BASE_DIR, ipc_dir=IPC_BASE_DIR, timeout=6
              poll=0.05):
     """Hold SM's GC off SR ``sr_uuid``: ``gc_active`` held for the block, a running GC
     aborted first. Yields ``{"aborted": True}`` when a GC had to be asked to stop.
-    ``Busy`` when the GC has not let go within ``timeout``."""
+    ``SmGcBusy`` when the GC has not let go within ``timeout``."""
     key = (os.path.abspath(lock_dir), sr_uuid)
     if key in _HELD:
         # already held by this process (the follower around the engine's merge): POSIX
@@ -81,8 +81,7 @@ def held_off(sr_uuid, lock_dir=sm_lock.BASE_DIR, ipc_dir=IPC_BASE_DIR, timeout=6
                 set_flag = _set_flag(flag)
                 state["aborted"] = True
             if time.monotonic() > deadline:
-                raise Busy(domain="SM's garbage collector of SR %s (it did not stop)"
-                           % sr_uuid, lock_path=path)
+                raise SmGcBusy(sr=sr_uuid, lock_path=path, timeout=timeout)
             time.sleep(poll)
         if set_flag:
             _clear_flag(flag)

@@ -507,3 +507,40 @@ def test_recover_after_xe_delete_merges(sm_world, sm):
     assert [m["method"] for m in f["merges"]] == ["fold"], r
     assert world.ok("recover", vm_uuid=vm.uuid)["followed_sm"] is None
     _check_sm_end_state(world, sm, world.sr, vm, disk, expected)
+
+
+@pytest.mark.parametrize("flag_set_before", [False, True])
+def test_gc_that_does_not_stop_is_a_clear_error(tmp_path, flag_set_before):
+    """A process holding an SR's ``gc_active`` that never looks at the abort flag:
+    ``held_off`` gives up after its timeout with ``SmGcBusy`` (the BUSY code) naming the SR
+    and the lock; the abort flag is removed if livesnap set it, left if someone else had."""
+    from livesnap.errors import Busy, SmGcBusy
+    from livesnap.platforms import sm_gc
+    sr = "0b4cd3a4-8d9e-4b43-9a55-5e0d1f7c2a11"
+    locks, ipc = str(tmp_path / "lock"), str(tmp_path / "ipc")
+    os.makedirs(os.path.join(locks, sr))
+    flag = os.path.join(ipc, sr, "abort")
+    if flag_set_before:
+        os.makedirs(os.path.dirname(flag))
+        with open(flag, "w") as f:
+            f.write("1\n")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"), os.path.join(locks, sr, "gc_active")],
+        stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SmGcBusy) as e:
+            with sm_gc.held_off(sr, lock_dir=locks, ipc_dir=ipc, timeout=0.5):
+                pass
+        assert isinstance(e.value, Busy) and e.value.sr == sr, e.value
+        assert "did not stop" in str(e.value) and "gc_active" in str(e.value)
+        assert os.path.exists(flag) == flag_set_before
+    finally:
+        holder.kill()
+        holder.wait()
+    with sm_gc.held_off(sr, lock_dir=locks, ipc_dir=ipc, timeout=5) as held:
+        assert held["aborted"] is False                  # free now: taken at once
