@@ -127,6 +127,14 @@ class Busy(Conflict):
     msg = "another livesnap command is working on domain '{self.domain}' (lock {self.lock_path})"
 
 
+class SmGcBusy(Busy):
+    """XAPI: SM's garbage collector of an SR kept its ``gc_active`` lock after it was asked
+    to stop (SM's abort flag)."""
+    fields = ("sr", "lock_path", "timeout")
+    msg = ("SM's garbage collector of SR {self.sr} did not stop within {self.timeout:.0f} s "
+           "of being asked (it holds {self.lock_path}); livesnap changed nothing, try again")
+
+
 class WrongState(Conflict):
     fields = ("domain", "state", "reason")
     msg = "domain '{self.domain}' is {self.state}: {self.reason}"

@@ -32,6 +32,15 @@ SM's ``lvutil._lvmBugCleanup`` runs the real ``dmsetup``, which finds no device-
 this kernel, and removes what it takes for leftovers of a deactivated LV (its
 ``/dev/mapper`` node and ``/dev/<vg>/<lv>`` link), as it would on a host.
 
+SM's driver ``vdi_delete`` (``FileVDI.delete`` / ``LVHDVDI.delete``: what xapi's
+``VDI.destroy`` runs, ``Sm.destroyer`` for the stand-in's ``vdi_destroyer``) runs on SR and
+VDI objects made as SRCommand makes them, under SM's SR lock; its ``_kickGC`` (``systemctl
+start SMGC@<sr>`` on a host) is recorded instead (``Sm.kicks``), and the test runs the GC
+where it chooses: to its end (``gc``) or as the SMGC service does, quiet period first
+(``gc-quiet``, ``Sm.start``: a process left running, which SM's abort flag ends).
+``util.sr_get_capability`` (xapi's ``SM`` record of the SR type, which xapi fills from the
+driver's ``DRIVER_INFO``) returns the driver's own ``CAPABILITIES``.
+
 Everything else (which VHDs are coalesceable, leaf-coalesceable, garbage; the coalesce,
 relink, rename, hide, journal and XAPI record steps of a GC pass) is SM's code unchanged.
 
@@ -145,16 +154,27 @@ class Sm(object):
         except FileNotFoundError:
             return ""
 
-    def run(self, action, sr, *args, timeout=300, extra=None):
+    def run(self, action, sr, *args, timeout=300, extra=None, **fields):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in sys.path if p])
         cfg = dict(self.config(sr), **(extra or {}))
+        cfg.update(fields)
         p = subprocess.run([sys.executable, "-m", "testxen.sm", json.dumps(cfg),
                             action] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            universal_newlines=True, env=env, timeout=timeout, cwd=ROOT)
         if p.returncode != 0:
             raise SmError(action, p.returncode, p.stdout, p.stderr, self.log())
         return json.loads(p.stdout.strip().splitlines()[-1])
+
+    def start(self, action, sr, **extra):
+        """``action`` in a process of its own, not waited for (a ``Popen``)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in sys.path if p])
+        cfg = self.config(sr)
+        cfg.update(extra)
+        return subprocess.Popen([sys.executable, "-m", "testxen.sm", json.dumps(cfg), action],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, env=env, cwd=ROOT)
 
     def scan(self, sr):
         """SM's own SR scan (FileSR / LVHDSR ``_loadvdis``): {uuid: {parent, hidden,
@@ -206,6 +226,25 @@ class Sm(object):
         return self.run("cbt", sr, extra={"cbt": {
             "op": op, "dir": log_dir, "vdi_uuid": vdi_uuid, "snapshot_uuid": snapshot_uuid,
             "consistent": consistent, "size": size, "cbt_util": cbt_util}})
+
+    def vdi_delete(self, sr, vdi_ref):
+        """SM's driver ``vdi_delete`` of a VDI (``FileVDI.delete`` / ``LVHDVDI.delete``), as
+        xapi runs it for ``VDI.destroy`` (``xe vdi-destroy``, ``xe snapshot-uninstall``):
+        under SM's SR lock, as SRCommand runs it. Its ``_kickGC`` (on a host:
+        ``systemctl start SMGC@<sr>``) is recorded instead: the test runs the GC where it
+        chooses (``gc``). Returns {"kicked": True/False}."""
+        rec = self.xapi.record("VDI", vdi_ref)
+        return self.run("vdi-delete", sr, vdi_uuid=rec["uuid"], vdi_ref=vdi_ref)
+
+    def destroyer(self):
+        """A ``VDI.destroy`` handler for the XAPI stand-in (``xapi.vdi_destroyer``): SM's
+        real ``vdi_delete``; ``kicks`` lists the SR refs whose GC SM kicked."""
+        def destroy(vdi_ref):
+            sr = self.xapi.record("VDI", vdi_ref)["SR"]
+            if self.vdi_delete(sr, vdi_ref)["kicked"]:
+                self.kicks.append(sr)
+        self.kicks = []
+        return destroy
 
     def gc(self, sr):
         """One real GC run to its end (cleanup ``_gc(session, sr, dryRun=False,
@@ -500,6 +539,80 @@ def _sm_scan(cfg):
     return out
 
 
+def _vdi_delete(cfg):
+    """The driver's ``vdi_delete`` on SR and VDI objects made as SRCommand makes them for
+    it (``cmd`` vdi_delete, ``params`` with the VDI's ref and a session to the stand-in),
+    under SM's SR lock (``SRCommand._run_locked``). ``_kickGC`` is recorded, not run.
+    ``util.sr_get_capability`` (reads xapi's ``SM`` record of the SR type, which xapi fills
+    from the driver's ``DRIVER_INFO``) returns the driver's own ``CAPABILITIES``."""
+    import cleanup
+    import lock
+    import util
+    session = cleanup.XAPI.getSession()
+    kicked = []
+    try:
+        lvhd = cfg["sr_type"] in ("lvm", "lvmoiscsi", "lvmohba")
+        if lvhd:
+            import LVHDSR as driver
+            cls = driver.LVHDSR
+        else:
+            import FileSR as driver
+            cls = driver.FileSR
+        util.sr_get_capability = lambda sr_uuid, session=None: list(driver.CAPABILITIES)
+        cls._kickGC = lambda self: kicked.append(self.uuid)
+
+        class SrCommand(object):
+            cmd = "vdi_delete"
+            params = {"vdi_ref": cfg["vdi_ref"], "vdi_uuid": cfg["vdi_uuid"],
+                      "sr_uuid": cfg["sr_uuid"], "session_ref": session._session}
+        sr = cls.__new__(cls)
+        sr.uuid = cfg["sr_uuid"]
+        sr.session = session
+        sr.sr_ref = session.xenapi.SR.get_by_uuid(sr.uuid)
+        sr.srcmd = SrCommand()
+        sr.cmd = "vdi_delete"
+        sr.o_direct = False
+        sr.sm_config = {}
+        sr.dconf = {}
+        sr.original_srcmd = None
+        sr.vdis = {}
+        sr.lock = lock.Lock("sr", sr.uuid)
+        if lvhd:
+            _lvhd_sr_fields(sr)
+        else:
+            sr.path = cfg["sr_path"]
+        sr.lock.acquire()
+        try:
+            vdi = sr.vdi(cfg["vdi_uuid"])
+            vdi.session = session
+            vdi.delete(sr.uuid, cfg["vdi_uuid"])
+        finally:
+            sr.lock.release()
+    finally:
+        session.xenapi.session.logout()
+    return {"kicked": bool(kicked)}
+
+
+def _lvhd_sr_fields(sr):
+    """What LVHDSR.load sets that a VDI's load and delete read (the SR attached on its
+    master, not in legacy mode)."""
+    import journaler
+    import lvhdutil
+    import lvmcache
+    import LVHDSR
+    from lvmanager import LVActivator
+    sr.vgname = lvhdutil.VG_PREFIX + sr.uuid
+    sr.path = os.path.join(lvhdutil.VG_LOCATION, sr.vgname)
+    sr.mdpath = os.path.join(sr.path, LVHDSR.LVHDSR.MDVOLUME_NAME)
+    sr.lvmCache = lvmcache.LVMCache(sr.vgname)
+    sr.lvActivator = LVActivator(sr.uuid, sr.lvmCache)
+    sr.journaler = journaler.Journaler(sr.lvmCache)
+    sr.legacyMode = False
+    sr.isMaster = True
+    sr.provision = "thick"
+    sr.thinpr = False
+
+
 def _lvhd_init(cfg):
     """What SM's LVHDSR.create/attach leave in the VG besides the VDIs' LVs: the ``MGT``
     metadata LV (4 MiB), written by SM's own ``LVHDSR.updateSRMetadata`` from the SR's and
@@ -648,6 +761,8 @@ def main(argv):
     os.makedirs(cfg["refcount_dir"], exist_ok=True)
     if action == "scan":
         result = _sm_scan(cfg)
+    elif action == "vdi-delete":
+        result = _vdi_delete(cfg)
     elif action == "lvhd-init":
         result = _lvhd_init(cfg)
     elif action in ("attach", "detach"):
@@ -660,6 +775,16 @@ def main(argv):
         result = _refcounts(cfg)
     elif action == "cbt":
         result = _sm_cbt(cfg)
+    elif action == "gc-quiet":
+        # the GC as the SMGC service runs it after a kick: its quiet period first
+        # (_gcLoopPause, GCPAUSE_DEFAULT_SLEEP), which an abort ends
+        cleanup._create_init_file(cfg["sr_uuid"])
+        try:
+            cleanup._gc(None, cfg["sr_uuid"], dryRun=False, immediate=False)
+            result = {"aborted": False}
+        except cleanup.AbortException:
+            cleanup.Util.log("Aborted")
+            result = {"aborted": True}
     elif action in ("classify", "gc"):
         if action == "gc":
             cleanup._gc(None, cfg["sr_uuid"], dryRun=False, immediate=True)

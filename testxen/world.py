@@ -61,6 +61,8 @@ class World(object):
                     "LIVESNAP_STATE_DIR": self.state_dir,
                     "LIVESNAP_SR_MOUNT_BASE": self.sr_base,
                     "LIVESNAP_SM_LOCK_DIR": self.sm_lock_dir,
+                    # SM's IPC flags: testxen/sm.py's state directory is <base>/sm
+                    "LIVESNAP_SM_IPC_DIR": os.path.join(self.base, "sm", "ipc"),
                     "TESTXEN_RUN_DIR": self.run_dir})
         env.update(blktap.env())
         env.update(extra)

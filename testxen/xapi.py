@@ -8,6 +8,7 @@ Served: ``session.login_with_password``, ``session.logout``, ``session.get_this_
 message``: ``.get_record``, ``.get_by_uuid``, ``.get_all``, ``.get_all_records``,
 ``.get_all_records_where`` (the ``field "NAME" = "VALUE"`` form SM uses), ``.get_<field>``;
 ``VM.get_by_name_label``; ``SR.scan`` (``scan``: records follow the VHD images, as SM's scan);
+``VDI.destroy`` (xapi's checks, then the SR's SM driver: ``vdi_destroyer``);
 ``set_<field>``/``add_to_<map>``/``remove_from_<map>`` for the fields in ``SETTABLE``
 (VDI ``sm_config``, ``other_config``, ``managed``, ``read_only``, ``is_a_snapshot``,
 ``snapshot_of``...; SR ``sm_config``/``other_config``...); ``VDI.forget``/``db_forget``;
@@ -85,6 +86,7 @@ class Xapi(VmCalls):
         # this host's tapdisks, e.g. SM's tapdisk-pause, see testxen/sm.py)
         self.builtin_plugins = {}
         self.scanner = None                # SR.scan's source of truth, see scan()
+        self.vdi_destroyer = None          # VDI.destroy's SM driver, see _vdi_destroy()
         self.lock = threading.Lock()
         self.server = None
         self.thread = None
@@ -214,6 +216,8 @@ class Xapi(VmCalls):
             return self._async(method[len("Async."):], session, args)
         if method == "event.from":
             return self._event_from(*args)
+        if method == "VDI.destroy":
+            return self._vdi_destroy(method, *args)
         special = self.SPECIAL.get(method) or self.VM_CALLS.get(method)
         if special is not None:
             with self.lock:
@@ -341,6 +345,33 @@ class Xapi(VmCalls):
                 vm["VBDs"].remove(vbd)
             self._del("VBD", vbd)
         self._del("VDI", ref)
+        return ""
+
+    def _vdi_destroy(self, method, *args):
+        """``VDI.destroy`` (``xe vdi-destroy``, and per disk ``xe snapshot-uninstall`` /
+        ``vm-uninstall``): xapi refuses a VDI a running VM has attached (``VDI_IN_USE``)
+        and one SM does not manage (a base copy: ``VDI_NOT_MANAGED``), then has the SR's
+        SM driver run ``vdi_delete`` (``vdi_destroyer(ref)``, e.g. SM's real driver,
+        testxen/sm.py ``Sm.destroyer``; it forgets the record itself through
+        ``VDI.db_forget``); a record SM left is then removed, with its VBDs. Runs outside
+        the model's lock: SM calls back into this server."""
+        self._nargs(method, args, 1)
+        ref = args[0]
+        with self.lock:
+            rec = self.objects["VDI"].get(ref)
+            if rec is None:
+                raise Failure("HANDLE_INVALID", "VDI", ref)
+            if any(self.objects["VBD"][v].get("currently_attached") for v in rec["VBDs"]):
+                raise Failure("VDI_IN_USE", ref, "destroy")
+            if not rec.get("managed", True):
+                raise Failure("VDI_NOT_MANAGED", ref)
+        if self.vdi_destroyer is None:
+            raise Failure("SR_BACKEND_FAILURE_1200", "", "VDI.destroy has no SM driver in "
+                          "the XAPI stand-in (vdi_destroyer unset)", "")
+        self.vdi_destroyer(ref)
+        with self.lock:
+            if ref in self.objects["VDI"]:
+                self._vdi_forget("VDI.db_forget", ref)
         return ""
 
     def _vdi_snapshot(self, method, *args):

@@ -89,6 +89,8 @@ def build_parser(argv=None):
     # listed here; started by livesnap.launcher, with livesnap.service's own parser
     sub.add_parser("service", help=SERVICE_HELP, add_help=False)
     install_service.register(sub, common)
+    from livesnap.cli import xapi_follow
+    xapi_follow.register(sub, common)
     if argv is not None and _command(argv) not in (None, "vhd"):
         sub.add_parser("vhd", help=VHD_HELP)
     else:

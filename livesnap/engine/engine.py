@@ -14,7 +14,7 @@ import os
 from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap import faults
-from livesnap.engine import adopt, check, foreign, names, space, users
+from livesnap.engine import adopt, check, foreign, names, sm_follow, space, users
 from livesnap.engine.session import SessionContext, SignalCatcher
 from livesnap.text import check_description, check_snapshot_name, printable
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation,
@@ -126,6 +126,8 @@ class Engine(object):
             tree = self._follow(session, cat.load_tree(), strict=validate)
         if datapath is not None and hasattr(datapath, "prepare"):
             datapath.prepare(tree)           # e.g. activate the LVs of the tree's images
+        if not cat.is_empty():
+            tree = self._follow_sm(session, tree)
         if validate:
             self._validate(domain, tree, datapath)
         session.tree = tree
@@ -162,6 +164,24 @@ class Engine(object):
                  changes["adopted"] or "nothing", changes["gone"] or "nothing")
         session.catalog.save_tree(followed)
         self._sync_metadata(session, followed)
+        return session.catalog.load_tree()
+
+    def _follow_sm(self, session, tree):
+        """XAPI (SM's layout): snapshot VDIs SM deleted (xe, XenCenter) and merges its GC
+        made, taken into the catalog (engine/sm_follow.py; ``session.followed``), saved when
+        the session holds the lock."""
+        if getattr(session.domain, "vdi_exists", None) is None or \
+                session.catalog.unfinished() is not None:
+            return tree
+        followed, changes = sm_follow.follow(session.domain, tree)
+        if changes is None:
+            return tree
+        session.followed = changes
+        if not session.locked or session.dry_run:
+            return followed
+        log.info("%s changed by SM: snapshots deleted %s, images merged %s",
+                 session.domain.name, changes["deleted"] or "none", changes["merged"] or "none")
+        session.catalog.save_tree(followed)
         return session.catalog.load_tree()
 
     def _validate(self, domain, tree, datapath=None):
@@ -309,8 +329,10 @@ class Engine(object):
             return result
         self._preflight_space(plan, datapath)
         plan.result["datapath"] = datapath.name     # the hook reads which datapath it needs
-        op_id = session.catalog.begin(plan)
-        pauses, merges = self._execute(session, datapath, plan, op_id)
+        # (SM's GC held off before the journal: a Busy leaves nothing to recover)
+        with sm_follow.merge_guard(session.domain, plan.steps):
+            op_id = session.catalog.begin(plan)
+            pauses, merges = self._execute(session, datapath, plan, op_id)
         faults.point(plan.op, "committed", 0)
         self._sync_metadata(session, session.tree)
         # every pause of the guest's IO, and the longest one (what the guest felt most)
@@ -384,7 +406,15 @@ class Engine(object):
             self._no_interrupted(s)
             datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
-            plan = self._planner(s, datapath, self._users(s, tree)).delete(tree, name)
+            planner = self._planner(s, datapath, self._users(s, tree))
+            if name in ((s.followed or {}).get("deleted") or ()):
+                # its VDIs were deleted through XAPI (xe, XenCenter): what is left is the
+                # merge of its base copies
+                r = self._reclaim(s, datapath, planner.reclaim(tree), dry_run)
+                r.update(snapshot=name, deleted_by="xapi", action="merged" if r.get(
+                    "merges") else "deleted")
+                return r
+            plan = planner.delete(tree, name)
             return self._run(s, datapath, plan, dry_run)
 
     def revert(self, domain, name, keep_current=None, dry_run=False):
@@ -412,9 +442,16 @@ class Engine(object):
             datapath = s.datapath = self.datapath_for(s.domain)
             tree = self.load(s, datapath=datapath)
             plan = self._planner(s, datapath, self._users(s, tree)).reclaim(tree)
-            if not plan.steps:
-                return dict(plan.result, pause_ms=None)
-            return self._run(s, datapath, plan, dry_run)
+            return self._reclaim(s, datapath, plan, dry_run)
+
+    def _reclaim(self, s, datapath, plan, dry_run):
+        if not plan.steps:
+            r = dict(plan.result, pause_ms=None)
+        else:
+            r = self._run(s, datapath, plan, dry_run)
+        if s.followed and "faces_deleted" in s.followed:
+            r["followed_sm"] = s.followed           # what SM had done (engine/sm_follow.py)
+        return r
 
     def recover(self, domain):
         with self._session(domain) as s:
@@ -422,15 +459,19 @@ class Engine(object):
             datapath = s.datapath = self.datapath_for(s.domain)
             if op is None:
                 healed = datapath.heal() if hasattr(datapath, "heal") else []
-                return {"domain": s.domain.name, "recovered": None, "unpaused": healed,
-                        "metadata": self._bring_metadata_in_step(s)}
+                r = {"domain": s.domain.name, "recovered": None, "unpaused": healed,
+                     "metadata": self._bring_metadata_in_step(s)}
+                if getattr(s.domain, "vdi_exists", None) is not None:    # XAPI: SM's deletes
+                    r["followed_sm"] = sm_follow.reclaim_followed(self, s, datapath)
+                return r
             plan = P.Plan.from_dict(op.plan)
             impossible = _impossible_path(plan, op.steps_done, s.catalog.load_tree())
             if impossible is not None:
                 return self._roll_back_impossible(s, datapath, op, plan, *impossible)
             log.info("recovering operation #%d (%s) from step %d of %d", op.id, op.op,
                      op.steps_done, len(plan.steps))
-            self._execute(s, datapath, plan, op.id, start=op.steps_done)
+            with sm_follow.merge_guard(s.domain, plan.steps[op.steps_done:]):
+                self._execute(s, datapath, plan, op.id, start=op.steps_done)
             # a crash inside a pause may have left a tapdisk paused although its step is
             # done: nothing stays paused after recover
             healed = datapath.heal() if hasattr(datapath, "heal") else []

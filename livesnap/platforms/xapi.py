@@ -22,7 +22,7 @@ import re
 
 from livesnap.errors import (DatapathError, DomainNotFound, Error, StorageBusy, UsageError,
                              WrongHost)
-from livesnap.platforms import sm_lock, xapi_records
+from livesnap.platforms import sm_gc, sm_lock, xapi_records
 from livesnap.platforms.domain_xml import Disk
 from livesnap.platforms.xen_domain import XenDomainBase
 from livesnap.tools import lvm
@@ -94,13 +94,30 @@ def userdevice_target(userdevice):
     return "xvd" + letters
 
 
+def connect_local(socket_path=None, user="root", password="", originator="livesnap"):
+    """A XenAPI session to this host's xapi (``XenAPI.xapi_local()``, or the UNIX socket
+    ``socket_path``), logged in as dom0's root (the local socket trusts it); for the
+    commands that run outside xapi's plugin (``livesnap xapi-follow``)."""
+    import XenAPI
+    if socket_path:
+        # XenAPI's UDS transport turns every "_" of the host part into "/"
+        session = XenAPI.Session("http://%s/" % socket_path.replace("/", "_"),
+                                 transport=XenAPI.UDSTransport())
+    else:
+        session = XenAPI.xapi_local()
+    session.xenapi.login_with_password(user, password, "", originator)
+    return session
+
+
 class XapiPlatform(object):
     def __init__(self, session, sr_mount_base=DEFAULT_SR_MOUNT_BASE,
-                 sm_lock_dir=sm_lock.BASE_DIR, sm_lock_timeout=60.0):
+                 sm_lock_dir=sm_lock.BASE_DIR, sm_lock_timeout=60.0,
+                 sm_ipc_dir=sm_gc.IPC_BASE_DIR):
         self.session = session
         self.sr_mount_base = sr_mount_base
         self.sm_lock_dir = sm_lock_dir
         self.sm_lock_timeout = sm_lock_timeout
+        self.sm_ipc_dir = sm_ipc_dir
 
     def call(self, name, *args):
         """``session.xenapi.<name>(*args)``; a XenAPI failure becomes ``XapiError``."""
@@ -247,6 +264,14 @@ class XapiDomain(XenDomainBase):
                 stack.enter_context(sm_lock.sr_lock(sr_uuid, base_dir=self.platform.sm_lock_dir,
                                                     timeout=self.platform.sm_lock_timeout))
             yield
+
+    def merge_guard(self):
+        """SM's garbage collector held off the VM's SRs (SM's ``gc_active`` lock and abort
+        flag, platforms/sm_gc.py) while livesnap merges there: a GC kicked meanwhile exits,
+        one running is asked to stop first."""
+        return sm_gc.held_off_all(self.sr_uuids(), lock_dir=self.platform.sm_lock_dir,
+                                  ipc_dir=self.platform.sm_ipc_dir,
+                                  timeout=self.platform.sm_lock_timeout)
 
     # -- SM's pause protocol -------------------------------------------------------------------
 
@@ -468,6 +493,16 @@ class XapiDomain(XenDomainBase):
                                 "leaf-coalesce into it (a layout from before SM's; deleting "
                                 "the snapshot merges it)" % (n.path, n.snapshot or n.disk))
         return problems + xapi_records.problems(self, tree, self._node_vdi)
+
+    def vdi_exists(self, vdi_uuid):
+        """XAPI has a VDI record with this uuid (SM's ``vdi_delete`` forgets it)."""
+        try:
+            self.platform.call("VDI.get_by_uuid", vdi_uuid)
+            return True
+        except XapiError as e:
+            if e.details and e.details[0] == "UUID_INVALID":
+                return False
+            raise
 
     def _vdi_ref(self, vdi_uuid, path):
         try:
