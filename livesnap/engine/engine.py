@@ -14,7 +14,7 @@ import os
 from livesnap.datapaths import LibvirtNamer
 from livesnap.datapaths.offline import OfflineDatapath
 from livesnap import faults
-from livesnap.engine import adopt, check, foreign, names, sm_follow, space, users
+from livesnap.engine import adopt, check, follow, foreign, names, sm_follow, space, users
 from livesnap.engine.session import SessionContext, SignalCatcher
 from livesnap.text import check_description, check_snapshot_name, printable
 from livesnap.errors import (BadImage, Error, Interrupted, InterruptedOperation,
@@ -123,66 +123,15 @@ class Engine(object):
                 self._sync_metadata(session, tree)
             tree = cat.load_tree()
         else:
-            tree = self._follow(session, cat.load_tree(), strict=validate)
+            tree = follow.in_session(self, session, cat.load_tree(), strict=validate)
         if datapath is not None and hasattr(datapath, "prepare"):
             datapath.prepare(tree)           # e.g. activate the LVs of the tree's images
         if not cat.is_empty():
-            tree = self._follow_sm(session, tree)
+            tree = sm_follow.in_session(self, session, tree)
         if validate:
             self._validate(domain, tree, datapath)
         session.tree = tree
         return tree
-
-    def _follow(self, session, tree, strict):
-        """The catalog's tree, or, when libvirt's metadata shows snapshots made or deleted
-        with virsh since livesnap last wrote it and the images changed with them, the tree
-        re-read from both (``follow``): saved when the session holds the lock. What cannot
-        be followed raises when ``strict``, else is kept in ``session.follow_error``."""
-        if session.domain.kind != "libvirt" or session.catalog.unfinished() is not None:
-            return tree
-        from livesnap.engine import follow
-        try:
-            new, gone = follow.evidence(session.domain, tree, session.catalog.known_names)
-            if not new and not gone:
-                return tree
-            if not any(True for _ in check.image_problems(session.domain, tree)):
-                if new:             # an internal or memory snapshot is refused even so
-                    follow.refuse_unmanageable(session.domain, new)
-                return tree
-            followed, changes = follow.reconcile(self, session, tree)
-        except Error as e:
-            if strict:
-                raise
-            session.follow_error = str(e)
-            return tree
-        if follow.same(tree, followed):
-            return tree
-        session.followed = changes
-        if not session.locked or session.dry_run:
-            return followed                 # followed in memory: a dry run changes nothing
-        log.info("%s changed outside livesnap: adopted %s, gone %s", session.domain.name,
-                 changes["adopted"] or "nothing", changes["gone"] or "nothing")
-        session.catalog.save_tree(followed)
-        self._sync_metadata(session, followed)
-        return session.catalog.load_tree()
-
-    def _follow_sm(self, session, tree):
-        """XAPI (SM's layout): snapshot VDIs SM deleted (xe, XenCenter) and merges its GC
-        made, taken into the catalog (engine/sm_follow.py; ``session.followed``), saved when
-        the session holds the lock."""
-        if getattr(session.domain, "vdi_exists", None) is None or \
-                session.catalog.unfinished() is not None:
-            return tree
-        followed, changes = sm_follow.follow(session.domain, tree)
-        if changes is None:
-            return tree
-        session.followed = changes
-        if not session.locked or session.dry_run:
-            return followed
-        log.info("%s changed by SM: snapshots deleted %s, images merged %s",
-                 session.domain.name, changes["deleted"] or "none", changes["merged"] or "none")
-        session.catalog.save_tree(followed)
-        return session.catalog.load_tree()
 
     def _validate(self, domain, tree, datapath=None):
         """Every node's image opens, is of the recorded format and has the recorded parent;

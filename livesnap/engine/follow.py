@@ -11,8 +11,8 @@ saves it (when it holds the domain's lock) or ``livesnap check --repair`` does.
 import logging
 import os
 
-from livesnap.engine import adopt, users
-from livesnap.errors import BadImage, UsageError
+from livesnap.engine import adopt, check, users
+from livesnap.errors import BadImage, Error, UsageError
 from livesnap.model.tree import ACTIVE, BASE, HIDDEN, SNAPSHOT, Tree
 
 log = logging.getLogger(__name__)
@@ -213,3 +213,36 @@ def same(a, b):
                        for n in t.nodes.values()),
                 sorted((s.name, s.state) for s in t.snapshots.values()), sorted(t.active.items()))
     return key(a) == key(b)
+
+
+def in_session(engine, session, tree, strict):
+    """The catalog's tree, or, when libvirt's metadata shows snapshots made or deleted
+    with virsh since livesnap last wrote it and the images changed with them, the tree
+    re-read from both (``follow``): saved when the session holds the lock. What cannot
+    be followed raises when ``strict``, else is kept in ``session.follow_error``."""
+    if session.domain.kind != "libvirt" or session.catalog.unfinished() is not None:
+        return tree
+    try:
+        new, gone = evidence(session.domain, tree, session.catalog.known_names)
+        if not new and not gone:
+            return tree
+        if not any(True for _ in check.image_problems(session.domain, tree)):
+            if new:             # an internal or memory snapshot is refused even so
+                refuse_unmanageable(session.domain, new)
+            return tree
+        followed, changes = reconcile(engine, session, tree)
+    except Error as e:
+        if strict:
+            raise
+        session.follow_error = str(e)
+        return tree
+    if same(tree, followed):
+        return tree
+    session.followed = changes
+    if not session.locked or session.dry_run:
+        return followed                 # followed in memory: a dry run changes nothing
+    log.info("%s changed outside livesnap: adopted %s, gone %s", session.domain.name,
+             changes["adopted"] or "nothing", changes["gone"] or "nothing")
+    session.catalog.save_tree(followed)
+    engine._sync_metadata(session, followed)
+    return session.catalog.load_tree()

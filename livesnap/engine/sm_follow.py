@@ -153,3 +153,25 @@ def reclaim_followed(engine, s, datapath):
     engine._validate(s.domain, tree, datapath)
     plan = engine._planner(s, datapath, engine._users(s, tree)).reclaim(tree)
     return engine._reclaim(s, datapath, plan, False)
+
+
+def in_session(engine, session, tree):
+    """XAPI (SM's layout): snapshot VDIs SM deleted (xe, XenCenter) and merges its GC
+    made, taken into the catalog (``follow``; ``session.followed``), saved when the session
+    holds the lock; XAPI's records are then brought in step with it (the VM snapshot record
+    of a snapshot SM deleted is destroyed: ``xe vdi-destroy`` leaves it behind)."""
+    if getattr(session.domain, "vdi_exists", None) is None or \
+            session.catalog.unfinished() is not None:
+        return tree
+    followed, changes = follow(session.domain, tree)
+    if changes is None:
+        return tree
+    session.followed = changes
+    if not session.locked or session.dry_run:
+        return followed
+    log.info("%s changed by SM: snapshots deleted %s, images merged %s",
+             session.domain.name, changes["deleted"] or "none", changes["merged"] or "none")
+    session.catalog.save_tree(followed)
+    tree = session.catalog.load_tree()
+    engine._sync_metadata(session, tree)
+    return tree
