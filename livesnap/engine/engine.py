@@ -123,7 +123,8 @@ class Engine(object):
                 self._sync_metadata(session, tree)
             tree = cat.load_tree()
         else:
-            tree = follow.in_session(self, session, cat.load_tree(), strict=validate)
+            tree = follow.in_session(self, session, cat.load_tree(), validate,
+                                     check.image_problems)
         if datapath is not None and hasattr(datapath, "prepare"):
             datapath.prepare(tree)           # e.g. activate the LVs of the tree's images
         if not cat.is_empty():

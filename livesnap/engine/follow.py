@@ -11,7 +11,7 @@ saves it (when it holds the domain's lock) or ``livesnap check --repair`` does.
 import logging
 import os
 
-from livesnap.engine import adopt, check, users
+from livesnap.engine import adopt, users
 from livesnap.errors import BadImage, Error, UsageError
 from livesnap.model.tree import ACTIVE, BASE, HIDDEN, SNAPSHOT, Tree
 
@@ -215,18 +215,19 @@ def same(a, b):
     return key(a) == key(b)
 
 
-def in_session(engine, session, tree, strict):
+def in_session(engine, session, tree, strict, image_problems):
     """The catalog's tree, or, when libvirt's metadata shows snapshots made or deleted
     with virsh since livesnap last wrote it and the images changed with them, the tree
-    re-read from both (``follow``): saved when the session holds the lock. What cannot
-    be followed raises when ``strict``, else is kept in ``session.follow_error``."""
+    re-read from both (``reconcile``): saved when the session holds the lock. What cannot
+    be followed raises when ``strict``, else is kept in ``session.follow_error``.
+    ``image_problems``: engine.check's (check imports this module)."""
     if session.domain.kind != "libvirt" or session.catalog.unfinished() is not None:
         return tree
     try:
         new, gone = evidence(session.domain, tree, session.catalog.known_names)
         if not new and not gone:
             return tree
-        if not any(True for _ in check.image_problems(session.domain, tree)):
+        if not any(True for _ in image_problems(session.domain, tree)):
             if new:             # an internal or memory snapshot is refused even so
                 refuse_unmanageable(session.domain, new)
             return tree
