@@ -137,3 +137,120 @@ def test_snapshot_uninstall_of_a_two_disk_snapshot(request, sm_world, sm, kind):
     assert sorted(sm.gc(sr)["vdis"]) == sorted(
         world.xapi.record("VDI", world.xapi.record("VBD", v)["VDI"])["uuid"]
         for v in world.xapi.record("VM", vm.ref)["VBDs"])
+
+
+def _faces(world, name):
+    """{userdevice: VDI record} of snapshot ``name``'s VDIs."""
+    x = world.xapi
+    return {rec["uuid"]: rec for rec in x.objects["VDI"].values()
+            if rec["other_config"].get("livesnap_snapshot") == name}
+
+
+def _disk_vdis(world, vm):
+    x = world.xapi
+    return {x.record("VBD", v)["VDI"] for v in x.record("VM", vm.ref)["VBDs"]}
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "halted"])
+def test_snapshot_destroy_is_not_undone(world, running):
+    """``xe snapshot-destroy`` of s1's record (two disks): the record goes, s1's VDIs stay
+    XAPI snapshots of the disks' VDIs, marked with the gone record's uuid. livesnap does not
+    make it again: not at recover, not at its next create, not when it deletes s2; check is
+    ok and gives it as a note; snapshot_list keeps s1. Then s1 deleted through livesnap:
+    its VDIs go, the note too."""
+    x = world.xapi
+    vm = world.add_vm(ndisks=2)
+    if running:
+        vm.start()
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
+    snap = records(world, vm)["s1"]
+    snap_uuid = x.record("VM", snap)["uuid"]
+    faces = _faces(world, "s1")
+    assert len(faces) == 2 and {f["other_config"]["livesnap_record"]
+                                for f in faces.values()} == {snap_uuid}
+    run_xe(world, xe.snapshot_destroy, snap)
+    assert sorted(records(world, vm)) == ["s2"]
+    assert sorted(_faces(world, "s1")) == sorted(faces)
+    for f in _faces(world, "s1").values():
+        assert f["is_a_snapshot"] and f["snapshot_of"] in _disk_vdis(world, vm)
+    check = world.ok("check", vm_uuid=vm.uuid)
+    assert check["ok"], check
+    assert [n for n in check["notes"] if "s1" in n and snap_uuid in n], check
+    assert world.ok("recover", vm_uuid=vm.uuid)["metadata"] == []
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s3")
+    assert sorted(records(world, vm)) == ["s2", "s3"]
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    assert sorted(records(world, vm)) == ["s3"]
+    listing = world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"]
+    assert [s["name"] for s in listing] == ["s1", "s3"], listing
+    assert world.ok("recover", vm_uuid=vm.uuid)["metadata"] == []
+    assert sorted(records(world, vm)) == ["s3"]
+    r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert r["action"] in ("merged", "deleted"), r
+    assert _faces(world, "s1") == {}
+    assert [s["name"] for s in world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"]] \
+        == ["s3"]
+    check = world.ok("check", vm_uuid=vm.uuid)
+    assert check["ok"] and check["notes"] == [], check
+    if running:
+        vm.stop()
+
+
+def test_killed_before_the_vdis_name_the_record(world):
+    """The plugin killed after s1's record has its VBDs, before s1's VDIs name it
+    (``xapi:recorded:0``): recover adopts the record (no second one) and marks the VDIs;
+    a snapshot-destroy after that is the user's and is kept."""
+    from test_vm_snapshot_records import killed
+    x = world.xapi
+    vm = world.add_vm(ndisks=2)
+    killed(world, "snapshot_create", "xapi:recorded:0", vm_uuid=vm.uuid, name="s1")
+    snap = records(world, vm)["s1"]
+    assert {f["other_config"].get("livesnap_record") for f in _faces(world, "s1").values()} \
+        == {None}
+    r = world.ok("recover", vm_uuid=vm.uuid)
+    assert records(world, vm) == {"s1": snap}, r
+    snap_uuid = x.record("VM", snap)["uuid"]
+    assert {f["other_config"].get("livesnap_record") for f in _faces(world, "s1").values()} \
+        == {snap_uuid}
+    run_xe(world, xe.snapshot_destroy, snap)
+    assert world.ok("recover", vm_uuid=vm.uuid)["metadata"] == []
+    assert records(world, vm) == {}
+    assert world.ok("check", vm_uuid=vm.uuid)["ok"]
+
+
+def test_follower_ignores_a_snapshot_destroy(sm_world, sm):
+    """The running follower (event.from on vm and vdi): ``xe snapshot-destroy`` of s1's
+    record (a VM del event, no VDI gone) makes it do nothing; then ``xe
+    snapshot-uninstall`` of s2's record: the follower merges s2's base copy and reports
+    that only, and s1's record is not made again by the merge's sync of XAPI's records."""
+    world = sm_world
+    bt = smmod.Blktap(txblktap.prefix())
+    vm, disk = _fold_vm(world, bt, world.sr)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
+    bt.write(disk, 16 * MiB, 4 * MiB, 0x35)
+    recs = records(world, vm)
+    vm.start()
+    p = subprocess.Popen(_follow_argv(world, sm), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, env=world.env(),
+                         cwd=ROOT)
+    try:
+        _wait(lambda: any(m == "event.from" for m, _ in world.xapi.calls), p)
+        run_xe(world, xe.snapshot_destroy, recs["s1"])
+        run_xe(world, xe.snapshot_uninstall, recs["s2"])
+        out = json.loads(_readline(p))
+        assert out["vm_uuid"] == vm.uuid and "error" not in out, (out, _stderr(p))
+        assert out["result"]["followed_sm"]["deleted"] == ["s2"], out
+        assert [m["method"] for m in out["result"]["merges"]] == ["fold"], out
+    finally:
+        p.send_signal(signal.SIGTERM)
+        rest, err = p.communicate(timeout=60)
+    assert rest.strip() == "", (rest, err)
+    assert "Traceback" not in err, err
+    assert records(world, vm) == {}
+    assert [s["name"] for s in world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"]] \
+        == ["s1"]
+    check = world.ok("check", vm_uuid=vm.uuid)
+    assert check["ok"] and [n for n in check["notes"] if "s1" in n], check
+    assert _follow_once(world, sm) == []
+    vm.stop()
