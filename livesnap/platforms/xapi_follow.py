@@ -90,10 +90,20 @@ class Follower(object):
         self.gc_timeout = gc_timeout
         self.report = report            # f(dict) for each VM acted on, e.g. a JSON line
         self.retry = set()              # VMs to try again (another command held them)
+        self.gone = set()               # VMs XAPI no longer has, reported once
 
     def _vdi_known(self, vdi_uuid):
         try:
             self.platform.call("VDI.get_by_uuid", vdi_uuid)
+            return True
+        except XapiError as e:
+            if e.details and e.details[0] == "UUID_INVALID":
+                return False
+            raise
+
+    def _vm_known(self, vm_uuid):
+        try:
+            self.platform.call("VM.get_by_uuid", vm_uuid)
             return True
         except XapiError as e:
             if e.details and e.details[0] == "UUID_INVALID":
@@ -119,6 +129,18 @@ class Follower(object):
         """Act on every pending VM once; [result] (each also passed to ``report``)."""
         results = []
         for vm, srs in sorted(self.pending().items()):
+            if vm in self.gone:
+                continue
+            if not self._vm_known(vm):
+                # ``xe vm-uninstall``: the VM, its disks and its snapshots destroyed; what
+                # is left (hidden base copies with no child) is SM's GC's garbage
+                self.gone.add(vm)
+                out = {"vm_uuid": vm, "srs": srs, "vm_gone": True}
+                log.info("VM %s is gone from XAPI: its images are left to SM's GC", vm)
+                if self.report is not None:
+                    self.report(out)
+                results.append(out)
+                continue
             results.append(self.follow_vm(vm, srs))
         return results
 

@@ -254,3 +254,26 @@ def test_follower_ignores_a_snapshot_destroy(sm_world, sm):
     assert check["ok"] and [n for n in check["notes"] if "s1" in n], check
     assert _follow_once(world, sm) == []
     vm.stop()
+
+
+def test_vm_uninstall_of_the_vm_and_its_snapshot(sm_world, sm):
+    """``xe vm-uninstall`` of a halted VM with a livesnap snapshot: xe destroys the VM, its
+    own disk's VDI (its VBD has ``owner``, as vm-install gives it), then the snapshot's record
+    and VDI. The follower does not fail on a VM XAPI no longer has: it reports it gone and
+    leaves its images to SM's GC, which removes the base copy (garbage: hidden, no child)."""
+    world = sm_world
+    bt = smmod.Blktap(txblktap.prefix())
+    vm, disk = _fold_vm(world, bt, world.sr)
+    x = world.xapi
+    for v in x.record("VM", vm.ref)["VBDs"]:
+        x.record("VBD", v).setdefault("other_config", {})["owner"] = ""
+    vm_uuid, snap = vm.uuid, records(world, vm)["s1"]
+    done = run_xe(world, xe.vm_uninstall, vm.ref)
+    assert [vm_ref for vm_ref, _ in done] == [vm.ref, snap]
+    assert all(len(vdis) == 1 for _, vdis in done), done
+    assert vm.ref not in x.objects["VM"] and snap not in x.objects["VM"]
+    out = _follow_once(world, sm)
+    assert [o["vm_uuid"] for o in out] == [vm_uuid] and "error" not in out[0], out
+    assert out[0].get("vm_gone") is True, out
+    sm.gc(world.sr)
+    assert x.sr_images(world.sr) == {}, x.sr_images(world.sr)
