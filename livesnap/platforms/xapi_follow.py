@@ -1,6 +1,6 @@
 """``livesnap xapi-follow``: a service on a XAPI host that gives a snapshot deleted outside
-livesnap (``xe snapshot-destroy``, ``xe vm-uninstall`` of a snapshot, ``xe vdi-destroy``,
-XenCenter) the merge livesnap's own delete makes: at once, online, child-aware, with
+livesnap (``xe snapshot-uninstall``, ``xe vm-uninstall``, ``xe vdi-destroy``, XenCenter)
+the merge livesnap's own delete makes: at once, online, child-aware, with
 livesnap's bounded pauses, instead of SM's garbage collector's later leaf-coalesce (which
 pauses the VM up to 10 s).
 
@@ -20,7 +20,9 @@ faces (``sm_gc.held_off``: SM's ``gc_active`` lock and abort flag), run through 
 won the race), and what is left to merge is merged. On start the same comparison runs once
 (faces deleted while the follower was not running). A VM another livesnap command holds is
 tried again shortly after; one with an operation a killed livesnap command left open is
-recovered first.
+recovered first. ``xe snapshot-destroy`` (``VM.destroy`` of the record, the VDIs kept)
+deletes nothing: its ``del`` event finds no face gone. A VM XAPI no longer has (``xe
+vm-uninstall`` of the VM) is reported once (``vm_gone``) and left to SM's GC.
 
 Python 3.6, stdlib only; the XenAPI session is the caller's (``xapi.connect_local`` on a
 host).
