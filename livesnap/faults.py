@@ -18,7 +18,8 @@ bitmaps, before the data moves,
 ``<op>:committed:0`` after the last step's effect is committed to the catalog, before
 libvirt's snapshot metadata (XAPI's records) are brought in step;
 ``xapi:snapshotted:0`` right after ``VM.snapshot`` made a snapshot's VM record, before
-livesnap marked it (livesnap/platforms/xapi_records.py).
+livesnap marked it (livesnap/platforms/xapi_records.py),
+``xapi:recorded:0`` after a snapshot's record has its VBDs, before its VDIs name it.
 ``action`` is ``kill`` (SIGKILL, the default), ``sleep=SECONDS`` (a stall) or ``wait`` (a
 stall until the file named by ``LIVESNAP_FAULT_RELEASE`` exists, at most 120 s: the test
 does something at that point, then lets the process go on).

@@ -100,6 +100,9 @@ def check(engine, s):
             problems += _next_boot_problems(s.domain, tree)
     found = engine._users(s, tree)
     sharing, notes = _sharing(s, tree, found)
+    record_notes = getattr(s.domain, "record_notes", None)    # XAPI: records the user dropped
+    if record_notes is not None:
+        notes += record_notes(tree)
     problems += sharing
     known = {n.path for n in tree.nodes.values()}
     for directory, prefix, suffix in sorted(_own_file_patterns(s.domain, tree)):

@@ -494,6 +494,10 @@ class XapiDomain(XenDomainBase):
                                 "the snapshot merges it)" % (n.path, n.snapshot or n.disk))
         return problems + xapi_records.problems(self, tree, self._node_vdi)
 
+    def record_notes(self, tree):
+        """Snapshots whose VM snapshot record the user destroyed (check's notes)."""
+        return xapi_records.notes(self, tree, self._node_vdi)
+
     def vdi_exists(self, vdi_uuid):
         """XAPI has a VDI record with this uuid (SM's ``vdi_delete`` forgets it)."""
         try:

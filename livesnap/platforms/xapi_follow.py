@@ -1,6 +1,6 @@
 """``livesnap xapi-follow``: a service on a XAPI host that gives a snapshot deleted outside
-livesnap (``xe snapshot-destroy``, ``xe vm-uninstall`` of a snapshot, ``xe vdi-destroy``,
-XenCenter) the merge livesnap's own delete makes: at once, online, child-aware, with
+livesnap (``xe snapshot-uninstall``, ``xe vm-uninstall``, ``xe vdi-destroy``, XenCenter)
+the merge livesnap's own delete makes: at once, online, child-aware, with
 livesnap's bounded pauses, instead of SM's garbage collector's later leaf-coalesce (which
 pauses the VM up to 10 s).
 
@@ -20,7 +20,9 @@ faces (``sm_gc.held_off``: SM's ``gc_active`` lock and abort flag), run through 
 won the race), and what is left to merge is merged. On start the same comparison runs once
 (faces deleted while the follower was not running). A VM another livesnap command holds is
 tried again shortly after; one with an operation a killed livesnap command left open is
-recovered first.
+recovered first. ``xe snapshot-destroy`` (``VM.destroy`` of the record, the VDIs kept)
+deletes nothing: its ``del`` event finds no face gone. A VM XAPI no longer has (``xe
+vm-uninstall`` of the VM) is reported once (``vm_gone``) and left to SM's GC.
 
 Python 3.6, stdlib only; the XenAPI session is the caller's (``xapi.connect_local`` on a
 host).
@@ -90,10 +92,20 @@ class Follower(object):
         self.gc_timeout = gc_timeout
         self.report = report            # f(dict) for each VM acted on, e.g. a JSON line
         self.retry = set()              # VMs to try again (another command held them)
+        self.gone = set()               # VMs XAPI no longer has, reported once
 
     def _vdi_known(self, vdi_uuid):
         try:
             self.platform.call("VDI.get_by_uuid", vdi_uuid)
+            return True
+        except XapiError as e:
+            if e.details and e.details[0] == "UUID_INVALID":
+                return False
+            raise
+
+    def _vm_known(self, vm_uuid):
+        try:
+            self.platform.call("VM.get_by_uuid", vm_uuid)
             return True
         except XapiError as e:
             if e.details and e.details[0] == "UUID_INVALID":
@@ -119,6 +131,18 @@ class Follower(object):
         """Act on every pending VM once; [result] (each also passed to ``report``)."""
         results = []
         for vm, srs in sorted(self.pending().items()):
+            if vm in self.gone:
+                continue
+            if not self._vm_known(vm):
+                # ``xe vm-uninstall``: the VM, its disks and its snapshots destroyed; what
+                # is left (hidden base copies with no child) is SM's GC's garbage
+                self.gone.add(vm)
+                out = {"vm_uuid": vm, "srs": srs, "vm_gone": True}
+                log.info("VM %s is gone from XAPI: its images are left to SM's GC", vm)
+                if self.report is not None:
+                    self.report(out)
+                results.append(out)
+                continue
             results.append(self.follow_vm(vm, srs))
         return results
 

@@ -18,6 +18,15 @@ the record drops its VBDs and keeps every VDI (xapi_vm_helpers.ml ``destroy``).
 
 A crash between ``VM.snapshot`` and its marking leaves a record with the snapshot's name, no
 disk VBD and no mark: the next sync adopts it instead of making a second one.
+
+Once a record names all of a snapshot's VDIs, each of those VDIs carries its uuid
+(``other_config`` ``livesnap_record``; set after the record, so a kill in between leaves a
+record the next sync adopts and completes). A visible snapshot whose VDIs name a record
+XAPI no longer has lost it to the user (``xe snapshot-destroy``, XenCenter's "delete
+snapshot" keeping the disks: ``VM.destroy`` only): livesnap does not make it again, its
+VDIs stay XAPI snapshots of the disk's VDI (as after xapi's own snapshot-destroy) and the
+snapshot livesnap's, ``check`` gives it as a note. livesnap's own ``VM.destroy``
+(``drop_stale``) is only of a snapshot the catalog no longer has as visible.
 Python 3.6, stdlib only.
 """
 import logging
@@ -28,6 +37,7 @@ from livesnap.errors import Error
 log = logging.getLogger(__name__)
 
 KEY = "livesnap_snapshot"
+RECORD_KEY = "livesnap_record"          # VDI other_config: the uuid of its snapshot's record
 NULL_REF = "OpaqueRef:NULL"
 REVERT_BLOCKED = ("livesnap snapshot: revert it with the livesnap plugin (fn=snapshot_revert "
                   "args:name=%s); xapi's revert would replace the VM's disk under livesnap")
@@ -118,6 +128,8 @@ def sync(domain, tree, vdi_ref):
                         "made", name, domain.name)
             continue
         recs = marked.get(name, [])
+        if not recs and destroyed_by_user(domain, disks) is not None:
+            continue
         keep = None
         for ref, rec, have in recs:
             if keep is None and set(have.items()) <= set(disks.items()):
@@ -145,7 +157,43 @@ def sync(domain, tree, vdi_ref):
             _vbd(domain, ref, userdevice, disks[userdevice])
         if missing and recs:
             changes.append(["completed", name])
+        if missing:
+            faults.point("xapi", "recorded", 0)
+        _mark_vdis(domain, ref, disks)
     return changes
+
+
+def _mark_vdis(domain, vm_ref, disks):
+    """Each of the snapshot's VDIs names its record's uuid (``RECORD_KEY``)."""
+    platform = domain.platform
+    rec_uuid = platform.call("VM.get_uuid", vm_ref)
+    for vdi in sorted(disks.values()):
+        have = platform.call("VDI.get_other_config", vdi).get(RECORD_KEY)
+        if have == rec_uuid:
+            continue
+        if have is not None:
+            platform.call("VDI.remove_from_other_config", vdi, RECORD_KEY)
+        platform.call("VDI.add_to_other_config", vdi, RECORD_KEY, rec_uuid)
+
+
+def destroyed_by_user(domain, disks):
+    """The uuid of the record a snapshot's VDIs (``{userdevice: VDI ref}``) name that XAPI no
+    longer has (``VM.destroy`` not livesnap's: ``xe snapshot-destroy``), or None."""
+    platform = domain.platform
+    for vdi in sorted(v for v in disks.values() if v is not None):
+        try:
+            rec_uuid = platform.call("VDI.get_other_config", vdi).get(RECORD_KEY)
+        except Error:
+            continue                                        # gone meanwhile
+        if not rec_uuid:
+            continue
+        try:
+            platform.call("VM.get_by_uuid", rec_uuid)
+        except Error as e:
+            if getattr(e, "details", None) and e.details[0] == "UUID_INVALID":
+                return rec_uuid
+            raise
+    return None
 
 
 def _snapshot(domain, name):
@@ -187,6 +235,8 @@ def problems(domain, tree, vdi_ref):
     marked, _ = records(domain)
     for name, disks in sorted(want.items()):
         recs = marked.get(name, [])
+        if not recs and destroyed_by_user(domain, disks) is not None:
+            continue                                        # a note (``notes``)
         if not recs:
             out.append("snapshot %s has no VM snapshot record in XAPI (XenCenter's Snapshots "
                        "tab and xe snapshot-list do not show it; 'recover' makes it)" % name)
@@ -204,6 +254,21 @@ def problems(domain, tree, vdi_ref):
             for ref, rec, have in recs:
                 out.append("VM snapshot record %s names livesnap snapshot %s, which the "
                            "catalog has not as a visible snapshot" % (rec.get("uuid"), name))
+    return out
+
+
+def notes(domain, tree, vdi_ref):
+    """The visible snapshots whose record the user destroyed (not problems)."""
+    out = []
+    marked, _ = records(domain)
+    for name, disks in sorted(wanted(domain, tree, vdi_ref).items()):
+        if marked.get(name):
+            continue
+        gone = destroyed_by_user(domain, disks)
+        if gone is not None:
+            out.append("snapshot %s: its VM snapshot record %s was destroyed in XAPI (xe "
+                       "snapshot-destroy); livesnap keeps the snapshot and its VDIs and does "
+                       "not make the record again" % (name, gone))
     return out
 
 
