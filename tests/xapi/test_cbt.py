@@ -495,3 +495,52 @@ def test_revert_leaves_the_logs_as_xapis_revert(world, sr_of, sm, face_data):
     assert _differing_blocks(s3_path, vm.paths["xvda"]) <= changed
     assert _differing_blocks(world.xapi.vdi_path(_vdi_ref(world, s1)), s3_path) <= \
         cbt.blocks(cbt.log_path(sr_dir, s3))
+
+
+def test_revert_keeping_the_current_state_keeps_its_log(world, sr_of, sm):
+    """``--keep-current k``: XAPI's ``VM.snapshot`` (k) then ``VM.revert`` (s1). SM's own
+    code on a copy (``_cbt_snapshot`` of the detached disk: consistent; ``VDI.delete`` of
+    the VM's VDI; clone of s1's) leaves the same logs: the leaf's log became k's, closed,
+    after s1's in the chain; the reverted disk has none. The changed blocks from s1 to k
+    are the blocks written since s1, and cover every block that differs."""
+    vm, disks = _start_tracked(world, sr=sr_of)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    sm_dir = os.path.join(world.base, "sm-logs")
+    lvhd = bool(lvm.split_path(leaf_log))
+    td = vm.tapdisks["xvda"]
+    _write(td, {1, 5}, 1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _write(td, {5, 6, 77}, 2)
+    _stop(world, vm, disks)
+    s1 = _snapshot_vdi(world, ref, "s1")
+    before = _logs_of(leaf_log)
+    _copy_logs_of(leaf_log, sm_dir)
+
+    r = world.ok("snapshot_revert", vm_uuid=vm.uuid, name="s1", keep_current="k")
+    assert r["kept"] == "k", r
+    k = _snapshot_vdi(world, ref, "k")
+
+    def as_sm(op, vdi, **kw):
+        return sm.cbt(world.sr, op, sm_dir, vdi, blktap.cbt_util_bin(), size=8 << 20,
+                      lvhd=lvhd, **kw)
+    as_sm("snapshot", u, snapshot_uuid=k, consistent=True)          # VM.snapshot, halted
+    assert as_sm("delete", u) == {"paused": []}                      # VM.revert
+    assert [c["cbtlog"] for c in as_sm("clone", s1)["snapshot_calls"]] == [None]
+    after = _logs_of(leaf_log)
+    assert after == _logs(sm_dir)
+    assert sorted(after) == sorted([s1 + ".cbtlog", k + ".cbtlog"])
+    assert after[k + ".cbtlog"] == (dict(before[u + ".cbtlog"][0], consistent=True),
+                                    {5, 6, 77})
+    assert after[s1 + ".cbtlog"][0]["child"] == k
+    if lvhd:
+        assert _log_lvs(leaf_log) == {s1 + ".cbtlog": "cbtlog", k + ".cbtlog": "cbtlog"}
+    assert _record(world, u)["cbt_enabled"] is False
+    assert _record(world, k)["cbt_enabled"] is True
+    changed = cbt.changed_blocks(sr_dir, s1, k)
+    assert changed == {5, 6, 77}
+    _activate_all(world, leaf_log)
+    assert _differing_blocks(world.xapi.vdi_path(_vdi_ref(world, s1)),
+                             world.xapi.vdi_path(_vdi_ref(world, k))) <= changed
+    with pytest.raises(cbt.Unrelated):
+        cbt.changed_blocks(sr_dir, k, u)
