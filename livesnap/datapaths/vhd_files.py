@@ -313,6 +313,7 @@ class VhdOfflineDatapath(Datapath):
 
     def do_remove(self, step):
         storage(step["path"]).remove(step["path"])
+        faults.point("remove", "unlinked", 0)      # the image gone, its CBT log not yet
         return self._cbt_drop(step["disk"], step["path"])
 
     def _reparent(self, disk, paths, new_parent, in_chain):

@@ -544,3 +544,69 @@ def test_revert_keeping_the_current_state_keeps_its_log(world, sr_of, sm):
                              world.xapi.vdi_path(_vdi_ref(world, k))) <= changed
     with pytest.raises(cbt.Unrelated):
         cbt.changed_blocks(sr_dir, k, u)
+
+
+def test_revert_killed_between_the_image_and_its_log_recover_drops_the_log(world, sr_of):
+    """Killed after the old leaf's image was removed and before its log was dropped (fault
+    point ``remove:unlinked:0``): ``recover`` finishes the revert and the logs, the record
+    and the disk are what an uninterrupted revert leaves."""
+    vm, disks = _start_tracked(world, sr=sr_of)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    _write(vm.tapdisks["xvda"], {1}, 1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _write(vm.tapdisks["xvda"], {2}, 2)
+    _stop(world, vm, disks)
+    s1 = _snapshot_vdi(world, ref, "s1")
+    before = _logs_of(leaf_log)
+    _activate_all(world, leaf_log)
+    s1_bytes = blktap.read(world.xapi.vdi_path(_vdi_ref(world, s1)))
+    p = subprocess.run([PLUGIN, xmlrpc.client.dumps(
+        (world.session, {"vm_uuid": vm.uuid, "name": "s1"}), methodname="snapshot_revert")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+        env=world.env(LIVESNAP_FAULT="remove:unlinked:0"), timeout=120)
+    assert p.returncode == -9, (p.returncode, p.stderr)
+    assert u + ".cbtlog" in _log_names(leaf_log)          # killed before the drop
+    r = world.ok("recover", vm_uuid=vm.uuid)
+    assert r["op"] == "revert", r
+    after = _logs_of(leaf_log)
+    assert sorted(after) == [s1 + ".cbtlog"]
+    assert after[s1 + ".cbtlog"] == (dict(before[s1 + ".cbtlog"][0], child=cbt.NULL), {1})
+    assert _record(world, u)["cbt_enabled"] is False
+    _activate_all(world, leaf_log)
+    assert blktap.read(vm.paths["xvda"]) == s1_bytes
+
+
+def test_revert_of_two_disks_one_tracked(world):
+    """Two disks, CBT turned off on one before the snapshot (SM's disable: its log removed,
+    ``cbt_enabled`` off): the revert drops the tracked disk's log only and turns off only its
+    record's ``cbt_enabled``; the other disk's record is left as it was."""
+    vm, disks = _start_tracked(world, ndisks=2)
+    sr_dir = os.path.dirname(disks["xvda"][2])
+    ub, refb, logb = disks["xvdb"]
+    os.unlink(logb)                               # VDI.disable_cbt (no parent log yet)
+    world.xapi.record("VDI", refb)["cbt_enabled"] = False
+    _write(vm.tapdisks["xvda"], {1}, 1)
+    _write(vm.tapdisks["xvdb"], {1}, 1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _write(vm.tapdisks["xvda"], {2}, 2)
+    _write(vm.tapdisks["xvdb"], {3}, 2)
+    for td in vm.tapdisks.values():
+        rc, out, err = world.tapdisks.destroy(td.pid, td.minor)
+        assert rc == 0, err
+    vm.tapdisks = {}
+    cbt.deactivate(disks["xvda"][2])
+    world.xapi.record("VM", vm.ref)["power_state"] = "Halted"
+    ua, refa, loga = disks["xvda"]
+    sa = _snapshot_vdi(world, refa, "s1")
+    sb = _snapshot_vdi(world, refb, "s1")
+    world.ok("snapshot_revert", vm_uuid=vm.uuid, name="s1")
+    assert _logs(sr_dir) == {sa + ".cbtlog": ({"parent": cbt.NULL, "child": cbt.NULL,
+                                               "consistent": True, "size": 8 << 20}, {1})}
+    assert _record(world, ua)["cbt_enabled"] is False
+    assert _record(world, ub)["cbt_enabled"] is False
+    assert _record(world, sa)["cbt_enabled"] is True
+    assert _record(world, sb)["cbt_enabled"] is False
+    for t in ("xvda", "xvdb"):
+        s = _snapshot_vdi(world, disks[t][1], "s1")
+        assert blktap.read(vm.paths[t]) == blktap.read(world.xapi.vdi_path(_vdi_ref(world, s)))
