@@ -218,14 +218,16 @@ class Sm(object):
         return self.run("fixrefcounts", sr)
 
     def cbt(self, sr, op, log_dir, vdi_uuid, cbt_util, snapshot_uuid=None, consistent=None,
-            size=None):
+            size=None, lvhd=False):
         """SM's own CBT log steps on the logs in ``log_dir`` (see ``_sm_cbt``): ``op``
         "snapshot" (``VDI._cbt_snapshot(snapshot_uuid, consistent)`` of VDI ``vdi_uuid``, a
-        disk of ``size`` bytes) or "delete" (``VDI.delete``'s CBT part for VDI ``vdi_uuid``).
-        Returns {"paused": [the VDI uuids SM paused around its coalesce]}."""
+        disk of ``size`` bytes), "delete" (``VDI.delete``'s CBT part for VDI ``vdi_uuid``) or
+        "clone" (SM's ``clone`` of VDI ``vdi_uuid``, FileVDI's or with ``lvhd`` LVHDVDI's,
+        down to ``_snapshot``, whose arguments are returned as "snapshot_calls").
+        Returns {"paused": [the VDI uuids SM paused around its coalesce or clone]}."""
         return self.run("cbt", sr, extra={"cbt": {
             "op": op, "dir": log_dir, "vdi_uuid": vdi_uuid, "snapshot_uuid": snapshot_uuid,
-            "consistent": consistent, "size": size, "cbt_util": cbt_util}})
+            "consistent": consistent, "size": size, "cbt_util": cbt_util, "lvhd": lvhd}})
 
     def vdi_delete(self, sr, vdi_ref):
         """SM's driver ``vdi_delete`` of a VDI (``FileVDI.delete`` / ``LVHDVDI.delete``), as
@@ -747,6 +749,28 @@ def _sm_cbt(cfg):
     elif c["op"] == "delete":
         v._get_blocktracking_status = lambda uuid=None: True
         VDI.VDI.delete(v, cfg["sr_uuid"], c["vdi_uuid"])
+    elif c["op"] == "clone":
+        # XAPI's VM.revert clones the snapshot's VDI (VDI.clone -> SM's clone): SM's own
+        # FileVDI.clone / LVHDVDI.clone down to _snapshot, which is recorded with the cbtlog
+        # it is given (its CBT step: `if snap_type == SNAPSHOT_DOUBLE and cbtlog:
+        # _cbt_snapshot`), the image work not done (the copies are logs only)
+        import LVHDSR
+        import vhdutil
+        cls = LVHDSR.LVHDVDI if c.get("lvhd") else FileSR.FileVDI
+        v = object.__new__(cls)
+        v.sr, v.session, v.uuid = sr, session, c["vdi_uuid"]
+        v.vdi_type = vhdutil.VDI_TYPE_VHD
+        v.disable_leaf_on_secondary = lambda vdi_uuid, secondary=None: None
+        given = []
+
+        def _snapshot(snap_type, *args):
+            # FileVDI._snapshot(snap_type, cbtlog, cbt_consistency);
+            # LVHDVDI._snapshot(snapType, cloneOp, cbtlog, cbt_consistency)
+            names = (["cloneOp"] if c.get("lvhd") else []) + ["cbtlog", "cbt_consistency"]
+            given.append(dict(zip(names, args), snap_type=snap_type))
+        v._snapshot = _snapshot
+        cls.clone(v, cfg["sr_uuid"], c["vdi_uuid"])
+        return {"paused": paused, "snapshot_calls": given}
     else:
         raise SystemExit("unknown CBT op %s" % c["op"])
     return {"paused": paused}

@@ -20,7 +20,12 @@ the logs after ``a`` up to ``b``. What SM does, and livesnap with it:
   each other, its bitmap is ORed into its child's (``cbt-util coalesce``; the child's tapdisk
   paused around it when that log is open, i.e. not consistent) and the log is removed, so the
   changes it held now count for the next log. Hidden base copies have no logs: merging them
-  changes no log.
+  changes no log;
+* **a revert** (XAPI's ``VM.revert``: ``VDI.destroy`` of the VM's VDI, ``VDI.clone`` of the
+  snapshot's; SM 3.2.12 has no ``vdi_revert``): the old leaf's log goes as a delete's does
+  (above), the clone makes no log (``clone`` passes no ``cbtlog`` to ``_do_snapshot``), the
+  snapshot's log is untouched: the reverted disk has CBT off. ``--keep-current`` is
+  ``VM.snapshot`` first: ``keep``.
 
 On LVHD the logs are LVs ``/dev/VG_XenStorage-<sr>/<uuid>.cbtlog`` (LVHDSR.py
 ``_create_cbt_log``: ``journaler.LV_SIZE``, 4 MiB, tagged ``cbtlog``; ``_rename``: lvrename;
@@ -246,6 +251,28 @@ def drop(path, pause_for):
             cbt_util.set_(parent, child=child_uuid)
     st.remove(path)
     log.info("CBT log %s merged into %s and removed", path, child or "(no child)")
+
+
+def keep(leaf_log, kept_log):
+    """A revert that keeps the current state (``--keep-current``), offline: what SM leaves
+    after XAPI's ``VM.snapshot`` then ``VM.revert``. ``_cbt_snapshot`` renames the leaf's log
+    to the kept VDI's, marks it consistent and makes its parent point to it; the leaf's new
+    log (parent: the kept one, child: the old log's child) is then dropped by the revert's
+    ``VDI.delete``, which gives the kept log that child back and removes it (its bitmap is
+    empty, no tapdisk wrote to it). So: the log renamed, consistent, its parent's child set;
+    header parent and child unchanged. Each part checks what is done."""
+    st = store(leaf_log)
+    if st.exists(leaf_log) and not st.exists(kept_log):
+        st.rename(leaf_log, kept_log)
+    if not st.exists(kept_log):
+        return
+    with st.active(kept_log):
+        cbt_util.set_(kept_log, consistent=True)
+        parent = sibling(kept_log, cbt_util.get_parent(kept_log))
+    if parent is not None and st.exists(parent):
+        with st.active(parent):
+            cbt_util.set_(parent, child=log_uuid(kept_log))
+    log.info("CBT log %s kept as %s", leaf_log, kept_log)
 
 
 def refuse_open_child(child, running_leaf_log):

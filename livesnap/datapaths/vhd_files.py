@@ -313,6 +313,7 @@ class VhdOfflineDatapath(Datapath):
 
     def do_remove(self, step):
         storage(step["path"]).remove(step["path"])
+        faults.point("remove", "unlinked", 0)      # the image gone, its CBT log not yet
         return self._cbt_drop(step["disk"], step["path"])
 
     def _reparent(self, disk, paths, new_parent, in_chain):
@@ -379,6 +380,9 @@ class VhdOfflineDatapath(Datapath):
             storage(old).rename(old, kept)
         if kept and os.path.exists(kept):
             storage(kept).freeze(kept)
+        leaf_log, kept_log = self._cbt_log_path(old), kept and self._cbt_log_path(kept)
+        if leaf_log is not None and kept_log:
+            cbt_logs.keep(leaf_log, kept_log)       # XAPI: VM.snapshot, then VM.revert
 
     def abandon(self, step):
         """A snapshot that failed before its pause took effect: the leaf's next CBT log, made

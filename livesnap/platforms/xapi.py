@@ -317,9 +317,9 @@ class XapiDomain(XenDomainBase):
 
     def refuse_busy(self, disks, op=None):
         """Before an operation ``op`` changes anything: refuse a disk whose VDI SM is working
-        on; and for a revert, one whose changed blocks are tracked (CBT): the new leaf under
-        the VDI's uuid would keep a log of changes to contents that are gone.
-        Elsewhere the datapath keeps them (``cbt_log_path``, livesnap.datapaths.cbt_logs)."""
+        on. (A revert of a disk with CBT on is done as XAPI's ``VM.revert`` leaves it: the
+        datapath drops the old leaf's log as SM's ``VDI.delete`` does, ``sync_metadata``
+        turns the VDI's ``cbt_enabled`` off: docs/xen.md "Changed-block tracking".)"""
         for target in sorted(disks):
             ref = self._vdis.get(target)
             if ref is None:
@@ -329,11 +329,6 @@ class XapiDomain(XenDomainBase):
             for key, why in self.SM_BUSY:
                 if key in sm_config and not (key == "paused" and self.PAUSED_BY in sm_config):
                     raise StorageBusy(self.name, target, rec.get("uuid"), why)
-            if rec.get("cbt_enabled") and op == "revert":
-                raise StorageBusy(self.name, target, rec.get("uuid"),
-                                  "changed-block tracking is on, and livesnap does not keep "
-                                  "CBT logs across a revert (it keeps them for snapshots and "
-                                  "deletes); 'xe vdi-disable-cbt' first, or revert with xe")
 
     def cbt_log_path(self, path):
         """Where SM keeps the CBT log of the VDI whose image is ``path``: ``<uuid>.cbtlog``
@@ -431,7 +426,24 @@ class XapiDomain(XenDomainBase):
                     self.platform.call("VDI.set_cbt_enabled", ref, True)
                 except XapiError as e:
                     log.warning("cbt_enabled of VDI %s not set: %s", vdi_uuid, e)
+        self._sync_leaf_cbt(tree)
         return changes + xapi_records.sync(self, tree, self._node_vdi)
+
+    def _sync_leaf_cbt(self, tree):
+        """A disk's VDI whose CBT log is gone (a revert dropped it, as SM's ``VDI.delete``
+        of the old VDI does in XAPI's ``VM.revert``, whose new VDI SM's clone introduces
+        without one) has CBT off in XAPI's record, as SM's ``VDI._db_update`` writes it
+        (``set_cbt_enabled(self._get_blocktracking_status())``: the log's existence)."""
+        for disk, nid in sorted(tree.active.items()):
+            ref = self._vdis.get(disk)
+            cbt = self.cbt_log_path(tree.nodes[nid].path)
+            if ref is None or cbt is None or _log_exists(cbt):
+                continue
+            if self.platform.call("VDI.get_record", ref).get("cbt_enabled"):
+                try:
+                    self.platform.call("VDI.set_cbt_enabled", ref, False)
+                except XapiError as e:
+                    log.warning("cbt_enabled of VDI %s not cleared: %s", ref, e)
 
     def _node_vdi(self, node):
         """The VDI ref of a node's image, or None."""

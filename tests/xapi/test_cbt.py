@@ -13,6 +13,7 @@ import xmlrpc.client
 import pytest
 
 from conftest_paths import PLUGIN
+from livesnap import vhd
 from livesnap.platforms.xapi import image_uuid
 from livesnap.tools import lvm, tap_ctl
 from testxen import blktap, cbt, nbd
@@ -206,19 +207,6 @@ def test_a_halted_vm_keeps_its_logs_too(world, sr_of):
     assert cbt.header(leaf_log)["parent"] == cbt.NULL
 
 
-def test_revert_of_a_tracked_disk_is_refused_with_nothing_changed(world):
-    vm, disks = _start_tracked(world, ndisks=1)
-    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
-    _stop(world, vm, disks)
-    def files():
-        return {p: v for p, v in world.snapshot_of_files().items() if not p.endswith(".lock")}
-    before = files()
-    desc = world.fail("snapshot_revert", {"vm_uuid": vm.uuid, "name": "s1"},
-                      "LIVESNAP_STORAGE_BUSY")
-    assert "changed-block tracking" in desc[1] and "revert" in desc[1], desc
-    assert files() == before
-
-
 def test_killed_between_the_log_renames_recover_puts_the_new_log_in_place(world, sr_of):
     """Killed inside the snapshot's pause after the leaf's log became the snapshot's and
     before the new one is in place (the tapdisk left paused, its log closed): ``recover``
@@ -362,3 +350,263 @@ def test_sms_gc_leaf_coalesce_keeps_the_log_too(world, sm):
     assert "Calling tap-unpause on host" in sm.log()
     _write(td, {5}, 2)
     assert cbt.blocks(log) == {2, 5}
+
+
+# -- revert: what XAPI's VM.revert leaves (SM's VDI.delete of the old VDI, VDI.clone of the
+# snapshot's, which makes no log) -----------------------------------------------------------
+
+def _activate_all(world, log):
+    """LVHD: every LV of the SR active, to be read (a halted VM's are left inactive)."""
+    vg_lv = lvm.split_path(log)
+    if vg_lv:
+        for name in world.lvm_vg.loops():
+            lvm.activate(vg_lv[0], name)
+
+
+def _log_names(log):
+    d = os.path.dirname(log)
+    lvs = _log_lvs(log)
+    return sorted(lvs) if lvs is not None else sorted(n for n in os.listdir(d)
+                                                      if n.endswith(".cbtlog"))
+
+
+def _logs_of(log):
+    """{log name: (header, blocks)} of the SR of ``log`` (files, or LVs read as SM's cbt-util
+    reads them)."""
+    d = os.path.dirname(log)
+    return {n: (cbt.header(os.path.join(d, n)), cbt.blocks(os.path.join(d, n)))
+            for n in _log_names(log)}
+
+
+def _copy_logs_of(log, dst):
+    """The SR's logs (files or LVs' bytes) copied as files into ``dst``, for SM's code."""
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    d = os.path.dirname(log)
+    for n in _log_names(log):
+        cbt.header(os.path.join(d, n))                      # an inactive LV: activated
+        with open(os.path.join(d, n), "rb") as f, open(os.path.join(dst, n), "wb") as g:
+            g.write(f.read())           # an LV: 4 MiB, the log at its start (cbt-util reads
+                                        # the header, then the bitmap it sizes)
+
+
+def _differing_blocks(a, b):
+    """The 64 KiB blocks whose contents differ between the two chains (the real tapdisk
+    reads them)."""
+    da, db = blktap.read(a), blktap.read(b)
+    assert len(da) == len(db)
+    return {i // cbt.BLOCK for i in range(0, len(da), cbt.BLOCK)
+            if da[i:i + cbt.BLOCK] != db[i:i + cbt.BLOCK]}
+
+
+def _vdi_ref(world, u):
+    ref, = [r for r, rec in world.xapi.objects["VDI"].items() if rec["uuid"] == u]
+    return ref
+
+
+@pytest.mark.parametrize("face_data", [False, True], ids=["empty-face", "face-with-data"])
+def test_revert_leaves_the_logs_as_xapis_revert(world, sr_of, sm, face_data):
+    """Halted revert of a tracked disk to s1 (s2 after it), the snapshot's own image empty
+    (the new leaf on its base copy) or written to (SM's clone of it first): the logs are
+    those SM's own code leaves, on a copy, for XAPI's ``VM.revert`` (``VDI.delete`` of the
+    VM's VDI, then ``clone`` of the snapshot's, which SM makes without a ``cbtlog``): the
+    leaf's log is gone, s2's log ends the chain, s1's and s2's logs are as they were; the
+    VDI's ``cbt_enabled`` is off, the snapshots' on. A backup tool's changed blocks from a
+    snapshot to the disk are then no answer at all (SM: unrelated, so a full backup), never
+    too few; after CBT is turned on again (``VDI.enable_cbt``) a new snapshot starts a new
+    chain whose changed blocks cover every block that differs."""
+    vm, disks = _start_tracked(world, sr=sr_of)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    sm_dir = os.path.join(world.base, "sm-logs")
+    lvhd = bool(lvm.split_path(leaf_log))
+    td = vm.tapdisks["xvda"]
+    w1, w2, w3 = {1, 5}, {5, 9}, {2, 9, 30}
+    _write(td, w1, 1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _write(td, w2, 2)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
+    _write(td, w3, 3)
+    _stop(world, vm, disks)
+    s1, s2 = _snapshot_vdi(world, ref, "s1"), _snapshot_vdi(world, ref, "s2")
+    _activate_all(world, leaf_log)
+    if face_data:
+        blktap.write(world.xapi.vdi_path(_vdi_ref(world, s1)), 40 * cbt.BLOCK, b"\x44" * 4096)
+    s1_path = world.xapi.vdi_path(_vdi_ref(world, s1))
+    s1_bytes, s1_parent = blktap.read(s1_path), vhd.parent_of(s1_path)
+    before = _logs_of(leaf_log)
+    _copy_logs_of(leaf_log, sm_dir)
+
+    r = world.ok("snapshot_revert", vm_uuid=vm.uuid, name="s1")
+    assert r["snapshot"] == "s1", r
+    _activate_all(world, leaf_log)
+    # SM's clone of the snapshot's VDI when its image holds data (a new base copy under it)
+    assert (vhd.parent_of(s1_path) != s1_parent) == face_data
+
+    # SM's own code on the copy: VDI.delete of the old VDI, clone of the snapshot's
+    def as_sm(op, vdi):
+        return sm.cbt(world.sr, op, sm_dir, vdi, blktap.cbt_util_bin(), size=8 << 20,
+                      lvhd=lvhd)
+    assert as_sm("delete", u) == {"paused": []}
+    cloned = as_sm("clone", s1)
+    assert [c["cbtlog"] for c in cloned["snapshot_calls"]] == [None], cloned
+    after = _logs_of(leaf_log)
+    assert after == _logs(sm_dir)
+    # field by field, what that is
+    assert u + ".cbtlog" not in after
+    assert after[s1 + ".cbtlog"] == before[s1 + ".cbtlog"]
+    h2, b2 = after[s2 + ".cbtlog"]
+    assert h2 == dict(before[s2 + ".cbtlog"][0], child=cbt.NULL) and b2 == w2
+    assert sorted(after) == sorted([s1 + ".cbtlog", s2 + ".cbtlog"])
+    if lvhd:
+        assert _log_lvs(leaf_log) == {s1 + ".cbtlog": "cbtlog", s2 + ".cbtlog": "cbtlog"}
+    assert _record(world, u)["cbt_enabled"] is False
+    assert _record(world, s1)["cbt_enabled"] is True and _record(world, s2)["cbt_enabled"]
+
+    # the disk reads as s1; the snapshots' changed blocks are as before
+    _activate_all(world, leaf_log)
+    assert blktap.read(vm.paths["xvda"]) == s1_bytes
+    assert cbt.changed_blocks(sr_dir, s1, s2) == w2
+    for s in (s1, s2):
+        with pytest.raises(cbt.Unrelated):
+            cbt.changed_blocks(sr_dir, s, u)
+
+    # the backup tool turns CBT on again (SM's _create_cbt_log) and takes its next delta
+    if lvhd:
+        vg, _ = lvm.split_path(leaf_log)
+        lvm.lvcreate(vg, u + ".cbtlog", 4 << 20, tag="cbtlog")
+    cbt.enable(leaf_log, 8 << 20)
+    world.xapi.record("VDI", ref)["cbt_enabled"] = True
+    cbt.activate(leaf_log)
+    pid, minor = world.tapdisks.create(vm.paths["xvda"], guest=False, cbtlog=leaf_log)
+    vm.tapdisks["xvda"] = td = tap_ctl.get(pid, minor)
+    world.xapi.record("VM", vm.ref)["power_state"] = "Running"
+    _write(td, {3}, 5)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s3")
+    s3 = _snapshot_vdi(world, ref, "s3")
+    _write(td, {4, 40}, 6)
+    changed = cbt.changed_blocks(sr_dir, s3, u)
+    assert changed == {4, 40}
+    with pytest.raises(cbt.Unrelated):
+        cbt.changed_blocks(sr_dir, s2, s3)
+    _stop(world, vm, disks)
+    _activate_all(world, leaf_log)
+    s3_path = world.xapi.vdi_path(_vdi_ref(world, s3))
+    assert _differing_blocks(s3_path, vm.paths["xvda"]) <= changed
+    assert _differing_blocks(world.xapi.vdi_path(_vdi_ref(world, s1)), s3_path) <= \
+        cbt.blocks(cbt.log_path(sr_dir, s3))
+
+
+def test_revert_keeping_the_current_state_keeps_its_log(world, sr_of, sm):
+    """``--keep-current k``: XAPI's ``VM.snapshot`` (k) then ``VM.revert`` (s1). SM's own
+    code on a copy (``_cbt_snapshot`` of the detached disk: consistent; ``VDI.delete`` of
+    the VM's VDI; clone of s1's) leaves the same logs: the leaf's log became k's, closed,
+    after s1's in the chain; the reverted disk has none. The changed blocks from s1 to k
+    are the blocks written since s1, and cover every block that differs."""
+    vm, disks = _start_tracked(world, sr=sr_of)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    sm_dir = os.path.join(world.base, "sm-logs")
+    lvhd = bool(lvm.split_path(leaf_log))
+    td = vm.tapdisks["xvda"]
+    _write(td, {1, 5}, 1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _write(td, {5, 6, 77}, 2)
+    _stop(world, vm, disks)
+    s1 = _snapshot_vdi(world, ref, "s1")
+    before = _logs_of(leaf_log)
+    _copy_logs_of(leaf_log, sm_dir)
+
+    r = world.ok("snapshot_revert", vm_uuid=vm.uuid, name="s1", keep_current="k")
+    assert r["kept"] == "k", r
+    k = _snapshot_vdi(world, ref, "k")
+
+    def as_sm(op, vdi, **kw):
+        return sm.cbt(world.sr, op, sm_dir, vdi, blktap.cbt_util_bin(), size=8 << 20,
+                      lvhd=lvhd, **kw)
+    as_sm("snapshot", u, snapshot_uuid=k, consistent=True)          # VM.snapshot, halted
+    assert as_sm("delete", u) == {"paused": []}                      # VM.revert
+    assert [c["cbtlog"] for c in as_sm("clone", s1)["snapshot_calls"]] == [None]
+    after = _logs_of(leaf_log)
+    assert after == _logs(sm_dir)
+    assert sorted(after) == sorted([s1 + ".cbtlog", k + ".cbtlog"])
+    assert after[k + ".cbtlog"] == (dict(before[u + ".cbtlog"][0], consistent=True),
+                                    {5, 6, 77})
+    assert after[s1 + ".cbtlog"][0]["child"] == k
+    if lvhd:
+        assert _log_lvs(leaf_log) == {s1 + ".cbtlog": "cbtlog", k + ".cbtlog": "cbtlog"}
+    assert _record(world, u)["cbt_enabled"] is False
+    assert _record(world, k)["cbt_enabled"] is True
+    changed = cbt.changed_blocks(sr_dir, s1, k)
+    assert changed == {5, 6, 77}
+    _activate_all(world, leaf_log)
+    assert _differing_blocks(world.xapi.vdi_path(_vdi_ref(world, s1)),
+                             world.xapi.vdi_path(_vdi_ref(world, k))) <= changed
+    with pytest.raises(cbt.Unrelated):
+        cbt.changed_blocks(sr_dir, k, u)
+
+
+def test_revert_killed_between_the_image_and_its_log_recover_drops_the_log(world, sr_of):
+    """Killed after the old leaf's image was removed and before its log was dropped (fault
+    point ``remove:unlinked:0``): ``recover`` finishes the revert and the logs, the record
+    and the disk are what an uninterrupted revert leaves."""
+    vm, disks = _start_tracked(world, sr=sr_of)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    _write(vm.tapdisks["xvda"], {1}, 1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _write(vm.tapdisks["xvda"], {2}, 2)
+    _stop(world, vm, disks)
+    s1 = _snapshot_vdi(world, ref, "s1")
+    before = _logs_of(leaf_log)
+    _activate_all(world, leaf_log)
+    s1_bytes = blktap.read(world.xapi.vdi_path(_vdi_ref(world, s1)))
+    p = subprocess.run([PLUGIN, xmlrpc.client.dumps(
+        (world.session, {"vm_uuid": vm.uuid, "name": "s1"}), methodname="snapshot_revert")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+        env=world.env(LIVESNAP_FAULT="remove:unlinked:0"), timeout=120)
+    assert p.returncode == -9, (p.returncode, p.stderr)
+    assert u + ".cbtlog" in _log_names(leaf_log)          # killed before the drop
+    r = world.ok("recover", vm_uuid=vm.uuid)
+    assert r["op"] == "revert", r
+    after = _logs_of(leaf_log)
+    assert sorted(after) == [s1 + ".cbtlog"]
+    assert after[s1 + ".cbtlog"] == (dict(before[s1 + ".cbtlog"][0], child=cbt.NULL), {1})
+    assert _record(world, u)["cbt_enabled"] is False
+    _activate_all(world, leaf_log)
+    assert blktap.read(vm.paths["xvda"]) == s1_bytes
+
+
+def test_revert_of_two_disks_one_tracked(world):
+    """Two disks, CBT turned off on one before the snapshot (SM's disable: its log removed,
+    ``cbt_enabled`` off): the revert drops the tracked disk's log only and turns off only its
+    record's ``cbt_enabled``; the other disk's record is left as it was."""
+    vm, disks = _start_tracked(world, ndisks=2)
+    sr_dir = os.path.dirname(disks["xvda"][2])
+    ub, refb, logb = disks["xvdb"]
+    os.unlink(logb)                               # VDI.disable_cbt (no parent log yet)
+    world.xapi.record("VDI", refb)["cbt_enabled"] = False
+    _write(vm.tapdisks["xvda"], {1}, 1)
+    _write(vm.tapdisks["xvdb"], {1}, 1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _write(vm.tapdisks["xvda"], {2}, 2)
+    _write(vm.tapdisks["xvdb"], {3}, 2)
+    for td in vm.tapdisks.values():
+        rc, out, err = world.tapdisks.destroy(td.pid, td.minor)
+        assert rc == 0, err
+    vm.tapdisks = {}
+    cbt.deactivate(disks["xvda"][2])
+    world.xapi.record("VM", vm.ref)["power_state"] = "Halted"
+    ua, refa, loga = disks["xvda"]
+    sa = _snapshot_vdi(world, refa, "s1")
+    sb = _snapshot_vdi(world, refb, "s1")
+    world.ok("snapshot_revert", vm_uuid=vm.uuid, name="s1")
+    assert _logs(sr_dir) == {sa + ".cbtlog": ({"parent": cbt.NULL, "child": cbt.NULL,
+                                               "consistent": True, "size": 8 << 20}, {1})}
+    assert _record(world, ua)["cbt_enabled"] is False
+    assert _record(world, ub)["cbt_enabled"] is False
+    assert _record(world, sa)["cbt_enabled"] is True
+    assert _record(world, sb)["cbt_enabled"] is False
+    for t in ("xvda", "xvdb"):
+        s = _snapshot_vdi(world, disks[t][1], "s1")
+        assert blktap.read(vm.paths[t]) == blktap.read(world.xapi.vdi_path(_vdi_ref(world, s)))
