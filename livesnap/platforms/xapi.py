@@ -133,6 +133,16 @@ class XapiPlatform(object):
                 raise XapiError(name, "%s: %s" % (e.__class__.__name__, e))
             raise XapiError(name, details)
 
+    def exists(self, cls, uuid):
+        """XAPI has a ``cls`` record (``VM``, ``VDI``...) with this uuid."""
+        try:
+            self.call("%s.get_by_uuid" % cls, uuid)
+            return True
+        except XapiError as e:
+            if e.details and e.details[0] == "UUID_INVALID":
+                return False
+            raise
+
     def this_host(self):
         """This host's ref (``session.get_this_host``), or None when the session cannot say."""
         handle = getattr(self.session, "_session", None) or getattr(self.session, "handle", None)
@@ -512,13 +522,7 @@ class XapiDomain(XenDomainBase):
 
     def vdi_exists(self, vdi_uuid):
         """XAPI has a VDI record with this uuid (SM's ``vdi_delete`` forgets it)."""
-        try:
-            self.platform.call("VDI.get_by_uuid", vdi_uuid)
-            return True
-        except XapiError as e:
-            if e.details and e.details[0] == "UUID_INVALID":
-                return False
-            raise
+        return self.platform.exists("VDI", vdi_uuid)
 
     def _vdi_ref(self, vdi_uuid, path):
         try:

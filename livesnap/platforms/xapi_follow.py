@@ -94,24 +94,6 @@ class Follower(object):
         self.retry = set()              # VMs to try again (another command held them)
         self.gone = set()               # VMs XAPI no longer has, reported once
 
-    def _vdi_known(self, vdi_uuid):
-        try:
-            self.platform.call("VDI.get_by_uuid", vdi_uuid)
-            return True
-        except XapiError as e:
-            if e.details and e.details[0] == "UUID_INVALID":
-                return False
-            raise
-
-    def _vm_known(self, vm_uuid):
-        try:
-            self.platform.call("VM.get_by_uuid", vm_uuid)
-            return True
-        except XapiError as e:
-            if e.details and e.details[0] == "UUID_INVALID":
-                return False
-            raise
-
     def pending(self):
         """{vm uuid: [SR uuids]} of the VMs with a snapshot face whose VDI XAPI no longer
         has (deleted through XAPI: SM's vdi_delete)."""
@@ -119,7 +101,7 @@ class Follower(object):
         for vm, faces in sorted(catalog_faces(self.state_dir).items()):
             srs = set()
             for snapshot, disk, path, vdi_uuid in faces:
-                if not self._vdi_known(vdi_uuid):
+                if not self.platform.exists("VDI", vdi_uuid):
                     log.info("VM %s: snapshot %s's VDI %s (disk %s) is gone from XAPI",
                              vm, snapshot, vdi_uuid, disk)
                     srs.add(sr_of(path))
@@ -133,7 +115,7 @@ class Follower(object):
         for vm, srs in sorted(self.pending().items()):
             if vm in self.gone:
                 continue
-            if not self._vm_known(vm):
+            if not self.platform.exists("VM", vm):
                 # ``xe vm-uninstall``: the VM, its disks and its snapshots destroyed; what
                 # is left (hidden base copies with no child) is SM's GC's garbage
                 self.gone.add(vm)
