@@ -40,6 +40,44 @@ def new_lv(vg, name, size=32 * MiB):
     return "/dev/%s/%s" % (vg, name)
 
 
+def lv_digest(dev):
+    """sha256 of an LV's bytes, read from the stand-in's sparse data file behind its loop
+    device (the loop's backing_file): each 64 KiB block holding a non-zero byte, with its
+    offset, found through the file's data extents (SEEK_DATA), so a filler LV of gigabytes
+    costs nothing. Two LVs of equal bytes digest the same whatever their holes. The device
+    is flushed first (a write still in its page cache is not yet in the file)."""
+    fd = os.open(dev, os.O_RDONLY)       # the device's dirty pages go to the loop's file first
+    try:
+        os.fsync(fd)
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    with open("/sys/dev/block/%d:%d/loop/backing_file"
+              % (os.major(st.st_rdev), os.minor(st.st_rdev))) as f:
+        backing = f.read().strip()
+    block = 64 * 1024
+    h = hashlib.sha256()
+    with open(backing, "rb") as f:
+        fd = f.fileno()
+        end = os.fstat(fd).st_size
+        off = 0
+        while off < end:
+            try:
+                data = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:                 # ENXIO: no data past off
+                break
+            off = data - data % block
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            while off < hole:
+                f.seek(off)
+                chunk = f.read(block)
+                if chunk.strip(b"\0"):
+                    h.update(b"%d:" % off)
+                    h.update(chunk)
+                off += block
+    return h.hexdigest()
+
+
 class LvDom(Cli):
     """A shut-off domain whose disks are qcow2 images on LVs of ``vg`` (vda over a base
     LV, so its chain has two LVs; vdb a file beside them when ``file_disk``)."""
@@ -90,11 +128,7 @@ class LvDom(Cli):
         the catalog's rows."""
         lv = {}
         for name, (size, tags) in sorted(lvs(self.vg).items()):
-            h = hashlib.sha256()
-            with open("/dev/%s/%s" % (self.vg, name), "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            lv[name] = (size, tags, h.hexdigest())
+            lv[name] = (size, tags, lv_digest("/dev/%s/%s" % (self.vg, name)))
         catalog = {}
         if os.path.isdir(self.state_dir):
             for f in sorted(os.listdir(self.state_dir)):
@@ -259,6 +293,28 @@ def test_delete_with_no_child_and_two_children_then_revert(make_lv_dom):
     for name in tree_lvs:
         assert name in chain, (name, tree_lvs)
     _assert_snapshots_read(dom, seen)
+
+
+def test_the_lv_digest_sees_every_byte_and_no_hole(kvm_lvm_vg):
+    """The fingerprint's LV digest (read through the sparse file behind the loop device):
+    one byte changed anywhere (still in the device's page cache) changes it; the byte put
+    back, or zeros written over a hole, do not."""
+    dev = new_lv(kvm_lvm_vg.name, "digest", 16 * MiB)
+    empty = lv_digest(dev)
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        seen = {empty}
+        for off in (0, 5 * MiB + 12345, 16 * MiB - 1):
+            os.pwrite(fd, b"\x01", off)               # in the page cache: the digest flushes
+            d = lv_digest(dev)
+            assert d not in seen, off
+            seen.add(d)
+            os.pwrite(fd, b"\0", off)
+            assert lv_digest(dev) == empty, off
+        os.pwrite(fd, b"\0" * MiB, 9 * MiB)             # zeros over a hole: same bytes
+        assert lv_digest(dev) == empty
+    finally:
+        os.close(fd)
 
 
 def test_no_space_in_the_vg_is_refused_before_any_change(make_lv_dom):
