@@ -89,8 +89,9 @@ def build_parser(argv=None):
     # listed here; started by livesnap.launcher, with livesnap.service's own parser
     sub.add_parser("service", help=SERVICE_HELP, add_help=False)
     install_service.register(sub, common)
-    from livesnap.cli import xapi_follow
+    from livesnap.cli import help_text, xapi_follow
     xapi_follow.register(sub, common)
+    help_text.complete(sub)
     if argv is not None and _command(argv) not in (None, "vhd"):
         sub.add_parser("vhd", help=VHD_HELP)
     else:
