@@ -81,7 +81,7 @@ def unlink(path, made_here=False):
     from livesnap.datapaths import lv_images
     if lv_images.is_lv(path):
         try:
-            lv_images.remove(path, made_here=made_here)
+            lv_images.remove(path, wait=lv_images.PROBE_GRACE, made_here=made_here)
         except NotOurFile as e:
             log.warning("%s", e)
         return

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 TAG = "livesnap"
 RELEASE_TIMEOUT = 10.0            # how long QEMU may take to close an image merged away
+# how long a brief opener of an LV no domain uses may hold it before lvremove: any LVM
+# command on the host (lvs, lvcreate...) opens every block device it scans for PV labels,
+# blkid and udev probe new devices; seen holding one at the wrong moment in a CI run
+PROBE_GRACE = 2.0
 MARGIN = 2 << 20
 
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9+_.-]")

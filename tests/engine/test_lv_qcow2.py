@@ -6,6 +6,8 @@ devices as the LVs' block devices)."""
 import hashlib
 import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -252,6 +254,46 @@ def test_delete_with_one_child_merges_and_lvremoves_the_lv_merged_away(make_lv_d
     assert os.path.basename(gone) not in names and not os.path.exists(gone)
     assert os.path.basename(dom.source()) in names
     _assert_snapshots_read(dom, seen)
+
+
+def _hold(paths, seconds):
+    """A process that opens ``paths`` read-only for ``seconds`` (as an LVM scan or blkid
+    does, briefly); returns once they are open."""
+    code = ("import sys, time\nfs = [open(p, 'rb') for p in sys.argv[2:]]\n"
+            "print('open', flush=True)\ntime.sleep(float(sys.argv[1]))\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(seconds)] + list(paths),
+                         stdout=subprocess.PIPE, universal_newlines=True)
+    assert p.stdout.readline().strip() == "open"
+    return p
+
+
+def test_an_lv_opened_briefly_by_another_process_is_removed_once_it_is_closed(make_lv_dom):
+    """Any LVM command on the host opens every block device for a moment (its PV label
+    scan), as blkid does: a delete whose LV is held so, offline, waits for it instead of
+    failing; one held for longer is refused, the LV kept, and recover removes it later."""
+    dom = make_lv_dom()
+    _chain(dom, 2)
+    before = set(lvs(dom.vg))
+    holder = _hold(["/dev/%s/%s" % (dom.vg, lv) for lv in before], 1.0)
+    try:
+        r = dom.json("snapshot-delete", dom.name, "s2")
+    finally:
+        holder.wait()
+    gone = before - set(lvs(dom.vg))
+    assert len(gone) == 1 and r["action"] in ("deleted", "merged"), (r, gone)
+    before = set(lvs(dom.vg))
+    holder = _hold(["/dev/%s/%s" % (dom.vg, lv) for lv in before], 60)
+    try:
+        proc = dom.cli("snapshot-delete", dom.name, "s1", expect=None)
+        assert proc.returncode != 0 and "still open in process %d" % holder.pid \
+            in proc.stderr, proc.stderr
+        assert set(lvs(dom.vg)) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    dom.json("recover", dom.name)
+    assert len(before - set(lvs(dom.vg))) == 1
+    assert [s["name"] for s in dom.json("snapshot-list", dom.name)["snapshots"]] == []
 
 
 def test_delete_with_no_child_and_two_children_then_revert(make_lv_dom):
