@@ -21,7 +21,6 @@ While livesnap holds ``gc_active`` a GC kicked meanwhile (``_kickGC`` ->
 engine's metadata sync) kicks it again, and it finds the state it would have reached.
 """
 import contextlib
-import errno
 import fcntl
 import os
 import time
@@ -34,16 +33,6 @@ ABORT_FLAG = "abort"
 IPC_BASE_DIR = "/var/run/sm/ipc"
 
 _HELD = {}                  # (lock dir, sr uuid) -> how many blocks of this process hold it
-
-
-def _try_lock(fd):
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except (IOError, OSError) as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):
-            raise
-        return False
 
 
 @contextlib.contextmanager
@@ -62,19 +51,15 @@ def held_off(sr_uuid, lock_dir=sm_lock.BASE_DIR, ipc_dir=IPC_BASE_DIR, timeout=6
         finally:
             _HELD[key] -= 1
         return
-    nspath = os.path.join(lock_dir, sr_uuid)
-    if not os.path.isdir(nspath):
-        os.makedirs(nspath, 0o755)
-    path = os.path.join(nspath, GC_ACTIVE)
+    fd, path = sm_lock.open_lock_file(sr_uuid, GC_ACTIVE, lock_dir)
     flag = os.path.join(ipc_dir, sr_uuid, ABORT_FLAG)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     state = {"aborted": False}
     set_flag = False
     try:
         deadline = time.monotonic() + timeout
         while True:
             with sm_lock.sr_lock(sr_uuid, base_dir=lock_dir, timeout=timeout, poll=poll):
-                got = _try_lock(fd)
+                got = sm_lock.try_lock(fd)
             if got:
                 break
             if not os.path.exists(flag):

@@ -29,26 +29,36 @@ def vdi_lock(vdi_uuid, base_dir=BASE_DIR, timeout=60.0, poll=0.05):
     return sm_lock(vdi_uuid, "vdi", base_dir, timeout, poll)
 
 
-@contextlib.contextmanager
-def sm_lock(ns, name, base_dir=BASE_DIR, timeout=60.0, poll=0.05):
-    """SM's ``Lock(name, ns)``: a POSIX write lock on ``<base_dir>/<ns>/<name>``."""
+def open_lock_file(ns, name, base_dir=BASE_DIR):
+    """(fd, path) of SM's lock file ``<base_dir>/<ns>/<name>``, made as SM makes it."""
     nspath = os.path.join(base_dir, ns)
     if not os.path.isdir(nspath):
         os.makedirs(nspath, 0o755)
     path = os.path.join(nspath, name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644), path
+
+
+def try_lock(fd):
+    """Take the POSIX write lock on ``fd`` if no other process holds it: True if taken."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (IOError, OSError) as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        return False
+
+
+@contextlib.contextmanager
+def sm_lock(ns, name, base_dir=BASE_DIR, timeout=60.0, poll=0.05):
+    """SM's ``Lock(name, ns)``: a POSIX write lock on ``<base_dir>/<ns>/<name>``."""
+    fd, path = open_lock_file(ns, name, base_dir)
     try:
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except (IOError, OSError) as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise
-                if time.monotonic() > deadline:
-                    raise Busy(domain="%s %s" % (name.upper(), ns), lock_path=path)
-                time.sleep(poll)
+        while not try_lock(fd):
+            if time.monotonic() > deadline:
+                raise Busy(domain="%s %s" % (name.upper(), ns), lock_path=path)
+            time.sleep(poll)
         try:
             yield path
         finally:
