@@ -42,6 +42,7 @@ import os
 
 from livesnap import faults
 from livesnap.errors import DatapathError
+from livesnap.datapaths import vhd_storage
 from livesnap.tools import cbt_util, lvm
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,6 @@ def sibling(path, vdi_uuid):
     return os.path.join(os.path.dirname(path), vdi_uuid + SUFFIX)
 
 
-def _fsync_dir(path):
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Files(object):
     """Logs as files beside the VDIs (FileSR)."""
 
@@ -87,11 +80,11 @@ class _Files(object):
 
     def rename(self, old, new):
         os.rename(old, new)
-        _fsync_dir(new)
+        vhd_storage.fsync_dir(new)
 
     def remove(self, path):
         os.unlink(path)
-        _fsync_dir(path)
+        vhd_storage.fsync_dir(path)
 
     def tag(self, path):
         return None

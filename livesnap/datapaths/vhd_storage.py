@@ -39,7 +39,7 @@ MARGIN = 1 << 20
 SM_VG_PREFIX = "VG_XenStorage-"            # SM: lvhdutil.VG_PREFIX
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
     """The directory holding ``path`` fsynced (its entries durable)."""
     _fsync_directory(os.path.dirname(path) or ".")
 
@@ -68,7 +68,7 @@ class FileStorage(object):
         """``sync=False``: the caller makes it durable (``sync``)."""
         os.rename(old, new)
         if sync:
-            _fsync_dir(new)
+            fsync_dir(new)
 
     def replace(self, old, new):
         """``old`` renamed over ``new`` (the image at ``new`` goes)."""
@@ -97,7 +97,7 @@ class FileStorage(object):
         finally:
             os.umask(old)
         if sync:
-            _fsync_dir(path)
+            fsync_dir(path)
 
     def sync(self, paths):
         """The names of ``paths`` (renamed or created with ``sync=False``) durable: one fsync
