@@ -1,6 +1,6 @@
 """What each command's ``--help`` says beyond its options: a description (the one-line help
 of the command list, and what to know before running it) and examples, as virsh's help
-gives them. ``complete(sub)`` puts them on the parsers ``register`` made."""
+gives them. ``Commands(sub)`` puts them on the parsers the commands' ``register`` make."""
 import argparse
 import textwrap
 
@@ -60,21 +60,23 @@ TEXTS = {
 }
 
 
-def complete(subparsers):
-    """Description and examples on each command's parser, and a help for its positional
-    ``domain`` and ``name`` where the command gave none."""
-    helps = {a.dest: a.help for a in subparsers._choices_actions}
-    for command, (more, examples) in TEXTS.items():
-        p = subparsers.choices.get(command)
-        if p is None:
-            continue
-        first = helps.get(command) or ""
-        paragraphs = ([first[:1].upper() + first[1:] + "."] if first else []) + [more]
-        p.description = "\n\n".join(textwrap.fill(t, 78) for t in paragraphs)
-        p.epilog = "examples:\n" + "\n".join("  " + e for e in examples)
-        p.formatter_class = argparse.RawDescriptionHelpFormatter
-        for action in p._actions:
-            if action.help is None and action.dest == "domain":
-                action.help = "domain name, UUID or id (a XAPI VM's name or uuid)"
-            elif action.help is None and action.dest == "name":
-                action.help = "snapshot name"
+class Commands(object):
+    """The sub-command list as each ``register`` sees it: ``add_parser`` is argparse's, and
+    a command with texts here gets its description (its one-line help from the command
+    list, then what to know) and its examples on the parser it makes."""
+
+    def __init__(self, subparsers):
+        self.subparsers = subparsers
+
+    def add_parser(self, name, **kwargs):
+        texts = TEXTS.get(name)
+        if texts is not None:
+            more, examples = texts
+            first = kwargs.get("help") or ""
+            paragraphs = ([first[:1].upper() + first[1:] + "."] if first else []) + [more]
+            kwargs.setdefault("description",
+                              "\n\n".join(textwrap.fill(t, 78) for t in paragraphs))
+            kwargs.setdefault("epilog",
+                              "examples:\n" + "\n".join("  " + e for e in examples))
+            kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        return self.subparsers.add_parser(name, **kwargs)

@@ -80,7 +80,8 @@ def build_parser(argv=None):
         prog="livesnap", description="Online snapshots of VM disks, deleted child-aware.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="livesnap " + livesnap.__version__)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from livesnap.cli import help_text
+    sub = help_text.Commands(parser.add_subparsers(dest="command", metavar="COMMAND"))
     common = common_options()
     from livesnap.cli import install, install_plugin, install_service, snapshot
     snapshot.register(sub, common)
@@ -89,9 +90,8 @@ def build_parser(argv=None):
     # listed here; started by livesnap.launcher, with livesnap.service's own parser
     sub.add_parser("service", help=SERVICE_HELP, add_help=False)
     install_service.register(sub, common)
-    from livesnap.cli import help_text, xapi_follow
+    from livesnap.cli import xapi_follow
     xapi_follow.register(sub, common)
-    help_text.complete(sub)
     if argv is not None and _command(argv) not in (None, "vhd"):
         sub.add_parser("vhd", help=VHD_HELP)
     else:

@@ -57,10 +57,13 @@ def check(args):
     return 0 if r["ok"] else 1
 
 
+DOMAIN_HELP = "domain name, UUID or id (a XAPI VM's name or uuid)"
+
+
 def register(subparsers, common):
     p = subparsers.add_parser("snapshot-create", parents=[common],
                               help="take a snapshot of a domain's disks")
-    p.add_argument("domain", help="domain name, UUID or id")
+    p.add_argument("domain", help=DOMAIN_HELP)
     p.add_argument("name", help="snapshot name")
     p.add_argument("--description", help="free text kept with the snapshot")
     p.add_argument("--disk", action="append", metavar="TARGET",
@@ -81,22 +84,22 @@ def register(subparsers, common):
         "snapshot-delete", parents=[common],
         help="delete a snapshot: removed if it has no child, merged with its only child, "
              "or hidden (deleted logically) while it has several")
-    p.add_argument("domain")
-    p.add_argument("name")
+    p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument("name", help="snapshot name")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.set_defaults(func=delete)
 
     p = subparsers.add_parser("snapshot-revert", parents=[common],
                               help="make a snapshot the domain's current state (domain shut off)")
-    p.add_argument("domain")
-    p.add_argument("name")
+    p.add_argument("domain", help=DOMAIN_HELP)
+    p.add_argument("name", help="snapshot name")
     p.add_argument("--keep-current", metavar="NEWNAME",
                    help="keep the state being left as snapshot NEWNAME (default: discard it)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.set_defaults(func=revert)
 
     p = subparsers.add_parser("snapshot-list", parents=[common], help="list a domain's snapshots")
-    p.add_argument("domain")
+    p.add_argument("domain", help=DOMAIN_HELP)
     p.add_argument("--tree", action="store_true", help="show the snapshots as a tree")
     p.add_argument("--all", action="store_true",
                    help="also show hidden (logically deleted) snapshots")
@@ -104,18 +107,18 @@ def register(subparsers, common):
 
     p = subparsers.add_parser("recover", parents=[common],
                               help="finish an interrupted operation on a domain")
-    p.add_argument("domain")
+    p.add_argument("domain", help=DOMAIN_HELP)
     p.set_defaults(func=recover)
 
     p = subparsers.add_parser("reclaim", parents=[common],
                               help="reclaim hidden snapshots that are down to one child")
-    p.add_argument("domain")
+    p.add_argument("domain", help=DOMAIN_HELP)
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.set_defaults(func=reclaim)
 
     p = subparsers.add_parser("check", parents=[common],
                               help="compare the catalog with the images (exit 1 on a mismatch)")
-    p.add_argument("domain")
+    p.add_argument("domain", help=DOMAIN_HELP)
     p.add_argument("--repair", action="store_true",
                    help="first bring the catalog in step with libvirt's snapshot metadata "
                         "and the images (snapshots made or deleted with virsh), refusing "
