@@ -124,6 +124,15 @@ class World(object):
             paths["xvd" + "abcdefgh"[i]] = path
         return Vm(self, vm, paths)
 
+    def xenapi_session(self, originator="livesnap-tests"):
+        """A XenAPI session logged in over the stand-in's socket, as xe, XenCenter or the
+        plugin open one (XenAPI's UDS naming: every "/" of the path as "_")."""
+        import XenAPI
+        s = XenAPI.Session("http://%s/" % self.socket.replace("/", "_"),
+                           transport=XenAPI.UDSTransport())
+        s.xenapi.login_with_password("root", "", "", originator)
+        return s
+
     def tap_ctl(self, *args):
         return blktap.tap_ctl(*args)
 

@@ -13,10 +13,7 @@ from livesnap.platforms.xapi import XapiError, XapiPlatform, userdevice_target
 
 @pytest.fixture
 def platform(world):
-    s = XenAPI.Session("http://%s/" % world.socket.replace("/", "_"),
-                       transport=XenAPI.UDSTransport())
-    s.login_with_password("root", "", "2.0", "livesnap-tests")
-    return XapiPlatform(s, sr_mount_base=world.sr_base)
+    return XapiPlatform(world.xenapi_session(), sr_mount_base=world.sr_base)
 
 
 def test_disks_and_paths(world, platform):
@@ -111,9 +108,7 @@ def test_via_host_call_plugin(world, tmp_path):
     assert os.listdir(plugins) == ["livesnap"]
     world.xapi.plugins_dir = plugins
     vm = world.add_vm()
-    s = XenAPI.Session("http://%s/" % world.socket.replace("/", "_"),
-                       transport=XenAPI.UDSTransport())
-    s.login_with_password("root", "", "2.0", "livesnap-tests")
+    s = world.xenapi_session()
     host = s.xenapi.session.get_this_host(s.handle)
     out = json.loads(s.xenapi.host.call_plugin(host, "livesnap", "snapshot_create",
                                                {"vm_uuid": vm.uuid, "name": "s1"}))

@@ -35,11 +35,7 @@ def _face(world, name):
 
 def _xe(world):
     """A XenAPI session over xapi's socket, as ``xe`` opens one."""
-    import XenAPI
-    s = XenAPI.Session("http://%s/" % world.socket.replace("/", "_"),
-                       transport=XenAPI.UDSTransport())
-    s.xenapi.login_with_password("root", "", "", "xe")
-    return s
+    return world.xenapi_session("xe")
 
 
 def _vdi_destroy(world, ref):

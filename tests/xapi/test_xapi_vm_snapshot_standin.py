@@ -11,9 +11,7 @@ NULL_REF = "OpaqueRef:NULL"
 
 @pytest.fixture
 def api(world):
-    s = XenAPI.Session("http://%s/" % world.socket.replace("/", "_"),
-                       transport=XenAPI.UDSTransport())
-    s.xenapi.login_with_password("root", "", "", "test")
+    s = world.xenapi_session("test")
     try:
         yield s.xenapi
     finally:
