@@ -111,13 +111,15 @@ def door(world):
         d.shut()
 
 
-def _start(world, socket_path, err_path, *extra):
-    """The follower on ``socket_path``, its stderr in the file ``err_path``."""
-    argv = [sys.executable, "-m", "livesnap", "xapi-follow", "--xapi-socket", socket_path,
+def _start(world, socket_path, err_path, *extra, **env):
+    """The follower on ``socket_path`` run as its unit runs it (livesnap.cli.main: never
+    handed to the livesnap service), its stderr in the file ``err_path``."""
+    argv = [sys.executable, "-m", "livesnap.cli.main", "xapi-follow", "--xapi-socket",
+            socket_path,
             "--sm-ipc-dir", os.path.join(world.base, "sm", "ipc")] + list(extra)
     with open(err_path, "w") as err:
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err,
-                                universal_newlines=True, env=world.env(), cwd=ROOT)
+                                universal_newlines=True, env=world.env(**env), cwd=ROOT)
 
 
 def _following(world, p):
@@ -129,7 +131,12 @@ def _stop(p, err_path):
     """SIGTERM; the follower ends at once with status 0, no traceback. (rest of stdout,
     stderr)"""
     p.send_signal(signal.SIGTERM)
-    rest, _ = p.communicate(timeout=60)
+    try:
+        rest, _ = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise AssertionError("the follower did not stop on SIGTERM", open(err_path).read())
     err = open(err_path).read()
     assert p.returncode == 0 and "Traceback" not in err, (p.returncode, err)
     return rest, err
@@ -195,6 +202,62 @@ def test_sigterm_ends_the_follower_cleanly(world, door, tmp_path, when):
     assert rest.strip() == "", rest
     if when == "waiting":
         assert len(door.sessions) == 1 and not door.sessions & world.xapi.sessions
+
+
+def test_sigterm_during_a_merge_stops_after_it(sm_world, sm, tmp_path):
+    """SIGTERM while the follower merges (held at the plan's first step): the engine's own
+    signal catcher lets the step finish; the follower still sees the signal and ends (status
+    0, no traceback) instead of following on; what is left is finished at its next start."""
+    world = sm_world
+    vm, disk = _fold_vm(world, smmod.Blktap(txblktap.prefix()), world.sr)
+    expected = txblktap.read(disk, 8 * MiB, 24 * MiB)
+    vm.start()
+    err, reached, release = (str(tmp_path / n) for n in ("err", "reached", "release"))
+    p = _start(world, world.socket, err, LIVESNAP_FAULT="*:before:0:wait",
+               LIVESNAP_FAULT_REACHED=reached, LIVESNAP_FAULT_RELEASE=release)
+    try:
+        _following(world, p)
+        _vdi_destroy(world, _face(world, "s1"))
+        _wait(lambda: os.path.exists(reached), p)
+        p.send_signal(signal.SIGTERM)
+    finally:
+        open(release, "w").close()
+    rest, log = _stop(p, err)
+    _once(world)
+    assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] == []
+    assert _once(world)[0] == []
+    _check_sm_end_state(world, sm, world.sr, vm, disk, expected)
+
+
+def test_what_is_a_lost_link():
+    """The failures that lost xapi (log in again) and those that are xapi's answer."""
+    import http.client
+    import xmlrpc.client
+    from livesnap.platforms.xapi import XapiError
+    from livesnap.platforms.xapi_link import is_lost
+
+    def wrapped(exc):
+        try:
+            try:
+                raise exc
+            except Exception as e:                      # as XapiPlatform.call does
+                raise XapiError("event.from", "%s: %s" % (e.__class__.__name__, e))
+        except XapiError as e:
+            return e
+    lost = [ConnectionRefusedError(111, "refused"), ConnectionResetError(104, "reset"),
+            FileNotFoundError(2, "no socket"), socket.timeout("timed out"),
+            http.client.RemoteDisconnected("closed"), BrokenPipeError(32, "pipe"),
+            xmlrpc.client.Fault(500, "Tried 3 times to get a valid session, but failed"),
+            xmlrpc.client.ProtocolError("/", 503, "down", {})]
+    for exc in lost:
+        assert is_lost(exc) and is_lost(wrapped(exc)), exc
+    for details in (["SESSION_INVALID", "OpaqueRef:x"], ["HOST_STILL_BOOTING"],
+                    ["HANDLE_INVALID", "session", "OpaqueRef:x"]):
+        assert is_lost(XapiError("VM.get_by_uuid", details)), details
+    for details in (["UUID_INVALID", "VM", "x"], ["HANDLE_INVALID", "VDI", "OpaqueRef:x"],
+                    ["VDI_IN_USE", "OpaqueRef:x", "destroy"]):
+        assert not is_lost(XapiError("VM.get_by_uuid", details)), details
+    assert not is_lost(wrapped(ValueError("bad")))
 
 
 def test_unit_restarts_without_start_limit(tmp_path):
