@@ -35,9 +35,11 @@ How it runs as a host service (a systemd unit, ``--install-unit``):
   on an LVHD SR always the master's (SM writes LVM metadata only there). Any other follower
   skips the VM quietly (a debug line).
 * **refused, tried again**: a VM another livesnap command holds is tried again after 2 s;
-  one whose VDI SM is busy with (``sm_config`` ``paused`` by SM, ``relinking``, ``mirror``:
-  checked before SM's GC is held off) after 2 s, 4 s ... up to 60 s; and every VM at the
-  full comparison, at least every 60 s. The same refusal is logged and reported once.
+  one whose VDI SM is busy with (``sm_config`` ``paused`` by SM, ``relinking``, ``mirror``)
+  or that this host cannot act on yet (``WRONG_HOST``), both checked before SM's GC is held
+  off, after 2 s, 4 s ... up to 60 s; a merge that failed the same up to 10 min. The full
+  comparison runs at least every 60 s (``--reconcile-interval``), a VM waiting for its
+  retry excepted. The same refusal is logged and reported once.
 * **VMs gone** (``xe vm-uninstall``): reported once with the images left; the catalog, its
   journal and lock are removed once XAPI has no VM and none of the catalog's images are
   left (platforms/xapi_gone.py), i.e. nothing is left that ``recover`` could need.
@@ -60,7 +62,8 @@ log = logging.getLogger(__name__)
 
 CLASSES = ["vdi", "vm"]
 RETRY_S = 2.0               # a VM busy with another livesnap command: tried again after this
-BUSY_CAP_S = 60.0           # a VDI SM works on: tried again after 2 s, 4 s ... up to this
+BUSY_CAP_S = 60.0           # a VDI SM works on, WRONG_HOST: tried again after 2 s, 4 s ... up
+FAILED_CAP_S = 600.0        # a merge that failed: the same, up to this
 RECONCILE_S = 60.0          # the full comparison with XAPI, at least this often
 WAIT_S = 30.0               # the longest single event.from wait
 _UNKNOWN = object()
@@ -216,9 +219,13 @@ class Follower(object):
                 results.append(self.vm_gone(vm))
         pending = self.pending(alive)
         master = _UNKNOWN
+        now = time.monotonic()
         for vm, srs in sorted(pending.items()):
             if self.stopper is not None and self.stopper.stopping():
                 break
+            if vm in self.retry and self.retry[vm][0] > now:
+                log.debug("VM %s: tried again in %.0f s", vm, self.retry[vm][0] - now)
+                continue
             if master is _UNKNOWN and self.this_host() is not None:
                 master = self.master()
             results.append(self.follow_vm(vm, srs, master))
@@ -272,8 +279,11 @@ class Follower(object):
             if not self.acts_on(domain, master):
                 self.told.pop(vm, None)
                 return None
-            # SM busy with a VDI: refused before SM's GC is asked to stop
-            domain.refuse_busy([d.target for d in domain.disks() if domain.snapshottable(d)])
+            # SM busy with a VDI, the wrong host (as the engine's preflight says): refused
+            # before SM's GC is asked to stop
+            targets = [d.target for d in domain.disks() if domain.snapshottable(d)]
+            domain.refuse_busy(targets)
+            domain.refuse_wrong_host(targets)
             with sm_gc.held_off_all(srs, self.sm_lock_dir, self.sm_ipc_dir,
                                     self.gc_timeout) as held:
                 out["gc_aborted"] = held["aborted"]
@@ -292,6 +302,7 @@ class Follower(object):
             return self._tell(vm, "busy", out, logging.INFO,
                               "VM %s: %s; tried again in %.0f s", vm, e, delay)
         except WrongHost as e:
+            self._retry_later(vm, BUSY_CAP_S, last)
             out.update(error=str(e), wrong_host=True)
             return self._tell(vm, "wrong_host", out, logging.WARNING,
                               "VM %s is this follower's, but: %s", vm, e)
@@ -300,10 +311,12 @@ class Follower(object):
         except Error as e:
             if isinstance(e, XapiError) and xapi_link.is_lost(e):
                 raise
+            self._retry_later(vm, FAILED_CAP_S, last)
             out["error"] = str(e)
             return self._tell(vm, "error", out, logging.ERROR,
                               "VM %s: the merge after SM's delete failed: %s", vm, e)
         except Exception as e:          # a service goes on with the other VMs
+            self._retry_later(vm, FAILED_CAP_S, last)
             out["error"] = "%s: %s" % (e.__class__.__name__, e)
             return self._tell(vm, "error", out, logging.ERROR, "VM %s: the merge after SM's "
                               "delete failed", vm, exc_info=True)
@@ -396,15 +409,21 @@ class Follower(object):
     def _reconcile(self):
         """``reconcile``; a failure that is not a lost link is logged, not fatal. Returns
         when the next full comparison is due."""
+        due = time.monotonic() + self.reconcile_interval
         try:
             self.reconcile()
         except (Interrupted, XapiError) as e:
             if not isinstance(e, XapiError) or xapi_link.is_lost(e):
                 raise
-            log.error("comparing the catalogs with XAPI failed: %s", e)
+            self._failed(e, due)
         except Error as e:
-            log.error("comparing the catalogs with XAPI failed: %s", e)
-        return time.monotonic() + self.reconcile_interval
+            self._failed(e, due)
+        return due
+
+    def _failed(self, e, due):
+        log.error("comparing the catalogs with XAPI failed: %s", e)
+        for vm, (when, delay) in list(self.retry.items()):   # not again at once
+            self.retry[vm] = (max(when, due), delay)
 
 
 def json_report(stream):

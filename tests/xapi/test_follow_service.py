@@ -329,6 +329,12 @@ def _in_process_follower(world, sm, monkeypatch, reports):
     return xapi_follow.Follower(platform, engine, world.state_dir, report=reports.append)
 
 
+def _due(f):
+    """Every retry of the follower ``f`` due now (as if its backoff had passed)."""
+    for vm, (when, delay) in list(f.retry.items()):
+        f.retry[vm] = (0.0, delay)
+
+
 def test_lvhd_vm_is_the_masters(request, sm_world, sm, monkeypatch, caplog):
     """A VM with its disk on LVHD, its snapshot deleted with xe. It runs on another host: the
     master's follower owns it (LVM metadata) but cannot act there yet (WRONG_HOST), said
@@ -345,19 +351,27 @@ def test_lvhd_vm_is_the_masters(request, sm_world, sm, monkeypatch, caplog):
     rec = x.record("VM", vm.ref)
     rec.update(power_state="Running", resident_on=other)      # runs on host2, no tapdisk here
     caplog.set_level(logging.INFO, logger="livesnap")
-    for _ in range(3):
+    for i in range(3):
+        n = len(x.calls)
+        _due(f)
         f.reconcile()
+        # tried each time: the engine's preflight, asked before SM's GC is held off, names
+        # the host the VM runs on
+        assert ("host.get_uuid", [other]) in x.calls[n:], i
     told = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(told) == 1 and "runs on host" in told[0].getMessage(), told
     r, = reports
     assert r["vm_uuid"] == vm.uuid and r["wrong_host"] is True and "error" in r, r
+    assert "gc_aborted" not in r, r                 # SM's GC not asked to stop for nothing
     # on host2 (the master elsewhere), the VM running here: the master's, skipped
     x.record("pool", x.pool)["master"] = other
     rec["resident_on"] = x.host
+    _due(f)
     assert f.reconcile() == [] and len(reports) == 1
     # halted, this host the master: merged
     x.record("pool", x.pool)["master"] = x.host
     rec.update(power_state="Halted", resident_on=txxapi.NULL_REF)
+    _due(f)
     r, = f.reconcile()
     assert "error" not in r and r["result"]["followed_sm"]["deleted"] == ["s1"], r
     assert [m["method"] for m in r["result"]["merges"]] == ["fold"], r
