@@ -204,6 +204,28 @@ def test_sigterm_ends_the_follower_cleanly(world, door, tmp_path, when):
         assert len(door.sessions) == 1 and not door.sessions & world.xapi.sessions
 
 
+def test_follower_started_before_xapi(sm_world, sm, door, tmp_path):
+    """The follower started while xapi is not up yet (its socket refusing): it says so once,
+    keeps trying, and once xapi answers compares and folds what a delete left."""
+    world = sm_world
+    vm, disk = _fold_vm(world, smmod.Blktap(txblktap.prefix()), world.sr)
+    vm.start()
+    _vdi_destroy(world, _face(world, "s1"))
+    door.close()
+    err = str(tmp_path / "err")
+    p = _start(world, door.path, err)
+    try:
+        _wait(lambda: "cannot log in to xapi" in open(err).read(), p)
+        door.open()
+        out = json.loads(_readline(p))
+        assert out["vm_uuid"] == vm.uuid and "error" not in out, out
+        assert [m["method"] for m in out["result"]["merges"]] == ["fold"], out
+    finally:
+        rest, log = _stop(p, err)
+    assert log.count("cannot log in to xapi") == 1, log
+    vm.stop()
+
+
 def test_sigterm_during_a_merge_stops_after_it(sm_world, sm, tmp_path):
     """SIGTERM while the follower merges (held at the plan's first step): the engine's own
     signal catcher lets the step finish; the follower still sees the signal and ends (status
