@@ -22,7 +22,7 @@ won the race), and what is left to merge is merged. On start the same comparison
 tried again shortly after; one with an operation a killed livesnap command left open is
 recovered first. ``xe snapshot-destroy`` (``VM.destroy`` of the record, the VDIs kept)
 deletes nothing: its ``del`` event finds no face gone. A VM XAPI no longer has (``xe
-vm-uninstall`` of the VM) is reported once (``vm_gone``) and left to SM's GC.
+vm-uninstall`` of the VM) is not merged: its images are SM's GC's garbage (``vm_gone``).
 
 How it runs as a host service (a systemd unit, ``--install-unit``):
 
@@ -42,7 +42,8 @@ How it runs as a host service (a systemd unit, ``--install-unit``):
   retry excepted. The same refusal is logged and reported once.
 * **VMs gone** (``xe vm-uninstall``): reported once with the images left; the catalog, its
   journal and lock are removed once XAPI has no VM and none of the catalog's images are
-  left (platforms/xapi_gone.py), i.e. nothing is left that ``recover`` could need.
+  left, i.e. nothing is left that ``recover`` could need (engine/gone.py, handed in by the
+  front end as ``forget_if_done``).
 
 Python 3.6, stdlib only; the XenAPI session is the caller's (``xapi.connect_local`` on a
 host), or made by the follower with ``connect``.
@@ -409,19 +410,19 @@ class Follower(object):
     def _reconcile(self):
         """``reconcile``; a failure that is not a lost link is logged, not fatal. Returns
         when the next full comparison is due."""
-        due = time.monotonic() + self.reconcile_interval
         try:
             self.reconcile()
         except (Interrupted, XapiError) as e:
             if not isinstance(e, XapiError) or xapi_link.is_lost(e):
                 raise
-            self._failed(e, due)
+            self._failed(e)
         except Error as e:
-            self._failed(e, due)
-        return due
+            self._failed(e)
+        return time.monotonic() + self.reconcile_interval
 
-    def _failed(self, e, due):
+    def _failed(self, e):
         log.error("comparing the catalogs with XAPI failed: %s", e)
+        due = time.monotonic() + self.reconcile_interval
         for vm, (when, delay) in list(self.retry.items()):   # not again at once
             self.retry[vm] = (max(when, due), delay)
 
