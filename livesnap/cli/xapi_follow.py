@@ -90,15 +90,22 @@ def run(args):
     sm_ipc_dir = args.sm_ipc_dir or env.get("LIVESNAP_SM_IPC_DIR") or sm_gc.IPC_BASE_DIR
     from livesnap.engine import gone
     from livesnap.engine.engine import Engine
-    from livesnap.platforms.xapi import XapiPlatform, connect_local
+    from livesnap.platforms.xapi import XapiError, XapiPlatform, connect_local
     if args.reconcile_interval <= 0:
         from livesnap.errors import UsageError
         raise UsageError(reason="--reconcile-interval must be more than 0 s")
     connect = functools.partial(connect_local, args.xapi_socket,
                                 originator="livesnap-xapi-follow")
     # --once: xapi there now or an error; the service logs in (again) itself, with a backoff
-    platform = XapiPlatform(connect() if args.once else None, sr_mount_base=sr_mount_base,
-                            sm_lock_dir=sm_lock_dir, sm_ipc_dir=sm_ipc_dir)
+    session = None
+    if args.once:
+        try:
+            session = connect()
+        except Exception as e:                  # XenAPI's failure, or no xapi at all
+            raise XapiError("session.login_with_password",
+                            getattr(e, "details", None) or "%s: %s" % (e.__class__.__name__, e))
+    platform = XapiPlatform(session, sr_mount_base=sr_mount_base, sm_lock_dir=sm_lock_dir,
+                            sm_ipc_dir=sm_ipc_dir)
     engine = Engine(state_dir=state_dir, storage_dirs=[sr_mount_base, "/dev"],
                     platform=platform)
     f = xapi_follow.Follower(platform, engine, state_dir,

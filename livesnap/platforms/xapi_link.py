@@ -188,7 +188,7 @@ class Link(object):
             self.stopper.sleep(backoff.delay())
         old, self.platform.session = self.platform.session, session
         if told:
-            log.warning("logged in to xapi again after %.1f s", time.monotonic() - started)
+            log.warning("logged in to xapi after %.1f s of trying", time.monotonic() - started)
         if old is not None:
             logout(old)
 

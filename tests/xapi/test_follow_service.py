@@ -282,6 +282,17 @@ def test_what_is_a_lost_link():
     assert not is_lost(wrapped(ValueError("bad")))
 
 
+def test_once_without_xapi_is_a_clear_error(tmp_path):
+    """``--once`` with no xapi to talk to: one line naming the failure, status 1."""
+    p = subprocess.run([sys.executable, "-m", "livesnap", "xapi-follow", "--once",
+                        "--xapi-socket", str(tmp_path / "no-xapi"), "--state-dir",
+                        str(tmp_path / "state")], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 1 and p.stdout == "", (p.returncode, p.stdout, p.stderr)
+    assert p.stderr.startswith("error: XenAPI call session.login_with_password failed") and \
+        "Traceback" not in p.stderr, p.stderr
+
+
 def test_unit_restarts_without_start_limit(tmp_path):
     """The unit restarts the follower always, after a pause, and systemd's start limit
     (5 starts in 10 s, then never again) is off, in both spellings (systemd 219 of
