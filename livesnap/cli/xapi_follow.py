@@ -59,6 +59,9 @@ def register(subparsers, common):
     p.add_argument("--reconcile-interval", metavar="SECONDS", type=float, default=60.0,
                    help="compare every catalog with XAPI at least this often, for what "
                         "events cannot say and what was refused (default: %(default)s)")
+    p.add_argument("--call-timeout", metavar="SECONDS", type=float, default=CALL_TIMEOUT_S,
+                   help="a XenAPI call unanswered this long lost xapi: log in again "
+                        "(default: %(default)s)")
     p.add_argument("--install-unit", metavar="UNIT_DIR",
                    help="write the systemd unit %s into UNIT_DIR and exit" % UNIT_NAME)
     p.set_defaults(func=run)
@@ -91,9 +94,12 @@ def run(args):
     from livesnap.engine import gone
     from livesnap.engine.engine import Engine
     from livesnap.platforms.xapi import XapiError, XapiPlatform, connect_local
-    if args.reconcile_interval <= 0:
-        from livesnap.errors import UsageError
-        raise UsageError(reason="--reconcile-interval must be more than 0 s")
+    for opt, value in (("--reconcile-interval", args.reconcile_interval),
+                       ("--call-timeout", args.call_timeout)):
+        if not value > 0:
+            from livesnap.errors import UsageError
+            raise UsageError(reason="%s must be more than 0 s" % opt)
+    socket.setdefaulttimeout(args.call_timeout)       # the XenAPI sockets: a hung xapi
     connect = functools.partial(connect_local, args.xapi_socket,
                                 originator="livesnap-xapi-follow")
     # --once: xapi there now or an error; the service logs in (again) itself, with a backoff
@@ -118,6 +124,5 @@ def run(args):
         finally:
             xapi_link.logout(platform.session)
         return 1 if any("error" in r for r in results) else 0
-    socket.setdefaulttimeout(CALL_TIMEOUT_S)          # the XenAPI sockets: a hung xapi
     f.run()
     return 0

@@ -94,6 +94,10 @@ class Door(object):
         self.refuser.bind(self.path)
         self.xapi.sessions -= self.sessions
 
+    def hang(self):
+        """A xapi that hangs: its socket takes connections and never answers."""
+        self.refuser.listen(16)
+
     def shut(self):
         if self.refuser is not None:
             self.refuser.close()
@@ -224,6 +228,22 @@ def test_follower_started_before_xapi(sm_world, sm, door, tmp_path):
         rest, log = _stop(p, err)
     assert log.count("cannot log in to xapi") == 1, log
     vm.stop()
+
+
+def test_hung_xapi_is_a_lost_one(world, door, tmp_path):
+    """xapi taking connections and never answering: the follower's call times out
+    (``--call-timeout``), which is a lost link: it keeps trying and follows once xapi
+    answers."""
+    door.close()
+    door.hang()
+    err = str(tmp_path / "err")
+    p = _start(world, door.path, err, "--call-timeout", "1")
+    try:
+        _wait(lambda: "cannot log in to xapi (timed out)" in open(err).read(), p)
+        door.open()
+        _following(world, p)
+    finally:
+        _stop(p, err)
 
 
 def test_sigterm_during_a_merge_stops_after_it(sm_world, sm, tmp_path):
