@@ -29,3 +29,12 @@ def ready(path):
     if not os.path.isdir(path):
         raise StateDirUnusable(path, "not a directory")
     return path
+
+
+def domain_files(state_dir, uuid):
+    """Every file the state directory may hold for one domain, its lock last: the catalog
+    (``<uuid>.db``, with SQLite's ``-wal`` and ``-shm`` beside it while it is open), the log
+    of a reclaim the libvirt hook started (``<uuid>.reclaim.log``, livesnap/hook.py) and the
+    lock (``<uuid>.lock``)."""
+    return [os.path.join(state_dir, uuid + suffix)
+            for suffix in (".db", ".db-wal", ".db-shm", ".reclaim.log", ".lock")]

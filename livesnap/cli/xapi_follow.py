@@ -1,7 +1,12 @@
 """``livesnap xapi-follow``: follow XAPI's events on this host and merge at once what a
 snapshot deleted with xe or XenCenter leaves (livesnap/platforms/xapi_follow.py). Runs in
 the foreground (a systemd unit: ``livesnap install-xapi-follow``), one JSON line on stdout
-per VM it acted on; ``--once`` compares the catalogs with XAPI once and exits."""
+per VM it acted on; ``--once`` compares the catalogs with XAPI once and exits.
+
+The follower survives xapi's restarts itself (it logs in again, platforms/xapi_link.py); the
+unit restarts it too, without systemd's start limit (``StartLimitIntervalSec=0``; systemd
+219 of XenServer/XCP-ng 8 reads ``StartLimitInterval=`` in [Service]), so that a follower
+that keeps failing while xapi is away is never left dead for good."""
 import os
 import sys
 
@@ -10,10 +15,14 @@ from livesnap.platforms import sm_gc, sm_lock
 from livesnap.platforms.xapi import DEFAULT_SR_MOUNT_BASE
 
 UNIT_NAME = "livesnap-xapi-follow.service"
+# the longest any XenAPI call of the follower may take (a xapi that hangs is a lost link):
+# event.from waits at most 30 s, an SR.scan of a big SR some tens of seconds
+CALL_TIMEOUT_S = 300.0
 UNIT = """[Unit]
 Description=livesnap: merge at once what a snapshot deleted with xe or XenCenter leaves
 After=xapi.service
 Wants=xapi.service
+StartLimitIntervalSec=0
 
 [Service]
 Type=simple
@@ -23,6 +32,7 @@ Environment=PYTHONPATH={pythonpath}
 ExecStart={python} -m livesnap.cli.main xapi-follow --state-dir {state_dir}
 Restart=always
 RestartSec=5
+StartLimitInterval=0
 
 [Install]
 WantedBy=multi-user.target
@@ -46,6 +56,12 @@ def register(subparsers, common):
                    "or %s)" % sm_lock.BASE_DIR)
     p.add_argument("--sm-ipc-dir", help="SM's IPC flag directory (default: "
                    "$LIVESNAP_SM_IPC_DIR or %s)" % sm_gc.IPC_BASE_DIR)
+    p.add_argument("--reconcile-interval", metavar="SECONDS", type=float, default=60.0,
+                   help="compare every catalog with XAPI at least this often, for what "
+                        "events cannot say and what was refused (default: %(default)s)")
+    p.add_argument("--call-timeout", metavar="SECONDS", type=float, default=CALL_TIMEOUT_S,
+                   help="a XenAPI call unanswered this long lost xapi: log in again "
+                        "(default: %(default)s)")
     p.add_argument("--install-unit", metavar="UNIT_DIR",
                    help="write the systemd unit %s into UNIT_DIR and exit" % UNIT_NAME)
     p.set_defaults(func=run)
@@ -59,7 +75,9 @@ def unit(state_dir, python=None):
 
 
 def run(args):
-    from livesnap.platforms import xapi_follow
+    import functools
+    import socket
+    from livesnap.platforms import xapi_follow, xapi_link
     state_dir = statedir.resolve(args.state_dir)
     if args.install_unit:
         from livesnap.cli import install_files
@@ -73,23 +91,38 @@ def run(args):
         DEFAULT_SR_MOUNT_BASE
     sm_lock_dir = args.sm_lock_dir or env.get("LIVESNAP_SM_LOCK_DIR") or sm_lock.BASE_DIR
     sm_ipc_dir = args.sm_ipc_dir or env.get("LIVESNAP_SM_IPC_DIR") or sm_gc.IPC_BASE_DIR
+    from livesnap.engine import gone
     from livesnap.engine.engine import Engine
-    from livesnap.platforms.xapi import XapiPlatform, connect_local
-    session = connect_local(args.xapi_socket, originator="livesnap-xapi-follow")
-    try:
-        platform = XapiPlatform(session, sr_mount_base=sr_mount_base, sm_lock_dir=sm_lock_dir,
-                                sm_ipc_dir=sm_ipc_dir)
-        engine = Engine(state_dir=state_dir, storage_dirs=[sr_mount_base, "/dev"],
-                        platform=platform)
-        f = xapi_follow.Follower(platform, engine, state_dir,
-                                 report=xapi_follow.json_report(sys.stdout))
-        if args.once:
-            results = f.reconcile()
-            return 1 if any("error" in r for r in results) else 0
-        f.run()
-        return 0
-    finally:
+    from livesnap.platforms.xapi import XapiError, XapiPlatform, connect_local
+    for opt, value in (("--reconcile-interval", args.reconcile_interval),
+                       ("--call-timeout", args.call_timeout)):
+        if not value > 0:
+            from livesnap.errors import UsageError
+            raise UsageError(reason="%s must be more than 0 s" % opt)
+    socket.setdefaulttimeout(args.call_timeout)       # the XenAPI sockets: a hung xapi
+    connect = functools.partial(connect_local, args.xapi_socket,
+                                originator="livesnap-xapi-follow")
+    # --once: xapi there now or an error; the service logs in (again) itself, with a backoff
+    session = None
+    if args.once:
         try:
-            session.xenapi.session.logout()
-        except Exception:
-            pass
+            session = connect()
+        except Exception as e:                  # XenAPI's failure, or no xapi at all
+            raise XapiError("session.login_with_password",
+                            getattr(e, "details", None) or "%s: %s" % (e.__class__.__name__, e))
+    platform = XapiPlatform(session, sr_mount_base=sr_mount_base, sm_lock_dir=sm_lock_dir,
+                            sm_ipc_dir=sm_ipc_dir)
+    engine = Engine(state_dir=state_dir, storage_dirs=[sr_mount_base, "/dev"],
+                    platform=platform)
+    f = xapi_follow.Follower(platform, engine, state_dir,
+                             report=xapi_follow.json_report(sys.stdout), connect=connect,
+                             reconcile_interval=args.reconcile_interval,
+                             forget_if_done=functools.partial(gone.forget_if_done, state_dir))
+    if args.once:
+        try:
+            results = f.reconcile()
+        finally:
+            xapi_link.logout(platform.session)
+        return 1 if any("error" in r for r in results) else 0
+    f.run()
+    return 0
