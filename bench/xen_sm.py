@@ -226,6 +226,10 @@ class Run(object):
         out["pauses_ms"] = [round(p["ms"], 1) for p in r.get("pauses", [])]
         out["tapdisk_pause_parts_ms"] = out_parts if self.tapctl_log else None
         out["tapdisk_paused_lists_ms"] = lists if self.tapctl_log else None
+        # where the longest gap was: the guest's longest gap over each logged pause, and
+        # its longest gap that touches none of them (the fold's work between its pauses)
+        out["gap_per_pause_ms"], out["gap_between_pauses_ms"] = (
+            _gaps_in_and_out(log, t0, t1, pauses) if self.tapctl_log else (None, None))
         out["merges"] = [{k: m.get(k) for k in ("method", "rounds", "fallback")}
                          for m in r.get("merges", [])]
         w.tapdisks.stop_guest(td.pid, td.minor)
@@ -397,6 +401,18 @@ def _floor_summary(log, runs):
             "window_ms": [f["window_ms"] for _, _, f in runs],
             "pause_ms": [f["pause_ms"] for _, _, f in runs],
             "unanswered": sum(1 for _, _, f in runs if f.get("unanswered"))}
+
+
+def _gaps_in_and_out(log, t0, t1, pauses):
+    """The guest's longest gap (ms) over each pause [(a, b, c, d)] (a gap touching [a, d]),
+    and its longest gap over [t0, t1] touching none of them."""
+    times = [t for _, t in txverify.acks(log)]
+    inside = [round(txverify.max_gap(log, a, d), 1) for a, b, c, d in pauses]
+    outside = 0
+    for x, y in zip(times, times[1:]):
+        if y >= t0 and x <= t1 and not any(y >= a and x <= d for a, b, c, d in pauses):
+            outside = max(outside, y - x)
+    return inside, round(outside / 1e6, 1)
 
 
 def _parts(pause):

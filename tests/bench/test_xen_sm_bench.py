@@ -98,6 +98,11 @@ def test_xen_sm_bench_json(tmp_path):
             # through the wrapper: each tapdisk pause in three parts
             assert len(ls["tapdisk_pause_parts_ms"]) == len(ls["tapdisk_paused_lists_ms"]) >= 1
             assert all(len(x) == 3 for x in ls["tapdisk_pause_parts_ms"])
+            assert len(ls["gap_per_pause_ms"]) == len(ls["tapdisk_pause_parts_ms"])
+            assert all(_number(g) for g in ls["gap_per_pause_ms"])
+            assert _number(ls["gap_between_pauses_ms"])
+            assert max(ls["gap_per_pause_ms"] + [ls["gap_between_pauses_ms"]]) <= \
+                ls["max_gap_ms"]
             assert ls["chain_after"] and len(ls["chain_after"]) == 1
         else:
             assert doc["verified"] is False and p.returncode == 1
@@ -147,3 +152,17 @@ def test_floor_figures_and_ratios():
     assert xen_sm._floor_figures(floor, 20.0, 80.0)["floor_direct_gap_ms"] == 7.0
     assert xen_sm._floor_figures(None, 20.0, 80.0) == {}
     assert xen_sm._parts((0, 2 * 10 ** 6, 5 * 10 ** 6, 9 * 10 ** 6)) == [2.0, 3.0, 4.0]
+
+
+def test_gaps_are_placed_in_the_pauses_or_between_them(tmp_path):
+    xen_sm = _bench_module()
+    log = tmp_path / "ack"
+    ms = 1000000
+    acks = [0, 3, 20, 23, 26, 60, 63, 66, 80, 83]      # ms: gaps 17 (3-20), 34 (26-60), 14
+    log.write_text("RUN 01 slots=8 stride=1048576 size=67108864 path=/x\n" +
+                   "".join("ACK %d %d\n" % (i, t * ms) for i, t in enumerate(acks)))
+    pauses = [(5 * ms, 6 * ms, 8 * ms, 10 * ms), (64 * ms, 65 * ms, 70 * ms, 75 * ms)]
+    inside, outside = xen_sm._gaps_in_and_out(str(log), 1 * ms, 82 * ms, pauses)
+    assert inside == [17.0, 14.0]
+    assert outside == 34.0
+    assert xen_sm._gaps_in_and_out(str(log), 1 * ms, 82 * ms, []) == ([], 34.0)
