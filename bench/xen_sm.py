@@ -405,14 +405,19 @@ def _floor_summary(log, runs):
 
 def _gaps_in_and_out(log, t0, t1, pauses):
     """The guest's longest gap (ms) over each pause [(a, b, c, d)] (a gap touching [a, d]),
-    and its longest gap over [t0, t1] touching none of them."""
+    and its longest gap over [t0, t1] touching none of them: {"ms", "after_pause": how many
+    pauses had ended before it began, "ms_after": since the last of them ended (since t0 if
+    none)}."""
     times = [t for _, t in txverify.acks(log)]
     inside = [round(txverify.max_gap(log, a, d), 1) for a, b, c, d in pauses]
-    outside = 0
+    best = (0, t0, t0)
     for x, y in zip(times, times[1:]):
-        if y >= t0 and x <= t1 and not any(y >= a and x <= d for a, b, c, d in pauses):
-            outside = max(outside, y - x)
-    return inside, round(outside / 1e6, 1)
+        if y >= t0 and x <= t1 and not any(y >= a and x <= d for a, b, c, d in pauses) \
+                and y - x > best[0]:
+            best = (y - x, x, y)
+    ends = [d for a, b, c, d in pauses if d <= best[1]]
+    return inside, {"ms": round(best[0] / 1e6, 1), "after_pause": len(ends),
+                    "ms_after": round((best[1] - max(ends + [t0])) / 1e6, 1)}
 
 
 def _parts(pause):

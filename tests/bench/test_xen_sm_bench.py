@@ -100,9 +100,10 @@ def test_xen_sm_bench_json(tmp_path):
             assert all(len(x) == 3 for x in ls["tapdisk_pause_parts_ms"])
             assert len(ls["gap_per_pause_ms"]) == len(ls["tapdisk_pause_parts_ms"])
             assert all(_number(g) for g in ls["gap_per_pause_ms"])
-            assert _number(ls["gap_between_pauses_ms"])
-            assert max(ls["gap_per_pause_ms"] + [ls["gap_between_pauses_ms"]]) <= \
-                ls["max_gap_ms"]
+            between = ls["gap_between_pauses_ms"]
+            assert _number(between["ms"]) and _number(between["ms_after"])
+            assert 0 <= between["after_pause"] <= len(ls["gap_per_pause_ms"])
+            assert max(ls["gap_per_pause_ms"] + [between["ms"]]) <= ls["max_gap_ms"]
             assert ls["chain_after"] and len(ls["chain_after"]) == 1
         else:
             assert doc["verified"] is False and p.returncode == 1
@@ -164,5 +165,6 @@ def test_gaps_are_placed_in_the_pauses_or_between_them(tmp_path):
     pauses = [(5 * ms, 6 * ms, 8 * ms, 10 * ms), (64 * ms, 65 * ms, 70 * ms, 75 * ms)]
     inside, outside = xen_sm._gaps_in_and_out(str(log), 1 * ms, 82 * ms, pauses)
     assert inside == [17.0, 14.0]
-    assert outside == 34.0
-    assert xen_sm._gaps_in_and_out(str(log), 1 * ms, 82 * ms, []) == ([], 34.0)
+    assert outside == {"ms": 34.0, "after_pause": 1, "ms_after": 16.0}    # 26 - 10
+    assert xen_sm._gaps_in_and_out(str(log), 1 * ms, 82 * ms, []) == \
+        ([], {"ms": 34.0, "after_pause": 0, "ms_after": 25.0})            # 26 - 1
