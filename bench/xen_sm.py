@@ -36,7 +36,7 @@ same guest just before, no operation), the wall time; livesnap: its reported pau
 reply's pauses[*].ms, pause_ms, the fold's rounds); SM: what its log says it did, the speed it
 used, each tapdisk-pause plugin call (pause to unpause, from the plugin's view). livesnap's
 tap-ctl is the real one, as SM's side runs it; with --tapctl-log it is bench/xen.py's logging
-wrapper (xen_tapctl.py: 2-5 ms more per pause, counted in livesnap's gap only), and each
+wrapper (xen_tapctl.py: about 5 ms more per pause, in livesnap's gap only), and each
 pause's parts are reported as its tap-ctl calls took them (tapdisk_pause_parts_ms: tap-ctl
 pause, paused between the two commands, tap-ctl unpause) with the tap-ctl list calls that ran
 while the tapdisk was paused (tapdisk_paused_lists_ms).
