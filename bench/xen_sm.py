@@ -51,8 +51,8 @@ after --floor-plain-wait s is woken by ``tap-ctl list`` and counted unanswered);
 livesnap's. Per kind the guest's longest gap over each pause, min, median, max. Per size:
 floor_gap_ms (the median of livesnap's kind: the least any operation that must pause and
 reopen tapdisk's chain this way shows the guest, once), floor_plain_gap_ms, and the ratios
-livesnap/SM, livesnap/floor, floor/SM, plain floor/SM: a floor/SM above 0.1 says no pause of
-tapdisk, however empty, is a tenth of SM's at that size here. After each
+livesnap/SM, livesnap/floor, floor/SM, plain floor/SM: a floor/SM above 0.1 says a typical
+pause of tapdisk, however empty, is more than a tenth of SM's at that size here. After each
 side: the guest stopped, the tapdisk destroyed, every acknowledged write present
 (testxen.verify.assert_intact through a fresh real tapdisk), A and B read back, 'vhd-util
 check' of the disk, the chain left (chain_after: one image on each side for a verified
@@ -280,6 +280,8 @@ class Run(object):
         try:
             with ls_tap_ctl.paused(pid, minor, path=path) as w:
                 pass
+        except ls_tap_ctl.TapCtlError as e:        # said, as a failed fold would be
+            raise BenchError("the floor's pause of tapdisk %d/%d: %s" % (pid, minor, e))
         finally:
             if old is None:
                 del os.environ["TAP_CTL"]
