@@ -33,9 +33,26 @@ passes see only SM's chain):
 Measured per side: the guest's longest gap between acknowledged writes over the operation's
 window (testxen.verify.max_gap: the guest-visible pause), the quiet window's longest gap (the
 same guest just before, no operation), the wall time; livesnap: its reported pauses (the
-reply's pauses[*].ms, pause_ms, the fold's rounds) and each pause's parts as its tap-ctl calls
-took them (livesnap's TAP_CTL is bench/xen.py's logging wrapper, xen_tapctl.py: a few ms per
-command, counted in livesnap's pauses); SM: what its log says it did, the speed it used, each tapdisk-pause plugin call (pause to unpause, from the plugin's view). After each
+reply's pauses[*].ms, pause_ms, the fold's rounds); SM: what its log says it did, the speed it
+used, each tapdisk-pause plugin call (pause to unpause, from the plugin's view). livesnap's
+tap-ctl is the real one, as SM's side runs it; with --tapctl-log it is bench/xen.py's logging
+wrapper (xen_tapctl.py: about 5 ms more per pause, in livesnap's gap only), and each
+pause's parts are reported as its tap-ctl calls took them (tapdisk_pause_parts_ms: tap-ctl
+pause, paused between the two commands, tap-ctl unpause) with the tap-ctl list calls that ran
+while the tapdisk was paused (tapdisk_paused_lists_ms).
+
+The floor (--floor-cycles N, default 10; 0: none): on livesnap's tapdisk, its guest writing,
+its chain as before the delete, just before the delete, N bare pauses of each kind,
+interleaved 0.1 s apart, nothing done while paused: ``livesnap`` (livesnap.tools.tap_ctl.paused,
+its pause nudged, the state checks, the unpause with -a, through the tap-ctl the fold uses),
+``plain`` (``tap-ctl pause``, ``tap-ctl unpause -a``, the real commands; a pause unanswered
+after --floor-plain-wait s is woken by ``tap-ctl list`` and counted unanswered); with
+--tapctl-log also ``livesnap_direct`` (the real tap-ctl: the wrapper's cost) and the parts of
+livesnap's. Per kind the guest's longest gap over each pause, min, median, max. Per size:
+floor_gap_ms (the median of livesnap's kind: the least any operation that must pause and
+reopen tapdisk's chain this way shows the guest, once), floor_plain_gap_ms, and the ratios
+livesnap/SM, livesnap/floor, floor/SM, plain floor/SM: a floor/SM above 0.1 says a typical
+pause of tapdisk, however empty, is more than a tenth of SM's at that size here. After each
 side: the guest stopped, the tapdisk destroyed, every acknowledged write present
 (testxen.verify.assert_intact through a fresh real tapdisk), A and B read back, 'vhd-util
 check' of the disk, the chain left (chain_after: one image on each side for a verified
@@ -55,6 +72,7 @@ the last one failed too. Only the tapdisks this run started are destroyed (by pi
 run's world is removed at the end (also on SIGTERM / Ctrl-C).
 
     python3 bench/xen_sm.py [--sizes 8,32,128,512] [--quiet-s 1] [--no-speed-log] [--attempts 2]
+                            [--floor-cycles 10] [--floor-plain-wait 1] [--tapctl-log]
                             [--tapdisk-console] [--dir DIR] [--out FILE]
 """
 import argparse
@@ -64,6 +82,8 @@ import platform
 import re
 import shutil
 import signal
+import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -71,6 +91,7 @@ import uuid
 import harness  # the checkout on sys.path: first
 import xen_tapctl
 from harness import BenchError, MiB
+from livesnap.tools import tap_ctl as ls_tap_ctl
 from testxen import blktap
 from testxen import sm as smmod
 from testxen import verify as txverify
@@ -95,17 +116,20 @@ ACTIONS = (                       # SMlog line -> what SM did
 class Run(object):
     """The world of one run: the stand-in, its file SR, SM's code on it."""
 
-    def __init__(self, base, no_speed_log=False):
+    def __init__(self, base, no_speed_log=False, tapctl_log=False):
         self.base = base
         self.no_speed_log = no_speed_log
+        self.tapctl_log = tapctl_log
         lib = txworld.xenapi_lib(os.path.join(base, "xenapi"))
         self.w = txworld.World(os.path.join(base, "w"), lib)
         os.environ["TESTXEN_RUN_DIR"] = self.w.run_dir
         self.bt = smmod.Blktap(blktap.prefix())
-        # livesnap's tap-ctl: the logging wrapper of bench/xen.py (each call's duration)
+        # livesnap's tap-ctl: the real one, as SM's side runs it; with tapctl_log the logging
+        # wrapper of bench/xen.py (each call's start and end; a few ms more per call)
         self.tapctl_dir = os.path.join(base, "tapctl")
         os.makedirs(self.tapctl_dir)
-        self.tap_ctl = xen_tapctl.make(self.tapctl_dir, blktap.tap_ctl_bin())
+        self.tap_ctl_logged = xen_tapctl.make(self.tapctl_dir, blktap.tap_ctl_bin())
+        self.tap_ctl = self.tap_ctl_logged if tapctl_log else blktap.tap_ctl_bin()
         x = self.w.xapi
         self.sm = smmod.Sm(smmod.unpack(), self.bt.vhd_util, x, self.w.socket,
                            os.path.join(self.w.base, "sm"), lock_dir=self.w.sm_lock_dir)
@@ -155,7 +179,7 @@ class Run(object):
         return round(txverify.max_gap(ack_log, t0, time.monotonic_ns()), 1)
 
     # -- livesnap --------------------------------------------------------------------------
-    def livesnap(self, size, quiet_s):
+    def livesnap(self, size, quiet_s, floor_cycles=0, plain_wait=1.0):
         w, bt = self.w, self.bt
         vm = w.add_vm("ls%d-%s" % (size, uuid.uuid4().hex[:6]), ndisks=1, sr=self.ls_sr,
                       size=(2 * DATA_OFFSET_MIB + 2 * size) * MiB)
@@ -166,16 +190,24 @@ class Run(object):
         vm.start()
         log = vm.ack_log("xvda")
         out = {"quiet_max_gap_ms": self.quiet(log, quiet_s)}
+        td = vm.tapdisks["xvda"]
+        if floor_cycles:
+            out["floor"] = self.floor(td.pid, td.minor, disk, log, floor_cycles, plain_wait)
         t0 = time.monotonic_ns()
         reply = w.run_plugin("snapshot_delete", {"vm_uuid": vm.uuid, "name": "s1"},
                              TAP_CTL=self.tap_ctl)
         t1 = time.monotonic_ns()
-        td = vm.tapdisks["xvda"]
         # the real tapdisk's pauses as livesnap ran them: [tap-ctl pause ms, paused between
         # the two commands ms, tap-ctl unpause ms] (an unanswered pause ends at the unpause)
-        out_parts = [[round((b - a) / 1e6, 1), round((c - b) / 1e6, 1), round((d - c) / 1e6, 1)]
-                     for a, b, c, d in xen_tapctl.pauses(self.tapctl_dir, td.pid, td.minor)
-                     if a >= t0]
+        pauses = [p for p in xen_tapctl.pauses(self.tapctl_dir, td.pid, td.minor)
+                  if p[0] >= t0] if self.tapctl_log else []
+        out_parts = [_parts(p) for p in pauses]
+        # the tap-ctl list calls (nudges, state checks) that ran while the tapdisk was paused
+        # and its caller worked: [start, end] ms after the pause command returned
+        lists = [[[round((s - b) / 1e6, 1), round((e - b) / 1e6, 1)]
+                  for s, e, rc, args in xen_tapctl.calls(self.tapctl_dir)
+                  if args[:1] == ["list"] and s < c and e > b]
+                 for a, b, c, d in pauses]
         time.sleep(0.2)                 # the acks right after the window
         out["max_gap_ms"] = round(txverify.max_gap(log, t0, t1), 1)
         out["wall_ms"] = round((t1 - t0) / 1e6, 1)
@@ -192,7 +224,12 @@ class Run(object):
         out["datapath"] = r.get("datapath")
         out["pause_ms"] = None if r.get("pause_ms") is None else round(r["pause_ms"], 1)
         out["pauses_ms"] = [round(p["ms"], 1) for p in r.get("pauses", [])]
-        out["tapdisk_pause_parts_ms"] = out_parts
+        out["tapdisk_pause_parts_ms"] = out_parts if self.tapctl_log else None
+        out["tapdisk_paused_lists_ms"] = lists if self.tapctl_log else None
+        # where the longest gap was: the guest's longest gap over each logged pause, and
+        # its longest gap that touches none of them (the fold's work between its pauses)
+        out["gap_per_pause_ms"], out["gap_between_pauses_ms"] = (
+            _gaps_in_and_out(log, t0, t1, pauses) if self.tapctl_log else (None, None))
         out["merges"] = [{k: m.get(k) for k in ("method", "rounds", "fallback")}
                          for m in r.get("merges", [])]
         w.tapdisks.stop_guest(td.pid, td.minor)
@@ -204,6 +241,53 @@ class Run(object):
         out["chain_after"] = _chain(disk)
         out["verified"] = True
         return out
+
+    # -- the floor: a bare pause and unpause of the same tapdisk ----------------------------
+    def floor(self, pid, minor, path, log, cycles, plain_wait):
+        """``cycles`` bare pauses of tapdisk ``pid``/``minor`` (its image ``path``, its guest's
+        ack log ``log``) of each kind, interleaved, ``FLOOR_SPACING_S`` apart, with nothing
+        done while paused: {kind: summary} (``_floor_summary``). Kinds: ``livesnap`` (its
+        pause through the tap-ctl its fold uses), ``plain`` (the real commands); with
+        tapctl_log also ``livesnap_direct`` (the real tap-ctl: what the wrapper costs), and
+        ``livesnap``'s pauses as the wrapper logged them (``parts_ms``)."""
+        kinds = {"livesnap": lambda: self._floor_livesnap(pid, minor, path, self.tap_ctl),
+                 "plain": lambda: _floor_plain(pid, minor, path, plain_wait)}
+        if self.tapctl_log:
+            kinds["livesnap_direct"] = lambda: self._floor_livesnap(pid, minor, path,
+                                                                    blktap.tap_ctl_bin())
+        names = [k for k in FLOOR_KINDS if k in kinds]
+        runs = {k: [] for k in names}
+        for _ in range(cycles):
+            for kind in names:
+                time.sleep(FLOOR_SPACING_S)
+                t0 = time.monotonic_ns()
+                facts = kinds[kind]()
+                runs[kind].append((t0, time.monotonic_ns(), facts))
+        time.sleep(0.2)                 # the acks right after the last window
+        out = {k: _floor_summary(log, runs[k]) for k in names}
+        if self.tapctl_log:
+            logged = xen_tapctl.pauses(self.tapctl_dir, pid, minor)
+            out["livesnap"]["parts_ms"] = [_parts(p) for t0, t1, _ in runs["livesnap"]
+                                           for p in logged if t0 <= p[0] and p[3] <= t1]
+        return out
+
+    def _floor_livesnap(self, pid, minor, path, tapctl):
+        """livesnap's pause as its fold takes it, with nothing in it: tap_ctl.paused (the
+        pause, nudged; the state check; the unpause with -a, its state check) through
+        ``tapctl``."""
+        old = os.environ.get("TAP_CTL")
+        os.environ["TAP_CTL"] = tapctl
+        try:
+            with ls_tap_ctl.paused(pid, minor, path=path) as w:
+                pass
+        except ls_tap_ctl.TapCtlError as e:        # said, as a failed fold would be
+            raise BenchError("the floor's pause of tapdisk %d/%d: %s" % (pid, minor, e))
+        finally:
+            if old is None:
+                del os.environ["TAP_CTL"]
+            else:
+                os.environ["TAP_CTL"] = old
+        return {"pause_ms": round(w.pause_ms, 1), "window_ms": round(w.window_ms, 1)}
 
     # -- SM ----------------------------------------------------------------------------------
     def sm_gc(self, size, quiet_s):
@@ -259,6 +343,106 @@ class Run(object):
         out["chain_after"] = _chain(path)
         out["verified"] = True
         return out
+
+
+FLOOR_KINDS = ("livesnap", "livesnap_direct", "plain")
+FLOOR_SPACING_S = 0.1
+
+
+def _floor_plain(pid, minor, path, wait):
+    """``tap-ctl pause`` then ``tap-ctl unpause -a vhd:PATH``, the real commands, nothing
+    else. A pause not answered within ``wait`` s (tapdisk can leave a finished pause
+    unanswered until an event wakes it: docs/xen.md) is then woken by ``tap-ctl list -p PID``
+    every 0.1 s, and said (``unanswered``)."""
+    tc = blktap.tap_ctl_bin()
+    t0 = time.monotonic_ns()
+    p = subprocess.Popen([tc, "pause", "-p", str(pid), "-m", str(minor)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True)
+    unanswered = False
+    try:
+        out, err = p.communicate(timeout=wait)
+    except subprocess.TimeoutExpired:
+        unanswered = True
+        deadline = time.monotonic() + 30
+        while True:
+            blktap.tap_ctl("list", "-p", str(pid))
+            try:
+                out, err = p.communicate(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    p.kill()
+                    p.communicate()
+                    blktap.tap_ctl("unpause", "-p", str(pid), "-m", str(minor),
+                                   "-a", "vhd:" + path)
+                    raise BenchError("tap-ctl pause of %d/%d: no answer in 30 s"
+                                     % (pid, minor))
+    t1 = time.monotonic_ns()
+    if p.returncode != 0:
+        raise BenchError("tap-ctl pause of %d/%d failed (%d): %s %s"
+                         % (pid, minor, p.returncode, out, err))
+    rc, out, err = blktap.tap_ctl("unpause", "-p", str(pid), "-m", str(minor),
+                                  "-a", "vhd:" + path)
+    t2 = time.monotonic_ns()
+    if rc != 0:
+        raise BenchError("tap-ctl unpause of %d/%d failed (%d): %s %s"
+                         % (pid, minor, rc, out, err))
+    return {"pause_ms": round((t1 - t0) / 1e6, 1), "unpause_ms": round((t2 - t1) / 1e6, 1),
+            "window_ms": round((t2 - t0) / 1e6, 1), "unanswered": unanswered}
+
+
+def _floor_summary(log, runs):
+    """Of one kind's bare pauses [(t0, t1, facts)]: the guest's longest gap over each
+    window, their min, median and max, each pause's own facts, how many went unanswered."""
+    gaps = [round(txverify.max_gap(log, t0, t1), 1) for t0, t1, _ in runs]
+    return {"gaps_ms": gaps,
+            "min_ms": min(gaps) if gaps else None,
+            "median_ms": round(statistics.median(gaps), 1) if gaps else None,
+            "max_ms": max(gaps) if gaps else None,
+            "window_ms": [f["window_ms"] for _, _, f in runs],
+            "pause_ms": [f["pause_ms"] for _, _, f in runs],
+            "unanswered": sum(1 for _, _, f in runs if f.get("unanswered"))}
+
+
+def _gaps_in_and_out(log, t0, t1, pauses):
+    """The guest's longest gap (ms) over each pause [(a, b, c, d)] (a gap touching [a, d]),
+    and its longest gap over [t0, t1] touching none of them: {"ms", "after_pause": how many
+    pauses had ended before it began, "ms_after": since the last of them ended (since t0 if
+    none)}."""
+    times = [t for _, t in txverify.acks(log)]
+    inside = [round(txverify.max_gap(log, a, d), 1) for a, b, c, d in pauses]
+    best = (0, t0, t0)
+    for x, y in zip(times, times[1:]):
+        if y >= t0 and x <= t1 and not any(y >= a and x <= d for a, b, c, d in pauses) \
+                and y - x > best[0]:
+            best = (y - x, x, y)
+    ends = [d for a, b, c, d in pauses if d <= best[1]]
+    return inside, {"ms": round(best[0] / 1e6, 1), "after_pause": len(ends),
+                    "ms_after": round((best[1] - max(ends + [t0])) / 1e6, 1)}
+
+
+def _parts(pause):
+    """A logged pause (xen_tapctl.pauses) as [tap-ctl pause ms, paused between the two
+    commands ms, tap-ctl unpause ms]."""
+    a, b, c, d = pause
+    return [round((b - a) / 1e6, 1), round((c - b) / 1e6, 1), round((d - c) / 1e6, 1)]
+
+
+def _floor_figures(floor, ls_gap, sm_gap):
+    """The per-size figures of the floor (``Run.floor``'s summary, or None): its median gap
+    for livesnap's pause and for plain tap-ctl, its max, and the ratios livesnap/SM,
+    livesnap/floor, floor/SM (floor: livesnap's kind, median), plain floor/SM."""
+    if not floor:
+        return {}
+    f, plain = floor["livesnap"], floor["plain"]
+    return {"floor_gap_ms": f["median_ms"], "floor_max_gap_ms": f["max_ms"],
+            "floor_direct_gap_ms": floor.get("livesnap_direct", f)["median_ms"],
+            "floor_plain_gap_ms": plain["median_ms"],
+            "floor_plain_unanswered": plain["unanswered"],
+            "ratio_livesnap_floor": harness.ratio(ls_gap, f["median_ms"]),
+            "ratio_floor_sm": harness.ratio(f["median_ms"], sm_gap),
+            "ratio_floor_plain_sm": harness.ratio(plain["median_ms"], sm_gap)}
 
 
 def _shim(prefix):
@@ -347,6 +531,15 @@ def main(argv=None):
                     help="remove SM's speed log before each GC pass (a fresh SR's decision)")
     ap.add_argument("--attempts", type=int, default=2,
                     help="livesnap attempts per size when one fails (an unanswered pause)")
+    ap.add_argument("--floor-cycles", type=int, default=10,
+                    help="bare pauses of each kind (livesnap's pause, plain tap-ctl) on "
+                         "livesnap's tapdisk before its delete, per size (0: none)")
+    ap.add_argument("--floor-plain-wait", type=float, default=1.0,
+                    help="seconds a plain 'tap-ctl pause' of the floor may go unanswered "
+                         "before it is woken by 'tap-ctl list' (and counted unanswered)")
+    ap.add_argument("--tapctl-log", action="store_true",
+                    help="livesnap's tap-ctl through bench/xen.py's logging wrapper (each "
+                         "pause's parts; a few ms more per call), not the real one directly")
     ap.add_argument("--tapdisk-console", action="store_true",
                     help="let tapdisk's syslog go to /dev/console, as it does in the test bed "
                          "without a syslog daemon (2-3 ms per message, inside the pauses)")
@@ -375,7 +568,7 @@ def main(argv=None):
     results = []
     run = None
     try:
-        run = Run(base, a.no_speed_log)
+        run = Run(base, a.no_speed_log, a.tapctl_log)
         for size in sizes:
             sm = run.sm_gc(size, a.quiet_s)
             print("# sm       %4d MiB: max gap %s ms, %s, pauses %s" % (
@@ -383,7 +576,7 @@ def main(argv=None):
                 file=sys.stderr)
             attempts = []
             for _ in range(a.attempts):
-                ls = run.livesnap(size, a.quiet_s)
+                ls = run.livesnap(size, a.quiet_s, a.floor_cycles, a.floor_plain_wait)
                 attempts.append(ls)
                 print("# livesnap %4d MiB: max gap %s ms, pauses %s %s" % (
                     size, ls["max_gap_ms"], ls["pauses_ms"], ls.get("error") or ""),
@@ -391,15 +584,23 @@ def main(argv=None):
                 if "error" not in ls:
                     break
             ls = attempts[-1]
-            results.append({"mib": size, "livesnap_max_gap_ms": ls["max_gap_ms"],
-                            "sm_max_gap_ms": sm["max_gap_ms"],
-                            "ratio": harness.ratio(ls["max_gap_ms"], sm["max_gap_ms"]),
-                            "livesnap_did": ("%s, %s rounds" % (ls["merges"][0]["method"],
-                                                                ls["merges"][0]["rounds"])
-                                             if ls["merges"] else "error: %s" % ls.get("error")),
-                            "livesnap_failed_attempts": attempts[:-1],
-                            "sm_did": sm["sm_did"]["verdict"],
-                            "livesnap": ls, "sm": sm})
+            fl = _floor_figures(ls.get("floor"), ls["max_gap_ms"], sm["max_gap_ms"])
+            if fl:
+                print("# floor    %4d MiB: median gap %s ms (plain tap-ctl %s ms), "
+                      "livesnap/floor %s, floor/SM %s" % (
+                          size, fl["floor_gap_ms"], fl["floor_plain_gap_ms"],
+                          fl["ratio_livesnap_floor"], fl["ratio_floor_sm"]), file=sys.stderr)
+            row = {"mib": size, "livesnap_max_gap_ms": ls["max_gap_ms"],
+                   "sm_max_gap_ms": sm["max_gap_ms"],
+                   "ratio": harness.ratio(ls["max_gap_ms"], sm["max_gap_ms"]),
+                   "livesnap_did": ("%s, %s rounds" % (ls["merges"][0]["method"],
+                                                       ls["merges"][0]["rounds"])
+                                    if ls["merges"] else "error: %s" % ls.get("error")),
+                   "livesnap_failed_attempts": attempts[:-1],
+                   "sm_did": sm["sm_did"]["verdict"]}
+            row.update(fl)
+            row.update({"livesnap": ls, "sm": sm})
+            results.append(row)
     except BenchError as e:
         print("bench/xen_sm.py: %s" % e, file=sys.stderr)
         return 1
@@ -417,12 +618,21 @@ def main(argv=None):
                  "tapdisk": "real blktap tapdisk and tap-ctl (%s), the guest writing over NBD"
                             % prefix, "sm": os.path.basename(smmod.archive())},
         "params": {"sizes_mib": sizes, "quiet_s": a.quiet_s, "no_speed_log": a.no_speed_log,
-                   "tapdisk_console": console,
+                   "tapdisk_console": console, "tapctl_log": a.tapctl_log,
                    "data_offset_mib": DATA_OFFSET_MIB,
                    "disk_mib": {str(s): 2 * DATA_OFFSET_MIB + 2 * s for s in sizes},
                    "max_gap": "longest gap between acknowledged guest writes over the "
                               "operation's window (snapshot_delete; SM's GC pass)",
-                   "ratio": "livesnap max gap / SM max gap"},
+                   "ratio": "livesnap max gap / SM max gap",
+                   "floor_cycles": a.floor_cycles, "floor_plain_wait_s": a.floor_plain_wait,
+                   "floor": "bare pauses of livesnap's tapdisk (its guest writing, its chain "
+                            "before the delete), nothing done while paused, %d of each kind "
+                            "interleaved: livesnap (tap_ctl.paused through the tap-ctl the "
+                            "fold uses), livesnap_direct (with --tapctl-log: the same through "
+                            "the real tap-ctl), plain (tap-ctl pause, then tap-ctl unpause "
+                            "-a); floor_gap_ms: the median over livesnap's kind of the guest's "
+                            "longest gap per pause, floor_plain_gap_ms the same for plain"
+                            % a.floor_cycles},
         "sizes": results,
         "verified": bool(results) and all(
             r["livesnap"]["verified"] and r["sm"]["verified"] and "error" not in r["livesnap"]

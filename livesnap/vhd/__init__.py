@@ -32,8 +32,8 @@ Public API (sizes and offsets in bytes; paths may be relative)::
     check(path, ignore_missing_footer=False, ignore_parent_uuid=False, ignore_time=False,
           skip_bat_overlap=False, parents=False, bitmaps=False) -> [problem, ...]
     repair(path, use_backup=False)
-    coalesce(child_path, progress=None, sync=True) -> sectors copied
-    pull(child_path, reparent=False, progress=None, sync=True) -> sectors copied
+    coalesce(child_path, progress=None, sync=True, writeback_step=None) -> sectors copied
+    pull(child_path, reparent=False, progress=None, sync=True, writeback_step=None) -> sectors
 
 A tapdisk stand-in keeps one writable ``Image`` open: it caches BAT, bitmaps and batmap, writes
 data -> bitmap -> BAT entry, and writes batmap + footer only on ``flush``/``close`` (so, as with

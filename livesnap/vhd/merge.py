@@ -51,19 +51,21 @@ def _copy(src, src_off, dst, dst_off, n):
 
 # Data written by a merge is pushed to the disk every WRITEBACK_STEP bytes (fdatasync of
 # the target's data only: its metadata is written at the end as before), so that a running
-# guest's writes never queue behind the writeback of the whole merge at once.
+# guest's writes never queue behind the writeback of the whole merge at once (a caller
+# merging beside a running guest may ask for smaller steps: ``writeback_step``).
 WRITEBACK_STEP = 32 << 20
 
 
 class _Writeback(object):
-    def __init__(self, dst, sync):
+    def __init__(self, dst, sync, step=None):
         self.dst, self.sync, self.pending = dst, sync, 0
+        self.step = step or WRITEBACK_STEP
 
     def wrote(self, sectors):
         if not self.sync:
             return
         self.pending += sectors * 512
-        if self.pending >= WRITEBACK_STEP:
+        if self.pending >= self.step:
             os.fdatasync(self.dst.fd)
             self.pending = 0
 
@@ -117,8 +119,9 @@ def _open_pair(child_path, child_writable):
     return child, parent
 
 
-def coalesce(child_path, progress=None, sync=True):
+def coalesce(child_path, progress=None, sync=True, writeback_step=None):
     """Copy the child's own sectors into its immediate parent; returns the sectors copied.
+    ``writeback_step``: bytes between two pushes of the data to the disk (WRITEBACK_STEP).
 
     Whole blocks where the batmap says full, runs of set bitmap bits otherwise. The child is not
     modified. The child must not be bigger than the parent (VhdRange, ERANGE).
@@ -131,7 +134,7 @@ def coalesce(child_path, progress=None, sync=True):
                            "parent %s (%d bytes)" % (child.virtual_size, parent.path,
                                                     parent.virtual_size))
         blocks = sorted(child.allocated_blocks(), key=lambda b: child.bat[b])
-        wb = _Writeback(parent, sync)
+        wb = _Writeback(parent, sync, writeback_step)
         for i, b in enumerate(blocks):
             runs = [(s, e) for s, e, on in child.block_runs(b) if on]
             if runs:
@@ -150,8 +153,9 @@ def coalesce(child_path, progress=None, sync=True):
     return total
 
 
-def pull(child_path, reparent=False, progress=None, sync=True):
-    """Copy the parent's own sectors into the child wherever the child has none.
+def pull(child_path, reparent=False, progress=None, sync=True, writeback_step=None):
+    """Copy the parent's own sectors into the child wherever the child has none
+    (``writeback_step``: as for ``coalesce``).
 
     The child then reads the same as before without needing the parent's data; with
     ``reparent`` it is pointed at the grandparent (or made a dynamic disk when the parent was the
@@ -168,7 +172,7 @@ def pull(child_path, reparent=False, progress=None, sync=True):
             pblocks.sort(key=lambda b: parent.bat[b])
         else:
             pblocks = list(range(min(child.nblocks, fmt.blocks_for(parent.size))))
-        wb = _Writeback(child, sync)
+        wb = _Writeback(child, sync, writeback_step)
         for i, b in enumerate(pblocks):
             nsec = min(child.spb, (min(child.virtual_size, parent.virtual_size)
                                    - b * child.block_size) // 512)
