@@ -85,6 +85,9 @@ class Xapi(VmCalls):
         # host plugins served in-process: {name: f(fn, args) -> str} (for plugins that act on
         # this host's tapdisks, e.g. SM's tapdisk-pause, see testxen/sm.py)
         self.builtin_plugins = {}
+        # plugins of one host: {(host ref, name): f(session, fn, args) -> str} (another pool
+        # member serving SM's own plugins, testxen/sm_hosts.py)
+        self.host_plugins = {}
         self.scanner = None                # SR.scan's source of truth, see scan()
         self.vdi_destroyer = None          # VDI.destroy's SM driver, see _vdi_destroy()
         self.lock = threading.Lock()
@@ -557,6 +560,13 @@ class Xapi(VmCalls):
     def _call_plugin(self, session, host, plugin, fn, args):
         if host not in self.objects["host"]:
             raise Failure("HANDLE_INVALID", "host", host)
+        if (host, plugin) in self.host_plugins:
+            try:
+                return self.host_plugins[(host, plugin)](session, fn, args)
+            except Failure:
+                raise
+            except Exception as e:
+                raise Failure("XENAPI_PLUGIN_FAILURE", "non-zero exit", "", str(e)[-4000:])
         if plugin in self.builtin_plugins:
             return self.builtin_plugins[plugin](fn, args)
         if not self.plugins_dir or plugin not in os.listdir(self.plugins_dir):
