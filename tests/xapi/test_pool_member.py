@@ -91,3 +91,192 @@ def test_sms_gc_leaf_coalesce_of_a_vdi_attached_on_another_host(world, blktap, s
     vm.stop()
     assert host2.detach(_vdi_ref(x, leaf)) == {}
     _no_refcount_warnings(sm)
+
+
+def _roles(calls, roles):
+    """The calls as (plugin, fn or action, role of the LV/VDI named): SM's refcounted
+    refresh of a resized LV (activate, refresh, deactivate: lvRefreshOnSlaves) counts as a
+    refresh; names not in ``roles`` ({uuid: role}) are "other"."""
+    def role(v):
+        for u, r in roles.items():
+            if v in (u, "VHD-" + u):
+                return r
+        return "other"
+    out = []
+    for host, plugin, fn, args in calls:
+        if plugin == "tapdisk-pause":
+            out.append((plugin, fn, role(args["vdi_uuid"])))
+            continue
+        acts = []
+        i = 1
+        while "action%d" % i in args:
+            acts.append((args["action%d" % i], role(args.get("lvName%d" % i) or
+                                                    args.get("uuid%d" % i))))
+            i += 1
+        if [a for a, _ in acts] == ["activate", "refresh", "deactivate"]:
+            acts = [("refresh", acts[1][1])]
+        out.extend((plugin, a, r) for a, r in acts)
+    return out
+
+
+def _in_pauses(calls):
+    """Every on-slave call lies between a pause and its unpause of the same host."""
+    paused = set()
+    for host, plugin, fn, args in calls:
+        if plugin == "tapdisk-pause":
+            (paused.add if fn == "pause" else paused.discard)(host)
+        elif host not in paused:
+            return False
+    return not paused
+
+
+def _fold_shape(world, blktap, lvhd, host2):
+    """A VM on host2 over one base copy left by a deleted snapshot's face: s1 taken
+    offline, data both sides, then started on host2."""
+    before = _images(world, lvhd)
+    vm = world.add_vm(ndisks=1, sr=lvhd, size=16 * MiB)
+    disk = vm.paths["xvda"]
+    blktap.write(disk, 8 * MiB, 2 * MiB, 0x31)
+    r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    blktap.write(disk, 10 * MiB, 2 * MiB, 0x32)
+    face = _uuid(r["disks"][0]["image"])
+    base, = _images(world, lvhd) - before - {_uuid(disk), face}
+    _on_host2(world, host2, vm)
+    return vm, disk, r, base
+
+
+def _sms_leaf_coalesce_calls(world, blktap, sm, lvhd, host2):
+    """SM's own GC leaf-coalescing that shape (the face deleted as SM deletes it)."""
+    x = world.xapi
+    vm, disk, r, base = _fold_shape(world, blktap, lvhd, host2)
+    _remove_face(world, lvhd, "s1", r)
+    assert host2.refcounts()[_uuid(disk)] == [0, 1]
+    since = len(x.calls)
+    sm.gc(lvhd)
+    calls = sm_hosts.plugin_calls(x, since)
+    _host2_view([disk])
+    vm.stop()
+    host2.detach(_vdi_ref(x, _uuid(disk)))
+    return _roles(calls, {_uuid(disk): "leaf", base: "base"})
+
+
+def test_delete_folds_the_base_into_a_leaf_running_on_another_host(world, blktap, sm, lvhd,  # noqa: F811,E501
+                                                                   host2):
+    """livesnap on the master deletes s1 of a VM running on host2: its face goes, its base
+    copy folds into the running leaf. The tapdisk there is paused and reopened through
+    SM's tapdisk-pause on host2 for every pause, each pause updates host2's LV views with
+    SM's on-slave (every call inside a pause), and the actions on the leaf and the base are
+    those SM's own leaf-coalesce makes for the same shape on the same LVs; the guest's
+    writes all kept, SM's GC finds nothing to do, the counts as SM leaves them on both
+    hosts."""
+    x = world.xapi
+    vm, disk, r, base = _fold_shape(world, blktap, lvhd, host2)
+    leaf = _uuid(disk)
+    td = vm.tapdisks["xvda"]
+    acks = len(vm.ack_log("xvda"))
+    since = len(x.calls)
+    out = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    calls = sm_hosts.plugin_calls(x, since)
+    assert calls and {c[0] for c in calls} == {host2.ref}, calls
+    assert _in_pauses(calls), calls
+    ours = _roles(calls, {leaf: "leaf", base: "base"})
+    assert ours.count(("tapdisk-pause", "pause", "leaf")) >= 2, ours      # the fold's pauses
+    assert _images(world, lvhd) == {leaf}
+    world.tapdisks.wait_acks(td.pid, td.minor, acks + 3)       # the guest writes on
+    assert host2.refcounts() == {leaf: [0, 1]}, host2.log()[-3000:]
+    assert _as_sm_rebuilds(sm, lvhd) == {}                     # nothing counted on the master
+    view = sm.classify(lvhd)
+    assert view["coalesceable"] == [] and view["leaf_coalesceable"] == [] and \
+        view["garbage"] == [], view
+    assert not [ln for ln in host2.log().splitlines() if "Traceback" in ln]
+    _host2_view([disk])
+    vm.stop()
+    assert host2.detach(_vdi_ref(x, leaf)) == {}
+    _no_refcount_warnings(sm)
+    print(out)
+
+    # the same shape leaf-coalesced by SM's own GC: every action SM takes on the leaf's
+    # and the base's LVs on host2 livesnap took too
+    theirs = _sms_leaf_coalesce_calls(world, blktap, sm, lvhd, host2)
+    missing = [c for c in theirs if c[2] != "other" and c not in ours]
+    assert not missing, (missing, theirs, ours)
+
+
+def test_create_on_the_master_of_a_vm_running_on_another_host(world, blktap, sm, lvhd,  # noqa: F811,E501
+                                                              host2):
+    """A snapshot of a VM running on host2, taken on the master: one pause through host2's
+    tapdisk-pause, host2's view updated as SM's LVHD snapshot does (LVHDSR.py
+    ``_updateSlavesPreClone``: the leaf's LV deactivated there; ``_updateSlavesOnClone``:
+    the leaf refreshed, the new base copy activated with host2's count), nothing of the
+    face there; host2's counts then those SM's attach and snapshot leave: the leaf (0, 1),
+    the base (1, 0)."""
+    x = world.xapi
+    vm = world.add_vm(ndisks=1, sr=lvhd, size=8 * MiB)
+    disk = vm.paths["xvda"]
+    leaf = _uuid(disk)
+    _on_host2(world, host2, vm)
+    td = vm.tapdisks["xvda"]
+    acks = len(vm.ack_log("xvda"))
+    since = len(x.calls)
+    r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    face = _uuid(r["disks"][0]["image"])
+    base, = _images(world, lvhd) - {leaf, face}
+    calls = sm_hosts.plugin_calls(x, since)
+    assert _in_pauses(calls), calls
+    assert _roles(calls, {leaf: "leaf", base: "base", face: "face"}) == [
+        ("tapdisk-pause", "pause", "leaf"),
+        ("on-slave", "deactivateNoRefcount", "leaf"),
+        ("on-slave", "refresh", "leaf"), ("on-slave", "activate", "base"),
+        ("tapdisk-pause", "unpause", "leaf")], calls
+    world.tapdisks.wait_acks(td.pid, td.minor, acks + 3)
+    assert host2.refcounts() == {leaf: [0, 1], base: [1, 0]}
+    assert _as_sm_rebuilds(sm, lvhd) == {}
+    assert "paused" not in x.record("VDI", _vdi_ref(x, leaf))["sm_config"]
+    _host2_view([disk])
+    vm.stop()
+    assert host2.detach(_vdi_ref(x, leaf)) == {}
+    _no_refcount_warnings(sm)
+
+
+def _host3(x):
+    return x._add("host", {"name_label": "host3", "hostname": "host3", "enabled": True,
+                           "PBDs": [], "resident_VMs": []})
+
+
+@pytest.mark.parametrize("case", ["resident-not-master", "neither", "local-sr", "mixed"])
+def test_who_acts_for_a_running_lvhd_vm(world, sm, lvhd, host2, case):
+    """Only the master works on a running LVHD VM of another host, and only when every disk
+    is on a shared LVHD SR. Run on the VM's own host that is not the master, or on a host
+    that is neither: refused naming the master (the plugin says which host to call). The
+    VM on another host with a disk on an SR the master cannot reach (not shared, or a
+    file SR): refused naming the VM's host. Nothing changes."""
+    x = world.xapi
+    vm = world.add_vm("lv", ndisks=1, sr=lvhd, size=8 * MiB)
+    if case == "mixed":
+        vdi = x.add_vdi(world.sr, 8 * MiB)
+        from testxen import blktap as txblktap
+        txblktap.create(x.vdi_path(vdi), 8 * MiB)
+        x.add_vbd(vm.ref, vdi, userdevice="1")
+    x.record("VM", vm.ref)["power_state"] = "Running"
+    if case == "resident-not-master":
+        x.record("VM", vm.ref)["resident_on"] = x.host             # runs here
+        x.record("pool", x.pool)["master"] = host2.ref
+        named, why = host2.uuid, "pool master"
+    elif case == "neither":
+        x.record("VM", vm.ref)["resident_on"] = host2.ref
+        other = _host3(x)
+        x.record("pool", x.pool)["master"] = other
+        named, why = x.record("host", other)["uuid"], "pool master"
+    else:
+        x.record("VM", vm.ref)["resident_on"] = host2.ref
+        if case == "local-sr":
+            x.record("SR", lvhd)["shared"] = False
+        named, why = host2.uuid, "runs on host"
+    lvs = sorted(os.listdir(os.path.dirname(vm.paths["xvda"])))
+    since = len(x.calls)
+    desc = world.fail("snapshot_create", {"vm_uuid": vm.uuid, "name": "s1"},
+                      "LIVESNAP_WRONG_HOST")
+    assert named in desc[1] and why in desc[1], desc
+    assert sorted(os.listdir(os.path.dirname(vm.paths["xvda"]))) == lvs
+    assert sm_hosts.plugin_calls(x, since) == []
+    assert "paused" not in x.record("VDI", _vdi_ref(x, _uuid(vm.paths["xvda"])))["sm_config"]
