@@ -15,8 +15,9 @@ the chains, as SM's own LVHD snapshot and leaf-coalesce decide it:
   ``_updateSlavesOnRename``), and each LV of the chain whose size changed since the command
   began (the master inflated or deflated it: the other host's device map is stale)
   refreshed (``lvRefreshOnSlaves`` after a resize);
-* ``heal`` (recover after a crash inside a pause): every LV of the chain refreshed, then the
-  unpause.
+* a crash inside a pause: the chain as the pause began is kept in livesnap's mark on the
+  VDI (``sm_config``), so ``recover`` (re-running the step, or ``heal``) brings the other
+  hosts' views from it to the chain it leaves, then unpauses.
 
 The master's own LV activation is managed as for a VM not running here: what the command
 activates for itself is deactivated afterwards (vhd_storage.Activation)."""
@@ -58,30 +59,33 @@ class RemoteTapdiskDatapath(vhd_files.TapdiskDatapath):
                     self.sizes[p] = _device_size(p)
         self.before = {}                 # disk -> its chain when the pause began
 
-    def _views(self, when, disk):
+    def _views(self, when, disk, recorded=None):
+        """What the other hosts must do for ``disk`` at ``when`` (xapi_pool.PoolPause)."""
         leaf = self._leaf_path(disk)
         if lvm.split_path(leaf) is None:
+            return "" if when == "chain" else []
+        if when == "chain":
+            return " ".join(_chain(leaf))
+        if when == "resume":
+            self.before[disk] = (recorded or "").split() or [leaf]
             return []
         if when == "before":
             self.before[disk] = _chain(leaf)
             return [("deactivateNoRefcount",) + lvm.split_path(leaf)]
         new = _chain(leaf)
-        if when == "heal":
-            out = [("refresh", p) for p in new]
-        else:
-            old = self.before.pop(disk, new)
-            out = [("refresh", leaf)]
-            for p in new[1:]:
-                if p not in old:
-                    out.append(("activate", p))
-                elif _device_size(p) != self.sizes.get(p):
-                    out.append(("refresh", p))
-            for p in old[1:]:
-                if p not in new:
-                    if lvm.lv_exists(*lvm.split_path(p)):
-                        out.append(("deactivate", p))
-                    else:
-                        out += [("deactivateNoRefcount", p), ("cleanupLockAndRefcount", p)]
+        old = self.before.pop(disk, new)
+        out = [("refresh", leaf)]
+        for p in new[1:]:
+            if p not in old:
+                out.append(("activate", p))
+            elif _device_size(p) != self.sizes.get(p):
+                out.append(("refresh", p))
+        for p in old[1:]:
+            if p not in new:
+                if lvm.lv_exists(*lvm.split_path(p)):
+                    out.append(("deactivate", p))
+                else:
+                    out += [("deactivateNoRefcount", p), ("cleanupLockAndRefcount", p)]
         for p in new:
             self.sizes[p] = _device_size(p)
         return [(a,) + lvm.split_path(p) for a, p in out]

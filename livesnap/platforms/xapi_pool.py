@@ -33,7 +33,7 @@ is the datapath's (livesnap/datapaths/vhd_remote.py).
 import contextlib
 import logging
 
-from livesnap.errors import DatapathError, StorageBusy
+from livesnap.errors import DatapathError, Error, StorageBusy
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ PLUGIN_PAUSE = "tapdisk-pause"
 PLUGIN_ON_SLAVE = "on-slave"
 LVHD_SR_TYPES = ("lvm", "lvmoiscsi", "lvmohba")
 NULL_REF = "OpaqueRef:NULL"
+# sm_config key beside livesnap's paused mark once every host has paused the tapdisk
+PAUSED_ON = "livesnap-paused-on"
 # on-slave actions that name a refcounted object (ns, uuid) and those that name an LV
 _COUNTED = ("activate", "deactivate", "cleanupLockAndRefcount")
 
@@ -99,43 +101,79 @@ class PoolPause(object):
 
     @contextlib.contextmanager
     def paused(self, disks, views, started):
-        """``disks`` paused on their hosts as SM's ``tap_pause`` pauses them; around the
-        body, ``views(when, disk)`` ("before" right after the pause, "after" right before
-        the unpause, whatever the body did) gives [(action, vg, lv)] sent to those hosts
-        with on-slave ``multi``; the paused keys are removed after the unpause.
-        ``started(stack)`` is called right before the first pause (its callbacks on
-        ``stack`` run after the last unpause)."""
+        """``disks`` paused on their hosts as SM's ``tap_pause`` pauses them. ``views(when,
+        disk, recorded=None)`` is the datapath's: "chain" gives the text kept in livesnap's
+        mark (the chain as the pause began), "before" (right after the pause) and "after"
+        (right before the unpause, whatever the body did) give [(action, vg, lv)] sent to
+        those hosts with on-slave ``multi``, "resume" hands back the kept text. The keys go
+        after the unpause. ``started(stack)`` is called right before the first pause (its
+        callbacks on ``stack`` run after the last unpause).
+
+        A livesnap killed inside a pause left its mark: with ``PAUSED_ON`` (every pause
+        done) the tapdisk is still paused and the chain maybe half changed, so the pause is
+        taken over as it is (recover re-runs the step); without it, the tapdisk may or may
+        not have been paused, the chain untouched: an unpause is tried on each host (one of
+        a running tapdisk fails, harmlessly) and the pause starts afresh."""
         dom = self.domain
         with contextlib.ExitStack() as stack:
-            infos = []
+            infos, resumed = [], set()
             for disk in sorted(set(disks)):
                 ref, vdi_uuid, sr_uuid, hosts, sm_config = self._disk(disk)
                 if "paused" in sm_config and dom.PAUSED_BY not in sm_config:
                     raise StorageBusy(dom.name, disk, vdi_uuid, dom.SM_BUSY[0][1])
-                if dom.PAUSED_BY not in sm_config:
-                    self.platform.call("VDI.add_to_sm_config", ref, dom.PAUSED_BY, "true")
-                stack.callback(dom._unmark_paused, ref)
-                if "paused" not in sm_config:
-                    self.platform.call("VDI.add_to_sm_config", ref, "paused", "true")
                 if not hosts:
                     raise DatapathError(reason="VDI %s of %s is attached on no other host "
                                         "(its sm_config has no host_ key): nothing to pause"
                                         % (vdi_uuid, dom.name))
-                infos.append((disk, vdi_uuid, sr_uuid, hosts))
+                info = (disk, vdi_uuid, sr_uuid, hosts, ref)
+                if dom.PAUSED_BY in sm_config and PAUSED_ON in sm_config:
+                    resumed.add(disk)
+                    views("resume", disk, sm_config[dom.PAUSED_BY])
+                elif dom.PAUSED_BY in sm_config:
+                    self._try_unpause(info)
+                    self.platform.call("VDI.remove_from_sm_config", ref, dom.PAUSED_BY)
+                    del sm_config[dom.PAUSED_BY]
+                if dom.PAUSED_BY not in sm_config:
+                    self.platform.call("VDI.add_to_sm_config", ref, dom.PAUSED_BY,
+                                       views("chain", disk) or "true")
+                stack.callback(self._unmark, ref)
+                if "paused" not in sm_config:
+                    self.platform.call("VDI.add_to_sm_config", ref, "paused", "true")
+                infos.append(info)
             started(stack)
-            for disk, vdi_uuid, sr_uuid, hosts in infos:
+            for disk, vdi_uuid, sr_uuid, hosts, ref in infos:
                 for host in hosts:
                     args = {"sr_uuid": sr_uuid, "vdi_uuid": vdi_uuid, "failfast": "False"}
-                    self._call(host, PLUGIN_PAUSE, "pause", args)
+                    if disk not in resumed:
+                        self._call(host, PLUGIN_PAUSE, "pause", args)
                     stack.callback(self._call, host, PLUGIN_PAUSE, "unpause", dict(args))
+                if disk not in resumed:
+                    self.platform.call("VDI.add_to_sm_config", ref, PAUSED_ON, "true")
             stack.callback(self._multi, infos, views, "after")      # before the unpauses
-            self._multi(infos, views, "before")
+            self._multi([i for i in infos if i[0] not in resumed], views, "before")
             yield
+
+    def _try_unpause(self, info):
+        disk, vdi_uuid, sr_uuid, hosts, ref = info
+        for host in hosts:
+            try:
+                self._call(host, PLUGIN_PAUSE, "unpause",
+                           {"sr_uuid": sr_uuid, "vdi_uuid": vdi_uuid, "failfast": "False"})
+            except Error as e:
+                log.info("VDI %s on host %s: unpause refused (%s): not paused", vdi_uuid,
+                         host, e)
+
+    def _unmark(self, ref):
+        try:
+            self.platform.call("VDI.remove_from_sm_config", ref, PAUSED_ON)
+        except Error as e:
+            log.warning("sm_config %s of VDI %s not removed: %s", PAUSED_ON, ref, e)
+        self.domain._unmark_paused(ref)
 
     def _multi(self, infos, views, when):
         """One ``on-slave`` ``multi`` per host and VG with what ``views`` asks."""
         per = {}
-        for disk, vdi_uuid, sr_uuid, hosts in infos:
+        for disk, vdi_uuid, sr_uuid, hosts, ref in infos:
             for action, vg, lv in views(when, disk):
                 for host in hosts:
                     per.setdefault((host, vg, sr_uuid), []).append((action, lv))
@@ -151,9 +189,10 @@ class PoolPause(object):
             self._call(host, PLUGIN_ON_SLAVE, "multi", args)
 
     def heal(self, disks, views):
-        """After a crash inside a pause: each of ``disks`` whose VDI carries livesnap's
-        paused mark gets ``views("heal", disk)`` on its hosts, is unpaused there and loses
-        the keys. Returns those disks."""
+        """After a crash inside a pause, for each of ``disks`` whose VDI carries livesnap's
+        mark: paused everywhere (``PAUSED_ON``): the other hosts' views brought from the
+        kept chain to the chain now ("after"), then unpaused there; else an unpause tried.
+        The keys removed. Returns those disks."""
         healed = []
         for disk in sorted(disks):
             if disk not in self.domain._vdis:
@@ -161,10 +200,15 @@ class PoolPause(object):
             ref, vdi_uuid, sr_uuid, hosts, sm_config = self._disk(disk)
             if self.domain.PAUSED_BY not in sm_config:
                 continue
-            self._multi([(disk, vdi_uuid, sr_uuid, hosts)], views, "heal")
-            for host in hosts:
-                self._call(host, PLUGIN_PAUSE, "unpause",
-                           {"sr_uuid": sr_uuid, "vdi_uuid": vdi_uuid, "failfast": "False"})
-            self.domain._unmark_paused(ref)
+            info = (disk, vdi_uuid, sr_uuid, hosts, ref)
+            if PAUSED_ON in sm_config:
+                views("resume", disk, sm_config[self.domain.PAUSED_BY])
+                self._multi([info], views, "after")
+                for host in hosts:
+                    self._call(host, PLUGIN_PAUSE, "unpause",
+                               {"sr_uuid": sr_uuid, "vdi_uuid": vdi_uuid, "failfast": "False"})
+            else:
+                self._try_unpause(info)
+            self._unmark(ref)
             healed.append(disk)
         return healed

@@ -40,17 +40,16 @@ def _on_host2(world, host2, vm):
 
 
 def _host2_view(paths):
-    """The LVs of these chains linked again: on a pool SM's deactivation on the master
-    leaves host2's devices alone; here both hosts share one /dev (testxen/sm_hosts.py)."""
-    from livesnap import vhd
+    """Every LV of these disks' VGs linked again: on a pool the master's deactivations
+    leave host2's devices alone; here both hosts share one /dev (testxen/sm_hosts.py)."""
     from livesnap.tools import lvm
+    from testxen import lvm as standin
+    vg = standin.Vg(os.environ["TESTXEN_LVM_ROOT"])
     for path in paths:
-        vg, lv = lvm.split_path(path)
-        if not os.path.exists(path):
-            lvm.activate(vg, lv)
-        for p in vhd.chain_paths(path)[1:]:
-            if not os.path.exists(p):
-                lvm.activate(*lvm.split_path(p))
+        for name in vg.loops():
+            if name.startswith("VHD-") and not os.path.exists(os.path.join(
+                    os.path.dirname(path), name)):
+                lvm.activate(lvm.split_path(path)[0], name)
 
 
 def _remove_face(world, lvhd, name, r):
@@ -280,3 +279,54 @@ def test_who_acts_for_a_running_lvhd_vm(world, sm, lvhd, host2, case):
     assert sorted(os.listdir(os.path.dirname(vm.paths["xvda"]))) == lvs
     assert sm_hosts.plugin_calls(x, since) == []
     assert "paused" not in x.record("VDI", _vdi_ref(x, _uuid(vm.paths["xvda"])))["sm_config"]
+
+
+def _killed(world, fn, fault, **args):
+    import subprocess
+    import xmlrpc.client
+    from conftest_paths import PLUGIN
+    p = subprocess.run([PLUGIN, xmlrpc.client.dumps((world.session, args), methodname=fn)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, env=world.env(LIVESNAP_FAULT=fault),
+                       timeout=300)
+    assert p.returncode == -9, (p.returncode, p.stdout, p.stderr)
+
+
+@pytest.mark.parametrize("fn,fault", [("snapshot_create", "tapdisk:renamed:0"),
+                                      ("snapshot_delete", "tapdisk:renamed:0"),
+                                      ("snapshot_delete", "tapdisk:folded:0"),
+                                      ("snapshot_delete", "lvm:replaced:0")])
+def test_killed_inside_a_remote_pause_then_recovered(world, blktap, sm, lvhd, host2,  # noqa: F811,E501
+                                                     fn, fault):
+    """livesnap killed inside a pause of the tapdisk on host2 (the leaf frozen, the fold's
+    last pause, between the fold's LV rename and its counts): the tapdisk there stays
+    paused and the VDI keeps SM's paused key until ``recover`` on the master, which finishes
+    the operation, unpauses it through tapdisk-pause, removes the keys; the guest writes
+    on, every acknowledged write kept, SM's GC finds nothing to do."""
+    x = world.xapi
+    vm, disk, r, base = _fold_shape(world, blktap, lvhd, host2)
+    leaf = _uuid(disk)
+    ref = _vdi_ref(x, leaf)
+    td = vm.tapdisks["xvda"]
+    name = "s2" if fn == "snapshot_create" else "s1"
+    _killed(world, fn, fault, vm_uuid=vm.uuid, name=name)
+    sm_config = x.record("VDI", ref)["sm_config"]
+    assert sm_config.get("paused") == "true" and sm_config.get("livesnap-paused-on"), sm_config
+    out = world.ok("recover", vm_uuid=vm.uuid)
+    assert out["recovered"] is not None, out
+    sm_config = x.record("VDI", ref)["sm_config"]
+    assert "paused" not in sm_config and "livesnap-paused" not in sm_config, sm_config
+    acks = len(vm.ack_log("xvda"))
+    world.tapdisks.wait_acks(td.pid, td.minor, acks + 3)       # running again
+    names = [s["name"] for s in world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"]]
+    assert names == (["s1", "s2"] if fn == "snapshot_create" else []), names
+    view = sm.classify(lvhd)
+    assert view["coalesceable"] == [] and view["leaf_coalesceable"] == [], view
+    # host2's counts as SM's attach and snapshot / leaf-coalesce leave them there: the
+    # leaf's binary count, one count on each hidden image under it
+    counts = host2.refcounts()
+    assert counts.pop(leaf) == [0, 1], counts
+    assert all(c == [1, 0] for c in counts.values()), counts
+    assert len(counts) == (2 if fn == "snapshot_create" else 0), counts
+    _host2_view([disk])
+    vm.stop()
