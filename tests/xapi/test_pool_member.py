@@ -330,3 +330,44 @@ def test_killed_inside_a_remote_pause_then_recovered(world, blktap, sm, lvhd, ho
     assert len(counts) == (2 if fn == "snapshot_create" else 0), counts
     _host2_view([disk])
     vm.stop()
+
+
+def test_two_snapshots_then_both_deleted_on_another_host(world, blktap, sm, lvhd, host2):  # noqa: F811,E501
+    """s1 and s2 taken on the master of a VM running on host2, s1 deleted (its base copy
+    merged with s2's, host2's chain relinked inside a pause), s2 deleted (folded into the
+    leaf): after each, host2 counts the leaf (0, 1) and each hidden image under it (1, 0),
+    as SM's attach, snapshot and coalesce leave them there, no count of an image gone; the master counts nothing; SM's GC has nothing to do; the guest writes on."""
+    x = world.xapi
+    vm = world.add_vm(ndisks=1, sr=lvhd, size=8 * MiB)
+    disk = vm.paths["xvda"]
+    leaf = _uuid(disk)
+    _on_host2(world, host2, vm)
+    td = vm.tapdisks["xvda"]
+
+    def check(n_bases):
+        from livesnap import vhd
+        chain = [_uuid(p) for p in vhd.chain_paths(disk)]
+        counts = host2.refcounts()
+        assert counts == dict([(leaf, [0, 1])] + [(u, [1, 0]) for u in chain[1:]]), \
+            (counts, chain)
+        assert len(chain) == 1 + n_bases, chain
+        assert _as_sm_rebuilds(sm, lvhd) == {}
+        view = sm.classify(lvhd)
+        assert view["coalesceable"] == [] and view["leaf_coalesceable"] == [], view
+        acks = len(vm.ack_log("xvda"))
+        world.tapdisks.wait_acks(td.pid, td.minor, acks + 3)
+        assert "paused" not in x.record("VDI", _vdi_ref(x, leaf))["sm_config"]
+
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    check(1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
+    check(2)
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    check(1)
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    check(0)
+    assert _images(world, lvhd) == {leaf}
+    _host2_view([disk])
+    vm.stop()
+    assert host2.detach(_vdi_ref(x, leaf)) == {}
+    _no_refcount_warnings(sm)
