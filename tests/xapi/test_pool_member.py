@@ -371,3 +371,32 @@ def test_two_snapshots_then_both_deleted_on_another_host(world, blktap, sm, lvhd
     vm.stop()
     assert host2.detach(_vdi_ref(x, leaf)) == {}
     _no_refcount_warnings(sm)
+
+
+def test_cbt_kept_across_remote_pauses(world, sm, lvhd, host2):
+    """A tracked disk (CBT on, its tapdisk writing the log) of a VM running on host2: a
+    snapshot and its delete (a fold: several pauses) taken on the master. Each unpause on
+    host2 is SM's tapdisk-pause's, which names the VDI's log (``-c``) as livesnap's local
+    unpause does: the blocks written after each are in the leaf's log, and XAPI's changed
+    blocks between the snapshot and the disk are exactly those written after it."""
+    from test_cbt import _snapshot_vdi, _start_tracked, _stop, _write
+    from testxen import cbt
+    x = world.xapi
+    vm, disks = _start_tracked(world, sr=lvhd)
+    (u, ref, leaf_log), = disks.values()
+    sr_dir = os.path.dirname(leaf_log)
+    host2.attach(ref, vm.paths["xvda"])
+    x.record("VM", vm.ref)["resident_on"] = host2.ref
+    td = vm.tapdisks["xvda"]
+    _write(td, {1, 5}, 1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    s1 = _snapshot_vdi(world, ref, "s1")
+    assert cbt.blocks(cbt.log_path(sr_dir, s1)) == {1, 5}
+    _write(td, {7, 9}, 2)
+    assert cbt.changed_blocks(sr_dir, s1, u) == {7, 9}
+    assert [ln for ln in host2.log().splitlines() if "'unpause'" in ln and "'-c'" in ln]
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    _write(td, {11}, 3)
+    assert cbt.blocks(leaf_log) == {1, 5, 7, 9, 11}
+    _host2_view([vm.paths["xvda"]])
+    _stop(world, vm, disks)
