@@ -32,6 +32,10 @@ tapdisks are this machine's real tapdisks. So:
   finished pause unanswered); SM's ``VDI.from_uuid`` (which needs xapi's SM records) is an
   object answering the CBT questions as SM's VDI does (the log ``<vdi>.cbtlog`` exists in
   the SR: an LV of the VG, a file of a file SR).
+
+``sm_snapshot`` runs SM's own LVHD ``vdi_snapshot`` on the master (the SM process of
+testxen/sm.py, action ``sm-snapshot``): the control for livesnap's create of a VDI attached
+on another host (``util.gen_uuid`` is Python's: SM runs ``uuidgen``, not installed here).
 """
 import json
 import os
@@ -220,3 +224,50 @@ class _CbtVdi(object):
 
     def _activate_cbt_log(self, logname):
         return False
+
+
+def sm_snapshot(cfg, vdi_ref, vdi_uuid):
+    """SM's own ``vdi_snapshot`` of an LVHD VDI on the master (``LVHDVDI.snapshot``: its
+    ``tap_pause`` on the hosts the VDI is attached on, ``_snapshot`` with its
+    ``_updateSlaves*`` calls, the records it introduces), on SR and VDI objects made as
+    SRCommand makes them (as testxen.sm's ``vdi-delete``), under SM's SR lock. Returns the
+    new snapshot VDI's uuid."""
+    import cleanup
+    import lock
+    import util
+    import LVHDSR as driver
+    from testxen import sm as smmod
+    session = cleanup.XAPI.getSession()
+    try:
+        util.sr_get_capability = lambda sr_uuid, session=None: list(driver.CAPABILITIES)
+        import uuid
+        util.gen_uuid = lambda: str(uuid.uuid4())      # SM runs uuidgen, not installed here
+
+        class SrCommand(object):
+            cmd = "vdi_snapshot"
+            params = {"vdi_ref": vdi_ref, "vdi_uuid": vdi_uuid, "sr_uuid": cfg["sr_uuid"],
+                      "session_ref": session._session, "driver_params": {}, "args": []}
+        cls = driver.LVHDSR
+        sr = cls.__new__(cls)
+        sr.uuid = cfg["sr_uuid"]
+        sr.session = session
+        sr.sr_ref = session.xenapi.SR.get_by_uuid(sr.uuid)
+        sr.srcmd = SrCommand()
+        sr.cmd = "vdi_snapshot"
+        sr.o_direct = False
+        sr.sm_config = {}
+        sr.dconf = {}
+        sr.original_srcmd = None
+        sr.vdis = {}
+        sr.lock = lock.Lock("sr", sr.uuid)
+        smmod._lvhd_sr_fields(sr)
+        sr.lock.acquire()
+        try:
+            vdi = sr.vdi(vdi_uuid)
+            vdi.session = session
+            info = vdi.snapshot(sr.uuid, vdi_uuid)
+        finally:
+            sr.lock.release()
+    finally:
+        session.xenapi.session.logout()
+    return str(info)

@@ -81,7 +81,6 @@ def test_sms_gc_leaf_coalesce_of_a_vdi_attached_on_another_host(world, blktap, s
     after = sm.gc(lvhd)
     assert list(after["vdis"]) == [leaf], (after, sm.log()[-3000:])
     calls = sm_hosts.plugin_calls(x, since)
-    print(calls)
     assert [(h, p, f) for h, p, f, a in calls if p == "tapdisk-pause"] == \
         [(host2.ref, "tapdisk-pause", "pause"), (host2.ref, "tapdisk-pause", "unpause")], calls
     assert host2.refcounts() == {leaf: [0, 1]}, host2.log()[-3000:]
@@ -176,6 +175,10 @@ def test_delete_folds_the_base_into_a_leaf_running_on_another_host(world, blktap
     since = len(x.calls)
     out = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
     calls = sm_hosts.plugin_calls(x, since)
+    assert out["datapath"] == "tapdisk-remote" and \
+        [m["method"] for m in out["merges"]] == ["fold"], out
+    # every pause reported, each one remote pause (its XAPI round trips included)
+    assert len(out["pauses"]) == len([c for c in calls if c[2] == "pause"]), (out, calls)
     assert calls and {c[0] for c in calls} == {host2.ref}, calls
     assert _in_pauses(calls), calls
     ours = _roles(calls, {leaf: "leaf", base: "base"})
@@ -192,7 +195,6 @@ def test_delete_folds_the_base_into_a_leaf_running_on_another_host(world, blktap
     vm.stop()
     assert host2.detach(_vdi_ref(x, leaf)) == {}
     _no_refcount_warnings(sm)
-    print(out)
 
     # the same shape leaf-coalesced by SM's own GC: every action SM takes on the leaf's
     # and the base's LVs on host2 livesnap took too
@@ -400,3 +402,36 @@ def test_cbt_kept_across_remote_pauses(world, sm, lvhd, host2):
     assert cbt.blocks(leaf_log) == {1, 5, 7, 9, 11}
     _host2_view([vm.paths["xvda"]])
     _stop(world, vm, disks)
+
+
+def test_create_makes_sms_own_snapshot_calls(world, blktap, sm, lvhd, host2):  # noqa: F811
+    """The control for create: SM's own LVHD ``vdi_snapshot`` run on the master of a VDI
+    attached on host2 (its tap_pause, ``_updateSlavesPreClone``, ``_updateSlavesOnClone``,
+    tap_unpause, through the same plugins), and livesnap's snapshot of another such VM:
+    the same calls on the same roles of LVs, in the same order."""
+    x = world.xapi
+    ours = []
+    theirs = []
+    for who in ("sm", "livesnap"):
+        before = _images(world, lvhd)
+        vm = world.add_vm(who, ndisks=1, sr=lvhd, size=8 * MiB)
+        disk = vm.paths["xvda"]
+        leaf = _uuid(disk)
+        _on_host2(world, host2, vm)
+        since = len(x.calls)
+        if who == "sm":
+            sm.run("sm-snapshot", lvhd, _vdi_ref(x, leaf), leaf)      # on the master
+        else:
+            world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+        calls = sm_hosts.plugin_calls(x, since)
+        base = [u for u in _images(world, lvhd) - before - {leaf}
+                if x.record("VDI", _vdi_ref(x, u)).get("managed") is False]
+        assert len(base) == 1, (base, _images(world, lvhd) - before)
+        (theirs if who == "sm" else ours).extend(_roles(calls, {leaf: "leaf",
+                                                                base[0]: "base"}))
+        assert host2.refcounts()[leaf] == [0, 1]
+        assert host2.refcounts()[base[0]] == [1, 0]
+        _host2_view([disk])
+        vm.stop()
+        host2.detach(_vdi_ref(x, leaf))
+    assert ours == theirs, (ours, theirs)
