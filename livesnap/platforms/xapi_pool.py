@@ -6,8 +6,8 @@ called with XAPI's ``host.call_plugin`` (nothing of SM is copied here):
 * **pause** (``blktap2.py`` ``VDI.tap_pause``/``tap_unpause``/``call_pluginhandler``):
   ``sm_config`` ``paused=true`` (with livesnap's mark beside it, as ``XapiDomain.pause_guard``
   sets it locally), then ``tapdisk-pause`` ``pause`` {sr_uuid, vdi_uuid, failfast} on every
-  host the VDI's ``sm_config`` names as ``host_<ref>`` but this one; afterwards ``unpause``
-  there and the keys removed. The plugin holds SM's VDI lock on that host around each call;
+  host the VDI's ``sm_config`` names as ``host_<ref>`` (this one too, if it is one);
+  afterwards ``unpause`` there and the keys removed. The plugin holds SM's VDI lock on that host around each call;
   its unpause reopens the tapdisk on its own path and passes ``-c`` with the VDI's CBT log
   when the log exists (``_get_blocktracking_status``), as livesnap's local unpause does;
   a mirror (``-2``) is not passed by the plugin either (SM passes it as ``secondary``; a
@@ -15,7 +15,7 @@ called with XAPI's ``host.call_plugin`` (nothing of SM is copied here):
 * **the other hosts' LV views** (LVHDSR.py ``_updateSlavesPreClone``/``_updateSlavesOnClone``,
   cleanup.py ``_updateSlavesOnRename``/``_updateSlavesOnResize``/``_checkSlaves``, lvhdutil
   ``lvRefreshOnSlaves``): inside each pause, SM's ``on-slave`` plugin ``multi`` on the same
-  hosts: before livesnap changes the chain, the leaf's LV deactivated there
+  hosts but the master: before livesnap changes the chain, the leaf's LV deactivated there
   (``deactivateNoRefcount``, as SM before its clone and its leaf-coalesce rename); before the
   unpause, the leaf's LV refreshed (``refresh``: whatever LV now has its name), each LV new
   in the chain activated with that host's refcount (``activate``, SM's namespace
@@ -90,12 +90,12 @@ class PoolPause(object):
         return out
 
     def _disk(self, disk):
-        """(VDI ref, VDI uuid, SR uuid, the hosts it is attached on but this one,
-        sm_config)."""
+        """(VDI ref, VDI uuid, SR uuid, the hosts it is attached on, sm_config). Its
+        tapdisks are paused on all of them, this one too if it is one (``tap_pause``); the
+        LV views updated on all but this one, the master (``_updateSlaves*``)."""
         ref = self.domain._vdis[disk]
         sm_config = self.platform.call("VDI.get_sm_config", ref)
-        hosts = sorted(k[len("host_"):] for k in sm_config if k.startswith("host_")
-                       and k[len("host_"):] != self.here)
+        hosts = sorted(k[len("host_"):] for k in sm_config if k.startswith("host_"))
         return (ref, self.platform.call("VDI.get_uuid", ref), self.domain._srs[disk], hosts,
                 sm_config)
 
@@ -122,8 +122,8 @@ class PoolPause(object):
                 if "paused" in sm_config and dom.PAUSED_BY not in sm_config:
                     raise StorageBusy(dom.name, disk, vdi_uuid, dom.SM_BUSY[0][1])
                 if not hosts:
-                    raise DatapathError(reason="VDI %s of %s is attached on no other host "
-                                        "(its sm_config has no host_ key): nothing to pause"
+                    raise DatapathError(reason="VDI %s of %s is attached on no host (its "
+                                        "sm_config has no host_ key): nothing to pause"
                                         % (vdi_uuid, dom.name))
                 info = (disk, vdi_uuid, sr_uuid, hosts, ref)
                 if dom.PAUSED_BY in sm_config and PAUSED_ON in sm_config:
@@ -175,7 +175,7 @@ class PoolPause(object):
         per = {}
         for disk, vdi_uuid, sr_uuid, hosts, ref in infos:
             for action, vg, lv in views(when, disk):
-                for host in hosts:
+                for host in [h for h in hosts if h != self.here]:
                     per.setdefault((host, vg, sr_uuid), []).append((action, lv))
         for (host, vg, sr_uuid), acts in sorted(per.items()):
             args = {"vgName": vg}
