@@ -799,6 +799,12 @@ def main(argv):
         result = _refcounts(cfg)
     elif action == "cbt":
         result = _sm_cbt(cfg)
+    elif action == "host-plugin":              # testxen/sm_hosts.py: another host's plugins
+        from testxen import sm_hosts
+        result = sm_hosts.run_plugin(cfg, argv[3], argv[4], json.loads(argv[5]), argv[6])
+    elif action == "sm-snapshot":              # testxen/sm_hosts.py: SM's own vdi_snapshot
+        from testxen import sm_hosts
+        result = sm_hosts.sm_snapshot(cfg, argv[3], argv[4])
     elif action == "gc-quiet":
         # the GC as the SMGC service runs it after a kick: its quiet period first
         # (_gcLoopPause, GCPAUSE_DEFAULT_SLEEP), which an abort ends

@@ -12,7 +12,8 @@ message``: ``.get_record``, ``.get_by_uuid``, ``.get_all``, ``.get_all_records``
 ``set_<field>``/``add_to_<map>``/``remove_from_<map>`` for the fields in ``SETTABLE``
 (VDI ``sm_config``, ``other_config``, ``managed``, ``read_only``, ``is_a_snapshot``,
 ``snapshot_of``...; SR ``sm_config``/``other_config``...); ``VDI.forget``/``db_forget``;
-``SR.update``; ``VM.snapshot``, ``VBD.create``, ``VM.destroy`` (testxen/xapi_vms.py);
+``SR.update``; ``VDI.db_introduce`` (SM's snapshot introducing its VDIs); ``VM.snapshot``,
+``VBD.create``, ``VM.destroy`` (testxen/xapi_vms.py);
 ``task.create|cancel|destroy``; ``message.create|destroy``; ``Async.<call>``
 (a finished task); ``event.from``. What SM's GC (cleanup.py) calls is served with xapi's
 semantics (datamodel: a record's relations kept both ways, map keys unique, forget keeps
@@ -22,7 +23,8 @@ on this host, the host enabled and live, a pool whose master is this host). Ever
 login needs a live session (``SESSION_INVALID`` otherwise). ``host.call_plugin`` runs a plugin
 from ``plugins_dir`` the way xapi does (xapi_plugins.ml): the file named exactly ``plugin``,
 one argv holding the XML-RPC methodCall, no shell; the reply read from its stdout; a non-zero
-exit, a signal or unparsable stdout become ``XENAPI_PLUGIN_FAILURE``.
+exit, a signal or unparsable stdout become ``XENAPI_PLUGIN_FAILURE``; a plugin of another
+pool host is served by ``host_plugins`` (testxen/sm_hosts.py).
 
 Use::
 
@@ -85,6 +87,9 @@ class Xapi(VmCalls):
         # host plugins served in-process: {name: f(fn, args) -> str} (for plugins that act on
         # this host's tapdisks, e.g. SM's tapdisk-pause, see testxen/sm.py)
         self.builtin_plugins = {}
+        # plugins of one host: {(host ref, name): f(session, fn, args) -> str} (another pool
+        # member serving SM's own plugins, testxen/sm_hosts.py)
+        self.host_plugins = {}
         self.scanner = None                # SR.scan's source of truth, see scan()
         self.vdi_destroyer = None          # VDI.destroy's SM driver, see _vdi_destroy()
         self.lock = threading.Lock()
@@ -317,11 +322,32 @@ class Xapi(VmCalls):
     SPECIAL = {
         "VDI.forget": "_vdi_forget", "VDI.db_forget": "_vdi_forget",
         "VDI.snapshot": "_vdi_snapshot", "VDI.clone": "_vdi_snapshot",
+        "VDI.db_introduce": "_vdi_db_introduce",
         "SR.update": "_sr_update",
         "task.create": "_task_create", "task.cancel": "_task_cancel",
         "task.destroy": "_task_destroy",
         "message.create": "_message_create", "message.destroy": "_message_destroy",
     }
+
+    def _vdi_db_introduce(self, method, *args):
+        """``VDI.db_introduce`` (what SM's ``VDI._db_introduce`` calls for the VDIs its
+        snapshot makes): a record with these fields, in xapi's argument order."""
+        self._nargs(method, args, 19)
+        names = ("uuid", "name_label", "name_description", "SR", "type", "sharable",
+                 "read_only", "other_config", "location", "xenstore_data", "sm_config",
+                 "managed", "virtual_size", "physical_utilisation", "metadata_of_pool",
+                 "is_a_snapshot", "snapshot_time", "snapshot_of", "cbt_enabled")
+        f = dict(zip(names, args))
+        f["snapshot_time"] = str(f["snapshot_time"])
+        f.update({"VBDs": [], "snapshots": [], "missing": False, "on_boot": "persist",
+                  "allow_caching": False, "storage_lock": False})
+        if f["SR"] not in self.objects["SR"]:
+            raise Failure("HANDLE_INVALID", "SR", f["SR"])
+        ref = self._add("VDI", f)
+        self.record("SR", f["SR"])["VDIs"].append(ref)
+        if f["snapshot_of"] in self.objects["VDI"]:
+            self.record("VDI", f["snapshot_of"])["snapshots"].append(ref)
+        return ref
 
     def _vdi_forget(self, method, *args):
         """``VDI.forget`` / ``VDI.db_forget``: the record goes, the storage stays (xapi:
@@ -557,6 +583,13 @@ class Xapi(VmCalls):
     def _call_plugin(self, session, host, plugin, fn, args):
         if host not in self.objects["host"]:
             raise Failure("HANDLE_INVALID", "host", host)
+        if (host, plugin) in self.host_plugins:
+            try:
+                return self.host_plugins[(host, plugin)](session, fn, args)
+            except Failure:
+                raise
+            except Exception as e:
+                raise Failure("XENAPI_PLUGIN_FAILURE", "non-zero exit", "", str(e)[-4000:])
         if plugin in self.builtin_plugins:
             return self.builtin_plugins[plugin](fn, args)
         if not self.plugins_dir or plugin not in os.listdir(self.plugins_dir):

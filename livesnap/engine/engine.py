@@ -71,6 +71,10 @@ class Engine(object):
         if domain.kind == "xen":
             from livesnap.datapaths import vhd_files
             if domain.is_running():
+                elsewhere = getattr(domain, "served_elsewhere", None)   # XAPI: another host
+                if elsewhere is not None and elsewhere():
+                    from livesnap.datapaths import vhd_remote
+                    return vhd_remote.RemoteTapdiskDatapath(domain)
                 return vhd_files.TapdiskDatapath(domain)
             return vhd_files.VhdOfflineDatapath(domain)
         if domain.is_running():

@@ -22,7 +22,7 @@ import re
 
 from livesnap.errors import (DatapathError, DomainNotFound, Error, StorageBusy, UsageError,
                              WrongHost)
-from livesnap.platforms import sm_gc, sm_lock, xapi_records
+from livesnap.platforms import sm_gc, sm_lock, xapi_pool, xapi_records
 from livesnap.platforms.domain_xml import Disk
 from livesnap.platforms.xen_domain import XenDomainBase
 from livesnap.tools import lvm
@@ -293,31 +293,39 @@ class XapiDomain(XenDomainBase):
                ("mirror", "it is being mirrored to another SR (storage migration)"))
 
     def refuse_wrong_host(self, disks):
-        """Before an operation changes anything: a running VM's tapdisks are on the host it
-        runs on (``resident_on``), so livesnap must run there; LVHD metadata (a shared
-        volume group) is written only on the pool master, as SM writes it (``isMaster``,
-        ``/etc/lvm/master``). A running VM with LVHD disks on a pool member that is not the
-        master needs both at once: refused (SM itself does this through the master)."""
+        """Before an operation changes anything: LVHD metadata (a shared volume group) is
+        written only on the pool master, as SM writes it (``isMaster``, ``/etc/lvm/master``);
+        a running VM's tapdisks are on the host it runs on (``resident_on``). A VM running
+        on another host is worked on from the master when all its disks are on shared LVHD
+        SRs, as SM does (its tapdisks paused and that host's LV views updated through SM's
+        own plugins: platforms/xapi_pool.py); otherwise livesnap must run where it runs."""
         here = self.platform.this_host()
         if here is None:
             return
         resident = self.record.get("resident_on") or NULL_REF
-        state = self.power_state()
-        if state in ("Running", "Paused") and resident not in (NULL_REF, here):
-            raise WrongHost(self.name, self._host_uuid(resident),
-                            "it runs on host %s, and its tapdisks are there"
-                            % self._host_uuid(resident))
-        lvhd = [t for t in sorted(disks) if t in self._sr_types
-                and self._sr_types[t] in LVHD_SR_TYPES]
+        running = self.power_state() in ("Running", "Paused")
+        lvhd = [t for t in sorted(disks) if self._sr_types.get(t) in LVHD_SR_TYPES]
         if lvhd:
             pools = self.platform.call("pool.get_all")
             master = self.platform.call("pool.get_master", pools[0]) if pools else here
             if master != here:
                 raise WrongHost(self.name, self._host_uuid(master),
                                 "disks %s are on an LVHD SR, whose LVM metadata only the pool "
-                                "master writes%s" % (", ".join(lvhd), "" if state not in (
-                                    "Running", "Paused") else " (and the VM runs here: "
-                                    "livesnap does not yet split the work between hosts)"))
+                                "master writes (livesnap there pauses the VM's tapdisks on the "
+                                "host it runs on through SM's tapdisk-pause plugin)"
+                                % ", ".join(lvhd))
+        if running and resident not in (NULL_REF, here) and \
+                not (lvhd and xapi_pool.reachable(self, disks)):
+            raise WrongHost(self.name, self._host_uuid(resident),
+                            "it runs on host %s, and its tapdisks are there"
+                            % self._host_uuid(resident))
+
+    def served_elsewhere(self):
+        """The VM runs on another host (its pauses are ``pool_pause``'s)."""
+        return xapi_pool.elsewhere(self) is not None
+
+    def pool_pause(self):
+        return xapi_pool.PoolPause(self)
 
     def _host_uuid(self, ref):
         try:
@@ -549,8 +557,9 @@ class XapiDomain(XenDomainBase):
 
     def is_running(self):
         """A tapdisk serves the VM's disks. XAPI saying Running/Paused while none does is an
-        error: working on those images offline could lose the guest's writes."""
-        if self.tapdisks():
+        error: working on those images offline could lose the guest's writes. A VM running
+        on another host runs as XAPI says (its tapdisks are there: xapi_pool)."""
+        if self.tapdisks() or xapi_pool.elsewhere(self) is not None:
             return True
         state = self.power_state()
         if state in ("Running", "Paused") and any(self.snapshottable(d) for d in self._disks):
