@@ -41,8 +41,6 @@ import json
 import os
 import sys
 
-import XenAPI  # noqa: F401  (the stand-in's test env provides it; SM imports it too)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAJOR = 254          # the major number the host's "tapdev" devices have here
 
