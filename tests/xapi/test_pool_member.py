@@ -435,3 +435,49 @@ def test_create_makes_sms_own_snapshot_calls(world, blktap, sm, lvhd, host2):  #
         vm.stop()
         host2.detach(_vdi_ref(x, leaf))
     assert ours == theirs, (ours, theirs)
+
+
+def test_masters_follower_folds_for_a_vm_running_on_another_host(world, blktap, sm, lvhd,  # noqa: F811,E501
+                                                                 host2, monkeypatch):
+    """s1's face deleted outside livesnap (as SM's LVHDVDI.delete does) while the VM runs on
+    host2: the master's follower (xapi-follow) owns the VM (LVHD) and folds the base copy
+    into the running leaf through host2's tapdisk-pause and on-slave, as the plugin's own
+    delete does; a follower on host2 (not the master) leaves it alone."""
+    from test_follow_service import _due, _in_process_follower
+    x = world.xapi
+    vm, disk, r, base = _fold_shape(world, blktap, lvhd, host2)
+    leaf = _uuid(disk)
+    td = vm.tapdisks["xvda"]
+    acks = len(vm.ack_log("xvda"))
+    _remove_face(world, lvhd, "s1", r)
+    reports = []
+    f = _in_process_follower(world, sm, monkeypatch, reports)
+    try:
+        # host2's follower: the VM is the master's, skipped without a word
+        x.record("pool", x.pool)["master"] = host2.ref
+        assert f.reconcile() == [] and reports == []
+        assert _images(world, lvhd) == {leaf, base}
+        # the master's: folded through host2
+        x.record("pool", x.pool)["master"] = x.host
+        _due(f)
+        since = len(x.calls)
+        out, = f.reconcile()
+    finally:
+        f.platform.session.xenapi.session.logout()
+    assert "error" not in out, out
+    res = out["result"]
+    assert res["followed_sm"]["deleted"] == ["s1"], res
+    assert res["datapath"] == "tapdisk-remote" and \
+        [m["method"] for m in res["merges"]] == ["fold"], res
+    calls = sm_hosts.plugin_calls(x, since)
+    assert calls and {c[0] for c in calls} == {host2.ref} and _in_pauses(calls), calls
+    assert _images(world, lvhd) == {leaf}
+    world.tapdisks.wait_acks(td.pid, td.minor, acks + 3)       # the guest writes on
+    assert host2.refcounts() == {leaf: [0, 1]}, host2.log()[-3000:]
+    view = sm.classify(lvhd)
+    assert view["coalesceable"] == [] and view["leaf_coalesceable"] == [] and \
+        view["garbage"] == [], view
+    _host2_view([disk])
+    vm.stop()
+    assert host2.detach(_vdi_ref(x, leaf)) == {}
+    _no_refcount_warnings(sm)
