@@ -155,9 +155,12 @@ class LvmStorage(object):
         leaves them (cleanup.LVHDSR._updateNode): the leaf keeps its binary count and takes
         ``old``'s normal count less that (the leaf's attach counted ``old`` once); ``old``'s
         go. The counts change before the rename, so a re-run after a crash finds them done
-        (``old``'s gone, the leaf's already what they become)."""
+        (``old``'s gone, the leaf's already what they become). All of it under SM's locks of
+        both counts (SM's attach or detach of the leaf waits, or livesnap for it)."""
         key_old, key_new = self._refkey(old), self._refkey(new)
-        if os.path.exists(old):
+        if not os.path.exists(old):
+            return
+        with self._locked(key_old, key_new):
             self._lvremove(new)
             if key_old is not None and key_new is not None:
                 count, _ = sm_refcount.check(*key_old)
@@ -171,12 +174,21 @@ class LvmStorage(object):
     def frozen_from(self, frozen, leaf):
         """``frozen`` was renamed from ``leaf``, which is now its child: as SM's snapshot
         (LVHDVDI._finishSnapshot), the base copy's normal count is the leaf's binary count
-        (the leaf's attach counts each image under it); the leaf keeps its counts."""
+        (the leaf's attach counts each image under it); the leaf keeps its counts. Under
+        SM's locks of both counts: an attach or detach of the leaf in flight is seen."""
         key_frozen, key_leaf = self._refkey(frozen), self._refkey(leaf)
         if key_frozen is None or key_leaf is None:
             return
-        _, binary = sm_refcount.check(*key_leaf)
-        sm_refcount.set_counts(key_frozen[0], key_frozen[1], binary, 0)
+        with self._locked(key_frozen, key_leaf):
+            _, binary = sm_refcount.check(*key_leaf)
+            sm_refcount.set_counts(key_frozen[0], key_frozen[1], binary, 0)
+
+    def _locked(self, *keys):
+        """SM's per-object locks of these refcounts (None: not an LV SM counts)."""
+        keys = [k for k in keys if k is not None]
+        if not keys:
+            return contextlib.ExitStack()
+        return sm_refcount.locked(keys[0][0], [k[1] for k in keys])
 
     def _refkey(self, path):
         """(namespace, object) of SM's refcount of an LV of SM's SR, else None."""
@@ -229,11 +241,15 @@ class LvmStorage(object):
         return None
 
     def remove(self, path):
-        """The LV goes, and SM's refcounts of it (cleanup.LVHDVDI.delete)."""
-        self._lvremove(path)
+        """The LV goes, and SM's refcounts of it, under SM's lock of them, then that lock's
+        file (cleanup.LVHDVDI.delete)."""
         key = self._refkey(path)
+        with self._locked(key):
+            self._lvremove(path)
+            if key is not None:
+                sm_refcount.reset(*key)
         if key is not None:
-            sm_refcount.reset(*key)
+            sm_refcount.forget_lock(*key)
 
     release = remove
 

@@ -216,3 +216,176 @@ def test_refcounts_with_a_snapshot_vdi_attached_too(world, blktap, sm, lvhd,  # 
         assert counts == {face1: [0, 1], base1: [1, 0]} and len(new) == 1, counts
     assert sm.detach(lvhd, face1) == {}
     _no_refcount_warnings(sm)
+
+
+# -- SM's per-object refcount lock (refcounter.py, lvmcache.LVMCache.activate/deactivate) ------
+
+# SM's own count of an object, as lvmcache.LVMCache.activate makes it on the master (an attach:
+# ``Lock(uuid, "lvm-<sr>")`` held, ``RefCounter.get``), with SM's own lock.py and
+# refcounter.py; the one change: RefCounter's read of the file reports and waits for the test
+# before ``_adjust`` writes its sum, so the test chooses the moment of the write.
+SM_COUNT = r'''
+import json, sys
+cfg = json.loads(sys.argv[1])
+sys.path[:0] = [cfg["drivers"], cfg["fairlock"]]
+import util
+util.SMlog = lambda *a, **k: None
+import lock, refcounter
+lock.Lock.BASE_DIR = cfg["lock_dir"]
+refcounter.RefCounter.BASE_DIR = cfg["refcount_dir"]
+RefCounter = refcounter.RefCounter
+read = RefCounter._get
+
+def paused(ns, obj):
+    counts = read(ns, obj)
+    print("read %d %d" % counts, flush=True)
+    sys.stdin.readline()
+    return counts
+RefCounter._get = staticmethod(paused)
+held = lock.Lock(cfg["obj"], cfg["ns"])
+held.acquire()
+try:
+    RefCounter.get(cfg["obj"], cfg["binary"], cfg["ns"])
+finally:
+    held.release()
+print("written", flush=True)
+'''
+
+
+class SmCount(object):
+    """SM counting ``obj`` (``binary``) in another process, stopped between its read and its
+    write with its lock held."""
+
+    def __init__(self, sm_tree, ns, obj, binary):  # noqa: F811
+        import json
+        import subprocess
+        import sys
+        from livesnap.datapaths import sm_refcount
+        cfg = {"drivers": os.path.join(sm_tree, "drivers"),
+               "fairlock": os.path.join(sm_tree, "misc", "fairlock"),
+               "lock_dir": sm_refcount.lock_dir(), "refcount_dir": sm_refcount.base_dir(),
+               "ns": ns, "obj": obj, "binary": binary}
+        self.lock_path = os.path.join(cfg["lock_dir"], ns, obj)
+        self.p = subprocess.Popen([sys.executable, "-c", SM_COUNT, json.dumps(cfg)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  universal_newlines=True)
+        line = self.p.stdout.readline()
+        assert line.startswith("read "), line          # SM holds the lock, has read
+
+    def write(self):
+        self.p.stdin.write("\n")
+        self.p.stdin.flush()
+        assert self.p.stdout.readline() == "written\n"
+        assert self.p.wait(30) == 0
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def _open_here(path):
+    """This process has ``path`` open (livesnap opened SM's lock file to wait on it)."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink("/proc/self/fd/" + fd) == path:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.fixture
+def lvhd_vg(lvm_vg, tmp_path, monkeypatch):
+    """(LvmStorage of an SR's VG, SM's refcount namespace, path of VHD-<uuid>): SM's lock
+    directory the test's."""
+    from livesnap.datapaths import sm_refcount, vhd_storage
+    monkeypatch.setenv("LIVESNAP_SM_LOCK_DIR", str(tmp_path / "sm-lock"))
+    vg = lvm_vg.name
+    ns = sm_refcount.namespace(vg[len(vhd_storage.SM_VG_PREFIX):])
+    return vhd_storage.LvmStorage(vg), ns, lambda u: "/dev/%s/VHD-%s" % (vg, u)
+
+
+def _state(st, ns, uuids):
+    from livesnap.datapaths import sm_refcount
+    from livesnap.tools import lvm
+    return {u: (lvm.lv_exists(st.vg, "VHD-" + u), sm_refcount.check(ns, u)) for u in uuids}
+
+
+@pytest.mark.parametrize("op", ["frozen_from", "replace", "remove"])
+def test_sms_refcount_lock_held_past_the_wait_changes_nothing(lvhd_vg, sm_tree,  # noqa: F811
+                                                              monkeypatch, op):
+    """SM holds its lock of the leaf's count (an attach in flight on the master): livesnap's
+    change that reads or writes that count -- a frozen image's counts, a fold's rename over
+    the leaf, the leaf's removal -- waits for it and, when SM keeps it past the wait, gives
+    up with SmRefcountBusy (the BUSY code) before touching any LV or count; SM's own write
+    then goes through."""
+    from livesnap.datapaths import sm_refcount
+    from livesnap.errors import SmRefcountBusy
+    from livesnap.tools import lvm
+    st, ns, path = lvhd_vg
+    leaf, base = "a" * 8 + "-leaf", "b" * 8 + "-base"
+    for u in (leaf, base):
+        lvm.lvcreate(st.vg, "VHD-" + u, 4 * MiB)
+    sm_refcount.set_counts(ns, base, 1, 0)
+    before = _state(st, ns, (leaf, base))
+    monkeypatch.setattr(sm_refcount, "LOCK_TIMEOUT", 0.2)
+    sm_count = SmCount(sm_tree, ns, leaf, True)
+    try:
+        with pytest.raises(SmRefcountBusy) as e:
+            if op == "frozen_from":
+                st.frozen_from(path(base), path(leaf))
+            elif op == "replace":
+                st.replace(path(base), path(leaf))
+            else:
+                st.remove(path(leaf))
+        assert e.value.vdi == leaf and e.value.lock_path == sm_count.lock_path
+        assert _state(st, ns, (leaf, base)) == before
+        sm_count.write()
+    finally:
+        sm_count.kill()
+    assert sm_refcount.check(ns, leaf) == (0, 1)
+
+
+def test_an_sm_attach_in_flight_is_counted_by_a_snapshot(lvhd_vg, sm_tree):  # noqa: F811
+    """SM's attach of the VM's VDI in flight (its lock held, the leaf's count read, not yet
+    written) while livesnap's snapshot gives the new base copy the leaf's binary count: livesnap
+    waits for SM's write and the base copy gets the attach's count, (1, 0), as SM's own
+    snapshot would after the attach (read without the lock: (0, 0), a base copy under an
+    attached leaf that SM's detach then takes below 0)."""
+    import threading
+    from livesnap.datapaths import sm_refcount
+    st, ns, path = lvhd_vg
+    leaf, base = "c" * 8 + "-leaf", "0" * 8 + "-base"     # the base's lock is taken first
+    sm_count = SmCount(sm_tree, ns, leaf, True)
+    done = []
+    t = threading.Thread(target=lambda: done.append(st.frozen_from(path(base), path(leaf))))
+    try:
+        t.start()
+        while t.is_alive() and not _open_here(sm_count.lock_path):
+            t.join(0.01)
+        sm_count.write()
+    finally:
+        sm_count.kill()
+        t.join(30)
+    assert done == [None]
+    assert sm_refcount.check(ns, leaf) == (0, 1)
+    assert sm_refcount.check(ns, base) == (1, 0)
+
+
+def test_a_removed_lvs_lock_file_goes_with_it(lvhd_vg):
+    """As SM's delete (``Lock.cleanup(uuid, "lvm-<sr>")``): no lock file is left for a VDI
+    whose LV livesnap removed; the namespace's other lock files stay."""
+    from livesnap.datapaths import sm_refcount
+    from livesnap.tools import lvm
+    st, ns, path = lvhd_vg
+    for u in ("one", "two"):
+        lvm.lvcreate(st.vg, "VHD-" + u, 4 * MiB)
+    sm_refcount.set_counts(ns, "one", 0, 1)
+    st.frozen_from(path("two"), path("one"))          # both lock files made
+    d = os.path.join(sm_refcount.lock_dir(), ns)
+    assert sorted(os.listdir(d)) == ["one", "two"]
+    st.remove(path("one"))
+    assert sorted(os.listdir(d)) == ["two"]
+    assert sm_refcount.check(ns, "one") == (0, 0) and sm_refcount.check(ns, "two") == (1, 0)
+    assert not lvm.lv_exists(st.vg, "VHD-one")
