@@ -121,7 +121,8 @@ class VhdOfflineDatapath(Datapath):
                 self.activation.begin(leaf)
 
     # LVs of a stopped VM may be inactive (SM activates a chain while the VDI is attached);
-    # with tapdisk running its chain is active.
+    # with tapdisk running its chain is active, a snapshot's own image (SM leaves it
+    # inactive) may not be.
     manages_activation = True
 
     def prepare(self, tree):
@@ -131,16 +132,19 @@ class VhdOfflineDatapath(Datapath):
 
     def close(self):
         """Put LV activation back as it was (what a detached VM's command made goes
-        inactive)."""
+        inactive; on SM's SRs what SM counts nobody needing, as SM leaves it)."""
         if self.activation is not None:
-            current = set(self.made)
+            current, held = set(self.made), set()
             for d in self.domain.disks():
                 if self.domain.snapshottable(d) and os.path.exists(d.path):
                     try:
-                        current.update(vhd.chain_paths(d.path))
+                        chain = vhd.chain_paths(d.path)
                     except vhd.VhdError:
-                        current.add(d.path)
-            self.activation.end(current)
+                        chain = [d.path]
+                    current.update(chain)
+                    if d.path not in self.activation.activated:   # active before: a tapdisk's
+                        held.update(chain)                        # or its user's
+            self.activation.end(current, held)
 
     def run(self, step):
         """Every step under the platform's chain lock where it has one (SM's SR lock on a
@@ -401,7 +405,6 @@ class VhdOfflineDatapath(Datapath):
 class TapdiskDatapath(VhdOfflineDatapath):
     name = "tapdisk"
     pauses = True
-    manages_activation = False
 
     def __init__(self, domain, pause_timeout=tap_ctl.DEFAULT_PAUSE_TIMEOUT):
         super(TapdiskDatapath, self).__init__(domain)

@@ -27,13 +27,17 @@ the writable/inflate steps are nothing. Every call is idempotent: steps are re-r
 crash.
 """
 import contextlib
+import logging
 import os
 
 from livesnap import vhd
 from livesnap.datapaths import free, own_files, sm_refcount, unlink
 from livesnap import faults
+from livesnap.errors import Error
 from livesnap.tools import lvm
 from livesnap.vhd.edit import set_physical_size
+
+log = logging.getLogger(__name__)
 
 MARGIN = 1 << 20
 SM_VG_PREFIX = "VG_XenStorage-"            # SM: lvhdutil.VG_PREFIX
@@ -333,7 +337,15 @@ class Activation(object):
     images. ``end()``: for a disk whose leaf LV was inactive at the start (a detached VDI),
     every LV of that VG livesnap activated or created in this command is deactivated; where
     the leaf was active, only what livesnap activated. LVs active at the start (a base copy
-    another running VM shares, say) are never touched."""
+    another running VM shares, say) are never touched.
+
+    On an SR of SM's (``VG_XenStorage-<sr>``, ``VHD-<uuid>``) SM's refcounts say instead what
+    stays active, as SM's snapshot and coalesce leave it (LVActivator.deactivateAll: an LV
+    whose counts are 0 is deactivated, a new snapshot VDI's too): every LV of the command's
+    images (created, activated, or in the catalog's tree, so a face a killed command left
+    active goes at recover) that is not ``held`` and has no count is deactivated, under SM's
+    lock of its count, as SM's ``LVMCache.deactivate`` does it (an attach on the master in
+    flight is waited for)."""
 
     def __init__(self, parent_of=None):
         """``parent_of(path)``: the parent image's path as the image names it (default: a
@@ -341,6 +353,7 @@ class Activation(object):
         self.was_active = set()
         self.activated = set()
         self.detached_vgs = set()
+        self.known = set()                 # the catalog's images (need)
         self.parent_of = parent_of or _parent_lv
 
     def _ensure(self, path):
@@ -371,16 +384,42 @@ class Activation(object):
 
     def need(self, paths):
         for p in paths:
+            self.known.add(p)
             self._ensure(p)
 
-    def end(self, current):
-        """Deactivate as described above; ``current``: the images the VM's LVs hold now."""
-        for path in sorted(set(current) | self.activated):
+    def end(self, current, held=()):
+        """Deactivate as described above; ``current``: the images the VM's LVs hold now;
+        ``held``: those an active leaf needs (the chains of the VM's leaves that were active
+        before the command: a running tapdisk's, or one SM's attach or its user activated)."""
+        mine = set(current) | self.activated
+        sm = {p for p in mine | self.known if _sm_key(p) is not None}
+        for path in sorted(mine - sm):
             vg_lv = lvm.split_path(path)
             if vg_lv is None or not os.path.exists(path) or path in self.was_active:
                 continue
             if path in self.activated or vg_lv[0] in self.detached_vgs:
                 lvm.activate(vg_lv[0], vg_lv[1], False)
+        for path in sorted(sm - set(held)):
+            _sm_settle(path)
+
+
+def _sm_key(path):
+    vg_lv = lvm.split_path(path)
+    return None if vg_lv is None else LvmStorage(vg_lv[0])._refkey(path)
+
+
+def _sm_settle(path):
+    """An LV of SM's SR deactivated when SM counts nobody needing it (none left where SM
+    leaves it locked or LVM refuses: SM's own deactivate leaves an open LV active too)."""
+    if not os.path.exists(path):
+        return
+    key = _sm_key(path)
+    try:
+        with sm_refcount.locked(key[0], [key[1]]):
+            if os.path.exists(path) and sm_refcount.check(*key) == (0, 0):
+                lvm.activate(*(lvm.split_path(path) + (False,)))
+    except Error as e:
+        log.warning("%s left active: %s", path, e)
 
 
 def _parent_lv(path):

@@ -53,23 +53,42 @@ def _images(world, sr):
     return {_uuid(p) for p in world.xapi.sr_images(sr).values()}
 
 
+def _active(world, sr):
+    """The VDI uuids of the SR's LVs that are active (have a device)."""
+    return {u for u, p in world.xapi.sr_images(sr).items() if os.path.exists(p)}
+
+
+def _as_sm_leaves_them(world, sm, sr):
+    """The refcounts as SM rebuilds them, and the LVs active exactly where SM counts a user
+    (SM's snapshot, coalesce and detach deactivate an LV whose counts drop to 0: a new
+    snapshot VDI's, a base copy's, a detached VDI's chain)."""
+    counts = _as_sm_rebuilds(sm, sr)
+    assert _active(world, sr) == set(counts), (counts, _active(world, sr))
+    return counts
+
+
 @pytest.mark.parametrize("online", [True, False], ids=["attached", "detached"])
 def test_refcounts_after_create_delete_fold_are_sms(world, sm, lvhd, online):
     """s1, s2 taken, s1 deleted (its base merges with s2's), s2 deleted (its base folds into
     the leaf). Attached (SM's attach counted, the VM running on real tapdisks): the leaf
     keeps (0, 1), each hidden base copy under it has (1, 0), a snapshot's own VDI none;
-    detached: no counts at all. Each time as SM rebuilds them, and SM's detach at the end
-    takes back exactly its own."""
+    detached (its LV inactive, as SM leaves a detached VDI): no counts at all. Each time as
+    SM rebuilds them, the LVs active exactly where they count (a snapshot's own VDI
+    inactive, as SM leaves a new snapshot VDI; nothing active when detached), and SM's
+    detach at the end takes back exactly its own."""
+    from livesnap.tools import lvm
     vm = world.add_vm(ndisks=1, sr=lvhd, size=8 * MiB)
     disk = vm.paths["xvda"]
     leaf = _uuid(disk)
     if online:
         assert sm.attach(lvhd, leaf) == {leaf: [0, 1]}
         vm.start()
+    else:
+        lvm.activate(*lvm.split_path(disk), active=False)
 
     r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
     face1 = _uuid(r["disks"][0]["image"])
-    counts = _as_sm_rebuilds(sm, lvhd)
+    counts = _as_sm_leaves_them(world, sm, lvhd)
     bases = set(counts) - {leaf}
     if online:
         assert counts[leaf] == [0, 1] and len(bases) == 1, counts
@@ -78,7 +97,7 @@ def test_refcounts_after_create_delete_fold_are_sms(world, sm, lvhd, online):
         assert counts == {}, counts
 
     world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
-    counts = _as_sm_rebuilds(sm, lvhd)
+    counts = _as_sm_leaves_them(world, sm, lvhd)
     if online:
         assert counts[leaf] == [0, 1] and len(counts) == 3, counts
         assert all(c == [1, 0] for u, c in counts.items() if u != leaf), counts
@@ -86,7 +105,7 @@ def test_refcounts_after_create_delete_fold_are_sms(world, sm, lvhd, online):
         assert counts == {}, counts
 
     world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
-    counts = _as_sm_rebuilds(sm, lvhd)
+    counts = _as_sm_leaves_them(world, sm, lvhd)
     if online:
         assert counts[leaf] == [0, 1] and len(counts) == 2, counts
         assert all(c == [1, 0] for u, c in counts.items() if u != leaf), counts
@@ -95,12 +114,13 @@ def test_refcounts_after_create_delete_fold_are_sms(world, sm, lvhd, online):
         assert counts == {}, counts
 
     r = world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
-    counts = _as_sm_rebuilds(sm, lvhd)
+    counts = _as_sm_leaves_them(world, sm, lvhd)
     assert counts == ({leaf: [0, 1]} if online else {}), (counts, r)
     assert _images(world, lvhd) == {leaf}
     if online:
         vm.stop()
         assert sm.detach(lvhd, leaf) == {}
+        assert _active(world, lvhd) == set()
     _no_refcount_warnings(sm)
 
 
@@ -172,10 +192,47 @@ def test_fold_killed_then_recovered_leaves_sms_counts(world, blktap, sm, lvhd,  
     assert p.returncode == -9, (p.returncode, p.stdout, p.stderr)
     world.ok("recover", vm_uuid=vm.uuid)
     assert world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"] == []
-    assert _as_sm_rebuilds(sm, lvhd) == {leaf: [0, 1]}
+    assert _as_sm_leaves_them(world, sm, lvhd) == {leaf: [0, 1]}
     assert _images(world, lvhd) == {leaf}
     vm.stop()
     assert sm.detach(lvhd, leaf) == {}
+    _no_refcount_warnings(sm)
+
+
+@pytest.mark.parametrize("fault", ["tapdisk:renamed:0", "create:after:0",
+                                   "create:committed:0"])
+def test_create_killed_then_recovered_leaves_sms_counts_and_activation(  # noqa: F811
+        world, blktap, sm, lvhd, fault):
+    """The plugin killed inside an online snapshot of the attached, running disk (inside the
+    pause after the rename, after the step with the snapshot's own VDI made and active, after
+    the catalog's commit): after ``recover`` the counts are SM's and the snapshot's own LV
+    is inactive, as SM leaves a new snapshot VDI; a delete after that (its face read and
+    removed while inactive) leaves the leaf alone active."""
+    import subprocess
+    import xmlrpc.client
+    from conftest_paths import PLUGIN
+    vm = world.add_vm(ndisks=1, sr=lvhd, size=8 * MiB)
+    leaf = _uuid(vm.paths["xvda"])
+    sm.attach(lvhd, leaf)
+    vm.start()
+    p = subprocess.run([PLUGIN, xmlrpc.client.dumps((world.session, {"vm_uuid": vm.uuid,
+                                                                      "name": "s1"}),
+                                                    methodname="snapshot_create")],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                       env=world.env(LIVESNAP_FAULT=fault), timeout=120)
+    assert p.returncode == -9, (p.returncode, p.stdout, p.stderr)
+    world.ok("recover", vm_uuid=vm.uuid)
+    snaps = world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"]
+    counts = _as_sm_leaves_them(world, sm, lvhd)
+    if snaps:
+        face = _uuid(snaps[0]["disks"][0]["image"])
+        base, = _images(world, lvhd) - {leaf, face}
+        assert counts == {leaf: [0, 1], base: [1, 0]}
+        world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert _as_sm_leaves_them(world, sm, lvhd) == {leaf: [0, 1]}
+    vm.stop()
+    assert sm.detach(lvhd, leaf) == {}
+    assert _active(world, lvhd) == set()
     _no_refcount_warnings(sm)
 
 
@@ -197,16 +254,18 @@ def test_refcounts_with_a_snapshot_vdi_attached_too(world, blktap, sm, lvhd,  # 
     if written:
         sr_uuid = world.xapi.record("SR", lvhd)["uuid"]
         blktap.write("/dev/VG_XenStorage-%s/VHD-%s" % (sr_uuid, face1), 0, MiB, 0x5a)
-    assert _as_sm_rebuilds(sm, lvhd) == {leaf: [0, 1], face1: [0, 1], base1: [2, 0]}
+    assert _as_sm_leaves_them(world, sm, lvhd) == {leaf: [0, 1], face1: [0, 1],
+                                                   base1: [2, 0]}
     world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
-    counts = _as_sm_rebuilds(sm, lvhd)
+    counts = _as_sm_leaves_them(world, sm, lvhd)
     base2, = set(counts) - {leaf, face1, base1}
     assert counts == {leaf: [0, 1], face1: [0, 1], base1: [2, 0], base2: [1, 0]}
     vm.stop()
     assert sm.detach(lvhd, leaf) == {face1: [0, 1], base1: [1, 0]}
+    assert _active(world, lvhd) == {face1, base1}
     before = _images(world, lvhd)
     world.ok("snapshot_revert", vm_uuid=vm.uuid, name="s1", keep_current="k1")
-    counts = _as_sm_rebuilds(sm, lvhd)
+    counts = _as_sm_leaves_them(world, sm, lvhd)
     new = _images(world, lvhd) - before           # k1 (the old leaf, renamed), the clone's
     if written:
         frozen, = [u for u in new if counts.get(u)]
@@ -215,6 +274,7 @@ def test_refcounts_with_a_snapshot_vdi_attached_too(world, blktap, sm, lvhd,  # 
     else:
         assert counts == {face1: [0, 1], base1: [1, 0]} and len(new) == 1, counts
     assert sm.detach(lvhd, face1) == {}
+    assert _active(world, lvhd) == set()
     _no_refcount_warnings(sm)
 
 
