@@ -124,6 +124,33 @@ def test_refcounts_after_create_delete_fold_are_sms(world, sm, lvhd, online):
     _no_refcount_warnings(sm)
 
 
+def test_a_running_chain_nobody_counted_stays_active(world, sm, lvhd):
+    """The VM running on real tapdisks without SM's attach having counted it (no counts at
+    all): what the tapdisk holds -- the leaf and every base copy under it -- stays active
+    through create, delete and fold, only the snapshots' own VDIs go inactive; the tapdisk
+    reopens the chain at each unpause and every acknowledged write is kept."""
+    from livesnap import vhd
+    vm = world.add_vm(ndisks=1, sr=lvhd, size=8 * MiB)
+    disk = vm.paths["xvda"]
+    vm.start()
+
+    def check():
+        assert _as_sm_rebuilds(sm, lvhd) == {}
+        chain = {_uuid(p) for p in vhd.chain_paths(disk)}
+        assert _active(world, lvhd) == chain, (chain, _images(world, lvhd))
+        return chain
+    faces = set()
+    for name in ("s1", "s2"):
+        r = world.ok("snapshot_create", vm_uuid=vm.uuid, name=name)
+        faces.add(_uuid(r["disks"][0]["image"]))
+        assert len(check()) == len(faces) + 1 and not faces & _active(world, lvhd)
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s1")
+    assert len(check()) == 2
+    world.ok("snapshot_delete", vm_uuid=vm.uuid, name="s2")
+    assert check() == {_uuid(disk)} == _images(world, lvhd)
+    vm.stop()
+
+
 def test_sms_live_leaf_coalesce_over_a_livesnap_chain(world, blktap, sm, lvhd):  # noqa: F811
     """The running VM's disk (SM's attach counted) snapshotted by livesnap, then the
     snapshot's own VDI destroyed behind livesnap's back as ``xe vdi-destroy`` does (SM's
