@@ -42,18 +42,33 @@ def lock_dir():
     return os.environ.get("LIVESNAP_SM_LOCK_DIR") or sm_locks.BASE_DIR
 
 
+_held = {}                          # (ns, obj) -> how many ``locked`` hold it in this process
+
+
 @contextlib.contextmanager
 def locked(ns, objs):
     """SM's per-object locks ``Lock(obj, ns)`` of ``objs``, all held (taken in name order:
     SM takes one at a time), waited for up to ``LOCK_TIMEOUT`` each; ``SmRefcountBusy``
-    when SM keeps one longer (the others let go, nothing done)."""
+    when SM keeps one longer (the others let go, nothing done). Re-entrant, as SM's Lock
+    is: a lock this process holds already is not taken again (a POSIX lock's second open
+    file would drop it when closed)."""
     with contextlib.ExitStack() as stack:
         for obj in sorted(set(objs)):
-            try:
-                stack.enter_context(sm_locks.sm_lock(ns, obj, lock_dir(), LOCK_TIMEOUT))
-            except Busy as e:
-                raise SmRefcountBusy(vdi=obj, lock_path=e.lock_path, timeout=LOCK_TIMEOUT)
+            key = (ns, obj)
+            if not _held.get(key):
+                try:
+                    stack.enter_context(sm_locks.sm_lock(ns, obj, lock_dir(), LOCK_TIMEOUT))
+                except Busy as e:
+                    raise SmRefcountBusy(vdi=obj, lock_path=e.lock_path, timeout=LOCK_TIMEOUT)
+            _held[key] = _held.get(key, 0) + 1
+            stack.callback(_release, key)
         yield
+
+
+def _release(key):
+    _held[key] -= 1
+    if not _held[key]:
+        del _held[key]
 
 
 def forget_lock(ns, obj):

@@ -525,13 +525,14 @@ class TapdiskDatapath(VhdOfflineDatapath):
         leaf (an LV: made writable at its full size first, as a leaf always is)."""
         st = storage(leaf)
         st.make_leaf(node)
-        with self._paused([disk]) as window:
-            if st.exists(leaf) and _parent_or_none(leaf) == node:
-                vhd.coalesce(leaf)
-            if vhd.query(node).hidden:
-                vhd.set_hidden(node, 0)
-            faults.point("tapdisk", "folded", 0)
-            st.replace(node, leaf)
+        with st.counts_locked(node, leaf):         # SM's refcount locks: not waited for in
+            with self._paused([disk]) as window:   # the pause
+                if st.exists(leaf) and _parent_or_none(leaf) == node:
+                    vhd.coalesce(leaf)
+                if vhd.query(node).hidden:
+                    vhd.set_hidden(node, 0)
+                faults.point("tapdisk", "folded", 0)
+                st.replace(node, leaf)
         return window.ms
 
     def do_new_leaf(self, step):

@@ -83,6 +83,10 @@ class FileStorage(object):
         """A frozen image about to become a leaf (a file: nothing to do)."""
         return None
 
+    def counts_locked(self, *paths):
+        """SM's locks of the images' LV refcounts (files: none)."""
+        return contextlib.ExitStack()
+
     def frozen_from(self, frozen, leaf):
         """``frozen`` was renamed from ``leaf``, which now has it as parent (SM's refcounts,
         kept on LVs only)."""
@@ -186,6 +190,11 @@ class LvmStorage(object):
         with self._locked(key_frozen, key_leaf):
             _, binary = sm_refcount.check(*key_leaf)
             sm_refcount.set_counts(key_frozen[0], key_frozen[1], binary, 0)
+
+    def counts_locked(self, *paths):
+        """SM's locks of these LVs' refcounts held, to be taken before a tapdisk pause whose
+        changes need them (a wait for SM inside the pause would stall the guest)."""
+        return self._locked(*[self._refkey(p) for p in paths])
 
     def _locked(self, *keys):
         """SM's per-object locks of these refcounts (None: not an LV SM counts)."""

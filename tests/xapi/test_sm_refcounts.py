@@ -151,6 +151,54 @@ def test_a_running_chain_nobody_counted_stays_active(world, sm, lvhd):
     vm.stop()
 
 
+def test_a_fold_waits_for_sms_refcount_lock_before_its_pause(world, sm, sm_tree,  # noqa: F811
+                                                             lvhd):
+    """The fold's last step moves the base copy's count to the running leaf inside a
+    tapdisk pause: SM holding its lock of the base copy's count (``RefCounter.checkLocked``
+    stopped in its read) makes livesnap wait before that pause, the guest running
+    meanwhile; once SM lets go the delete ends with SM's counts."""
+    import subprocess
+    import time
+    import xmlrpc.client
+    from conftest_paths import PLUGIN
+    from livesnap.datapaths import holders, sm_refcount
+    from livesnap.tools import tap_ctl
+    vm = world.add_vm(ndisks=1, sr=lvhd, size=8 * MiB)
+    leaf = _uuid(vm.paths["xvda"])
+    sm.attach(lvhd, leaf)
+    vm.start()
+    face = _uuid(world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")["disks"][0]["image"])
+    base, = _images(world, lvhd) - {leaf, face}
+    ns = sm_refcount.namespace(world.xapi.record("SR", lvhd)["uuid"])
+    sm_count = SmCount(sm_tree, ns, base, False, op="check", lock_dir=world.sm_lock_dir)
+    p = subprocess.Popen([PLUGIN, xmlrpc.client.dumps((world.session, {"vm_uuid": vm.uuid,
+                                                                        "name": "s1"}),
+                                                      methodname="snapshot_delete")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, env=world.env())
+    try:
+        while p.poll() is None and not [
+                pid for pid in holders.open_by(sm_count.lock_path) if pid != sm_count.p.pid]:
+            time.sleep(0.01)
+        assert p.poll() is None, p.communicate()
+        td = vm.tapdisks["xvda"]
+        state = tap_ctl.parse_list(world.tap_ctl("list", "-m", str(td.minor))[1])[0].state
+        assert not state & tap_ctl.PAUSED, "the guest paused while livesnap waits for SM"
+        sm_count.write()
+        out, err = p.communicate(timeout=120)
+    finally:
+        sm_count.kill()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0 and "<fault>" not in out, (out, err)
+    assert _as_sm_leaves_them(world, sm, lvhd) == {leaf: [0, 1]}
+    assert _images(world, lvhd) == {leaf}
+    vm.stop()
+    assert sm.detach(lvhd, leaf) == {}
+    _no_refcount_warnings(sm)
+
+
 def test_sms_live_leaf_coalesce_over_a_livesnap_chain(world, blktap, sm, lvhd):  # noqa: F811
     """The running VM's disk (SM's attach counted) snapshotted by livesnap, then the
     snapshot's own VDI destroyed behind livesnap's back as ``xe vdi-destroy`` does (SM's
@@ -329,29 +377,33 @@ def paused(ns, obj):
     sys.stdin.readline()
     return counts
 RefCounter._get = staticmethod(paused)
-held = lock.Lock(cfg["obj"], cfg["ns"])
-held.acquire()
-try:
-    RefCounter.get(cfg["obj"], cfg["binary"], cfg["ns"])
-finally:
-    held.release()
+if cfg["op"] == "check":                  # RefCounter.checkLocked: the lock, a read
+    RefCounter.checkLocked(cfg["obj"], cfg["ns"])
+else:
+    held = lock.Lock(cfg["obj"], cfg["ns"])
+    held.acquire()
+    try:
+        RefCounter.get(cfg["obj"], cfg["binary"], cfg["ns"])
+    finally:
+        held.release()
 print("written", flush=True)
 '''
 
 
 class SmCount(object):
-    """SM counting ``obj`` (``binary``) in another process, stopped between its read and its
-    write with its lock held."""
+    """SM counting ``obj`` (``binary``; ``op="check"``: only reading it, with its lock) in
+    another process, stopped between its read and its write with its lock held."""
 
-    def __init__(self, sm_tree, ns, obj, binary):  # noqa: F811
+    def __init__(self, sm_tree, ns, obj, binary, op="get", lock_dir=None):  # noqa: F811
         import json
         import subprocess
         import sys
         from livesnap.datapaths import sm_refcount
         cfg = {"drivers": os.path.join(sm_tree, "drivers"),
                "fairlock": os.path.join(sm_tree, "misc", "fairlock"),
-               "lock_dir": sm_refcount.lock_dir(), "refcount_dir": sm_refcount.base_dir(),
-               "ns": ns, "obj": obj, "binary": binary}
+               "lock_dir": lock_dir or sm_refcount.lock_dir(),
+               "refcount_dir": sm_refcount.base_dir(),
+               "ns": ns, "obj": obj, "binary": binary, "op": op}
         self.lock_path = os.path.join(cfg["lock_dir"], ns, obj)
         self.p = subprocess.Popen([sys.executable, "-c", SM_COUNT, json.dumps(cfg)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -476,3 +528,30 @@ def test_a_removed_lvs_lock_file_goes_with_it(lvhd_vg):
     assert sorted(os.listdir(d)) == ["two"]
     assert sm_refcount.check(ns, "one") == (0, 0) and sm_refcount.check(ns, "two") == (1, 0)
     assert not lvm.lv_exists(st.vg, "VHD-one")
+
+
+def _sm_can_lock(sm_tree, lock_dir, ns, obj):  # noqa: F811
+    """SM's ``Lock(obj, ns).acquireNoblock()`` in another process."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.path[:0] = [%r, %r]\nimport util\nutil.SMlog = lambda *a, **k: None\n"
+            "import lock\nlock.Lock.BASE_DIR = %r\nprint(lock.Lock(%r, %r).acquireNoblock())"
+            % (os.path.join(sm_tree, "drivers"), os.path.join(sm_tree, "misc", "fairlock"),
+               lock_dir, obj, ns))
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, check=True,
+                         universal_newlines=True).stdout.split()
+    return out[-1] == "True"
+
+
+def test_sms_lock_stays_held_through_a_nested_change(lvhd_vg, sm_tree):  # noqa: F811
+    """The locks a fold takes before its pause stay held through the change inside it that
+    takes them again (the same process: a second POSIX lock on the file, closed, would let
+    go of both): SM cannot take them until the outer hold ends."""
+    from livesnap.datapaths import sm_refcount
+    st, ns, path = lvhd_vg
+    d = sm_refcount.lock_dir()
+    with st.counts_locked(path("base"), path("leaf")):
+        st.frozen_from(path("base"), path("leaf"))
+        assert not _sm_can_lock(sm_tree, d, ns, "leaf")
+        assert not _sm_can_lock(sm_tree, d, ns, "base")
+    assert _sm_can_lock(sm_tree, d, ns, "leaf") and _sm_can_lock(sm_tree, d, ns, "base")
