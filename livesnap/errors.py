@@ -16,6 +16,7 @@ Tree::
      +-- Conflict
      |    +-- DuplicateName
      |    +-- Busy                another livesnap command holds the domain
+     |    |    +-- SmRefcountBusy  SM holds its lock of an LV's refcount
      |    +-- ServiceSocket       the service's socket is taken or cannot be made
      |    +-- WrongState          domain running/stopped where the datapath needs the other
      |    +-- InterruptedOperation  an unfinished operation needs ``livesnap recover``
@@ -133,6 +134,15 @@ class SmGcBusy(Busy):
     fields = ("sr", "lock_path", "timeout")
     msg = ("SM's garbage collector of SR {self.sr} did not stop within {self.timeout:.0f} s "
            "of being asked (it holds {self.lock_path}); livesnap changed nothing, try again")
+
+
+class SmRefcountBusy(Busy):
+    """XAPI, LVHD: SM kept its lock of an LV's refcount (``Lock(<vdi uuid>, "lvm-<sr>")``)
+    past livesnap's wait; the LV and its counts were not touched."""
+    fields = ("vdi", "lock_path", "timeout")
+    msg = ("SM held its lock of the LV refcount of VDI {self.vdi} ({self.lock_path}) for more "
+           "than {self.timeout:.0f} s; livesnap left that LV and its counts as they were "
+           "(livesnap recover finishes the command)")
 
 
 class WrongState(Conflict):

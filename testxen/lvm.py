@@ -243,7 +243,8 @@ def dom0_conf(root):
 
 
 def _activation(cmd, args, vg):
-    """{lv name: active} that ``lvcreate -an`` / ``lvchange -a y|n VG/LV`` asked for."""
+    """{lv name: active} that ``lvcreate -an`` / ``lvchange -a y|n VG/LV`` (or the LV's
+    path ``/dev/VG/LV``, as SM's lvutil names it) asked for."""
     want = None
     for i, a in enumerate(args):
         if a in ("-a", "--activate") and i + 1 < len(args):
@@ -256,7 +257,10 @@ def _activation(cmd, args, vg):
     if cmd == "lvcreate" and "-n" in args:
         return {args[args.index("-n") + 1]: active}
     if cmd == "lvchange":
-        return {a.split("/", 1)[1]: active for a in args if a.startswith(vg + "/")}
+        dev = os.path.join(dev_root(), vg) + "/"
+        names = [a[len(dev):] if a.startswith(dev) else a.split("/", 1)[1]
+                 for a in args if a.startswith(dev) or a.startswith(vg + "/")]
+        return {n: active for n in names}
     return {}
 
 

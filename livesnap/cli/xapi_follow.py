@@ -90,6 +90,9 @@ def run(args):
     sr_mount_base = args.sr_mount_base or env.get("LIVESNAP_SR_MOUNT_BASE") or \
         DEFAULT_SR_MOUNT_BASE
     sm_lock_dir = args.sm_lock_dir or env.get("LIVESNAP_SM_LOCK_DIR") or sm_lock.BASE_DIR
+    # the LVHD datapath takes SM's per-object refcount locks there too (sm_refcount.lock_dir;
+    # this is the command's own process: the service forks one per command)
+    env["LIVESNAP_SM_LOCK_DIR"] = sm_lock_dir
     sm_ipc_dir = args.sm_ipc_dir or env.get("LIVESNAP_SM_IPC_DIR") or sm_gc.IPC_BASE_DIR
     from livesnap.engine import gone
     from livesnap.engine.engine import Engine

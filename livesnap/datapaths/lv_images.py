@@ -77,20 +77,14 @@ def virtual_size(path):
     return int(qemu_img.info(path, force_share=True)["virtual-size"])
 
 
-_extents = {}
-
-
-def _extent(vg):
-    if vg not in _extents:
-        _extents[vg] = lvm.vg_extent_size(vg)
-    return _extents[vg]
-
-
 def full_size(size, vg=None):
     """The LV size of a qcow2 image of virtual size ``size`` that may be written all over:
     ``qemu-img measure``'s fully-allocated size, rounded up to the extent of ``vg`` (as LVM
-    rounds it; LVM's default extent, 4 MiB, when no VG is named)."""
-    extent = _extent(vg) if vg else lvm.EXTENT
+    rounds it; LVM's default extent, 4 MiB, when no VG is named). The extent is asked of
+    LVM each time (one ``vgs``), not kept: the service lives longer than a VG may (one
+    removed and made again under the same name, or ``vgchange -s``, has another extent),
+    and a cache checked against the VG's uuid would cost the same ``vgs`` call."""
+    extent = lvm.vg_extent_size(vg) if vg else lvm.EXTENT
     return lvm.round_extent(int(qemu_img.measure(size=size)["fully-allocated"]), extent)
 
 

@@ -13,18 +13,72 @@ counts with the images (LVHDVDI._finishSnapshot, cleanup.LVHDVDI.rename/delete,
 cleanup.LVHDSR._updateNode); ``LvmStorage`` does the same for livesnap's.
 
 The base directory is ``/var/run/sm/refcount`` (``RefCounter.BASE_DIR``), or
-``$LIVESNAP_SM_REFCOUNT_DIR`` (tests). Callers hold SM's SR lock, as SM does around the same
-changes. Python 3.6, stdlib only.
+``$LIVESNAP_SM_REFCOUNT_DIR`` (tests). Callers hold SM's SR lock, as SM does around its
+snapshot and coalesce, and, around each change, SM's per-object lock of every object they
+read or write (``locked``): SM's attach and detach on the master (``vdi_attach`` and
+``vdi_detach`` run without the SR lock) count each LV under ``Lock(<uuid>, "lvm-<sr>")``
+(lvmcache.LVMCache.activate/deactivate: the lock held across RefCounter's read and write
+and the LV's activation), so neither side's change of a count is lost to the other's. The
+lock files are SM's (``/var/lock/sm``, or ``$LIVESNAP_SM_LOCK_DIR``: tests and the XAPI
+plugin's setting). Python 3.6, stdlib only.
 """
+import contextlib
 import errno
 import os
 
+from livesnap import sm_locks
+from livesnap.errors import Busy, SmRefcountBusy
+
 BASE_DIR = "/var/run/sm/refcount"
 NS_PREFIX_LVM = "lvm-"
+LOCK_TIMEOUT = 60.0                 # how long SM may hold an object's lock (seconds)
 
 
 def base_dir():
     return os.environ.get("LIVESNAP_SM_REFCOUNT_DIR") or BASE_DIR
+
+
+def lock_dir():
+    return os.environ.get("LIVESNAP_SM_LOCK_DIR") or sm_locks.BASE_DIR
+
+
+_held = {}                          # (ns, obj) -> how many ``locked`` hold it in this process
+
+
+@contextlib.contextmanager
+def locked(ns, objs):
+    """SM's per-object locks ``Lock(obj, ns)`` of ``objs``, all held (taken in name order:
+    SM takes one at a time), waited for up to ``LOCK_TIMEOUT`` each; ``SmRefcountBusy``
+    when SM keeps one longer (the others let go, nothing done). Re-entrant, as SM's Lock
+    is: a lock this process holds already is not taken again (a POSIX lock's second open
+    file would drop it when closed)."""
+    with contextlib.ExitStack() as stack:
+        for obj in sorted(set(objs)):
+            key = (ns, obj)
+            if not _held.get(key):
+                try:
+                    stack.enter_context(sm_locks.sm_lock(ns, obj, lock_dir(), LOCK_TIMEOUT))
+                except Busy as e:
+                    raise SmRefcountBusy(vdi=obj, lock_path=e.lock_path, timeout=LOCK_TIMEOUT)
+            _held[key] = _held.get(key, 0) + 1
+            stack.callback(_release, key)
+        yield
+
+
+def _release(key):
+    _held[key] -= 1
+    if not _held[key]:
+        del _held[key]
+
+
+def forget_lock(ns, obj):
+    """The object's lock file removed, as SM removes it with the LV (``Lock.cleanup(uuid,
+    ns)`` in LVHDVDI.delete and the GC's delete); its namespace directory stays."""
+    try:
+        os.unlink(os.path.join(lock_dir(), ns, obj))
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
 
 
 def check(ns, obj, base=None):

@@ -121,7 +121,8 @@ class VhdOfflineDatapath(Datapath):
                 self.activation.begin(leaf)
 
     # LVs of a stopped VM may be inactive (SM activates a chain while the VDI is attached);
-    # with tapdisk running its chain is active.
+    # with tapdisk running its chain is active, a snapshot's own image (SM leaves it
+    # inactive) may not be.
     manages_activation = True
     # bytes a merge writes between two pushes to the disk (None: the VHD engine's own)
     writeback_step = None
@@ -133,16 +134,19 @@ class VhdOfflineDatapath(Datapath):
 
     def close(self):
         """Put LV activation back as it was (what a detached VM's command made goes
-        inactive)."""
+        inactive; on SM's SRs what SM counts nobody needing, as SM leaves it)."""
         if self.activation is not None:
-            current = set(self.made)
+            current, held = set(self.made), set()
             for d in self.domain.disks():
                 if self.domain.snapshottable(d) and os.path.exists(d.path):
                     try:
-                        current.update(vhd.chain_paths(d.path))
+                        chain = vhd.chain_paths(d.path)
                     except vhd.VhdError:
-                        current.add(d.path)
-            self.activation.end(current)
+                        chain = [d.path]
+                    current.update(chain)
+                    if d.path not in self.activation.activated:   # active before: a tapdisk's
+                        held.update(chain)                        # or its user's
+            self.activation.end(current, held)
 
     def run(self, step):
         """Every step under the platform's chain lock where it has one (SM's SR lock on a
@@ -403,7 +407,6 @@ class VhdOfflineDatapath(Datapath):
 class TapdiskDatapath(VhdOfflineDatapath):
     name = "tapdisk"
     pauses = True
-    manages_activation = False
     # a merge beside the running guest (a fold's rounds) pushes its data every 8 MiB: the
     # guest's writes queue behind each push (bench/xen_sm.py, a fold of 512 MiB: the guest's
     # longest gap between the fold's pauses 23-44 ms with the engine's 32 MiB, 19-32 ms)
@@ -528,13 +531,14 @@ class TapdiskDatapath(VhdOfflineDatapath):
         leaf (an LV: made writable at its full size first, as a leaf always is)."""
         st = storage(leaf)
         st.make_leaf(node)
-        with self._paused([disk]) as window:
-            if st.exists(leaf) and _parent_or_none(leaf) == node:
-                vhd.coalesce(leaf)
-            if vhd.query(node).hidden:
-                vhd.set_hidden(node, 0)
-            faults.point("tapdisk", "folded", 0)
-            st.replace(node, leaf)
+        with st.counts_locked(node, leaf):         # SM's refcount locks: not waited for in
+            with self._paused([disk]) as window:   # the pause
+                if st.exists(leaf) and _parent_or_none(leaf) == node:
+                    vhd.coalesce(leaf)
+                if vhd.query(node).hidden:
+                    vhd.set_hidden(node, 0)
+                faults.point("tapdisk", "folded", 0)
+                st.replace(node, leaf)
         return window.ms
 
     def do_new_leaf(self, step):

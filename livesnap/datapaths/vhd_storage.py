@@ -27,13 +27,17 @@ the writable/inflate steps are nothing. Every call is idempotent: steps are re-r
 crash.
 """
 import contextlib
+import logging
 import os
 
 from livesnap import vhd
 from livesnap.datapaths import free, own_files, sm_refcount, unlink
 from livesnap import faults
+from livesnap.errors import Error
 from livesnap.tools import lvm
 from livesnap.vhd.edit import set_physical_size
+
+log = logging.getLogger(__name__)
 
 MARGIN = 1 << 20
 SM_VG_PREFIX = "VG_XenStorage-"            # SM: lvhdutil.VG_PREFIX
@@ -78,6 +82,10 @@ class FileStorage(object):
     def make_leaf(self, path):
         """A frozen image about to become a leaf (a file: nothing to do)."""
         return None
+
+    def counts_locked(self, *paths):
+        """SM's locks of the images' LV refcounts (files: none)."""
+        return contextlib.ExitStack()
 
     def frozen_from(self, frozen, leaf):
         """``frozen`` was renamed from ``leaf``, which now has it as parent (SM's refcounts,
@@ -155,9 +163,12 @@ class LvmStorage(object):
         leaves them (cleanup.LVHDSR._updateNode): the leaf keeps its binary count and takes
         ``old``'s normal count less that (the leaf's attach counted ``old`` once); ``old``'s
         go. The counts change before the rename, so a re-run after a crash finds them done
-        (``old``'s gone, the leaf's already what they become)."""
+        (``old``'s gone, the leaf's already what they become). All of it under SM's locks of
+        both counts (SM's attach or detach of the leaf waits, or livesnap for it)."""
         key_old, key_new = self._refkey(old), self._refkey(new)
-        if os.path.exists(old):
+        if not os.path.exists(old):
+            return
+        with self._locked(key_old, key_new):
             self._lvremove(new)
             if key_old is not None and key_new is not None:
                 count, _ = sm_refcount.check(*key_old)
@@ -171,12 +182,26 @@ class LvmStorage(object):
     def frozen_from(self, frozen, leaf):
         """``frozen`` was renamed from ``leaf``, which is now its child: as SM's snapshot
         (LVHDVDI._finishSnapshot), the base copy's normal count is the leaf's binary count
-        (the leaf's attach counts each image under it); the leaf keeps its counts."""
+        (the leaf's attach counts each image under it); the leaf keeps its counts. Under
+        SM's locks of both counts: an attach or detach of the leaf in flight is seen."""
         key_frozen, key_leaf = self._refkey(frozen), self._refkey(leaf)
         if key_frozen is None or key_leaf is None:
             return
-        _, binary = sm_refcount.check(*key_leaf)
-        sm_refcount.set_counts(key_frozen[0], key_frozen[1], binary, 0)
+        with self._locked(key_frozen, key_leaf):
+            _, binary = sm_refcount.check(*key_leaf)
+            sm_refcount.set_counts(key_frozen[0], key_frozen[1], binary, 0)
+
+    def counts_locked(self, *paths):
+        """SM's locks of these LVs' refcounts held, to be taken before a tapdisk pause whose
+        changes need them (a wait for SM inside the pause would stall the guest)."""
+        return self._locked(*[self._refkey(p) for p in paths])
+
+    def _locked(self, *keys):
+        """SM's per-object locks of these refcounts (None: not an LV SM counts)."""
+        keys = [k for k in keys if k is not None]
+        if not keys:
+            return contextlib.ExitStack()
+        return sm_refcount.locked(keys[0][0], [k[1] for k in keys])
 
     def _refkey(self, path):
         """(namespace, object) of SM's refcount of an LV of SM's SR, else None."""
@@ -229,11 +254,15 @@ class LvmStorage(object):
         return None
 
     def remove(self, path):
-        """The LV goes, and SM's refcounts of it (cleanup.LVHDVDI.delete)."""
-        self._lvremove(path)
+        """The LV goes, and SM's refcounts of it, under SM's lock of them, then that lock's
+        file (cleanup.LVHDVDI.delete)."""
         key = self._refkey(path)
+        with self._locked(key):
+            self._lvremove(path)
+            if key is not None:
+                sm_refcount.reset(*key)
         if key is not None:
-            sm_refcount.reset(*key)
+            sm_refcount.forget_lock(*key)
 
     release = remove
 
@@ -317,7 +346,15 @@ class Activation(object):
     images. ``end()``: for a disk whose leaf LV was inactive at the start (a detached VDI),
     every LV of that VG livesnap activated or created in this command is deactivated; where
     the leaf was active, only what livesnap activated. LVs active at the start (a base copy
-    another running VM shares, say) are never touched."""
+    another running VM shares, say) are never touched.
+
+    On an SR of SM's (``VG_XenStorage-<sr>``, ``VHD-<uuid>``) SM's refcounts say instead what
+    stays active, as SM's snapshot and coalesce leave it (LVActivator.deactivateAll: an LV
+    whose counts are 0 is deactivated, a new snapshot VDI's too): every LV of the command's
+    images (created, activated, or in the catalog's tree, so a face a killed command left
+    active goes at recover) that is not ``held`` and has no count is deactivated, under SM's
+    lock of its count, as SM's ``LVMCache.deactivate`` does it (an attach on the master in
+    flight is waited for)."""
 
     def __init__(self, parent_of=None):
         """``parent_of(path)``: the parent image's path as the image names it (default: a
@@ -325,6 +362,7 @@ class Activation(object):
         self.was_active = set()
         self.activated = set()
         self.detached_vgs = set()
+        self.known = set()                 # the catalog's images (need)
         self.parent_of = parent_of or _parent_lv
 
     def _ensure(self, path):
@@ -355,16 +393,42 @@ class Activation(object):
 
     def need(self, paths):
         for p in paths:
+            self.known.add(p)
             self._ensure(p)
 
-    def end(self, current):
-        """Deactivate as described above; ``current``: the images the VM's LVs hold now."""
-        for path in sorted(set(current) | self.activated):
+    def end(self, current, held=()):
+        """Deactivate as described above; ``current``: the images the VM's LVs hold now;
+        ``held``: those an active leaf needs (the chains of the VM's leaves that were active
+        before the command: a running tapdisk's, or one SM's attach or its user activated)."""
+        mine = set(current) | self.activated
+        sm = {p for p in mine | self.known if _sm_key(p) is not None}
+        for path in sorted(mine - sm):
             vg_lv = lvm.split_path(path)
             if vg_lv is None or not os.path.exists(path) or path in self.was_active:
                 continue
             if path in self.activated or vg_lv[0] in self.detached_vgs:
                 lvm.activate(vg_lv[0], vg_lv[1], False)
+        for path in sorted(sm - set(held)):
+            _sm_settle(path)
+
+
+def _sm_key(path):
+    vg_lv = lvm.split_path(path)
+    return None if vg_lv is None else LvmStorage(vg_lv[0])._refkey(path)
+
+
+def _sm_settle(path):
+    """An LV of SM's SR deactivated when SM counts nobody needing it (none left where SM
+    leaves it locked or LVM refuses: SM's own deactivate leaves an open LV active too)."""
+    if not os.path.exists(path):
+        return
+    key = _sm_key(path)
+    try:
+        with sm_refcount.locked(key[0], [key[1]]):
+            if os.path.exists(path) and sm_refcount.check(*key) == (0, 0):
+                lvm.activate(*(lvm.split_path(path) + (False,)))
+    except Error as e:
+        log.warning("%s left active: %s", path, e)
 
 
 def _parent_lv(path):

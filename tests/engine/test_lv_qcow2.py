@@ -693,3 +693,25 @@ def test_the_space_preflight_rounds_to_the_vgs_own_extent(conn, tmp_path, vg_16m
             {16 * MiB}
     finally:
         dom.destroy()
+
+
+@pytest.mark.parametrize("extent", [16, 1])
+def test_a_vg_made_again_under_its_name_is_sized_by_its_new_extent(kvm_lvm_vg, extent):
+    """One process (the service lives for days): after livesnap sized an LV in a VG of
+    4 MiB extents, the VG is removed and made again under the same name with 16 MiB (or
+    1 MiB) extents: the next size is the new extent's, the size LVM itself gives an LV made
+    for the qcow2 (rounded to the old extent, the space preflight would count too little,
+    or a 1 MiB-extent VG would be asked for 3 MiB more than needed)."""
+    from livesnap.datapaths import lv_images
+    from livesnap.tools import qemu_img as qi
+    from testxen import lvm as standin
+    vg = kvm_lvm_vg.name
+    assert lv_images.full_size(DISK, vg) == 12 * MiB
+    root = os.environ["TESTXEN_LVM_ROOT"]
+    standin.destroy_vg(root)
+    v = standin.make_vg(root, vg, (1 << 30) + MiB)       # a whole number of 16 MiB extents
+    v.lvm("vgchange", ["-s", "%dm" % extent, vg], check=True)
+    need = int(qi.measure(size=DISK)["fully-allocated"])
+    new_lv(vg, "x", need)
+    assert lv_images.full_size(DISK, vg) == lvs(vg)["x"][0] == \
+        (16 * MiB if extent == 16 else 9 * MiB)
