@@ -465,6 +465,8 @@ def _setup(cfg):
     # on the pool master SM's SR process runs LVM with the writable configuration
     # (SR.__init__: dconf SRmaster=true -> LVM_SYSTEM_DIR=/etc/lvm/master); a test's dom0
     # configuration (testxen.lvm.dom0_conf) has it elsewhere
+    if cfg.get("other_host"):       # testxen/sm_hosts.py: its LV views are not this machine's
+        os.environ["TESTXEN_LVM_OTHER_HOST"] = cfg["host_uuid"]
     if cfg.get("lvm_master"):
         lvutil.MASTER_LVM_CONF = cfg["lvm_master"]
         os.environ["LVM_SYSTEM_DIR"] = cfg["lvm_master"]

@@ -16,7 +16,9 @@ tapdisks are this machine's real tapdisks. So:
 
 * ``on-slave``: SM's ``multi`` runs unchanged (its ``LVMCache``, ``RefCounter`` in this
   host's directory, ``Lock.cleanup``); its LVM commands go to the LVM stand-in, where
-  activation by path changes nothing (as for SM's code on the master), and
+  this host's activation changes leave the machine's devices (the master's) alone
+  (``TESTXEN_LVM_OTHER_HOST``: the commands run, their effect on this host's views is not
+  modelled), and
   ``lvutil._lvmBugCleanup`` (which removes a ``/dev/mapper`` node it takes for a leftover) is
   not run: the node is the master's too here; the dm table its refresh logs is the LV's
   linear map onto its loop device (testxen/dmsetup-table). What the calls did to a real slave's dm tables
@@ -75,7 +77,8 @@ class Host(object):
         return {"host_uuid": self.uuid, "state": self.state,
                 "lock_dir": os.path.join(self.state, "lock"),
                 "refcount_dir": os.path.join(self.state, "refcount"),
-                "log": self.log_path, "backend": self.backend, "lvm_master": None}
+                "log": self.log_path, "backend": self.backend, "lvm_master": None,
+                "other_host": True}
 
     def _serve(self, plugin):
         def serve(session, fn, args):
