@@ -409,7 +409,7 @@ def _gaps_in_and_out(log, t0, t1, pauses):
     """The guest's longest gap (ms) over each pause [(a, b, c, d)] (a gap touching [a, d]),
     and its longest gap over [t0, t1] touching none of them: {"ms", "after_pause": how many
     pauses had ended before it began, "ms_after": since the last of them ended (since t0 if
-    none)}."""
+    none; 0 for a gap that began before t0)}."""
     times = [t for _, t in txverify.acks(log)]
     inside = [round(txverify.max_gap(log, a, d), 1) for a, b, c, d in pauses]
     best = (0, t0, t0)
@@ -419,7 +419,7 @@ def _gaps_in_and_out(log, t0, t1, pauses):
             best = (y - x, x, y)
     ends = [d for a, b, c, d in pauses if d <= best[1]]
     return inside, {"ms": round(best[0] / 1e6, 1), "after_pause": len(ends),
-                    "ms_after": round((best[1] - max(ends + [t0])) / 1e6, 1)}
+                    "ms_after": round(max(0, best[1] - max(ends + [t0])) / 1e6, 1)}
 
 
 def _parts(pause):

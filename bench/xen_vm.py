@@ -119,10 +119,11 @@ class Vm(object):
                 img.write((offset_mib + i) * MiB, chunk(tag, i))
 
     def image_names(self):
-        """The VM's images in its directory: ``*.vhd`` files, or the LVs in /dev/<vg> (one VM
-        at a time uses the VG; dot names are the stand-in's links being made)."""
+        """The VM's images in its directory: ``*.vhd`` files, or the LVs of the run's VG it
+        did not have before, active or not (livesnap leaves an LV nobody counts inactive on
+        SM's VGs, as SM does)."""
         if self.vg:
-            return [f for f in os.listdir(self.img_dir) if not f.startswith(".")]
+            return sorted(set(vg_report()) - self.lvs_before)
         return [f for f in os.listdir(self.dir) if f.endswith(".vhd")]
 
     # -- setup (no tapdisk runs) ------------------------------------------------------------
@@ -358,6 +359,9 @@ class Vm(object):
         rc, out, err = self.tapdisks.destroy(td.pid, td.minor)
         if rc != 0:
             raise BenchError("tap-ctl destroy failed (%d): %s %s" % (rc, out, err))
+        if self.vg:             # read back as SM's attach would: every LV active
+            for name in self.image_names():
+                lvm.activate(self.vg, name)
         try:
             rep = txverify.assert_intact(self.ack_log, self.leaf)
             self.result["acked_writes"] = rep.acked

@@ -119,6 +119,20 @@ def test_control_sm_layout_online_leaf_coalesce_through_real_tapdisk(world, blkt
 
 # -- livesnap's operations, each followed by a real GC pass ------------------------------------
 
+def activate_lvs(world, sr):
+    """LVHD: every LV of the SR active (a device at /dev/VG/LV), as SM activates a chain to
+    read or attach it; livesnap leaves an LV nobody counts inactive (a halted VM's, a
+    snapshot's own VDI), as SM does."""
+    if world.xapi.record("SR", sr)["type"] != "lvm":
+        return
+    from livesnap.tools import lvm
+    from testxen import lvm as standin
+    vg = standin.Vg(os.environ["TESTXEN_LVM_ROOT"])
+    for name in vg.loops():
+        if not os.path.exists(vg.link(name)):
+            lvm.activate(vg.name, name, True)
+
+
 class Scenario(object):
     """A halted VM with one disk on ``sr``; what each snapshot and the disk must read."""
 
@@ -138,17 +152,7 @@ class Scenario(object):
         self.vm.start()
 
     def activate(self):
-        """LVHD: every LV of the SR active (a device at /dev/VG/LV), as SM activates a chain
-        to read or attach it; livesnap leaves a halted VM's LVs inactive."""
-        rec = self.world.xapi.record("SR", self.sr)
-        if rec["type"] != "lvm":
-            return
-        from livesnap.tools import lvm
-        from testxen import lvm as standin
-        vg = standin.Vg(os.environ["TESTXEN_LVM_ROOT"])
-        for name in vg.loops():
-            if not os.path.exists(vg.link(name)):
-                lvm.activate(vg.name, name, True)
+        activate_lvs(self.world, self.sr)
 
     def write(self):
         """Guest data through the real tapdisk: 1 MiB of a new pattern, a new place each

@@ -21,7 +21,7 @@ from testxen import sm as smmod
 from testxen import xe
 from testxen.world import ROOT
 
-from test_sm_gc import BIG, MiB, _fold_sr, _fold_vm, blktap, sm, sm_tree  # noqa: F401
+from test_sm_gc import BIG, MiB, _fold_sr, _fold_vm, activate_lvs, blktap, sm, sm_tree  # noqa: F401,E501
 from test_xapi_events import (_check_sm_end_state, _follow_argv, _follow_once, _readline,
                               _stderr, _wait, _xe, sm_world)  # noqa: F401
 
@@ -100,6 +100,7 @@ def test_snapshot_uninstall_of_a_two_disk_snapshot(request, sm_world, sm, kind):
         bt.write(path, 10 * MiB, 4 * MiB, 0x51 + i)
     r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s2")
     s2_images = {d["target"]: d["image"] for d in r["disks"]}
+    activate_lvs(world, sr)                 # s2's own VDIs inactive, as SM leaves them
     s2_data = {t: bt.read(p) for t, p in s2_images.items()}
     for i, (t, path) in enumerate(sorted(vm.paths.items())):
         bt.write(path, 12 * MiB, 4 * MiB, 0x61 + i)
@@ -114,6 +115,7 @@ def test_snapshot_uninstall_of_a_two_disk_snapshot(request, sm_world, sm, kind):
     assert sorted(records(world, vm)) == ["s2"] and records(world, vm)["s2"] == s2_rec
     assert [s["name"] for s in world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"]] \
         == ["s2"]
+    activate_lvs(world, sr)
     assert {t: bt.read(p) for t, p in s2_images.items()} == s2_data
     check = world.ok("check", vm_uuid=vm.uuid)
     assert check["ok"], check
