@@ -22,7 +22,7 @@ import re
 
 from livesnap.errors import (DatapathError, DomainNotFound, Error, StorageBusy, UsageError,
                              WrongHost)
-from livesnap.platforms import sm_gc, sm_lock, xapi_pool, xapi_records
+from livesnap.platforms import sm_gc, sm_lock, xapi_catalog, xapi_pool, xapi_records
 from livesnap.platforms.domain_xml import Disk
 from livesnap.platforms.xen_domain import XenDomainBase
 from livesnap.tools import lvm
@@ -319,6 +319,12 @@ class XapiDomain(XenDomainBase):
             raise WrongHost(self.name, self._host_uuid(resident),
                             "it runs on host %s, and its tapdisks are there"
                             % self._host_uuid(resident))
+
+    def catalog_here(self, path, have):
+        xapi_catalog.check_here(self, path, have)   # the catalog's host, in XAPI
+
+    def catalog_kept(self):
+        xapi_catalog.record_here(self)
 
     def served_elsewhere(self):
         """The VM runs on another host (its pauses are ``pool_pause``'s)."""

@@ -1,0 +1,154 @@
+"""Which host holds a VM's livesnap catalog (issue 13; livesnap/platforms/xapi_catalog.py).
+
+The catalog lives in one host's state directory; the VM moves (live migration, a new pool
+master). The host that makes it records itself in the VM's ``other_config``
+(``livesnap_catalog`` = ``host=<uuid> vm=<uuid>``); a command on another host is refused
+naming it (LIVESNAP_WRONG_HOST) instead of adopting the chain as new, and nothing changes.
+
+"Another host" here: a session the stand-in says is on host2 (``session_hosts``, its
+``session.get_this_host``) and that host's own state directory."""
+import os
+
+import pytest
+
+from livesnap.platforms import xapi_catalog
+
+KEY = xapi_catalog.KEY
+FUNCTIONS = [("snapshot_create", {"name": "s2"}), ("snapshot_delete", {"name": "s1"}),
+             ("snapshot_revert", {"name": "s1"}), ("snapshot_list", {}), ("recover", {}),
+             ("check", {})]
+
+
+def _host2(world):
+    """host2 of the pool: (its ref, a session on it, its state directory)."""
+    x = world.xapi
+    ref = x._add("host", {"name_label": "host2", "hostname": "host2", "enabled": True,
+                          "PBDs": [], "resident_VMs": []})
+    session = x.login()
+    x.session_hosts[session] = ref
+    state = os.path.join(world.base, "state-host2")
+    return ref, session, state
+
+
+def _run(world, fn, args, session=None, state=None):
+    env = {} if state is None else {"LIVESNAP_STATE_DIR": state}
+    return world.run_plugin(fn, args, session=session, **env)
+
+
+def _files(world, *dirs):
+    out = {}
+    for p, v in world.snapshot_of_files().items():
+        if not p.endswith(".lock"):
+            out[p] = v
+    for d in dirs:
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if not name.endswith(".lock"):
+                out[os.path.join(d, name)] = True
+    return out
+
+
+def _vdis(x):
+    return sorted((r["uuid"], r.get("is_a_snapshot"), r.get("managed", True))
+                  for r in x.objects["VDI"].values())
+
+
+def test_the_catalogs_host_is_recorded_and_copies_do_not_count(world):
+    """A first command records this host, with the VM's uuid, in the VM's other_config; the
+    VM snapshot record livesnap makes (``VM.snapshot``, which copies other_config) carries a
+    copy naming the VM, not itself: it is no claim on the snapshot record."""
+    x = world.xapi
+    vm = world.add_vm(ndisks=1)
+    assert KEY not in x.record("VM", vm.ref)["other_config"]
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    here = x.record("host", x.host)["uuid"]
+    assert xapi_catalog.parse(x.record("VM", vm.ref)["other_config"][KEY]) == \
+        {"host": here, "vm": vm.uuid}
+    snaps = [r for r in x.objects["VM"].values() if r.get("is_a_snapshot")]
+    assert snaps and all(xapi_catalog.parse(r["other_config"].get(KEY)) !=
+                         {"host": here, "vm": r["uuid"]} for r in snaps), snaps
+
+
+@pytest.mark.parametrize("fn,args", FUNCTIONS)
+def test_a_command_on_another_host_is_refused_naming_the_catalogs_host(world, fn, args):
+    """The VM's catalog is on host1 (s1 taken there); on host2, which has no catalog of it,
+    every function is refused naming host1, before anything changes: no catalog made
+    there, no image, no XAPI record, the key kept. host1 then works as before."""
+    x = world.xapi
+    vm = world.add_vm(ndisks=1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    ref2, s2, state2 = _host2(world)
+    key = dict(x.record("VM", vm.ref)["other_config"])
+    before, vdis = _files(world, state2), _vdis(x)
+    reply = _run(world, fn, dict(args, vm_uuid=vm.uuid), s2, state2)
+    assert reply["Status"] == "Failure", reply
+    desc = reply["ErrorDescription"]
+    assert desc[0] == "LIVESNAP_WRONG_HOST", (desc, world.last.stderr)
+    assert x.record("host", x.host)["uuid"] in desc[1] and "catalog" in desc[1], desc
+    assert _files(world, state2) == before and _vdis(x) == vdis
+    assert not [n for n in os.listdir(state2) if n.endswith(".db")] \
+        if os.path.isdir(state2) else True
+    assert x.record("VM", vm.ref)["other_config"] == key
+    assert [s["name"] for s in world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"]] == \
+        ["s1"]
+
+
+def test_a_catalog_on_both_hosts_the_keys_host_is_the_vms(world):
+    """host2 has a catalog of the VM too (an older livesnap adopted it there after a
+    migration) but the key names host1: host2 is refused, naming host1 and its own stale
+    catalog; nothing changes."""
+    x = world.xapi
+    vm = world.add_vm(ndisks=1)
+    ref2, s2, state2 = _host2(world)
+    x.session_hosts[world.session] = ref2              # "older livesnap" on host2: no key
+    r = _run(world, "snapshot_list", {"vm_uuid": vm.uuid}, state=state2)
+    assert r["Status"] == "Success", r
+    x.record("VM", vm.ref)["other_config"].pop(KEY)
+    del x.session_hosts[world.session]
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    before = _files(world, state2)
+    reply = _run(world, "snapshot_delete", {"vm_uuid": vm.uuid, "name": "s1"}, s2, state2)
+    desc = reply["ErrorDescription"]
+    assert desc[0] == "LIVESNAP_WRONG_HOST", desc
+    assert x.record("host", x.host)["uuid"] in desc[1] and "not the VM's current" in desc[1]
+    assert _files(world, state2) == before
+
+
+def test_the_state_directory_lost_is_said_not_adopted(world):
+    """The key names this host but its catalog is gone (state directory lost): every
+    command is an error that says so, nothing adopted, nothing changed; with the key
+    removed (as the message says) the chain is adopted as it is."""
+    x = world.xapi
+    vm = world.add_vm(ndisks=1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    for name in os.listdir(world.state_dir):
+        os.unlink(os.path.join(world.state_dir, name))
+    before, vdis = _files(world), _vdis(x)
+    for fn, args in FUNCTIONS:
+        desc = world.fail(fn, dict(args, vm_uuid=vm.uuid), "LIVESNAP_CATALOG_ERROR")
+        assert "state directory was lost" in desc[1] and KEY in desc[1], desc
+        assert _files(world) == before and _vdis(x) == vdis, fn
+        assert not [n for n in os.listdir(world.state_dir) if n.endswith(".db")], fn
+    x.record("VM", vm.ref)["other_config"].pop(KEY)
+    world.ok("snapshot_list", vm_uuid=vm.uuid)
+    assert KEY in x.record("VM", vm.ref)["other_config"]
+
+
+def test_no_key_is_todays_behaviour_and_gets_one(world):
+    """A catalog made by an older livesnap (no key): used, and the key written; a VM with no
+    key and no catalog anywhere: adopted; a key copied from another VM (a clone's, a
+    template's) counts as none."""
+    x = world.xapi
+    vm = world.add_vm(ndisks=1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    x.record("VM", vm.ref)["other_config"].pop(KEY)
+    assert [s["name"] for s in world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"]] == \
+        ["s1"]
+    assert xapi_catalog.parse(x.record("VM", vm.ref)["other_config"][KEY])["vm"] == vm.uuid
+    clone = world.add_vm("clone", ndisks=1)
+    ref2, s2, state2 = _host2(world)
+    x.record("VM", clone.ref)["other_config"][KEY] = \
+        x.record("VM", vm.ref)["other_config"][KEY]            # names vm, on host1
+    r = _run(world, "snapshot_create", {"vm_uuid": clone.uuid, "name": "c1"}, s2, state2)
+    assert r["Status"] == "Success", r
+    assert xapi_catalog.parse(x.record("VM", clone.ref)["other_config"][KEY]) == \
+        {"host": x.record("host", ref2)["uuid"], "vm": clone.uuid}
