@@ -158,3 +158,49 @@ def test_create_on_the_catalogs_host_of_a_vm_running_elsewhere(world, blktap, sm
         ["s1", "s2"]
     vm.stop()
     fresh.stop()
+
+
+def test_the_catalogs_follower_folds_after_an_xe_delete_of_a_vm_running_elsewhere(  # noqa: F811,E501
+        world, blktap, sm, host2, monkeypatch):
+    """s1 taken on the master, the VM migrated to host2, s1's face deleted with xe (SM's
+    own FileVDI.delete): host2's follower, the VM's resident host, leaves it alone even
+    with a catalog of it (XAPI records the master as the catalog's host; before, the
+    resident host owned a running file-SR VM while the catalog was elsewhere, and nobody
+    merged); the master's follower folds the base copy into the leaf running on host2
+    through host2's tapdisk-pause; SM's GC finds nothing, the guest's writes are kept."""
+    from test_follow_service import _due, _in_process_follower
+    x = world.xapi
+    vm = world.add_vm(ndisks=1, size=16 * MiB)
+    disk = vm.paths["xvda"]
+    blktap.write(disk, 8 * MiB, 2 * MiB, 0x31)
+    vm.start()
+    r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _migrate(world, host2, vm)
+    sm.vdi_delete(world.sr, _vdi_ref(x, _uuid(r["disks"][0]["image"])))
+    td = vm.tapdisks["xvda"]
+    acks = len(vm.ack_log("xvda"))
+    reports = []
+    f = _in_process_follower(world, sm, monkeypatch, reports)
+    try:
+        f.here = host2.ref                    # as host2's follower sees it: not its VM
+        assert f.reconcile() == [] and reports == []
+        assert len(_images(world)) == 2
+        f.here = x.host
+        _due(f)
+        since = len(x.calls)
+        out, = f.reconcile()
+    finally:
+        f.platform.session.xenapi.session.logout()
+    assert "error" not in out, out
+    res = out["result"]
+    assert res["followed_sm"]["deleted"] == ["s1"], res
+    assert res["datapath"] == "tapdisk-remote" and \
+        [m["method"] for m in res["merges"]] == ["fold"], res
+    calls = sm_hosts.plugin_calls(x, since)
+    assert calls and {c[0] for c in calls} == {host2.ref} and _in_pauses(calls), calls
+    assert _images(world) == {_uuid(disk)}
+    world.tapdisks.wait_acks(td.pid, td.minor, acks + 3)
+    view = sm.classify(world.sr)
+    assert view["coalesceable"] == [] and view["leaf_coalesceable"] == [] and \
+        view["garbage"] == [], view
+    vm.stop()
