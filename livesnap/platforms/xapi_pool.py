@@ -86,7 +86,8 @@ def refuse_wrong_host(domain, disks, catalog_here=True):
       xapi_catalog.py refuses every other host before this): a catalog left on a host that is
       no longer the master (``xe pool-designate-new-master``, HA) is refused here naming the
       master, since only the master may change the chain and only the catalog's host knows
-      it: the catalog is handed to the master first (``livesnap catalog-move``).
+      it: the catalog is handed to the master first (the plugin's ``catalog_move``,
+      platforms/xapi_move.py).
     * file SRs: the host holding the VM's catalog (``catalog_here``), wherever the VM runs: a
       VM running on another host, its disks on shared SRs, is worked on with remote pauses
       (SM's tapdisk-pause there; a file has no LV views). With no catalog here (none made
@@ -107,7 +108,7 @@ def refuse_wrong_host(domain, disks, catalog_here=True):
                    "SM's tapdisk-pause plugin)" % ", ".join(lvhd))
             if catalog_here:
                 why += ("; the VM's livesnap catalog is on this host: hand it to the master "
-                        "first (livesnap catalog-move)")
+                        "first (the livesnap plugin's catalog_move)")
             raise WrongHost(domain.name, domain._host_uuid(master), why)
     if running and resident not in (NULL_REF, here) and \
             not ((lvhd or catalog_here) and reachable(domain, disks, files=catalog_here)):

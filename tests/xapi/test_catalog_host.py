@@ -152,3 +152,105 @@ def test_no_key_is_todays_behaviour_and_gets_one(world):
     assert r["Status"] == "Success", r
     assert xapi_catalog.parse(x.record("VM", clone.ref)["other_config"][KEY]) == \
         {"host": x.record("host", ref2)["uuid"], "vm": clone.uuid}
+
+
+# -- catalog_move: a catalog handed to another host on purpose --------------------------------
+
+def _serve_livesnap(world, ref2, state2):
+    """host2's livesnap plugin for ``host.call_plugin``: the plugin run on host2 (a session
+    on it, its state directory), as xapi runs it there."""
+    from testxen.xapi import Failure
+
+    def serve(session, fn, args):
+        s = world.xapi.login()
+        world.xapi.session_hosts[s] = ref2
+        reply = world.run_plugin(fn, args, session=s, LIVESNAP_STATE_DIR=state2)
+        if reply["Status"] != "Success":
+            raise Failure(*reply["ErrorDescription"])
+        return reply["Value"]
+    world.xapi.host_plugins[(ref2, "livesnap")] = serve
+
+
+def _dbs(d):
+    return sorted(n for n in os.listdir(d) if n.endswith(".db")) if os.path.isdir(d) else []
+
+
+def test_catalog_move_hands_the_catalog_over(world):
+    """catalog_move on the holding host: host2 then holds the catalog (s1 listed and deleted
+    there), XAPI's key names it, host1's catalog is gone and host1 is refused naming host2;
+    moved back the same way."""
+    x = world.xapi
+    vm = world.add_vm(ndisks=1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    ref2, s2, state2 = _host2(world)
+    _serve_livesnap(world, ref2, state2)
+    uuid2 = x.record("host", ref2)["uuid"]
+    out = world.ok("catalog_move", vm_uuid=vm.uuid, host_uuid=uuid2)
+    assert out["to_host"] == uuid2, out
+    assert _dbs(world.state_dir) == [] and _dbs(state2) == [vm.uuid + ".db"]
+    assert xapi_catalog.parse(x.record("VM", vm.ref)["other_config"][KEY])["host"] == uuid2
+    desc = world.fail("snapshot_list", {"vm_uuid": vm.uuid}, "LIVESNAP_WRONG_HOST")
+    assert uuid2 in desc[1], desc
+    r = _run(world, "snapshot_list", {"vm_uuid": vm.uuid}, s2, state2)
+    assert r["Status"] == "Success", r
+    assert '"s1"' in r["Value"]
+    r = _run(world, "snapshot_create", {"vm_uuid": vm.uuid, "name": "s2"}, s2, state2)
+    assert r["Status"] == "Success", r
+    # and back: host1 receives it through its plugin
+    _serve_livesnap_here(world)
+    r = _run(world, "catalog_move", {"vm_uuid": vm.uuid,
+                                     "host_uuid": x.record("host", x.host)["uuid"]}, s2, state2)
+    assert r["Status"] == "Success", (r, world.last.stderr)
+    assert _dbs(state2) == [] and _dbs(world.state_dir) == [vm.uuid + ".db"]
+    names = [s["name"] for s in world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"]]
+    assert names == ["s1", "s2"], names
+
+
+def _serve_livesnap_here(world):
+    from testxen.xapi import Failure
+
+    def serve(session, fn, args):
+        reply = world.run_plugin(fn, args, session=world.xapi.login())
+        if reply["Status"] != "Success":
+            raise Failure(*reply["ErrorDescription"])
+        return reply["Value"]
+    world.xapi.host_plugins[(world.xapi.host, "livesnap")] = serve
+
+
+def test_catalog_move_refused_with_an_unfinished_operation_or_a_catalog_there(world):
+    """A create killed mid-way leaves an unfinished operation: catalog_move is refused
+    (LIVESNAP_INTERRUPTED), nothing moved; after recover it moves. A target that has a
+    catalog of the VM already refuses it: the key and the holder's catalog are kept."""
+    import subprocess
+    import xmlrpc.client
+    from conftest_paths import PLUGIN
+    x = world.xapi
+    vm = world.add_vm(ndisks=1)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    ref2, s2, state2 = _host2(world)
+    _serve_livesnap(world, ref2, state2)
+    uuid2 = x.record("host", ref2)["uuid"]
+    p = subprocess.run([PLUGIN, xmlrpc.client.dumps((world.session, {
+        "vm_uuid": vm.uuid, "name": "s2"}), methodname="snapshot_create")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+        env=world.env(LIVESNAP_FAULT="create:after:0"), timeout=300)
+    assert p.returncode == -9, (p.returncode, p.stderr)
+    key = x.record("VM", vm.ref)["other_config"][KEY]
+    desc = world.fail("catalog_move", {"vm_uuid": vm.uuid, "host_uuid": uuid2},
+                      "LIVESNAP_INTERRUPTED")
+    assert "recover" in desc[1], desc
+    assert _dbs(state2) == [] and x.record("VM", vm.ref)["other_config"][KEY] == key
+    world.ok("recover", vm_uuid=vm.uuid)
+    # host2 has a (stale) catalog of the VM: it refuses; nothing changes
+    os.makedirs(state2, exist_ok=True)
+    with open(os.path.join(state2, vm.uuid + ".db"), "wb") as f:
+        f.write(b"")
+    reply = world.run_plugin("catalog_move", {"vm_uuid": vm.uuid, "host_uuid": uuid2})
+    assert reply["Status"] == "Failure", reply
+    assert "already" in " ".join(reply["ErrorDescription"]), reply
+    assert x.record("VM", vm.ref)["other_config"][KEY] == key
+    assert _dbs(world.state_dir) == [vm.uuid + ".db"]
+    os.unlink(os.path.join(state2, vm.uuid + ".db"))
+    world.ok("catalog_move", vm_uuid=vm.uuid, host_uuid=uuid2)
+    r = _run(world, "snapshot_list", {"vm_uuid": vm.uuid}, s2, state2)
+    assert r["Status"] == "Success" and '"s2"' in r["Value"], r

@@ -469,7 +469,7 @@ def test_masters_follower_folds_for_a_vm_running_on_another_host(world, blktap, 
         _due(f)
         refused, = f.reconcile()
         assert refused["wrong_host"] and host2.uuid in refused["error"] and \
-            "catalog-move" in refused["error"], refused
+            "catalog_move" in refused["error"], refused
         assert _images(world, lvhd) == {leaf, base}
         # the master's: folded through host2
         x.record("pool", x.pool)["master"] = x.host
