@@ -254,3 +254,30 @@ def test_catalog_move_refused_with_an_unfinished_operation_or_a_catalog_there(wo
     world.ok("catalog_move", vm_uuid=vm.uuid, host_uuid=uuid2)
     r = _run(world, "snapshot_list", {"vm_uuid": vm.uuid}, s2, state2)
     assert r["Status"] == "Success" and '"s2"' in r["Value"], r
+
+
+def test_lvhd_after_a_new_master_the_catalog_is_handed_to_it(world, lvm_vg):
+    """An LVHD VM's catalog on host1, the master; host2 becomes the master (xe
+    pool-designate-new-master): host1 is refused naming host2 (only the master writes LVM;
+    the catalog to be handed over), host2 refused naming host1 (the catalog's host); nothing
+    changes. catalog_move hands it to host2, which then takes a snapshot."""
+    x = world.xapi
+    sr = world.add_lvm_sr(lvm_vg)
+    vm = world.add_vm("lv", ndisks=1, sr=sr)
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    ref2, s2, state2 = _host2(world)
+    _serve_livesnap(world, ref2, state2)
+    uuid1, uuid2 = x.record("host", x.host)["uuid"], x.record("host", ref2)["uuid"]
+    x.record("pool", x.pool)["master"] = ref2
+    lvs = sorted(lvm_vg.loops())
+    desc = world.fail("snapshot_create", {"vm_uuid": vm.uuid, "name": "s2"},
+                      "LIVESNAP_WRONG_HOST")
+    assert uuid2 in desc[1] and "pool master" in desc[1] and "catalog_move" in desc[1], desc
+    reply = _run(world, "snapshot_create", {"vm_uuid": vm.uuid, "name": "s2"}, s2, state2)
+    desc = reply["ErrorDescription"]
+    assert desc[0] == "LIVESNAP_WRONG_HOST" and uuid1 in desc[1], desc
+    assert sorted(lvm_vg.loops()) == lvs
+    world.ok("catalog_move", vm_uuid=vm.uuid, host_uuid=uuid2)
+    reply = _run(world, "snapshot_create", {"vm_uuid": vm.uuid, "name": "s2"}, s2, state2)
+    assert reply["Status"] == "Success", (reply, world.last.stderr)
+    assert len(lvm_vg.loops()) > len(lvs)
