@@ -297,13 +297,15 @@ class XapiDomain(XenDomainBase):
         xapi_pool.refuse_wrong_host(self, disks, self.catalog_held)
 
     catalog_held = True             # this host holds the VM's catalog (set by catalog_here)
+    catalog_keyed = False           # XAPI already records it here (or cannot be told)
 
     def catalog_here(self, path, have):
-        xapi_catalog.check_here(self, path, have)   # the catalog's host, in XAPI
+        self.catalog_keyed = xapi_catalog.check_here(self, path, have)  # its host, in XAPI
         self.catalog_held = have
 
     def catalog_kept(self):
-        xapi_catalog.record_here(self)
+        if not self.catalog_keyed:
+            xapi_catalog.record_here(self)
 
     def served_elsewhere(self):
         """The VM runs on another host (its pauses are ``pool_pause``'s)."""

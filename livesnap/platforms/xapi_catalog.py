@@ -72,13 +72,16 @@ def _here(domain):
 def check_here(domain, catalog_path, have):
     """Before a command reads or makes ``domain``'s catalog (``have``: this host's state
     directory has it at ``catalog_path``): refused when the key names another host, an
-    error when it names this one and the catalog is not here."""
+    error when it names this one and the catalog is not here. Returns whether nothing is
+    left to record (the key names this host, or the session cannot say which it is)."""
     ref, here = _here(domain)
     if here is None:
-        return
+        return True
     held = holder(domain)
-    if held is None or (held == here and have):
-        return
+    if held is None:
+        return False
+    if held == here and have:
+        return True
     if held == here:
         raise CatalogError(catalog_path, "XAPI records this host (%s) as holding the livesnap "
                            "catalog of VM %s (%s), but it is not here: the state directory "
