@@ -204,3 +204,42 @@ def test_the_catalogs_follower_folds_after_an_xe_delete_of_a_vm_running_elsewher
     assert view["coalesceable"] == [] and view["leaf_coalesceable"] == [] and \
         view["garbage"] == [], view
     vm.stop()
+
+
+@pytest.mark.parametrize("fn,fault", [("snapshot_create", "tapdisk:renamed:0"),
+                                      ("snapshot_delete", "tapdisk:folded:0")])
+def test_killed_inside_a_remote_pause_then_recovered(world, blktap, sm, host2, fn, fault):  # noqa: F811,E501
+    """The catalog's host killed inside a pause of the tapdisk on host2 (file SR): the VDI
+    keeps SM's paused key and livesnap's marks until ``recover`` on the catalog's host,
+    which finishes the operation and unpauses host2's tapdisk through tapdisk-pause; the
+    guest writes on, every acknowledged write kept, SM's GC finds nothing to do."""
+    import subprocess
+    import xmlrpc.client
+    from conftest_paths import PLUGIN
+    x = world.xapi
+    vm = world.add_vm(ndisks=1, size=16 * MiB)
+    disk = vm.paths["xvda"]
+    blktap.write(disk, 8 * MiB, 2 * MiB, 0x31)
+    vm.start()
+    world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
+    _migrate(world, host2, vm)
+    name = "s2" if fn == "snapshot_create" else "s1"
+    p = subprocess.run([PLUGIN, xmlrpc.client.dumps((world.session, {
+        "vm_uuid": vm.uuid, "name": name}), methodname=fn)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True,
+        env=world.env(LIVESNAP_FAULT=fault), timeout=300)
+    assert p.returncode == -9, (p.returncode, p.stderr)
+    ref = _vdi_ref(x, _uuid(disk))
+    sm_config = x.record("VDI", ref)["sm_config"]
+    assert sm_config.get("paused") == "true" and sm_config.get("livesnap-paused-on"), sm_config
+    out = world.ok("recover", vm_uuid=vm.uuid)
+    assert out["recovered"] is not None, out
+    sm_config = x.record("VDI", ref)["sm_config"]
+    assert "paused" not in sm_config and "livesnap-paused" not in sm_config, sm_config
+    td = vm.tapdisks["xvda"]
+    world.tapdisks.wait_acks(td.pid, td.minor, len(vm.ack_log("xvda")) + 3)
+    names = [s["name"] for s in world.ok("snapshot_list", vm_uuid=vm.uuid)["snapshots"]]
+    assert names == (["s1", "s2"] if fn == "snapshot_create" else []), names
+    view = sm.classify(world.sr)
+    assert view["coalesceable"] == [] and view["leaf_coalesceable"] == [], view
+    vm.stop()
