@@ -11,10 +11,10 @@ catalog for a XAPI VM it records in XAPI which host holds it, in the VM's ``othe
 
 xapi keeps a VM's ``other_config`` in every power state (a running VM's too) and carries it
 through a migration. ``VM.snapshot``/``VM.checkpoint``/``VM.clone``/``VM.copy``
-(xapi_vm_clone.ml ``copy_vm_record``) copy it to the new record, and ``VM.revert`` copies a
-snapshot's fields back to its VM: the ``vm=`` part names the VM the catalog is of, so a copy
-(a snapshot record, a clone, a template) reads as having no key, and a revert puts back the
-VM's own key as it was at the snapshot.
+(xapi_vm_clone.ml ``copy_vm_record``) copy it to the new record: the ``vm=`` part names the
+VM the catalog is of, so a copy (a snapshot record, a clone, a template) reads as having no
+key. (``VM.revert`` of an xe snapshot is expected to put back the VM's key as it was at the
+snapshot: docs/xen.md.)
 
 A command (``check_here`` before anything changes): a key naming another host -> refused
 (``WrongHost`` naming it), whether or not this host has a catalog too (one made by an older
