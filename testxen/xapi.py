@@ -90,6 +90,9 @@ class Xapi(VmCalls):
         # plugins of one host: {(host ref, name): f(session, fn, args) -> str} (another pool
         # member serving SM's own plugins, testxen/sm_hosts.py)
         self.host_plugins = {}
+        # the host a session is on ({session ref: host ref}; any other: this one): a plugin
+        # run with such a session runs "on" that host (session.get_this_host)
+        self.session_hosts = {}
         self.scanner = None                # SR.scan's source of truth, see scan()
         self.vdi_destroyer = None          # VDI.destroy's SM driver, see _vdi_destroy()
         self.lock = threading.Lock()
@@ -214,7 +217,7 @@ class Xapi(VmCalls):
             self.sessions.discard(session)
             return ""
         if method == "session.get_this_host":
-            return self.host
+            return self.session_hosts.get(session, self.host)
         if method == "host.call_plugin":
             return self._call_plugin(session, *args)
         if method.startswith("Async."):

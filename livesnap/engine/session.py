@@ -51,6 +51,9 @@ class SessionContext(object):
         try:
             path = os.path.join(state_dir, domain.uuid + ".db")
             known = os.path.exists(path)
+            held = getattr(domain, "catalog_here", None)     # XAPI: the host holding it
+            if held is not None:
+                held(path, known)
             if self.preflight is not None and not known:
                 self.preflight(domain)          # first seen: no catalog made if refused
             if self.dry_run and not known:
@@ -58,6 +61,9 @@ class SessionContext(object):
                 catalog = Catalog(":memory:", domain.name)
             else:
                 catalog = Catalog.for_domain(state_dir, domain.uuid, domain.name)
+                kept = getattr(domain, "catalog_kept", None)   # XAPI: recorded as here
+                if kept is not None:
+                    kept()
             if self.preflight is not None and known and catalog.unfinished() is None:
                 # (with an interrupted operation, the command names 'livesnap recover')
                 self.preflight(domain)

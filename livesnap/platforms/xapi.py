@@ -20,9 +20,8 @@ import logging
 import os
 import re
 
-from livesnap.errors import (DatapathError, DomainNotFound, Error, StorageBusy, UsageError,
-                             WrongHost)
-from livesnap.platforms import sm_gc, sm_lock, xapi_pool, xapi_records
+from livesnap.errors import DatapathError, DomainNotFound, Error, StorageBusy, UsageError
+from livesnap.platforms import sm_gc, sm_lock, xapi_catalog, xapi_pool, xapi_records
 from livesnap.platforms.domain_xml import Disk
 from livesnap.platforms.xen_domain import XenDomainBase
 from livesnap.tools import lvm
@@ -293,32 +292,20 @@ class XapiDomain(XenDomainBase):
                ("mirror", "it is being mirrored to another SR (storage migration)"))
 
     def refuse_wrong_host(self, disks):
-        """Before an operation changes anything: LVHD metadata (a shared volume group) is
-        written only on the pool master, as SM writes it (``isMaster``, ``/etc/lvm/master``);
-        a running VM's tapdisks are on the host it runs on (``resident_on``). A VM running
-        on another host is worked on from the master when all its disks are on shared LVHD
-        SRs, as SM does (its tapdisks paused and that host's LV views updated through SM's
-        own plugins: platforms/xapi_pool.py); otherwise livesnap must run where it runs."""
-        here = self.platform.this_host()
-        if here is None:
-            return
-        resident = self.record.get("resident_on") or NULL_REF
-        running = self.power_state() in ("Running", "Paused")
-        lvhd = [t for t in sorted(disks) if self._sr_types.get(t) in LVHD_SR_TYPES]
-        if lvhd:
-            pools = self.platform.call("pool.get_all")
-            master = self.platform.call("pool.get_master", pools[0]) if pools else here
-            if master != here:
-                raise WrongHost(self.name, self._host_uuid(master),
-                                "disks %s are on an LVHD SR, whose LVM metadata only the pool "
-                                "master writes (livesnap there pauses the VM's tapdisks on the "
-                                "host it runs on through SM's tapdisk-pause plugin)"
-                                % ", ".join(lvhd))
-        if running and resident not in (NULL_REF, here) and \
-                not (lvhd and xapi_pool.reachable(self, disks)):
-            raise WrongHost(self.name, self._host_uuid(resident),
-                            "it runs on host %s, and its tapdisks are there"
-                            % self._host_uuid(resident))
+        """Before an operation changes anything: this host is the one to act (LVHD: the
+        pool master; file SRs: the host holding the catalog; xapi_pool.refuse_wrong_host)."""
+        xapi_pool.refuse_wrong_host(self, disks, self.catalog_held)
+
+    catalog_held = True             # this host holds the VM's catalog (set by catalog_here)
+    catalog_keyed = False           # XAPI already records it here (or cannot be told)
+
+    def catalog_here(self, path, have):
+        self.catalog_keyed = xapi_catalog.check_here(self, path, have)  # its host, in XAPI
+        self.catalog_held = have
+
+    def catalog_kept(self):
+        if not self.catalog_keyed:
+            xapi_catalog.record_here(self)
 
     def served_elsewhere(self):
         """The VM runs on another host (its pauses are ``pool_pause``'s)."""

@@ -30,7 +30,11 @@ How it runs as a host service (a systemd unit, ``--install-unit``):
   (platforms/xapi_link.py ``is_lost``) is logged once; the follower logs in again with a
   bounded backoff (0.5 s doubling to 30 s), takes a new ``event.from`` token and compares
   again, since the outage's events are lost. SIGTERM/SIGINT end it cleanly at any wait.
-* **pools: who acts** (``owner``): a running VM is the business of the follower of the host
+* **pools: who acts**: the host XAPI records as holding the VM's catalog
+  (platforms/xapi_catalog.py: a catalog elsewhere is stale), wherever the VM runs (remote
+  pauses through SM's tapdisk-pause when it runs elsewhere; LVHD needs that host to be the
+  master, else ``WRONG_HOST``). With no key (an older livesnap's catalog), ``owner``: a
+  running VM is the business of the follower of the host
   it runs on (its tapdisks are there), a halted one the pool master's, and one with a disk
   on an LVHD SR always the master's (SM writes LVM metadata only there). Any other follower
   skips the VM quietly (a debug line).
@@ -56,7 +60,7 @@ import time
 
 from livesnap.errors import (Busy, DomainNotFound, Error, Interrupted, InterruptedOperation,
                              SmGcBusy, StorageBusy, WrongHost)
-from livesnap.platforms import sm_gc, xapi_link
+from livesnap.platforms import sm_gc, xapi_catalog, xapi_link
 from livesnap.platforms.xapi import NULL_REF, XapiError, image_uuid, is_uuid
 
 log = logging.getLogger(__name__)
@@ -172,11 +176,21 @@ class Follower(object):
         return self.platform.call("pool.get_master", pools[0]) if pools else None
 
     def acts_on(self, domain, master=_UNKNOWN):
-        """Whether this host's follower is the one to act on ``domain`` (``owner``); a
-        session that cannot say which host it is on acts on every VM."""
+        """Whether this host's follower is the one to act on ``domain``: the host XAPI
+        records as holding its catalog (platforms/xapi_catalog.py), else (no key: an older
+        livesnap's catalog) ``owner``; a session that cannot say which host it is on acts
+        on every VM."""
         here = self.this_host()
         if here is None:
             return True
+        held = xapi_catalog.holder(domain)
+        if held is not None:
+            # the host XAPI records as holding the VM's catalog acts, wherever the VM runs
+            # (a catalog here that is not it is a stale one: left alone)
+            mine = held == self.platform.call("host.get_uuid", here).lower()
+            if not mine:
+                log.debug("VM %s: its catalog is host %s's, not this one's", domain.uuid, held)
+            return mine
         if master is _UNKNOWN:
             master = self.master()
         lvhd = any(on_lvhd(d.path) for d in domain.disks())

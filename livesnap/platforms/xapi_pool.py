@@ -33,13 +33,14 @@ is the datapath's (livesnap/datapaths/vhd_remote.py).
 import contextlib
 import logging
 
-from livesnap.errors import DatapathError, Error, StorageBusy
+from livesnap.errors import DatapathError, Error, StorageBusy, WrongHost
 
 log = logging.getLogger(__name__)
 
 PLUGIN_PAUSE = "tapdisk-pause"
 PLUGIN_ON_SLAVE = "on-slave"
 LVHD_SR_TYPES = ("lvm", "lvmoiscsi", "lvmohba")
+FILE_SR_TYPES = ("ext", "nfs", "smb", "file")
 NULL_REF = "OpaqueRef:NULL"
 # sm_config key beside livesnap's paused mark once every host has paused the tapdisk
 PAUSED_ON = "livesnap-paused-on"
@@ -59,19 +60,61 @@ def elsewhere(domain):
     return resident
 
 
-def reachable(domain, disks):
-    """Every disk in ``disks`` is on a shared LVHD SR: the master reaches its tapdisk and
-    LV views on the VM's host through SM's plugins."""
+def reachable(domain, disks, files=False):
+    """Every disk in ``disks`` is on a shared LVHD SR (``files``: or a shared file SR): this
+    host reaches its tapdisk (and LV views) on the VM's host through SM's plugins."""
     for t in disks:
         ref = domain._vdis.get(t)
         if ref is None:
             continue
-        if domain._sr_types.get(t) not in LVHD_SR_TYPES:
+        if domain._sr_types.get(t) not in LVHD_SR_TYPES + (FILE_SR_TYPES if files else ()):
             return False
         sr = domain.platform.call("VDI.get_SR", ref)
         if not domain.platform.call("SR.get_shared", sr):
             return False
     return True
+
+
+def refuse_wrong_host(domain, disks, catalog_here=True):
+    """Before an operation changes anything (``XapiDomain.refuse_wrong_host``): which host
+    acts on a VM.
+
+    * LVHD: the pool master, which alone writes the VG's LVM metadata as SM does
+      (``isMaster``, ``/etc/lvm/master``); a VM running on another host is worked on from
+      the master through SM's tapdisk-pause and on-slave plugins when all its disks are on
+      shared SRs. Its catalog must then be on the master too (livesnap/platforms/
+      xapi_catalog.py refuses every other host before this): a catalog left on a host that is
+      no longer the master (``xe pool-designate-new-master``, HA) is refused here naming the
+      master, since only the master may change the chain and only the catalog's host knows
+      it: the catalog is handed to the master first (the plugin's ``catalog_move``,
+      platforms/xapi_move.py).
+    * file SRs: the host holding the VM's catalog (``catalog_here``), wherever the VM runs: a
+      VM running on another host, its disks on shared SRs, is worked on with remote pauses
+      (SM's tapdisk-pause there; a file has no LV views). With no catalog here (none made
+      yet, no key in XAPI), the host it runs on (its tapdisks are there) makes it, as
+      before."""
+    here = domain.platform.this_host()
+    if here is None:
+        return
+    resident = domain.record.get("resident_on") or NULL_REF
+    running = domain.power_state() in ("Running", "Paused")
+    lvhd = [t for t in sorted(disks) if domain._sr_types.get(t) in LVHD_SR_TYPES]
+    if lvhd:
+        pools = domain.platform.call("pool.get_all")
+        master = domain.platform.call("pool.get_master", pools[0]) if pools else here
+        if master != here:
+            why = ("disks %s are on an LVHD SR, whose LVM metadata only the pool master writes "
+                   "(livesnap there pauses the VM's tapdisks on the host it runs on through "
+                   "SM's tapdisk-pause plugin)" % ", ".join(lvhd))
+            if catalog_here:
+                why += ("; the VM's livesnap catalog is on this host: hand it to the master "
+                        "first (the livesnap plugin's catalog_move)")
+            raise WrongHost(domain.name, domain._host_uuid(master), why)
+    if running and resident not in (NULL_REF, here) and \
+            not ((lvhd or catalog_here) and reachable(domain, disks, files=catalog_here)):
+        raise WrongHost(domain.name, domain._host_uuid(resident),
+                        "it runs on host %s, and its tapdisks are there"
+                        % domain._host_uuid(resident))
 
 
 class PoolPause(object):

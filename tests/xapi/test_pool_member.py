@@ -442,7 +442,9 @@ def test_masters_follower_folds_for_a_vm_running_on_another_host(world, blktap, 
     """s1's face deleted outside livesnap (as SM's LVHDVDI.delete does) while the VM runs on
     host2: the master's follower (xapi-follow) owns the VM (LVHD) and folds the base copy
     into the running leaf through host2's tapdisk-pause and on-slave, as the plugin's own
-    delete does; a follower on host2 (not the master) leaves it alone."""
+    delete does; with host2 the master, this host's follower skips it when XAPI does not
+    record its catalog's host (the master's, as before), and says WRONG_HOST naming the
+    master when it does (its catalog is here: to be handed to the master)."""
     from test_follow_service import _due, _in_process_follower
     x = world.xapi
     vm, disk, r, base = _fold_shape(world, blktap, lvhd, host2)
@@ -453,9 +455,21 @@ def test_masters_follower_folds_for_a_vm_running_on_another_host(world, blktap, 
     reports = []
     f = _in_process_follower(world, sm, monkeypatch, reports)
     try:
-        # host2's follower: the VM is the master's, skipped without a word
+        # no key recording the catalog's host (an older livesnap's catalog): the follower
+        # of host2 as master would own it; this one skips it without a word
+        from livesnap.platforms import xapi_catalog
+        other_config = x.record("VM", vm.ref)["other_config"]
+        key = other_config.pop(xapi_catalog.KEY)
         x.record("pool", x.pool)["master"] = host2.ref
         assert f.reconcile() == [] and reports == []
+        assert _images(world, lvhd) == {leaf, base}
+        # with the key, this host (the catalog's) owns it, but only the master may write
+        # LVM: refused naming the master, the catalog to be handed to it; nothing changed
+        other_config[xapi_catalog.KEY] = key
+        _due(f)
+        refused, = f.reconcile()
+        assert refused["wrong_host"] and host2.uuid in refused["error"] and \
+            "catalog_move" in refused["error"], refused
         assert _images(world, lvhd) == {leaf, base}
         # the master's: folded through host2
         x.record("pool", x.pool)["master"] = x.host
