@@ -94,6 +94,7 @@ from harness import BenchError, MiB
 from livesnap.tools import tap_ctl as ls_tap_ctl
 from testxen import blktap
 from testxen import sm as smmod
+from testxen import sm_hosts
 from testxen import verify as txverify
 from testxen import world as txworld
 
@@ -138,16 +139,9 @@ class Run(object):
         # chain, whatever a failed livesnap attempt left
         self.ls_sr = x.add_sr("ext")
         os.makedirs(x.sr_dir(self.ls_sr))
-        plugin = smmod.tapdisk_pause_plugin(self.bt, x)
-        self.plugin_calls = []
-
-        def timed(fn, args):
-            t0 = time.monotonic_ns()
-            try:
-                return plugin(fn, args)
-            finally:
-                self.plugin_calls.append((fn, t0, time.monotonic_ns()))
-        x.builtin_plugins["tapdisk-pause"] = timed
+        # this host's tapdisk-pause: SM's own plugin, a process per call as xapi runs it
+        # (testxen/sm_hosts.py), each call timed (plugin_calls)
+        self.master = sm_hosts.master(x, self.sm)
 
     def close(self):
         try:
@@ -298,7 +292,7 @@ class Run(object):
             [((DATA_OFFSET_MIB + size) * MiB, size * MiB, B)])
         leaf_uuid = x.record("VDI", ref)["uuid"]
         path = x.vdi_path(ref)
-        x.record("VDI", ref)["sm_config"]["host_" + x.host] = "RW"     # attached here
+        self.master.plug(ref, path)                     # attached here: its tap device
         pid, minor = w.tapdisks.create(path)
         w.tapdisks.wait_acks(pid, minor, 3)
         log = w.tapdisks.ack_log(pid, minor)
@@ -309,7 +303,7 @@ class Run(object):
         out["speed_before_mib_s"] = _speed(speed_log)
         out["leaf_allocated_mib"] = _allocated_mib(bt, path)
         mark = len(self.sm.log())
-        del self.plugin_calls[:]
+        del self.master.plugin_calls[:]
         error = None
         t0 = time.monotonic_ns()
         try:
@@ -323,8 +317,10 @@ class Run(object):
         smlog = self.sm.log()[mark:]
         out["sm_did"] = _what_sm_did(smlog)
         out["sm_error"] = error
-        out["tap_pause_calls"] = [[fn, round((b - a) / 1e6, 1)] for fn, a, b in self.plugin_calls]
-        out["sm_pause_ms"] = _pause_windows(self.plugin_calls)
+        calls = [(fn, a, b) for plugin, fn, a, b in self.master.plugin_calls
+                 if plugin == "tapdisk-pause"]
+        out["tap_pause_calls"] = [[fn, round((b - a) / 1e6, 1)] for fn, a, b in calls]
+        out["sm_pause_ms"] = _pause_windows(calls)
         out["speed_after_mib_s"] = _speed(speed_log)
         merged = after is not None and after["vdis"].get(leaf_uuid, {}).get("parent") is None \
             and not [b for b in bases if b in after["vdis"]]
