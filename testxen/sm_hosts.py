@@ -79,7 +79,8 @@ class Host(object):
         self.log_path = log_path or os.path.join(self.state, "SMlog")
         self.backend = os.path.join(self.state, "dev-sm", "backend")
         os.makedirs(self.backend, exist_ok=True)
-        self.plugin_calls = []             # (plugin, fn, start, end) in time.monotonic_ns
+        # (plugin, fn, start, end in time.monotonic_ns, start in time.time: SMlog's clock)
+        self.plugin_calls = []
         for plugin in ("tapdisk-pause", "on-slave"):
             xapi.host_plugins[(self.ref, plugin)] = self._serve(plugin)
 
@@ -99,12 +100,12 @@ class Host(object):
             for ref, rec in self.xapi.objects["SR"].items():
                 if rec["uuid"] == args.get("sr_uuid"):
                     sr = ref
-            t0 = time.monotonic_ns()
+            t0, w0 = time.monotonic_ns(), time.time()
             try:
                 return self.sm.run("host-plugin", sr, plugin, fn, json.dumps(args), session,
                                    extra=self.config())
             finally:
-                self.plugin_calls.append((plugin, fn, t0, time.monotonic_ns()))
+                self.plugin_calls.append((plugin, fn, t0, time.monotonic_ns(), w0))
         return serve
 
     def plug(self, vdi_ref, path):
