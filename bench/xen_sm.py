@@ -3,8 +3,9 @@
 livesnap's fold against SM's own leaf-coalesce of the same chain, in one run: the real tapdisk
 and tap-ctl (scripts/build-blktap.sh), a guest writing through each tapdisk over NBD
 (testxen/guest.py), the XAPI stand-in (testxen/xapi.py) with one file SR, SM's real GC
-(testxen/sm.py: SM v3.2.12's cleanup.py, the tapdisk-pause plugin served by the real tap-ctl),
-the world of tests/xapi (testxen/world.py).
+(testxen/sm.py: SM v3.2.12's cleanup.py; its tapdisk-pause calls served by SM's own plugin
+code, a Python process per call as xapi runs a plugin, testxen/sm_hosts.py ``master``), the
+world of tests/xapi (testxen/world.py).
 
 For every size S (MiB written to the leaf since the snapshot), sizes in the order given, SM
 first (its GC pass on the world's SR), then livesnap (its VMs on a second file SR, so SM's
@@ -34,7 +35,10 @@ Measured per side: the guest's longest gap between acknowledged writes over the 
 window (testxen.verify.max_gap: the guest-visible pause), the quiet window's longest gap (the
 same guest just before, no operation), the wall time; livesnap: its reported pauses (the
 reply's pauses[*].ms, pause_ms, the fold's rounds); SM: what its log says it did, the speed it
-used, each tapdisk-pause plugin call (pause to unpause, from the plugin's view). livesnap's
+used, each tapdisk-pause plugin call as the XAPI stand-in served it (tap_pause_calls; pause
+to unpause: sm_pause_ms) and its parts (tap_pause_call_parts_ms: the plugin process's
+start-up, Python and SM's imports, to its first SMlog line; SM's plugin code from there to the
+call's end). livesnap's
 tap-ctl is the real one, as SM's side runs it; with --tapctl-log it is bench/xen.py's logging
 wrapper (xen_tapctl.py: about 5 ms more per pause, in livesnap's gap only), and each
 pause's parts are reported as its tap-ctl calls took them (tapdisk_pause_parts_ms: tap-ctl
@@ -94,6 +98,7 @@ from harness import BenchError, MiB
 from livesnap.tools import tap_ctl as ls_tap_ctl
 from testxen import blktap
 from testxen import sm as smmod
+from testxen import sm_hosts
 from testxen import verify as txverify
 from testxen import world as txworld
 
@@ -138,16 +143,9 @@ class Run(object):
         # chain, whatever a failed livesnap attempt left
         self.ls_sr = x.add_sr("ext")
         os.makedirs(x.sr_dir(self.ls_sr))
-        plugin = smmod.tapdisk_pause_plugin(self.bt, x)
-        self.plugin_calls = []
-
-        def timed(fn, args):
-            t0 = time.monotonic_ns()
-            try:
-                return plugin(fn, args)
-            finally:
-                self.plugin_calls.append((fn, t0, time.monotonic_ns()))
-        x.builtin_plugins["tapdisk-pause"] = timed
+        # this host's tapdisk-pause: SM's own plugin, a process per call as xapi runs it
+        # (testxen/sm_hosts.py), each call timed (plugin_calls)
+        self.master = sm_hosts.master(x, self.sm)
 
     def close(self):
         try:
@@ -298,7 +296,7 @@ class Run(object):
             [((DATA_OFFSET_MIB + size) * MiB, size * MiB, B)])
         leaf_uuid = x.record("VDI", ref)["uuid"]
         path = x.vdi_path(ref)
-        x.record("VDI", ref)["sm_config"]["host_" + x.host] = "RW"     # attached here
+        self.master.plug(ref, path)                     # attached here: its tap device
         pid, minor = w.tapdisks.create(path)
         w.tapdisks.wait_acks(pid, minor, 3)
         log = w.tapdisks.ack_log(pid, minor)
@@ -309,7 +307,7 @@ class Run(object):
         out["speed_before_mib_s"] = _speed(speed_log)
         out["leaf_allocated_mib"] = _allocated_mib(bt, path)
         mark = len(self.sm.log())
-        del self.plugin_calls[:]
+        del self.master.plugin_calls[:]
         error = None
         t0 = time.monotonic_ns()
         try:
@@ -323,8 +321,11 @@ class Run(object):
         smlog = self.sm.log()[mark:]
         out["sm_did"] = _what_sm_did(smlog)
         out["sm_error"] = error
-        out["tap_pause_calls"] = [[fn, round((b - a) / 1e6, 1)] for fn, a, b in self.plugin_calls]
-        out["sm_pause_ms"] = _pause_windows(self.plugin_calls)
+        calls = [(fn, a, b, w) for plugin, fn, a, b, w in self.master.plugin_calls
+                 if plugin == "tapdisk-pause"]
+        out["tap_pause_calls"] = [[fn, round((b - a) / 1e6, 1)] for fn, a, b, _ in calls]
+        out["tap_pause_call_parts_ms"] = _plugin_parts(smlog, calls)
+        out["sm_pause_ms"] = _pause_windows([c[:3] for c in calls])
         out["speed_after_mib_s"] = _speed(speed_log)
         merged = after is not None and after["vdis"].get(leaf_uuid, {}).get("parent") is None \
             and not [b for b in bases if b in after["vdis"]]
@@ -507,6 +508,29 @@ def _what_sm_did(smlog):
                                       r"failed|Failure", ln)][:12]}
 
 
+def _plugin_parts(smlog, calls):
+    """Each tapdisk-pause call [(fn, start, end, wall start)] in two parts (ms): from the
+    call to its plugin process's first SMlog line (the process started, Python and SM's
+    imports, the plugin loaded: what xapi's run of a plugin costs before SM's code acts),
+    and from there to the call's end (SM's Tapdisk: its VDI lock, tap-ctl list and pause or
+    unpause, the XAPI calls of the CBT question). The plugin processes are the SMlog pids
+    that log "Pause for" / "Unpause for", taken in order."""
+    first, order = {}, []
+    for line in smlog.splitlines():
+        m = re.match(r"(\d+\.\d+) SM\[(\d+)\] (.*)", line)
+        if not m:
+            continue
+        pid = m.group(2)
+        first.setdefault(pid, float(m.group(1)))
+        if re.match(r"(Pause|Unpause) for ", m.group(3)) and pid not in order:
+            order.append(pid)
+    out = []
+    for (fn, a, b, w), pid in zip(calls, order):
+        start = round((first[pid] - w) * 1e3, 1)
+        out.append([fn, start, round((b - a) / 1e6 - start, 1)])
+    return out
+
+
 def _pause_windows(calls):
     """Each pause of the tapdisk as the plugin saw it: pause call start to the next unpause
     call's end (ms); a refresh is a pause of its own."""
@@ -571,9 +595,10 @@ def main(argv=None):
         run = Run(base, a.no_speed_log, a.tapctl_log)
         for size in sizes:
             sm = run.sm_gc(size, a.quiet_s)
-            print("# sm       %4d MiB: max gap %s ms, %s, pauses %s" % (
-                size, sm["max_gap_ms"], sm["sm_did"]["verdict"], sm["sm_pause_ms"]),
-                file=sys.stderr)
+            print("# sm       %4d MiB: max gap %s ms, %s, pauses %s, plugin calls [fn, "
+                  "start-up, code] %s" % (
+                      size, sm["max_gap_ms"], sm["sm_did"]["verdict"], sm["sm_pause_ms"],
+                      sm["tap_pause_call_parts_ms"]), file=sys.stderr)
             attempts = []
             for _ in range(a.attempts):
                 ls = run.livesnap(size, a.quiet_s, a.floor_cycles, a.floor_plain_wait)

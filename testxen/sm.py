@@ -46,15 +46,13 @@ relink, rename, hide, journal and XAPI record steps of a GC pass) is SM's code u
 
 Pausing: SM pauses a VDI through ``host.call_plugin(host, "tapdisk-pause", ...)`` on every
 host listed in the VDI's ``sm_config`` as ``host_<ref>``; a VDI with no such key is not
-attached and its pause is only the ``paused`` key (blktap2.VDI.tap_pause). SM's plugin
-(``drivers/tapdisk-pause``) finds the tapdisk through blktap2's sysfs/minor bookkeeping of an
-SM attach, which does not exist here; ``tapdisk_pause_plugin`` serves the same calls on this
-host from the real ``tap-ctl``: the tapdisk whose image is the VDI's path is paused
-(``tap-ctl pause``), unpaused with ``-a vhd:<path>`` (tapdisk reopens the chain by path, as
-the plugin's unpause does) and ``-c <sr>/<vdi>.cbtlog`` when the VDI has that CBT log (the
-plugin's ``Unpause``: ``_get_blocktracking_status``), or both (``refresh``); no tapdisk for
-the path is success, as in the plugin ("not attached on this host"). LVM activation of the
-plugin's unpause is not done.
+attached and its pause is only the ``paused`` key (blktap2.VDI.tap_pause). Every host's
+plugin, this one (the master) included, is SM's own ``drivers/tapdisk-pause`` run by
+testxen/sm_hosts.py (``master`` for this host, ``Host`` for another), one Python process per
+call as xapi runs a plugin (action ``host-plugin``), with the bookkeeping of blktap's kernel
+side an SM attach leaves supplied for the VDIs a test attaches (``Host.plug``: the tap device
+naming the image, its minor that of the real tapdisk serving it): a VDI without it is "not
+attached on this host" to the plugin, as on a host.
 """
 import glob
 import hashlib
@@ -338,34 +336,6 @@ class Blktap(object):
                        "nbd+unix:///?socket=/run/blktap-control/nbd%d.%d" % (pid, minor)])
         finally:
             self._close(pid, minor)
-
-
-def tapdisk_pause_plugin(blktap, xapi):
-    """A ``host.call_plugin(host, "tapdisk-pause", fn, args)`` handler for the XAPI stand-in
-    (``xapi.builtin_plugins["tapdisk-pause"] = ...``), see the module's docstring."""
-    def plugin(fn, args):
-        vdi = [r for r, rec in xapi.objects["VDI"].items() if rec["uuid"] == args["vdi_uuid"]]
-        if not vdi:
-            return "True"
-        path = xapi.vdi_path(vdi[0])
-        out = blktap._run([blktap.tap_ctl_path, "list"]).stdout
-        for line in out.splitlines():
-            f = dict(w.split("=", 1) for w in line.split() if "=" in w)
-            if f.get("args") != "vhd:" + path:
-                continue
-            pid_minor = ["-p", f["pid"], "-m", f["minor"]]
-            if fn in ("pause", "refresh"):              # nudged: see testxen.blktap.pause
-                from testxen import blktap as tbblktap
-                rc, out, err = tbblktap.pause(int(f["pid"]), int(f["minor"]))
-                if rc != 0:
-                    raise RuntimeError("tap-ctl pause %s: rc %d: %s %s"
-                                       % (" ".join(pid_minor), rc, out, err))
-            if fn in ("unpause", "refresh"):
-                cbtlog = os.path.join(os.path.dirname(path), args["vdi_uuid"] + ".cbtlog")
-                blktap._run([blktap.tap_ctl_path, "unpause"] + pid_minor + ["-a", "vhd:" + path]
-                            + (["-c", cbtlog] if os.path.exists(cbtlog) else []))
-        return "True"
-    return plugin
 
 
 def file_layout(xapi, sr, blktap, size, base_writes, leaf_writes):

@@ -1,4 +1,5 @@
-"""Another host of the pool in the XAPI stand-in, serving SM's own host plugins.
+"""The pool's hosts in the XAPI stand-in serving SM's own host plugins: another member
+(``Host``) and the stand-in's own host, the master (``master``).
 
 In a pool every host runs its own tapdisks and keeps its own LV activations, SM refcounts
 (``/var/run/sm/refcount``) and SM locks (``/var/lock/sm``); the SR master reaches the others
@@ -9,6 +10,11 @@ refcount cleanup there). ``Host`` adds such a host (``host`` and ``host_metrics`
 PBD of the SR plugged on it, its own state directory) and serves those two plugins for it
 with SM's own code, each call in its own Python process as xapi runs a plugin (the SM
 process of testxen/sm.py, with this host's uuid, lock and refcount directories and log).
+``master`` serves them the same way for the stand-in's own host, with SM's directories and
+log there (the ones SM's GC and livesnap use in the test): SM's leaf-coalesce of a VDI
+attached on the master pauses its tapdisk through this plugin process, as on a host (python
+start-up and SM's imports included in each call, as xapi's fork and exec of the plugin).
+Each call's start and end are kept (``Host.plugin_calls``).
 
 What cannot be a second host here: this is one machine (one kernel, one ``/dev``), so the
 host's LV views are the test bed's (testxen/lvm.py: loop devices, no device-mapper), and its
@@ -29,7 +35,7 @@ tapdisks are this machine's real tapdisks. So:
   CBT question, ``blktap2.Tapdisk`` and ``TapCtl`` for pause and unpause with the real
   tap-ctl). What a host's blktap kernel bookkeeping gives it is given here: the VDI's tap
   device ``/dev/sm/backend/<sr>/<vdi>`` is a file under this host's state directory naming
-  the image path (``attach``), its major/minor are those of the tapdisk serving that path
+  the image path (``plug``), its major/minor are those of the tapdisk serving that path
   (``tap-ctl list``); ``TapCtl.pause`` is nudged (testxen.blktap.pause: tapdisk may leave a
   finished pause unanswered); SM's ``VDI.from_uuid`` (which needs xapi's SM records) is an
   object answering the CBT questions as SM's VDI does (the log ``<vdi>.cbtlog`` exists in
@@ -42,30 +48,41 @@ on another host (``util.gen_uuid`` is Python's: SM runs ``uuidgen``, not install
 import json
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAJOR = 254          # the major number the host's "tapdev" devices have here
 
 
 class Host(object):
-    """A pool member ``name`` of the stand-in ``xapi`` with the SR ``sr`` plugged, serving
-    SM's tapdisk-pause and on-slave through ``sm`` (testxen.sm.Sm)."""
+    """A pool host of the stand-in ``xapi`` serving SM's tapdisk-pause and on-slave through
+    ``sm`` (testxen.sm.Sm): a new member ``name`` with the SR ``sr`` plugged (its own state,
+    lock and refcount directories and log under ``sm.state``), or, with ``ref``, a host the
+    stand-in already has (``master``: the stand-in's own host, sharing SM's directories and
+    log there, as SM's code and its plugins share them on one host)."""
 
-    def __init__(self, xapi, sm, sr, name="host2"):
+    def __init__(self, xapi, sm, sr, name="host2", ref=None, state=None, lock_dir=None,
+                 refcount_dir=None, log_path=None):
         self.xapi, self.sm, self.sr = xapi, sm, sr
-        self.metrics = xapi._add("host_metrics", {"live": True})
-        self.ref = xapi._add("host", {"name_label": name, "hostname": name, "enabled": True,
-                                      "metrics": self.metrics, "PBDs": [],
-                                      "resident_VMs": []})
-        pbd = xapi._add("PBD", {"SR": sr, "host": self.ref, "currently_attached": True,
-                                "device_config": {}})
-        xapi.record("host", self.ref)["PBDs"].append(pbd)
-        xapi.record("SR", sr).setdefault("PBDs", []).append(pbd)
-        xapi.record("SR", sr)["shared"] = True            # plugged on two hosts: shared
-        self.state = os.path.join(sm.state, "host-" + name)
+        if ref is None:
+            self.metrics = xapi._add("host_metrics", {"live": True})
+            ref = xapi._add("host", {"name_label": name, "hostname": name, "enabled": True,
+                                     "metrics": self.metrics, "PBDs": [],
+                                     "resident_VMs": []})
+            pbd = xapi._add("PBD", {"SR": sr, "host": ref, "currently_attached": True,
+                                    "device_config": {}})
+            xapi.record("host", ref)["PBDs"].append(pbd)
+            xapi.record("SR", sr).setdefault("PBDs", []).append(pbd)
+            xapi.record("SR", sr)["shared"] = True            # plugged on two hosts: shared
+        self.ref = ref
+        self.state = state or os.path.join(sm.state, "host-" + name)
+        self.lock_dir = lock_dir or os.path.join(self.state, "lock")
+        self.refcount_dir = refcount_dir or os.path.join(self.state, "refcount")
+        self.log_path = log_path or os.path.join(self.state, "SMlog")
         self.backend = os.path.join(self.state, "dev-sm", "backend")
         os.makedirs(self.backend, exist_ok=True)
-        self.log_path = os.path.join(self.state, "SMlog")
+        # (plugin, fn, start, end in time.monotonic_ns, start in time.time: SMlog's clock)
+        self.plugin_calls = []
         for plugin in ("tapdisk-pause", "on-slave"):
             xapi.host_plugins[(self.ref, plugin)] = self._serve(plugin)
 
@@ -74,23 +91,30 @@ class Host(object):
         return self.xapi.record("host", self.ref)["uuid"]
 
     def config(self):
-        return {"host_uuid": self.uuid, "state": self.state,
-                "lock_dir": os.path.join(self.state, "lock"),
-                "refcount_dir": os.path.join(self.state, "refcount"),
-                "log": self.log_path, "backend": self.backend, "lvm_master": None,
-                "other_host": True}
+        return {"host_uuid": self.uuid, "state": self.state, "lock_dir": self.lock_dir,
+                "refcount_dir": self.refcount_dir, "log": self.log_path,
+                "backend": self.backend, "lvm_master": None,
+                "other_host": self.ref != self.xapi.host}
 
     def _serve(self, plugin):
         def serve(session, fn, args):
-            return self.sm.run("host-plugin", self.sr, plugin, fn, json.dumps(args), session,
-                               extra=self.config())
+            # the SR the call names (SM passes sr_uuid to both plugins' calls), else ours
+            sr = self.sr
+            for ref, rec in self.xapi.objects["SR"].items():
+                if rec["uuid"] == args.get("sr_uuid"):
+                    sr = ref
+            t0, w0 = time.monotonic_ns(), time.time()
+            try:
+                return self.sm.run("host-plugin", sr, plugin, fn, json.dumps(args), session,
+                                   extra=self.config())
+            finally:
+                self.plugin_calls.append((plugin, fn, t0, time.monotonic_ns(), w0))
         return serve
 
-    def attach(self, vdi_ref, path):
-        """The VDI attached here as SM's attach leaves it for this test bed: its tap device
-        (naming ``path``, which this machine's tapdisk serves), ``sm_config``
-        ``host_<ref>`` = RW, and SM's refcounts and activation of its chain in this host's
-        namespace (``Sm.attach`` with this host's directories). Returns the refcounts."""
+    def plug(self, vdi_ref, path):
+        """What SM's attach of the VDI leaves here for blktap and xapi, given: its tap device
+        (naming ``path``, which this machine's tapdisk serves) and ``sm_config``
+        ``host_<ref>`` = RW. No refcount (a file SR's attach keeps none; see ``attach``)."""
         rec = self.xapi.record("VDI", vdi_ref)
         sr_uuid = self.xapi.record("SR", rec["SR"])["uuid"]
         d = os.path.join(self.backend, sr_uuid)
@@ -98,9 +122,8 @@ class Host(object):
         with open(os.path.join(d, rec["uuid"]), "w") as f:
             f.write(path)
         rec["sm_config"]["host_" + self.ref] = "RW"
-        return self.sm.run("attach", self.sr, rec["uuid"], extra=self.config())
 
-    def detach(self, vdi_ref):
+    def unplug(self, vdi_ref):
         rec = self.xapi.record("VDI", vdi_ref)
         rec["sm_config"].pop("host_" + self.ref, None)
         sr_uuid = self.xapi.record("SR", rec["SR"])["uuid"]
@@ -108,11 +131,25 @@ class Host(object):
             os.unlink(os.path.join(self.backend, sr_uuid, rec["uuid"]))
         except FileNotFoundError:
             pass
-        return self.sm.run("detach", self.sr, rec["uuid"], extra=self.config())
 
-    def refcounts(self):
+    def attach(self, vdi_ref, path):
+        """An LVHD VDI attached here as SM's attach leaves it for this test bed: ``plug``,
+        and SM's refcounts and activation of its chain in this host's namespace
+        (``Sm.attach`` with this host's directories). Returns the refcounts."""
+        self.plug(vdi_ref, path)
+        sr = self.xapi.record("VDI", vdi_ref)["SR"]
+        return self.sm.run("attach", sr, self.xapi.record("VDI", vdi_ref)["uuid"],
+                           extra=self.config())
+
+    def detach(self, vdi_ref):
+        sr = self.xapi.record("VDI", vdi_ref)["SR"]
+        self.unplug(vdi_ref)
+        return self.sm.run("detach", sr, self.xapi.record("VDI", vdi_ref)["uuid"],
+                           extra=self.config())
+
+    def refcounts(self, sr=None):
         """This host's SM refcounts of the SR ({uuid: [count, binary]})."""
-        return self.sm.run("refcounts", self.sr, extra=self.config())
+        return self.sm.run("refcounts", sr or self.sr, extra=self.config())
 
     def log(self):
         try:
@@ -120,6 +157,15 @@ class Host(object):
                 return f.read()
         except FileNotFoundError:
             return ""
+
+
+def master(xapi, sm, sr=None):
+    """The stand-in's own host (the pool master) serving SM's own plugins as ``Host`` serves
+    another member's: SM's directories (``sm.lock_dir``: livesnap's SM lock directory in the
+    tests, ``sm.refcount_dir``: livesnap's refcounts where set) and SM's log are this host's,
+    as on a host. VDIs attached here are given their tap device with ``plug``/``attach``."""
+    return Host(xapi, sm, sr, ref=xapi.host, state=sm.state,
+                lock_dir=sm.lock_dir, refcount_dir=sm.refcount_dir, log_path=sm.log_path)
 
 
 def plugin_calls(xapi, since=0):
@@ -194,19 +240,22 @@ def _bookkeeping(cfg, tp):
         if rc != 0:
             raise blktap2.TapCtl.CommandFailure(["pause", "-p", pid, "-m", minor], status=rc)
     blktap2.TapCtl.pause = classmethod(pause)
-    VDI.VDI.from_uuid = staticmethod(lambda session, vdi_uuid: _CbtVdi(session, vdi_uuid))
+    VDI.VDI.from_uuid = staticmethod(lambda session, vdi_uuid: _CbtVdi(session, vdi_uuid, cfg))
 
 
 class _CbtVdi(object):
     """The CBT answers of SM's VDI object (VDI._get_blocktracking_status: the log exists;
     _get_cbt_logpath: ``<sr path>/<uuid>.cbtlog``)."""
 
-    def __init__(self, session, vdi_uuid):
+    def __init__(self, session, vdi_uuid, cfg):
         ref = session.xenapi.VDI.get_by_uuid(vdi_uuid)
         sr = session.xenapi.SR.get_record(session.xenapi.VDI.get_SR(ref))
         self.lvhd = sr["type"] in ("lvm", "lvmoiscsi", "lvmohba")
         self.sr_uuid = sr["uuid"]
         self.uuid = vdi_uuid
+        # a file SR's directory: the stand-in's (/var/run/sr-mount/<sr> on a host)
+        self.sr_path = cfg["sr_path"] if cfg.get("sr_uuid") == self.sr_uuid else \
+            os.path.join("/var/run/sr-mount", self.sr_uuid)
 
     def _get_cbt_logname(self, uuid):
         return "%s.cbtlog" % uuid
@@ -214,8 +263,7 @@ class _CbtVdi(object):
     def _get_cbt_logpath(self, uuid):
         if self.lvhd:
             return "/dev/VG_XenStorage-%s/%s" % (self.sr_uuid, self._get_cbt_logname(uuid))
-        return os.path.join(os.environ.get("LIVESNAP_SR_MOUNT_BASE", "/var/run/sr-mount"),
-                            self.sr_uuid, self._get_cbt_logname(uuid))
+        return os.path.join(self.sr_path, self._get_cbt_logname(uuid))
 
     def _get_blocktracking_status(self, uuid=None):
         if self.lvhd:

@@ -23,8 +23,8 @@ on this host, the host enabled and live, a pool whose master is this host). Ever
 login needs a live session (``SESSION_INVALID`` otherwise). ``host.call_plugin`` runs a plugin
 from ``plugins_dir`` the way xapi does (xapi_plugins.ml): the file named exactly ``plugin``,
 one argv holding the XML-RPC methodCall, no shell; the reply read from its stdout; a non-zero
-exit, a signal or unparsable stdout become ``XENAPI_PLUGIN_FAILURE``; a plugin of another
-pool host is served by ``host_plugins`` (testxen/sm_hosts.py).
+exit, a signal or unparsable stdout become ``XENAPI_PLUGIN_FAILURE``; SM's plugins of a pool
+host (this one or another) are served by ``host_plugins`` (testxen/sm_hosts.py).
 
 Use::
 
@@ -84,11 +84,8 @@ class Xapi(VmCalls):
         self.objects = {c: {} for c in CLASSES}
         self.sessions = set()
         self.calls = []                    # (method, args without the session)
-        # host plugins served in-process: {name: f(fn, args) -> str} (for plugins that act on
-        # this host's tapdisks, e.g. SM's tapdisk-pause, see testxen/sm.py)
-        self.builtin_plugins = {}
-        # plugins of one host: {(host ref, name): f(session, fn, args) -> str} (another pool
-        # member serving SM's own plugins, testxen/sm_hosts.py)
+        # plugins of one host: {(host ref, name): f(session, fn, args) -> str} (a pool host,
+        # this one or another, serving SM's own plugins: testxen/sm_hosts.py)
         self.host_plugins = {}
         # the host a session is on ({session ref: host ref}; any other: this one): a plugin
         # run with such a session runs "on" that host (session.get_this_host)
@@ -593,8 +590,6 @@ class Xapi(VmCalls):
                 raise
             except Exception as e:
                 raise Failure("XENAPI_PLUGIN_FAILURE", "non-zero exit", "", str(e)[-4000:])
-        if plugin in self.builtin_plugins:
-            return self.builtin_plugins[plugin](fn, args)
         if not self.plugins_dir or plugin not in os.listdir(self.plugins_dir):
             raise Failure("XENAPI_MISSING_PLUGIN", plugin)
         argv = [os.path.join(self.plugins_dir, plugin),

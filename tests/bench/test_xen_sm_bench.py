@@ -83,6 +83,9 @@ def test_xen_sm_bench_json(tmp_path):
         assert r["sm_did"] == "live leaf-coalesce"
         assert sm["merged"] is True and len(sm["chain_after"]) == 1
         assert [fn for fn, _ in sm["tap_pause_calls"]] == ["pause", "unpause"]
+        # each call a process of SM's own plugin: its start-up, then its code
+        assert [fn for fn, _, _ in sm["tap_pause_call_parts_ms"]] == ["pause", "unpause"]
+        assert all(_number(a) and _number(b) for _, a, b in sm["tap_pause_call_parts_ms"])
         assert len(sm["sm_pause_ms"]) == 1 and _number(sm["sm_pause_ms"][0])
         assert sm["speed_before_mib_s"] is None and _number(sm["speed_after_mib_s"])
         # livesnap: a fold (an unanswered tap-ctl pause of the real tapdisk is a known

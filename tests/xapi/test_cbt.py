@@ -330,9 +330,9 @@ def test_sms_gc_leaf_coalesce_keeps_the_log_too(world, sm):
     tapdisk-pause plugin, which names the log at the unpause as SM's does): the same tapdisk
     records the writes after it, as after livesnap's fold."""
     from testxen import sm as smmod
+    from testxen import sm_hosts
     x = world.xapi
     tools = smmod.Blktap(blktap.prefix())
-    x.builtin_plugins["tapdisk-pause"] = smmod.tapdisk_pause_plugin(tools, x)
     ref, bases = smmod.file_layout(x, world.sr, tools, 8 << 20, [[(0, 1 << 20, 0x11)]],
                                    [(3 << 20, 1 << 20, 0x77)])
     path = x.vdi_path(ref)
@@ -341,13 +341,14 @@ def test_sms_gc_leaf_coalesce_keeps_the_log_too(world, sm):
     cbt.enable(log, 8 << 20)
     cbt.activate(log)
     x.record("VDI", ref)["cbt_enabled"] = True
-    x.record("VDI", ref)["sm_config"]["host_" + x.host] = "RW"
+    sm_hosts.master(x, sm).plug(ref, path)          # attached here: SM's own plugin pauses
     pid, minor = world.tapdisks.create(path, guest=False, cbtlog=log)
     td = tap_ctl.get(pid, minor)
     _write(td, {2}, 1)
     after = sm.gc(world.sr)
     assert list(after["vdis"]) == [u], after
     assert "Calling tap-unpause on host" in sm.log()
+    assert "Calling tap unpause with minor %d" % minor in sm.log()     # SM's own plugin
     _write(td, {5}, 2)
     assert cbt.blocks(log) == {2, 5}
 

@@ -21,6 +21,7 @@ import pytest
 
 from testxen import blktap as txblktap
 from testxen import sm as smmod
+from testxen import sm_hosts
 
 MiB = 1 << 20
 SIZE = 4 * MiB            # two 2 MiB VHD blocks
@@ -93,16 +94,18 @@ def test_control_sm_layout_online_leaf_coalesce_through_real_tapdisk(world, blkt
     leaf-coalesces, renames the merged base to the leaf's name and unpauses, and the same
     tapdisk, reopened on the new chain, serves what it served before, and takes writes."""
     x = world.xapi
-    x.builtin_plugins["tapdisk-pause"] = smmod.tapdisk_pause_plugin(blktap, x)
     ref, bases, before = _sm_layout(world, blktap, 1)
     path = x.vdi_path(ref)
-    x.record("VDI", ref)["sm_config"]["host_" + x.host] = "RW"
+    sm_hosts.master(x, sm).plug(ref, path)          # attached here: SM's own plugin pauses
     pid, minor = blktap._served(path, False)
     try:
         after = sm.gc(world.sr)
         assert list(after["vdis"]) == [x.record("VDI", ref)["uuid"]], after
         log = sm.log()
         assert "Calling tap-pause on host" in log and "Calling tap-unpause on host" in log
+        # SM's own plugin found the tapdisk (its minor) through the attach's tap device
+        assert "Calling tap pause with minor %d" % minor in log
+        assert "Calling tap unpause with minor %d" % minor in log
         sock = "nbd+unix:///?socket=/run/blktap-control/nbd%d.%d" % (pid, minor)
         out = os.path.join(world.base, "served.raw")
         blktap._run(["qemu-img", "dd", "-f", "raw", "-O", "raw", "if=" + sock, "of=" + out,

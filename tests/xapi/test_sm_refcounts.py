@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from testxen import sm as smmod
+from testxen import sm_hosts
 
 from test_sm_gc import blktap, sm, sm_tree  # noqa: F401  (fixtures)
 
@@ -209,13 +209,13 @@ def test_sms_live_leaf_coalesce_over_a_livesnap_chain(world, blktap, sm, lvhd): 
     acknowledged guest write kept, and SM's detach takes back exactly its own."""
     from livesnap.tools import lvm
     x = world.xapi
-    x.builtin_plugins["tapdisk-pause"] = smmod.tapdisk_pause_plugin(blktap, x)
+    master = sm_hosts.master(x, sm)                 # SM's own tapdisk-pause here
     vm = world.add_vm(ndisks=1, sr=lvhd, size=8 * MiB)
     disk = vm.paths["xvda"]
     leaf = _uuid(disk)
     leaf_ref, = [r for r, rec in x.objects["VDI"].items() if rec["uuid"] == leaf]
     sm.attach(lvhd, leaf)
-    x.record("VDI", leaf_ref)["sm_config"]["host_" + x.host] = "RW"
+    master.plug(leaf_ref, disk)
     vm.start()
     r = world.ok("snapshot_create", vm_uuid=vm.uuid, name="s1")
     face = _uuid(r["disks"][0]["image"])
@@ -237,7 +237,7 @@ def test_sms_live_leaf_coalesce_over_a_livesnap_chain(world, blktap, sm, lvhd): 
     assert _as_sm_rebuilds(sm, lvhd) == {leaf: [0, 1]}
     assert _images(world, lvhd) == {leaf}
     vm.stop()                                 # every acknowledged guest write is there
-    x.record("VDI", leaf_ref)["sm_config"].pop("host_" + x.host)
+    master.unplug(leaf_ref)
     assert sm.detach(lvhd, leaf) == {}
     _no_refcount_warnings(sm)
 

@@ -19,6 +19,7 @@ import pytest
 
 from testxen import blktap as txblktap
 from testxen import sm as smmod
+from testxen import sm_hosts
 from testxen.world import ROOT
 
 from test_sm_gc import (BIG, MiB, Scenario, _fold_sr, _fold_vm, _only_image,  # noqa: F401
@@ -67,11 +68,9 @@ def _follow_once(world, sm):
 
 @pytest.fixture
 def sm_world(world, sm):
-    """The world with SM behind SR.scan and VDI.destroy, and SM's tapdisk-pause plugin."""
+    """The world with SM behind SR.scan and VDI.destroy."""
     world.xapi.scanner = sm.scan
     world.xapi.vdi_destroyer = sm.destroyer()
-    world.xapi.builtin_plugins["tapdisk-pause"] = smmod.tapdisk_pause_plugin(
-        smmod.Blktap(txblktap.prefix()), world.xapi)
     return world
 
 
@@ -194,11 +193,12 @@ def test_sms_gc_first_then_follower_follows(request, sm_world, sm, kind):
     expected = txblktap.read(disk, 8 * MiB, 24 * MiB)
     leaf_ref, = [r for r, rec in x.objects["VDI"].items()
                  if x.vdi_path(r) == disk]
-    x.record("VDI", leaf_ref)["sm_config"]["host_" + x.host] = "RW"   # attached here
+    sm_hosts.master(x, sm).plug(leaf_ref, disk)   # attached here: SM's own tapdisk-pause
     vm.start()
     _vdi_destroy(world, _face(world, "s1"))
     sm.gc(sr)                                             # SM's GC wins the race
     assert "Calling tap-pause on host" in sm.log()
+    assert "Calling tap unpause with minor" in sm.log()  # SM's own plugin found the tapdisk
     if kind == "lvm":
         # the stand-in's attach keeps no SM refcount (RefCounter "lvm-<sr>"), so SM's GC
         # deactivates the LV it renamed to the leaf's name; on a host the attached VDI's
