@@ -520,7 +520,6 @@ def _vdi_delete(cfg):
     ``util.sr_get_capability`` (reads xapi's ``SM`` record of the SR type, which xapi fills
     from the driver's ``DRIVER_INFO``) returns the driver's own ``CAPABILITIES``."""
     import cleanup
-    import lock
     import util
     session = cleanup.XAPI.getSession()
     kicked = []
@@ -535,22 +534,8 @@ def _vdi_delete(cfg):
         util.sr_get_capability = lambda sr_uuid, session=None: list(driver.CAPABILITIES)
         cls._kickGC = lambda self: kicked.append(self.uuid)
 
-        class SrCommand(object):
-            cmd = "vdi_delete"
-            params = {"vdi_ref": cfg["vdi_ref"], "vdi_uuid": cfg["vdi_uuid"],
-                      "sr_uuid": cfg["sr_uuid"], "session_ref": session._session}
-        sr = cls.__new__(cls)
-        sr.uuid = cfg["sr_uuid"]
-        sr.session = session
-        sr.sr_ref = session.xenapi.SR.get_by_uuid(sr.uuid)
-        sr.srcmd = SrCommand()
-        sr.cmd = "vdi_delete"
-        sr.o_direct = False
-        sr.sm_config = {}
-        sr.dconf = {}
-        sr.original_srcmd = None
-        sr.vdis = {}
-        sr.lock = lock.Lock("sr", sr.uuid)
+        sr = sr_object(cls, session, cfg["sr_uuid"], "vdi_delete",
+                       {"vdi_ref": cfg["vdi_ref"], "vdi_uuid": cfg["vdi_uuid"]})
         if lvhd:
             _lvhd_sr_fields(sr)
         else:
@@ -565,6 +550,31 @@ def _vdi_delete(cfg):
     finally:
         session.xenapi.session.logout()
     return {"kicked": bool(kicked)}
+
+
+def sr_object(cls, session, sr_uuid, cmd, params):
+    """An SR object of SM's driver class ``cls`` for the command ``cmd`` with ``params``
+    (the VDI's), as SRCommand makes it before the driver's load: what a VDI's load and
+    ``cmd`` read, SM's SR lock not yet taken."""
+    import lock
+
+    class SrCommand(object):
+        pass
+    SrCommand.cmd = cmd
+    SrCommand.params = dict(params, sr_uuid=sr_uuid, session_ref=session._session)
+    sr = cls.__new__(cls)
+    sr.uuid = sr_uuid
+    sr.session = session
+    sr.sr_ref = session.xenapi.SR.get_by_uuid(sr_uuid)
+    sr.srcmd = SrCommand()
+    sr.cmd = cmd
+    sr.o_direct = False
+    sr.sm_config = {}
+    sr.dconf = {}
+    sr.original_srcmd = None
+    sr.vdis = {}
+    sr.lock = lock.Lock("sr", sr_uuid)
+    return sr
 
 
 def _lvhd_sr_fields(sr):

@@ -282,7 +282,6 @@ def sm_snapshot(cfg, vdi_ref, vdi_uuid):
     SRCommand makes them (as testxen.sm's ``vdi-delete``), under SM's SR lock. Returns the
     new snapshot VDI's uuid."""
     import cleanup
-    import lock
     import util
     import LVHDSR as driver
     from testxen import sm as smmod
@@ -292,23 +291,9 @@ def sm_snapshot(cfg, vdi_ref, vdi_uuid):
         import uuid
         util.gen_uuid = lambda: str(uuid.uuid4())      # SM runs uuidgen, not installed here
 
-        class SrCommand(object):
-            cmd = "vdi_snapshot"
-            params = {"vdi_ref": vdi_ref, "vdi_uuid": vdi_uuid, "sr_uuid": cfg["sr_uuid"],
-                      "session_ref": session._session, "driver_params": {}, "args": []}
-        cls = driver.LVHDSR
-        sr = cls.__new__(cls)
-        sr.uuid = cfg["sr_uuid"]
-        sr.session = session
-        sr.sr_ref = session.xenapi.SR.get_by_uuid(sr.uuid)
-        sr.srcmd = SrCommand()
-        sr.cmd = "vdi_snapshot"
-        sr.o_direct = False
-        sr.sm_config = {}
-        sr.dconf = {}
-        sr.original_srcmd = None
-        sr.vdis = {}
-        sr.lock = lock.Lock("sr", sr.uuid)
+        sr = smmod.sr_object(driver.LVHDSR, session, cfg["sr_uuid"], "vdi_snapshot",
+                             {"vdi_ref": vdi_ref, "vdi_uuid": vdi_uuid,
+                              "driver_params": {}, "args": []})
         smmod._lvhd_sr_fields(sr)
         sr.lock.acquire()
         try:
