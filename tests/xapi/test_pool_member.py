@@ -128,6 +128,18 @@ def _in_pauses(calls):
     return not paused
 
 
+
+def followed_by_a_remote_fold(x, out, since, host2):
+    """The follower's report ``out`` of s1 deleted outside livesnap: the base copy folded
+    into the leaf running on host2, every plugin call since ``since`` to host2, each of its
+    on-slave calls inside a pause."""
+    assert "error" not in out, out
+    res = out["result"]
+    assert res["followed_sm"]["deleted"] == ["s1"], res
+    assert res["datapath"] == "tapdisk-remote" and \
+        [m["method"] for m in res["merges"]] == ["fold"], res
+    calls = sm_hosts.plugin_calls(x, since)
+    assert calls and {c[0] for c in calls} == {host2.ref} and _in_pauses(calls), calls
 def _fold_shape(world, blktap, lvhd, host2):
     """A VM on host2 over one base copy left by a deleted snapshot's face: s1 taken
     offline, data both sides, then started on host2."""
@@ -478,13 +490,7 @@ def test_masters_follower_folds_for_a_vm_running_on_another_host(world, blktap, 
         out, = f.reconcile()
     finally:
         f.platform.session.xenapi.session.logout()
-    assert "error" not in out, out
-    res = out["result"]
-    assert res["followed_sm"]["deleted"] == ["s1"], res
-    assert res["datapath"] == "tapdisk-remote" and \
-        [m["method"] for m in res["merges"]] == ["fold"], res
-    calls = sm_hosts.plugin_calls(x, since)
-    assert calls and {c[0] for c in calls} == {host2.ref} and _in_pauses(calls), calls
+    followed_by_a_remote_fold(x, out, since, host2)
     assert _images(world, lvhd) == {leaf}
     world.tapdisks.wait_acks(td.pid, td.minor, acks + 3)       # the guest writes on
     assert host2.refcounts() == {leaf: [0, 1]}, host2.log()[-3000:]
