@@ -209,3 +209,33 @@ def test_fold_killed_host_down_then_sm_then_recover(request, world, blktap, sm, 
     assert view["coalesceable"] == view["leaf_coalesceable"] == view["garbage"] == [], view
     r = world.ok("check", vm_uuid=vm.uuid)
     assert r.get("ok", True) and not r.get("problems"), r
+
+
+# -- the hold itself: in XAPI's database, taken back by recover, the administrator's kept ------
+
+@pytest.mark.parametrize("admin_off", [False, True], ids=["gc-on", "gc-off-by-admin"])
+def test_gc_hold_outlives_the_kill_and_recover_lets_go(world, blktap, sm, scenario, admin_off):
+    """A kill inside a delete leaves SM's switch ``other_config:gc=false`` on the SR with the
+    VM as holder (SM's GC then exits at once: no image goes); a second VM's operation on the
+    same SR meanwhile holds and lets go without ending the first hold; recover lets go. The
+    SR's switches are then as before: on, or off when the administrator had set it off."""
+    x = world.xapi
+    oc = x.record("SR", scenario.sr)["other_config"]
+    if admin_off:
+        oc["gc"] = "false"
+    sc = scenario
+    sc.write(); sc.create("s1")
+    sc.write(); sc.create("s2")
+    _killed(world, "snapshot_delete", "delete:after:0", vm_uuid=sc.vm.uuid, name="s1")
+    held = ("-," if admin_off else "") + sc.vm.uuid      # "-": gc was off before livesnap
+    assert oc.get("gc") == "false" and oc.get("livesnap-gc-held") == held, oc
+    files = sorted(os.listdir(x.sr_dir(sc.sr)))
+    sm.gc(sc.sr)
+    assert "GC is disabled for this SR" in sm.log()
+    assert sorted(os.listdir(x.sr_dir(sc.sr))) == files
+    other = Scenario(world, blktap, sm, sc.sr)
+    other.write(); other.create("t1")
+    assert oc.get("gc") == "false" and oc.get("livesnap-gc-held") == held, oc
+    world.ok("recover", vm_uuid=sc.vm.uuid)
+    assert "livesnap-gc-held" not in oc, oc
+    assert oc.get("gc") == ("false" if admin_off else None), oc
