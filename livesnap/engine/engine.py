@@ -284,9 +284,16 @@ class Engine(object):
         self._preflight_space(plan, datapath)
         plan.result["datapath"] = datapath.name     # the hook reads which datapath it needs
         # (SM's GC held off before the journal: a Busy leaves nothing to recover)
+        _gc_hold(session.domain, True)          # outlives a crash: recover lets go
         with sm_follow.merge_guard(session.domain, plan.steps):
             op_id = session.catalog.begin(plan)
-            pauses, merges = self._execute(session, datapath, plan, op_id)
+            try:
+                pauses, merges = self._execute(session, datapath, plan, op_id)
+            except Exception:
+                if session.catalog.unfinished() is None:        # rolled back
+                    _gc_hold(session.domain, False)
+                raise
+        _gc_hold(session.domain, False)
         faults.point(plan.op, "committed", 0)
         self._sync_metadata(session, session.tree)
         # every pause of the guest's IO, and the longest one (what the guest felt most)
@@ -417,15 +424,19 @@ class Engine(object):
                      "metadata": self._bring_metadata_in_step(s)}
                 if getattr(s.domain, "vdi_exists", None) is not None:    # XAPI: SM's deletes
                     r["followed_sm"] = sm_follow.reclaim_followed(self, s, datapath)
+                _gc_hold(s.domain, False)       # a kill before the journal's first entry
                 return r
             plan = P.Plan.from_dict(op.plan)
             impossible = _impossible_path(plan, op.steps_done, s.catalog.load_tree())
             if impossible is not None:
-                return self._roll_back_impossible(s, datapath, op, plan, *impossible)
+                r = self._roll_back_impossible(s, datapath, op, plan, *impossible)
+                _gc_hold(s.domain, False)
+                return r
             log.info("recovering operation #%d (%s) from step %d of %d", op.id, op.op,
                      op.steps_done, len(plan.steps))
             with sm_follow.merge_guard(s.domain, plan.steps[op.steps_done:]):
                 self._execute(s, datapath, plan, op.id, start=op.steps_done)
+            _gc_hold(s.domain, False)
             # a crash inside a pause may have left a tapdisk paused although its step is
             # done: nothing stays paused after recover
             healed = datapath.heal() if hasattr(datapath, "heal") else []
@@ -560,3 +571,11 @@ def _impossible_path(plan, start, tree):
             if problem is not None:
                 return i, path, problem
     return None
+
+
+def _gc_hold(domain, hold):
+    """XAPI: SM's GC held off the domain's SRs across the operation, a crash included
+    (platforms/sm_gc_hold.py); else nothing."""
+    fn = getattr(domain, "gc_hold", None)
+    if fn is not None:
+        fn(hold)

@@ -282,6 +282,14 @@ class XapiDomain(XenDomainBase):
                                   ipc_dir=self.platform.sm_ipc_dir,
                                   timeout=self.platform.sm_lock_timeout)
 
+    def gc_hold(self, hold):
+        """SM's GC held off the VM's SRs (``hold``) or let go, in XAPI's database so that
+        it outlives a crash until recover (platforms/sm_gc_hold.py)."""
+        from livesnap.platforms import sm_gc_hold
+        sm_gc_hold.change(self.platform, self.sr_uuids(), self.uuid, hold,
+                          lock_dir=self.platform.sm_lock_dir,
+                          timeout=self.platform.sm_lock_timeout)
+
     # -- SM's pause protocol -------------------------------------------------------------------
 
     # sm_config keys SM sets while it works on a VDI (blktap2.py, cleanup.py, storage
