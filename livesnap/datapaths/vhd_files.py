@@ -303,7 +303,21 @@ class VhdOfflineDatapath(Datapath):
 
     def do_fold(self, step):
         """Offline (or into a leaf no tapdisk has open): the leaf takes the node's data by a
-        pull and keeps its path."""
+        pull and keeps its path. What a tapdisk's fold left half done (the host went down
+        in it) is finished first: a round's freeze and commit of the spare image, the last
+        pause's rename of the node over the leaf."""
+        leaf, node, spare = step["child_path"], step["path"], step.get("spare_path")
+        st = storage(leaf)
+        if spare and st.exists(node) and st.exists(spare):
+            if not st.exists(leaf):            # the round's freeze cut short after its rename
+                self._freeze([{"disk": step["disk"], "frozen_path": spare,
+                               "leaf_path": leaf}], hidden=True)
+            if _parent_or_none(leaf) == spare:
+                self.do_commit({"path": node, "child_path": spare, "disk": step["disk"],
+                                "grandchildren": [{"path": leaf}]})
+        elif spare and st.exists(node) and not st.exists(leaf):
+            st.make_leaf(node)                 # the last pause cut short after the removal
+            st.replace(node, leaf)
         return self.do_pull(step)
 
     def do_snapshot(self, step):

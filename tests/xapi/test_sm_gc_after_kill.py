@@ -177,16 +177,10 @@ def _host_down(world, vm):
     return logs
 
 
-LVHD_HOST_DOWN = pytest.mark.xfail(strict=True, reason=(
-    "recover after the host went down inside a fold on LVHD (the tapdisk gone, not paused):"
-    " fails the same without SM's GC (tapdisk:renamed:0: an LV recover needs is missing;"
-    " lvm:inflated:0: the data the base held reads zero) - a recover defect, not SM's"))
-
-
 @pytest.mark.parametrize("kind,fault", [
     ("ext", "tapdisk:folded:0"), ("ext", "delete:after:0"),
-    pytest.param("lvm", "tapdisk:renamed:0", marks=LVHD_HOST_DOWN),
-    pytest.param("lvm", "lvm:inflated:0", marks=LVHD_HOST_DOWN)])
+    ("lvm", "tapdisk:renamed:0"), ("lvm", "lvm:inflated:0"), ("lvm", "tapdisk:folded:0"),
+    ("lvm", "lvm:replaced:0")])
 def test_fold_killed_host_down_then_sm_then_recover(request, world, blktap, sm, kind, fault):
     """The only snapshot of a running VM deleted (its base folded into the running leaf),
     livesnap killed inside the fold and the host going down with it; SM's scan and GC run on
