@@ -178,7 +178,7 @@ def _host_down(world, vm):
 
 
 @pytest.mark.parametrize("kind,fault", [
-    ("ext", "tapdisk:folded:0"), ("ext", "delete:after:0"),
+    ("ext", "tapdisk:folded:0"), ("ext", "delete:after:0"), ("ext", "tapdisk:renamed:0"),
     ("lvm", "tapdisk:renamed:0"), ("lvm", "lvm:inflated:0"), ("lvm", "tapdisk:folded:0"),
     ("lvm", "lvm:replaced:0")])
 def test_fold_killed_host_down_then_sm_then_recover(request, world, blktap, sm, kind, fault):
