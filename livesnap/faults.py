@@ -12,6 +12,8 @@ before the leaf's new log is in place,
 ``snapshot:switched:0`` right after a live snapshot's switch (and thaw), before its checks,
 ``lvm:created:0`` after a new qcow2 image's LV was created, before qemu-img writes it,
 ``lvm:inflated:0`` after a merge target's LV was made writable and inflated,
+``merge:reparented:0`` after a commit (VHD) pointed the children at the target, before the
+merged image is removed,
 ``bitmaps:kept:0`` after an offline merge gave the surviving image the other's dirty
 bitmaps, before the data moves,
 ``trash:emptying:0`` in the detached process that frees merged-away images, before each;

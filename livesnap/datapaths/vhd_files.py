@@ -30,7 +30,7 @@ import time
 import uuid
 
 from livesnap import vhd
-from livesnap.datapaths import Datapath, Namer, cbt_logs
+from livesnap.datapaths import Datapath, Namer, cbt_logs, fold_resume
 from livesnap.datapaths.vhd_storage import Activation, for_path as storage, merge_extra
 from livesnap import faults
 from livesnap.errors import DatapathError
@@ -306,18 +306,7 @@ class VhdOfflineDatapath(Datapath):
         pull and keeps its path. What a tapdisk's fold left half done (the host went down
         in it) is finished first: a round's freeze and commit of the spare image, the last
         pause's rename of the node over the leaf."""
-        leaf, node, spare = step["child_path"], step["path"], step.get("spare_path")
-        st = storage(leaf)
-        if spare and st.exists(node) and st.exists(spare):
-            if not st.exists(leaf):            # the round's freeze cut short after its rename
-                self._freeze([{"disk": step["disk"], "frozen_path": spare,
-                               "leaf_path": leaf}], hidden=True)
-            if _parent_or_none(leaf) == spare:
-                self.do_commit({"path": node, "child_path": spare, "disk": step["disk"],
-                                "grandchildren": [{"path": leaf}]})
-        elif spare and st.exists(node) and not st.exists(leaf):
-            st.make_leaf(node)                 # the last pause cut short after the removal
-            st.replace(node, leaf)
+        fold_resume.settle(self, step)
         return self.do_pull(step)
 
     def do_snapshot(self, step):
@@ -367,6 +356,7 @@ class VhdOfflineDatapath(Datapath):
                     vhd.set_hidden(node, hidden)
         grand = [g["path"] for g in step["grandchildren"]]
         pause_ms = self._reparent(step["disk"], grand, node, step.get("child_in_chain"))
+        faults.point("merge", "reparented", 0)
         self._discard(child)
         return {"pause_ms": pause_ms}
 
@@ -522,6 +512,8 @@ class TapdiskDatapath(VhdOfflineDatapath):
                 raise DatapathError(reason="cannot fold %s into %s: its parent is %s"
                                     % (node, leaf, parent))
             else:
+                if st.exists(spare):
+                    st.remove(spare)           # a round's spare merged, left by a crash
                 held = vhd.data_unchecked(leaf)
                 # done when the leaf holds little, or no less than after the last round (the
                 # guest rewrites the same blocks: another round would not shrink the last

@@ -518,7 +518,8 @@ def test_online_delete_folds_the_base_into_the_running_leaf(request, world, blkt
 
 @pytest.mark.parametrize("kind,fault", [
     ("ext", "tapdisk:renamed:0"), ("ext", "tapdisk:folded:0"),
-    ("lvm", "tapdisk:renamed:0"), ("lvm", "tapdisk:folded:0"), ("lvm", "lvm:inflated:0")])
+    ("lvm", "tapdisk:renamed:0"), ("lvm", "tapdisk:folded:0"), ("lvm", "lvm:inflated:0"),
+    ("ext", "merge:reparented:0"), ("lvm", "merge:reparented:0")])
 def test_fold_killed_anywhere_then_recover(request, world, blktap, sm, kind, fault):
     """The plugin killed inside a fold (in a round's freeze pause, in the last pause before
     the rename, while the base is inflated for a round's merge): ``recover`` finishes the

@@ -180,7 +180,7 @@ def _host_down(world, vm):
 @pytest.mark.parametrize("kind,fault", [
     ("ext", "tapdisk:folded:0"), ("ext", "delete:after:0"), ("ext", "tapdisk:renamed:0"),
     ("lvm", "tapdisk:renamed:0"), ("lvm", "lvm:inflated:0"), ("lvm", "tapdisk:folded:0"),
-    ("lvm", "lvm:replaced:0")])
+    ("lvm", "lvm:replaced:0"), ("ext", "merge:reparented:0"), ("lvm", "merge:reparented:0")])
 def test_fold_killed_host_down_then_sm_then_recover(request, world, blktap, sm, kind, fault):
     """The only snapshot of a running VM deleted (its base folded into the running leaf),
     livesnap killed inside the fold and the host going down with it; SM's scan and GC run on
