@@ -110,6 +110,28 @@ def catalog_faces(state_dir):
     return out
 
 
+def catalog_open_ops(state_dir):
+    """{vm uuid: [SR uuids of its images]} of the catalogs with an operation a killed
+    livesnap command left open (its journal not finished: ``recover`` continues it; until
+    then SM's GC stays held off those SRs, platforms/sm_gc_hold.py)."""
+    from livesnap.catalog import Catalog
+    out = {}
+    for vm in catalog_vms(state_dir):
+        try:
+            cat = Catalog(os.path.join(state_dir, vm + ".db"))
+        except Error as e:
+            log.warning("catalog of %s not read: %s", vm, e)
+            continue
+        try:
+            if cat.unfinished() is None:
+                continue
+            tree = cat.load_tree()
+        finally:
+            cat.close()
+        out[vm] = sorted({s for s in (sr_of(n.path) for n in tree.nodes.values()) if s})
+    return out
+
+
 def catalog_vms(state_dir):
     """The VM uuids of the state directory's catalogs, sorted."""
     vms = (os.path.basename(p)[:-len(".db")]
@@ -204,7 +226,8 @@ class Follower(object):
 
     def pending(self, vms=None):
         """{vm uuid: [SR uuids]} of the VMs (of ``vms`` if given) with a snapshot face whose
-        VDI XAPI no longer has (deleted through XAPI: SM's vdi_delete)."""
+        VDI XAPI no longer has (deleted through XAPI: SM's vdi_delete), or with an operation
+        a killed command left open (``recover``: its hold on SM's GC ends there)."""
         out = {}
         for vm, faces in sorted(catalog_faces(self.state_dir).items()):
             if vms is not None and vm not in vms:
@@ -217,6 +240,10 @@ class Follower(object):
                     srs.add(sr_of(path))
             if srs:
                 out[vm] = sorted(s for s in srs if s)
+        # an operation left open by a killed command: recovered as after a face went away
+        for vm, srs in catalog_open_ops(self.state_dir).items():
+            if vms is None or vm in vms:
+                out[vm] = sorted(set(out.get(vm, [])) | set(srs))
         return out
 
     def reconcile(self):

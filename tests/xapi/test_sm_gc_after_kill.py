@@ -233,3 +233,33 @@ def test_gc_hold_outlives_the_kill_and_recover_lets_go(world, blktap, sm, scenar
     world.ok("recover", vm_uuid=sc.vm.uuid)
     assert "livesnap-gc-held" not in oc, oc
     assert oc.get("gc") == ("false" if admin_off else None), oc
+
+
+def test_the_follower_recovers_a_killed_operation_and_ends_its_hold(world, blktap, sm,
+                                                                    scenario, monkeypatch):
+    """A delete killed mid-way leaves its journal open and SM's GC held off the SR
+    (``gc=false``). The host's follower (xapi-follow), with no snapshot deleted outside
+    livesnap, finds the open operation at its next comparison and recovers it: the delete
+    finished, the hold ended, SM's switch back on; a second comparison has nothing to do."""
+    from test_follow_service import _in_process_follower
+    x = world.xapi
+    sc = scenario
+    sc.write(); sc.create("s1")
+    sc.write(); sc.create("s2")
+    _killed(world, "snapshot_delete", "delete:after:0", vm_uuid=sc.vm.uuid, name="s1")
+    oc = x.record("SR", sc.sr)["other_config"]
+    assert oc.get("gc") == "false" and oc.get("livesnap-gc-held") == sc.vm.uuid, oc
+    reports = []
+    f = _in_process_follower(world, sm, monkeypatch, reports)
+    try:
+        out, = f.reconcile()
+        assert out["vm_uuid"] == sc.vm.uuid and "error" not in out, out
+        assert out["recovered"]["op"] == "delete", out
+        assert "livesnap-gc-held" not in oc and oc.get("gc", "true") != "false", oc
+        assert [s["name"] for s in world.ok("snapshot_list", vm_uuid=sc.vm.uuid)
+                ["snapshots"]] == ["s2"]
+        assert f.reconcile() == []
+    finally:
+        f.platform.session.xenapi.session.logout()
+    r = world.ok("check", vm_uuid=sc.vm.uuid)
+    assert r.get("ok", True) and not r.get("problems"), r
