@@ -11,12 +11,13 @@ from livesnap.datapaths.vhd_storage import for_path as storage
 
 
 def parent_or_none(path):
-    """The parent ``path``'s header names (absolute), None for a half-made image."""
+    """The parent ``path``'s header names (absolute), None for a half-made image. Read
+    without the BAT (``vhd.parent_of``): the leaf a tapdisk holds open may be ``path``."""
     try:
         parent = vhd.parent_of(path)
     except vhd.VhdError:
         return None
-    return parent and os.path.abspath(parent)
+    return os.path.abspath(parent) if parent else None
 
 
 def settle(datapath, step):

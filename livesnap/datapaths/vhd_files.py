@@ -51,16 +51,9 @@ def _parent(path):
     return os.path.abspath(parent) if parent else None
 
 
-def _parent_or_none(path):
-    try:
-        return _parent(path)
-    except vhd.VhdError:
-        return None
-
-
 def _is_child(path, parent):
     """``path`` exists and is a VHD whose parent is ``parent`` (False for a half-made one)."""
-    return os.path.exists(path) and _parent_or_none(path) == parent
+    return os.path.exists(path) and fold_resume.parent_or_none(path) == parent
 
 
 class TapdiskNamer(Namer):
@@ -491,7 +484,7 @@ class TapdiskDatapath(VhdOfflineDatapath):
         node, spare, disk = step["path"], step["spare_path"], step["disk"]
         st = storage(leaf)
         if not st.exists(node):
-            if st.exists(leaf) and _parent_or_none(leaf) == step["parent_path"]:
+            if st.exists(leaf) and fold_resume.parent_or_none(leaf) == step["parent_path"]:
                 return {"pause_ms": None, "rounds": 0}          # done before a crash
             raise DatapathError(reason="cannot fold %s into %s: %s is gone"
                                 % (node, leaf, node))
@@ -505,7 +498,7 @@ class TapdiskDatapath(VhdOfflineDatapath):
                 pauses.append(self._freeze(freeze, hidden=True)["pause_ms"])
             if not st.exists(leaf):
                 break                      # the last pause cut short after the LV's removal
-            parent = _parent_or_none(leaf)
+            parent = fold_resume.parent_or_none(leaf)
             if parent == spare and st.exists(spare):
                 pass                                   # a round cut short: finish it
             elif parent != node:
@@ -539,7 +532,7 @@ class TapdiskDatapath(VhdOfflineDatapath):
         st.make_leaf(node)
         with st.counts_locked(node, leaf):         # SM's refcount locks: not waited for in
             with self._paused([disk]) as window:   # the pause
-                if st.exists(leaf) and _parent_or_none(leaf) == node:
+                if st.exists(leaf) and fold_resume.parent_or_none(leaf) == node:
                     vhd.coalesce(leaf)
                 if vhd.query(node).hidden:
                     vhd.set_hidden(node, 0)

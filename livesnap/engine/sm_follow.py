@@ -34,8 +34,8 @@ def _exists(path):
 
 
 def _parent(path):
-    from livesnap.datapaths.vhd_files import _parent_or_none
-    return _parent_or_none(path)
+    from livesnap.datapaths.fold_resume import parent_or_none
+    return parent_or_none(path)
 
 
 def deleted_by_sm(domain, tree):
