@@ -22,7 +22,6 @@ the chains, as SM's own LVHD snapshot and leaf-coalesce decide it:
 The master's own LV activation is managed as for a VM not running here: what the command
 activates for itself is deactivated afterwards (vhd_storage.Activation)."""
 import contextlib
-import os
 import time
 
 from livesnap import vhd
@@ -31,9 +30,9 @@ from livesnap.tools import lvm
 
 
 def _device_size(path):
+    """The LV's size as its device here shows it, None without a device."""
     try:
-        with open(path, "rb") as f:
-            return f.seek(0, os.SEEK_END)
+        return lvm.device_size(path)
     except OSError:
         return None
 

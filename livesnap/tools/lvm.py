@@ -260,7 +260,7 @@ def inflate(vg, lv, path, size=None, extent=EXTENT, vhd=vhd_util):
     if size is None:
         size = full_size(vhd.virtual_size(path), extent=extent)
     new = round_extent(size, extent)
-    cur = _device_size(path)
+    cur = device_size(path)
     if new <= cur:
         return cur
     lvresize(vg, lv, new)
@@ -276,7 +276,7 @@ def deflate(vg, lv, path, size=None, extent=EXTENT, vhd=vhd_util):
     if size is None:
         size = vhd.physical_size(path)
     new = round_extent(size, extent)
-    cur = _device_size(path)
+    cur = device_size(path)
     if new >= cur:
         return cur
     vhd.set_physical_size(path, new)
@@ -284,7 +284,7 @@ def deflate(vg, lv, path, size=None, extent=EXTENT, vhd=vhd_util):
     return new
 
 
-def _device_size(path):
+def device_size(path):
     """The size of the LV as its device shows it (what the VHD footer's place follows)."""
     with open(path, "rb") as f:
         return f.seek(0, os.SEEK_END)
