@@ -83,17 +83,18 @@ def sr_of(path):
     return d.lower() if is_uuid(d) else None
 
 
-def catalog_faces(state_dir):
-    """{vm uuid: [(snapshot, disk, image path, vdi uuid)]} of every snapshot face (a
-    snapshot's leaf image named by a VDI uuid: SM's layout) in the state directory's
-    catalogs."""
+def read_catalogs(state_dir):
+    """{vm uuid: (faces, open_srs)} of the state directory's catalogs, each read once:
+    ``faces`` [(snapshot, disk, image path, vdi uuid)] of every snapshot face (a snapshot's
+    leaf image named by a VDI uuid: SM's layout); ``open_srs`` the SR uuids of its images
+    when an operation a killed livesnap command left is open (its journal not finished:
+    ``recover`` continues it; until then SM's GC stays held off those SRs,
+    platforms/sm_gc_hold.py), else None."""
     from livesnap.catalog import Catalog
     from livesnap.model.tree import SNAPSHOT
     out = {}
-    for path in sorted(glob.glob(os.path.join(state_dir, "*.db"))):
-        vm = os.path.basename(path)[:-len(".db")]
-        if not is_uuid(vm):
-            continue
+    for vm in catalog_vms(state_dir):
+        path = os.path.join(state_dir, vm + ".db")
         try:
             cat = Catalog(path)
         except Error as e:
@@ -101,34 +102,17 @@ def catalog_faces(state_dir):
             continue
         try:
             tree = cat.load_tree()
+            open_op = cat.unfinished() is not None
         finally:
             cat.close()
+        faces = []
         for n in sorted(tree.nodes.values(), key=lambda n: n.path):
             u = image_uuid(n.path)
             if n.state == SNAPSHOT and n.snapshot and u and not tree.children(n.id):
-                out.setdefault(vm, []).append((n.snapshot, n.disk, n.path, u))
-    return out
-
-
-def catalog_open_ops(state_dir):
-    """{vm uuid: [SR uuids of its images]} of the catalogs with an operation a killed
-    livesnap command left open (its journal not finished: ``recover`` continues it; until
-    then SM's GC stays held off those SRs, platforms/sm_gc_hold.py)."""
-    from livesnap.catalog import Catalog
-    out = {}
-    for vm in catalog_vms(state_dir):
-        try:
-            cat = Catalog(os.path.join(state_dir, vm + ".db"))
-        except Error as e:
-            log.warning("catalog of %s not read: %s", vm, e)
-            continue
-        try:
-            if cat.unfinished() is None:
-                continue
-            tree = cat.load_tree()
-        finally:
-            cat.close()
-        out[vm] = sorted({s for s in (sr_of(n.path) for n in tree.nodes.values()) if s})
+                faces.append((n.snapshot, n.disk, n.path, u))
+        open_srs = sorted({s for s in (sr_of(n.path) for n in tree.nodes.values()) if s}) \
+            if open_op else None
+        out[vm] = (faces, open_srs)
     return out
 
 
@@ -229,21 +213,17 @@ class Follower(object):
         VDI XAPI no longer has (deleted through XAPI: SM's vdi_delete), or with an operation
         a killed command left open (``recover``: its hold on SM's GC ends there)."""
         out = {}
-        for vm, faces in sorted(catalog_faces(self.state_dir).items()):
+        for vm, (faces, open_srs) in sorted(read_catalogs(self.state_dir).items()):
             if vms is not None and vm not in vms:
                 continue
-            srs = set()
+            srs = set(open_srs or [])      # an operation left open: recovered as for a face
             for snapshot, disk, path, vdi_uuid in faces:
                 if not self.platform.exists("VDI", vdi_uuid):
                     log.debug("VM %s: snapshot %s's VDI %s (disk %s) is gone from XAPI",
                               vm, snapshot, vdi_uuid, disk)
                     srs.add(sr_of(path))
-            if srs:
+            if srs or open_srs is not None:
                 out[vm] = sorted(s for s in srs if s)
-        # an operation left open by a killed command: recovered as after a face went away
-        for vm, srs in catalog_open_ops(self.state_dir).items():
-            if vms is None or vm in vms:
-                out[vm] = sorted(set(out.get(vm, [])) | set(srs))
         return out
 
     def reconcile(self):
